@@ -1,0 +1,22 @@
+"""Registered methods, by name."""
+
+from __future__ import annotations
+
+from hiresdiff.errors import HiresError
+from hiresdiff.methods import demofusion, direct, multidiffusion, resize
+from hiresdiff.methods.base import Method, MethodOutput, Params
+
+METHODS: dict[str, Method] = {
+    m.name: m for m in (direct.METHOD, resize.METHOD, multidiffusion.METHOD, demofusion.METHOD)
+}
+
+
+def get_method(name: str) -> Method:
+    """The method called ``name``, or a one-line error listing the available ones."""
+    try:
+        return METHODS[name]
+    except KeyError:
+        raise HiresError(f"unknown method {name!r}; choose one of: {', '.join(METHODS)}") from None
+
+
+__all__ = ["METHODS", "Method", "MethodOutput", "Params", "get_method"]

@@ -1,0 +1,76 @@
+"""Image tensors ↔ PIL, PNG settings chunks, atomic writes."""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image, PngImagePlugin
+
+from hiresdiff.errors import HiresError
+
+#: PNG text-chunk key holding the JSON generation settings
+PNG_KEY = "hiresdiff"
+
+
+def to_pil(images: torch.Tensor) -> list[Image.Image]:
+    """Images in [−1, 1] (B, 3, H, W) → 8-bit RGB PIL images."""
+    arr = ((images.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+    return [Image.fromarray(np.ascontiguousarray(a)) for a in arr]
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` through a temporary file in the same folder and ``os.replace``.
+
+    An interrupt leaves either the old file or the new one, never a half-written file.
+    """
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def save_png(image: Image.Image, path: Path, settings: dict[str, Any] | None = None) -> Path:
+    """Save ``image`` atomically as PNG, with ``settings`` as JSON in a text chunk."""
+    import io
+
+    info = PngImagePlugin.PngInfo()
+    if settings is not None:
+        info.add_text(PNG_KEY, json.dumps(settings, sort_keys=True))
+    buf = io.BytesIO()
+    image.save(buf, format="PNG", pnginfo=info)
+    atomic_write_bytes(path, buf.getvalue())
+    return path
+
+
+def read_png_settings(path: str | Path) -> dict[str, Any]:
+    """The generation settings stored in a hiresdiff PNG, or a one-line error."""
+    p = Path(path)
+    if not p.is_file():
+        raise HiresError(f"--from-png: no such file {str(p)!r}")
+    try:
+        with Image.open(p) as img:
+            text = getattr(img, "text", {}).get(PNG_KEY)
+    except (OSError, ValueError) as exc:
+        raise HiresError(f"--from-png: {str(p)!r} is not a readable PNG ({exc})") from None
+    if text is None:
+        raise HiresError(f"--from-png: {str(p)!r} carries no hiresdiff settings (was it written by hiresdiff?)")
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError:
+        raise HiresError(f"--from-png: the settings chunk of {str(p)!r} is not valid JSON") from None
+    if not isinstance(data, dict):
+        raise HiresError(f"--from-png: the settings chunk of {str(p)!r} is not a JSON object")
+    return data

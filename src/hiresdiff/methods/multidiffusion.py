@@ -1,0 +1,38 @@
+"""multidiffusion — overlapping local views at the target size, no progressive phases (SPEC §1, §2.2)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from hiresdiff.methods.base import Method, MethodOutput, ViewParams
+from hiresdiff.sampler import Run
+from hiresdiff.strategies.views import LocalViews
+
+
+@dataclass
+class MultiDiffusionParams(ViewParams):
+    """Local views only: ``window``, ``stride`` (pixels) and ``jitter`` as in SPEC §2.2."""
+
+
+def local_views(run: Run, params: ViewParams) -> LocalViews:
+    """The local-view strategy of SPEC §2.2 for this run's model and generators."""
+    ad = run.adapter
+    window, stride = params.latent_window(ad.native_size, ad.vae_scale_factor)
+    return LocalViews(window, stride, params.jitter, run.generators, ad.vae_scale_factor)
+
+
+def run_multidiffusion(run: Run, params: MultiDiffusionParams) -> MethodOutput:
+    s = run.settings
+    timesteps = run.begin(0)
+    x = run.noise(s.height, s.width) * float(run.scheduler.init_noise_sigma)
+    den = run.denoiser((s.height, s.width))
+    return MethodOutput(latents=run.denoise(x, timesteps, local_views(run, params), den, name="multidiffusion"))
+
+
+METHOD = Method(
+    "multidiffusion",
+    "MultiDiffusion: averaged overlapping native-size views at the target size",
+    "https://arxiv.org/abs/2302.08113",
+    MultiDiffusionParams,
+    run_multidiffusion,
+)

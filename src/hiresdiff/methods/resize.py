@@ -1,0 +1,36 @@
+"""resize — sample at native size, decode, upscale in pixel space (SPEC §1; APT's "SDXL+Bicubic/LANCZOS")."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from hiresdiff.errors import require
+from hiresdiff.methods.base import Method, MethodOutput, Params
+from hiresdiff.ops.resample import PIXEL_FILTERS, resize_images
+from hiresdiff.sampler import Run
+from hiresdiff.stages import canvas_at
+
+
+@dataclass
+class ResizeParams(Params):
+    """``filter``: pixel-space upscaler, ``bicubic`` or ``lanczos``."""
+
+    filter: str = "bicubic"
+
+    def __post_init__(self) -> None:
+        require(self.filter in PIXEL_FILTERS, f"unknown filter {self.filter!r}; choose {' or '.join(PIXEL_FILTERS)}")
+
+
+def run_resize(run: Run, params: ResizeParams) -> MethodOutput:
+    s, ad = run.settings, run.adapter
+    h, w = canvas_at(s.height, s.width, ad.native_size, ad.vae_scale_factor)
+    z = run.sample_canvas(h, w, name=f"native {h}×{w}")
+    image = run.decode(z)
+    if s.previews:
+        run.previews.append(image)
+    return MethodOutput(images=resize_images(image, (s.height, s.width), params.filter))
+
+
+METHOD = Method(
+    "resize", "native-size sample upscaled in pixel space (bicubic or Lanczos)", "", ResizeParams, run_resize
+)

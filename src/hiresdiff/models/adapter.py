@@ -1,0 +1,196 @@
+"""One interface over diffusers SD1.x/2.x and SDXL pipelines.
+
+Methods never touch diffusers internals: they ask the adapter to encode prompts, to predict for a batch of latent
+views (classifier-free guidance and per-view SDXL micro-conditioning inside, chunked to a batch budget), to convert
+predictions to x̂0 and back, and to encode/decode with the tiling of SPEC §2.4.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from hiresdiff.models.parametrization import alpha_bar, prediction_from_x0, x0_from_prediction
+from hiresdiff.ops.tiling import tiled_apply
+
+
+@dataclass
+class PromptEmbeds:
+    """Text conditioning, one row per prompt; ``uncond`` rows are absent without classifier-free guidance."""
+
+    cond: torch.Tensor
+    uncond: torch.Tensor | None = None
+    pooled_cond: torch.Tensor | None = None
+    pooled_uncond: torch.Tensor | None = None
+
+
+@dataclass
+class Request:
+    """A batch of same-size latent views to predict: model inputs, prompt row per view, crop corner (pixels)."""
+
+    x: torch.Tensor
+    rows: list[int]
+    crops: list[tuple[int, int]]
+    embeds: PromptEmbeds
+    guidance: float
+    size: tuple[int, int]  # SDXL original/target size (pixels, h × w)
+    outputs: list[torch.Tensor] = field(default_factory=list)
+
+
+class ModelAdapter:
+    """Adapter over a loaded diffusers SD or SDXL pipeline (``family`` decides the conditioning)."""
+
+    def __init__(self, pipe: Any) -> None:
+        self.pipe = pipe
+        self.unet = pipe.unet
+        self.vae = pipe.vae
+        self.scheduler = pipe.scheduler
+        self.family = "sdxl" if hasattr(pipe, "text_encoder_2") else "sd"
+        self.vae_scale_factor = 2 ** (len(self.vae.config.block_out_channels) - 1)
+        self.latent_channels = int(self.unet.config.in_channels)
+        self.native_size = int(self.unet.config.sample_size) * self.vae_scale_factor
+        self.native_latent = int(self.unet.config.sample_size)
+        upcast = bool(getattr(self.vae.config, "force_upcast", False)) and self.vae.dtype == torch.float16
+        self.vae_dtype = torch.float32 if upcast else self.vae.dtype
+        if upcast:
+            self.vae.to(torch.float32)
+
+    # --- basic facts -------------------------------------------------------------------------------------
+    @property
+    def device(self) -> torch.device:
+        return self.unet.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.unet.dtype
+
+    @property
+    def prediction_type(self) -> str:
+        return str(self.scheduler.config.get("prediction_type", "epsilon"))
+
+    @property
+    def num_train_timesteps(self) -> int:
+        return int(self.scheduler.config.num_train_timesteps)
+
+    # --- text --------------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def encode_prompt(self, prompts: list[str], negatives: list[str] | None, cfg: bool) -> PromptEmbeds:
+        """Encode prompts (and negatives when ``cfg``) through the pipeline's own ``encode_prompt``."""
+        out = self.pipe.encode_prompt(
+            prompt=prompts,
+            device=self.device,
+            num_images_per_prompt=1,
+            do_classifier_free_guidance=cfg,
+            negative_prompt=negatives,
+        )
+        if self.family == "sdxl":
+            cond, uncond, pooled, pooled_uncond = out
+            return PromptEmbeds(cond, uncond if cfg else None, pooled, pooled_uncond if cfg else None)
+        cond, uncond = out
+        return PromptEmbeds(cond, uncond if cfg else None)
+
+    # --- denoiser ----------------------------------------------------------------------------------------
+    def _time_ids(self, size: tuple[int, int], crops: list[tuple[int, int]]) -> torch.Tensor:
+        """SDXL ``add_time_ids`` per view: (orig_h, orig_w, crop_top, crop_left, target_h, target_w)."""
+        rows = [[size[0], size[1], top, left, size[0], size[1]] for top, left in crops]
+        return torch.tensor(rows, dtype=self.dtype, device=self.device)
+
+    def _forward(self, x: torch.Tensor, t: torch.Tensor, reqs: list[tuple[Request, slice]], cfg: bool) -> torch.Tensor:
+        """One UNet call for views gathered from several requests (same spatial size)."""
+        halves = ["uncond", "cond"] if cfg else ["cond"]
+        text, pooled, time_ids = [], [], []
+        for half in halves:
+            for req, sl in reqs:
+                rows = torch.tensor(req.rows[sl], device=self.device)
+                text.append(getattr(req.embeds, half).index_select(0, rows))
+                if self.family == "sdxl":
+                    pooled.append(getattr(req.embeds, f"pooled_{half}").index_select(0, rows))
+                    time_ids.append(self._time_ids(req.size, req.crops[sl]))
+        model_in = torch.cat([x] * len(halves)).to(self.dtype)
+        kwargs: dict[str, Any] = {}
+        if self.family == "sdxl":
+            kwargs["added_cond_kwargs"] = {"text_embeds": torch.cat(pooled), "time_ids": torch.cat(time_ids)}
+        out = self.unet(model_in, t, encoder_hidden_states=torch.cat(text), return_dict=False, **kwargs)[0]
+        return out.float()
+
+    @torch.no_grad()
+    def predict(self, requests: list[Request], t: torch.Tensor, max_batch: int) -> list[torch.Tensor]:
+        """Guided predictions for every request, batching views of equal size together.
+
+        Views from different requests (local views, dilated samples, …) share UNet calls when their spatial sizes
+        match; each call holds at most ``max_batch`` UNet samples counting both guidance halves.
+        """
+        cfg = any(r.embeds.uncond is not None for r in requests)
+        per_call = max(1, max_batch // (2 if cfg else 1))
+        items: dict[tuple[int, int], list[tuple[Request, int]]] = {}
+        for req in requests:
+            req.outputs = [torch.empty(0)] * req.x.shape[0]
+            for i in range(req.x.shape[0]):
+                items.setdefault(tuple(req.x.shape[-2:]), []).append((req, i))
+        for group in items.values():
+            for start in range(0, len(group), per_call):
+                chunk = group[start : start + per_call]
+                x = torch.stack([req.x[i] for req, i in chunk])
+                reqs = [(req, slice(i, i + 1)) for req, i in chunk]
+                out = self._forward(x, t, reqs, cfg)
+                if cfg:
+                    uncond, cond = out.chunk(2)
+                    g = torch.tensor([req.guidance for req, _ in chunk], device=out.device).view(-1, 1, 1, 1)
+                    out = uncond + g * (cond - uncond)
+                for (req, i), pred in zip(chunk, out, strict=True):
+                    req.outputs[i] = pred
+        return [torch.stack(r.outputs) for r in requests]
+
+    # --- parametrisation ---------------------------------------------------------------------------------
+    def to_x0(self, pred: torch.Tensor, x_in: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """x̂0 from the model's output at timestep ``t`` (``x_in`` = scaled model input)."""
+        return x0_from_prediction(pred, x_in, alpha_bar(self.scheduler, t), self.prediction_type)
+
+    def from_x0(self, x0: torch.Tensor, x_in: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """The model output that corresponds to ``x0`` at timestep ``t`` (inverse of :meth:`to_x0`)."""
+        return prediction_from_x0(x0, x_in, alpha_bar(self.scheduler, t), self.prediction_type)
+
+    # --- VAE ---------------------------------------------------------------------------------------------
+    def _vae_factors(self) -> tuple[float, float]:
+        cfg = self.vae.config
+        return float(cfg.scaling_factor), float(getattr(cfg, "shift_factor", None) or 0.0)
+
+    def _tile_geometry(self) -> tuple[int, int]:
+        """Latent core ``w/4`` and context margin ``3w/8`` (SPEC §2.4), ``w`` = native latent side."""
+        return max(1, self.native_latent // 4), max(1, (3 * self.native_latent) // 8)
+
+    @torch.no_grad()
+    def decode(self, latents: torch.Tensor, tile_area: int | None) -> torch.Tensor:
+        """Latents → images in [−1, 1] (float32, on CPU); tiled when the image area exceeds ``tile_area`` px."""
+        scale, shift = self._vae_factors()
+        z = (latents / scale + shift).to(self.device, self.vae_dtype)
+
+        def run(tile: torch.Tensor) -> torch.Tensor:
+            return self.vae.decode(tile, return_dict=False)[0].float()
+
+        area = z.shape[-2] * z.shape[-1] * self.vae_scale_factor**2
+        if tile_area is not None and area > tile_area:
+            core, margin = self._tile_geometry()
+            images = tiled_apply(z, run, core, margin, float(self.vae_scale_factor))
+        else:
+            images = run(z)
+        return images.clamp(-1, 1).cpu()
+
+    @torch.no_grad()
+    def encode(self, images: torch.Tensor, tile_area: int | None) -> torch.Tensor:
+        """Images in [−1, 1] → latents (posterior mean × scaling factor); tiled like :meth:`decode`."""
+        scale, shift = self._vae_factors()
+        x = images.to(self.device, self.vae_dtype)
+
+        def run(tile: torch.Tensor) -> torch.Tensor:
+            return self.vae.encode(tile).latent_dist.mean.float()
+
+        if tile_area is not None and x.shape[-2] * x.shape[-1] > tile_area:
+            core, margin = self._tile_geometry()
+            f = self.vae_scale_factor
+            z = tiled_apply(x, run, core * f, margin * f, 1.0 / f)
+        else:
+            z = run(x)
+        return (z - shift) * scale

@@ -1,0 +1,35 @@
+"""Separable Gaussian blur of latents (DemoFusion dilated sampling, SPEC §2.3)."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def gaussian_kernel1d(kernel_size: int, sigma: float, *, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """Normalised 1-D Gaussian ``g[i] ∝ exp(−x_i²/(2σ²))`` on ``x_i = i − (k−1)/2``, ``i = 0 … k−1``."""
+    if kernel_size < 1 or kernel_size % 2 == 0:
+        raise ValueError(f"Gaussian kernel size must be a positive odd integer, got {kernel_size}")
+    if not sigma > 0:
+        raise ValueError(f"Gaussian sigma must be > 0, got {sigma}")
+    x = torch.arange(kernel_size, dtype=torch.float64) - (kernel_size - 1) / 2
+    g = torch.exp(-(x**2) / (2.0 * sigma**2))
+    return (g / g.sum()).to(dtype)
+
+
+def gaussian_blur(x: torch.Tensor, kernel_size: int, sigma: float) -> torch.Tensor:
+    """Blur each channel of ``x`` (B, C, H, W) with a ``k × k`` Gaussian (outer product of 1-D kernels).
+
+    Borders are reflect-padded (replicate when a side is too small to reflect), so the output keeps the size of
+    ``x``. ``kernel_size = 1`` returns ``x`` unchanged.
+    """
+    if kernel_size == 1:
+        return x
+    g = gaussian_kernel1d(kernel_size, sigma, dtype=x.dtype).to(x.device)
+    pad = kernel_size // 2
+    b, c, h, w = x.shape
+    mode = "reflect" if min(h, w) > pad else "replicate"
+    y = F.pad(x.reshape(b * c, 1, h, w), (pad, pad, pad, pad), mode=mode)
+    y = F.conv2d(y, g.view(1, 1, 1, -1))
+    y = F.conv2d(y, g.view(1, 1, -1, 1))
+    return y.reshape(b, c, h, w)

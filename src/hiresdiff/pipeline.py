@@ -1,0 +1,240 @@
+"""Public entry points: :class:`HiresPipeline` (wraps a loaded diffusers pipeline) and :func:`generate`."""
+
+from __future__ import annotations
+
+import dataclasses
+import secrets
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from PIL import Image
+
+from hiresdiff.config import DTYPES, GenerationSettings, coerce_params
+from hiresdiff.errors import HiresError, require
+from hiresdiff.images import to_pil
+from hiresdiff.methods import Method, get_method
+from hiresdiff.methods.base import Params
+from hiresdiff.models.adapter import ModelAdapter
+from hiresdiff.sampler import Run, StepCallback
+from hiresdiff.schedulers import MODEL_DEFAULT, make_scheduler
+from hiresdiff.stages import check_canvas
+
+SETTING_NAMES = {f.name for f in dataclasses.fields(GenerationSettings)} - {"prompt", "width", "height", "extra"}
+DEFAULT_MODEL = "stabilityai/stable-diffusion-xl-base-1.0"
+
+
+@dataclass
+class GenerationResult:
+    """Final images, previews per phase (``previews[phase][image]``) and each image's settings."""
+
+    images: list[Image.Image]
+    previews: list[list[Image.Image]]
+    metadata: list[dict[str, Any]]
+    latents: torch.Tensor | None = None
+    seconds: float = 0.0
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class Request:
+    """A validated generation request: method, common settings, method parameters."""
+
+    method: Method
+    settings: GenerationSettings
+    params: Params
+
+
+def build_request(prompt: str | list[str], method: str, width: int, height: int, **kwargs: Any) -> Request:
+    """Validate everything that does not need the model: names, numbers, parameter types."""
+    m = get_method(method)
+    common = {k: v for k, v in kwargs.items() if k in SETTING_NAMES}
+    specific = {k: v for k, v in kwargs.items() if k not in SETTING_NAMES}
+    settings = GenerationSettings(prompt=prompt, width=width, height=height, **common)
+    if settings.negative_prompt is None and m.default_negative is not None and settings.cfg:
+        settings.negative_prompt = [m.default_negative] * len(settings.prompt)
+    params = coerce_params(m.params, specific, m.name)
+    return Request(m, settings, params)
+
+
+def check_for_model(req: Request, native: int, grid: int) -> None:
+    """Checks that need only the model's native size and latent grid (no weights)."""
+    check_canvas(req.settings.height, req.settings.width, native, grid)
+    req.params.check(native, grid)
+
+
+def _generators(settings: GenerationSettings, generator: Any) -> tuple[list[torch.Generator], list[int | None]]:
+    """One generator per image: ``seed + i`` (recorded, reproducible) or the caller's generator(s)."""
+    n = settings.batch_size
+    if generator is not None:
+        gens = list(generator) if isinstance(generator, (list, tuple)) else [generator] * n
+        require(len(gens) == n, f"got {len(gens)} generators for {n} images; pass one or one per image")
+        return gens, [None] * n
+    seed = settings.seed if settings.seed is not None else secrets.randbelow(2**62)
+    seeds = [seed + i for i in range(n)]
+    return [torch.Generator("cpu").manual_seed(s) for s in seeds], list(seeds)
+
+
+class HiresPipeline:
+    """High-resolution generation with any registered method over one loaded SD/SDXL pipeline."""
+
+    def __init__(self, pipe: Any, model_name: str = "custom") -> None:
+        self.adapter = ModelAdapter(pipe)
+        self.model_name = model_name
+        self._base_scheduler_config = dict(pipe.scheduler.config)
+
+    @classmethod
+    def from_pipe(cls, pipe: Any, model_name: str = "custom") -> HiresPipeline:
+        """Use an already-loaded diffusers ``StableDiffusionPipeline`` / ``StableDiffusionXLPipeline``."""
+        require(hasattr(pipe, "unet") and hasattr(pipe, "vae"), "from_pipe needs a diffusers SD or SDXL pipeline")
+        return cls(pipe, model_name)
+
+    @classmethod
+    def from_model(
+        cls, model: str, *, dtype: str = "float32", device: str | None = None, allow_pickle: bool = False
+    ) -> HiresPipeline:
+        """Load ``model`` (hub id, diffusers folder, ``.safetensors`` file or built-in name)."""
+        from hiresdiff.models.loading import load_pipeline, resolve_model
+
+        device = resolve_device(device)
+        spec = resolve_model(model, allow_pickle=allow_pickle)
+        pipe = load_pipeline(spec, dtype=resolve_dtype(dtype), device=device, allow_pickle=allow_pickle)
+        return cls(pipe, model)
+
+    @property
+    def native_size(self) -> int:
+        return self.adapter.native_size
+
+    def __call__(
+        self,
+        prompt: str | list[str],
+        method: str = "demofusion",
+        width: int | None = None,
+        height: int | None = None,
+        *,
+        generator: torch.Generator | list[torch.Generator] | None = None,
+        progress: bool = True,
+        callback: StepCallback | None = None,
+        **kwargs: Any,
+    ) -> GenerationResult:
+        """Generate with ``method`` at ``width × height`` (default: twice the native size).
+
+        ``kwargs`` are :class:`~hiresdiff.config.GenerationSettings` fields (steps, guidance, negative_prompt,
+        scheduler, seed, num_images_per_prompt, max_batch, decode_tile_area, previews) and the method's parameters.
+        """
+        ad = self.adapter
+        width, height = width or 2 * ad.native_size, height or 2 * ad.native_size
+        req = build_request(prompt, method, width, height, **kwargs)
+        check_for_model(req, ad.native_size, ad.vae_scale_factor)
+        return self.run(req, generator=generator, progress=progress, callback=callback)
+
+    def run(
+        self, req: Request, *, generator: Any = None, progress: bool = True, callback: StepCallback | None = None
+    ) -> GenerationResult:
+        """Run a validated request."""
+        import time
+
+        s, ad = req.settings, self.adapter
+        if s.scheduler != MODEL_DEFAULT:
+            ad.scheduler = make_scheduler(s.scheduler, self._base_scheduler_config)
+        gens, seeds = _generators(s, generator)
+        begin = time.perf_counter()
+        embeds = ad.encode_prompt(s.prompt, s.negative_prompt, s.cfg)
+        rows = [b // s.num_images_per_prompt for b in range(s.batch_size)]
+        run = Run(ad, s, embeds, rows, gens, progress=progress, callback=callback)
+        out = req.method.run(run, req.params)
+        images = out.images if out.images is not None else run.decode(out.latents)
+        if s.previews:
+            run.previews.append(images)
+        seconds = time.perf_counter() - begin
+        meta = [self._metadata(req, b, seeds[b]) for b in range(s.batch_size)]
+        return GenerationResult(
+            images=to_pil(images),
+            previews=[to_pil(p) for p in run.previews],
+            metadata=meta,
+            latents=out.latents,
+            seconds=seconds,
+        )
+
+    def _metadata(self, req: Request, index: int, seed: int | None) -> dict[str, Any]:
+        """Everything needed to regenerate image ``index`` alone (``hiresdiff generate --from-png``)."""
+        from hiresdiff import __version__
+
+        s = req.settings
+        p = index // s.num_images_per_prompt
+        return {
+            "hiresdiff": __version__,
+            "model": self.model_name,
+            "dtype": str(self.adapter.dtype).removeprefix("torch."),
+            "method": req.method.name,
+            "prompt": s.prompt[p],
+            "negative_prompt": None if s.negative_prompt is None else s.negative_prompt[p],
+            "width": s.width,
+            "height": s.height,
+            "steps": s.steps,
+            "guidance": s.guidance,
+            "scheduler": s.scheduler,
+            "seed": seed,
+            "max_batch": s.max_batch,
+            "decode_tile_area": s.decode_tile_area,
+            "params": dataclasses.asdict(req.params),
+        }
+
+
+def resolve_device(device: str | None) -> str:
+    """``None`` → CUDA when available, else CPU; an unavailable CUDA request is a one-line error."""
+    if device is None:
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    require(
+        not device.startswith("cuda") or torch.cuda.is_available(),
+        f"device {device!r} requested but CUDA is not available; use --device cpu",
+    )
+    try:
+        torch.device(device)
+    except RuntimeError:
+        raise HiresError(f"unknown device {device!r}; use cpu, cuda or cuda:N") from None
+    return device
+
+
+def resolve_dtype(name: str) -> torch.dtype:
+    require(name in DTYPES, f"unknown dtype {name!r}; choose one of: {', '.join(DTYPES)}")
+    return getattr(torch, name)
+
+
+_CACHE: dict[tuple[str, str, str, bool], HiresPipeline] = {}
+
+
+def generate(
+    prompt: str | list[str],
+    method: str = "demofusion",
+    model: str = DEFAULT_MODEL,
+    width: int | None = None,
+    height: int | None = None,
+    *,
+    dtype: str | None = None,
+    device: str | None = None,
+    allow_pickle: bool = False,
+    generator: torch.Generator | list[torch.Generator] | None = None,
+    progress: bool = True,
+    callback: StepCallback | None = None,
+    **kwargs: Any,
+) -> GenerationResult:
+    """Generate ``prompt`` with ``method`` on ``model`` at ``width × height`` pixels.
+
+    Everything is validated before the model is loaded; the last loaded model is kept for the next call.
+    ``dtype`` defaults to float16 on CUDA and float32 on CPU.
+    """
+    from hiresdiff.models.loading import resolve_model
+
+    dev = resolve_device(device)
+    dtype = dtype or ("float16" if dev.startswith("cuda") else "float32")
+    resolve_dtype(dtype)
+    spec = resolve_model(model, allow_pickle=allow_pickle)
+    width, height = width or 2 * spec.native_size, height or 2 * spec.native_size
+    req = build_request(prompt, method, width, height, **kwargs)
+    check_for_model(req, spec.native_size, spec.vae_scale_factor)
+    key = (model, dtype, dev, allow_pickle)
+    if key not in _CACHE:
+        _CACHE.clear()
+        _CACHE[key] = HiresPipeline.from_model(model, dtype=dtype, device=dev, allow_pickle=allow_pickle)
+    return _CACHE[key].run(req, generator=generator, progress=progress, callback=callback)

@@ -1,0 +1,156 @@
+"""The one denoising loop (SPEC §0.1) and the per-run state methods build on.
+
+Per step: hooks edit ``x`` → ``x_in = scale_model_input(x, t)`` → the strategy's requests are predicted in shared
+batches and assembled into **one** prediction for the whole canvas → hooks may edit the prediction → **one**
+``scheduler.step``. This works with every diffusers scheduler, multistep solvers included.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+
+from hiresdiff.config import GenerationSettings
+from hiresdiff.models.adapter import ModelAdapter, PromptEmbeds
+from hiresdiff.strategies.base import Denoiser, Strategy
+from hiresdiff.strategies.full import FullCanvas
+
+#: ``callback(phase_name, step, total)`` after every denoising step
+StepCallback = Callable[[str, int, int], None]
+
+
+class StepHook:
+    """Edits around one denoising step; the defaults change nothing."""
+
+    def before_step(self, t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        return x
+
+    def on_prediction(self, t: torch.Tensor, x_in: torch.Tensor, pred: torch.Tensor) -> torch.Tensor:
+        return pred
+
+    def after_step(self, t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        return x
+
+
+@dataclass
+class Run:
+    """Everything one generation shares: model, prompts, generators, settings, previews, progress."""
+
+    adapter: ModelAdapter
+    settings: GenerationSettings
+    embeds: PromptEmbeds
+    rows: list[int]
+    generators: list[torch.Generator]
+    progress: bool = True
+    callback: StepCallback | None = None
+    previews: list[torch.Tensor] = field(default_factory=list)
+    preview_sizes: list[tuple[int, int]] = field(default_factory=list)
+
+    @property
+    def scheduler(self) -> Any:
+        return self.adapter.scheduler
+
+    @property
+    def batch(self) -> int:
+        return len(self.generators)
+
+    def latent_size(self, height: int, width: int) -> tuple[int, int]:
+        f = self.adapter.vae_scale_factor
+        return height // f, width // f
+
+    # --- randomness: always from the caller's generators, one per canvas sample -------------------------
+    def noise(self, height: int, width: int) -> torch.Tensor:
+        """Standard normal latents for a ``height × width`` pixel canvas, sample ``b`` from ``generators[b]``."""
+        h, w = self.latent_size(height, width)
+        shape = (1, self.adapter.latent_channels, h, w)
+        draws = [torch.randn(shape, generator=g, device=g.device, dtype=torch.float32) for g in self.generators]
+        return torch.cat(draws).to(self.adapter.device)
+
+    # --- scheduling ---------------------------------------------------------------------------------------
+    def begin(self, start_index: int = 0) -> torch.Tensor:
+        """Reset the scheduler for a stage and return the timesteps from step index ``start_index`` on."""
+        sched = self.scheduler
+        sched.set_timesteps(self.settings.steps, device=self.adapter.device)
+        first = start_index * int(getattr(sched, "order", 1))
+        if hasattr(sched, "set_begin_index"):
+            sched.set_begin_index(first)
+        return sched.timesteps[first:]
+
+    def add_noise(self, clean: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """``scheduler.add_noise`` at the current timestep ``t`` (σ-space or VP, as the scheduler keeps it)."""
+        return self.scheduler.add_noise(clean, noise, t.reshape(1).expand(clean.shape[0]))
+
+    def denoiser(self, size: tuple[int, int], **overrides: Any) -> Denoiser:
+        """The model for a stage whose SDXL original/target size conditioning is ``size`` (pixels, h × w)."""
+        kw: dict[str, Any] = {
+            "adapter": self.adapter,
+            "embeds": self.embeds,
+            "rows": self.rows,
+            "guidance": self.settings.guidance,
+            "size": size,
+            "max_batch": self.settings.max_batch,
+        }
+        kw.update(overrides)
+        return Denoiser(**kw)
+
+    def _step_kwargs(self) -> dict[str, Any]:
+        params = inspect.signature(self.scheduler.step).parameters
+        if "generator" not in params:
+            return {}
+        distinct = len({id(g) for g in self.generators}) > 1
+        return {"generator": self.generators if distinct else self.generators[0]}
+
+    # --- the loop -----------------------------------------------------------------------------------------
+    def denoise(
+        self,
+        x: torch.Tensor,
+        timesteps: torch.Tensor,
+        strategy: Strategy,
+        den: Denoiser,
+        hooks: Sequence[StepHook] = (),
+        name: str = "sampling",
+    ) -> torch.Tensor:
+        """Run ``timesteps`` on ``x``: one fused prediction and one ``scheduler.step`` per timestep."""
+        sched = self.scheduler
+        kwargs = self._step_kwargs()
+        total = len(timesteps)
+        bar = tqdm(total=total, desc=name, disable=not self.progress, leave=False)
+        for i, t in enumerate(timesteps):
+            for hook in hooks:
+                x = hook.before_step(t, x)
+            x_in = sched.scale_model_input(x, t)
+            requests, assemble = strategy.gather(x_in, t, den)
+            pred = assemble(den.predict(requests, t))
+            for hook in hooks:
+                pred = hook.on_prediction(t, x_in, pred)
+            x = sched.step(pred, t, x, return_dict=False, **kwargs)[0]
+            for hook in hooks:
+                x = hook.after_step(t, x)
+            bar.update(1)
+            if self.callback is not None:
+                self.callback(name, i + 1, total)
+        bar.close()
+        return x
+
+    def sample_canvas(
+        self, height: int, width: int, size: tuple[int, int] | None = None, name: str = ""
+    ) -> torch.Tensor:
+        """Ordinary sampling of a whole ``height × width`` canvas from pure noise (all N steps)."""
+        timesteps = self.begin(0)
+        x = self.noise(height, width) * float(self.scheduler.init_noise_sigma)
+        den = self.denoiser(size or (height, width))
+        return self.denoise(x, timesteps, FullCanvas(), den, name=name or f"{height}×{width}")
+
+    # --- images -------------------------------------------------------------------------------------------
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        return self.adapter.decode(latents, self.settings.decode_tile_area)
+
+    def add_preview(self, latents: torch.Tensor) -> None:
+        """Decode and keep a per-phase preview (skipped when previews are off)."""
+        if self.settings.previews:
+            self.previews.append(self.decode(latents))

@@ -1,0 +1,62 @@
+"""What a spatial strategy is: ``(x_in, t) → requests`` plus an assembler of their predictions.
+
+A strategy never calls the model itself. It cuts the (scaled) canvas into requests; the :class:`Denoiser` batches
+the requests of every strategy of the step together (SPEC §0.1: one prediction for the whole canvas per step) and
+the assembler fuses the predictions back into one canvas-sized prediction.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Protocol
+
+import torch
+
+from hiresdiff.models.adapter import ModelAdapter, PromptEmbeds, Request
+
+Assembler = Callable[[list[torch.Tensor]], torch.Tensor]
+
+
+@dataclass
+class Denoiser:
+    """The model as a strategy sees it: prompts, guidance, SDXL size conditioning and the batch budget.
+
+    ``rows[b]`` is the prompt row of canvas sample ``b``.
+    """
+
+    adapter: ModelAdapter
+    embeds: PromptEmbeds
+    rows: list[int]
+    guidance: float
+    size: tuple[int, int]
+    max_batch: int
+
+    def request(
+        self,
+        x: torch.Tensor,
+        samples: list[int],
+        crops: list[tuple[int, int]] | None = None,
+        *,
+        embeds: PromptEmbeds | None = None,
+        rows: list[int] | None = None,
+        guidance: float | None = None,
+    ) -> Request:
+        """A request for views ``x`` belonging to canvas samples ``samples`` (crop corners in pixels)."""
+        return Request(
+            x=x,
+            rows=rows if rows is not None else [self.rows[b] for b in samples],
+            crops=crops if crops is not None else [(0, 0)] * len(samples),
+            embeds=embeds if embeds is not None else self.embeds,
+            guidance=self.guidance if guidance is None else guidance,
+            size=self.size,
+        )
+
+    def predict(self, requests: list[Request], t: torch.Tensor) -> list[torch.Tensor]:
+        return self.adapter.predict(requests, t, self.max_batch)
+
+
+class Strategy(Protocol):
+    """Turns the scaled canvas ``x_in`` at timestep ``t`` into requests and an assembler."""
+
+    def gather(self, x_in: torch.Tensor, t: torch.Tensor, den: Denoiser) -> tuple[list[Request], Assembler]: ...
