@@ -1,0 +1,181 @@
+"""Command line: ``hiresdiff generate | demo | methods``."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+from pathlib import Path
+from typing import Any
+
+from hiresdiff.config import DEFAULT_TILE_AREA, DTYPES, parse_assignments
+from hiresdiff.errors import HiresError, require
+from hiresdiff.images import read_png_settings, save_png
+from hiresdiff.methods import METHODS
+from hiresdiff.pipeline import DEFAULT_MODEL, GenerationResult, generate
+from hiresdiff.schedulers import scheduler_names
+
+
+def _add_generate(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("generate", help="generate images at high resolution")
+    p.add_argument("prompt", nargs="*", help="one or more prompts")
+    p.add_argument("--method", default="demofusion", help=f"one of: {', '.join(METHODS)}")
+    p.add_argument(
+        "--model",
+        default=None,
+        help=f"hub id, diffusers folder, .safetensors file, tiny-sd, tiny-sdxl, "
+        f"random-sd15, random-sdxl (default {DEFAULT_MODEL})",
+    )
+    p.add_argument("--width", type=int, default=None, help="pixels (default: twice the native size)")
+    p.add_argument("--height", type=int, default=None, help="pixels (default: twice the native size)")
+    p.add_argument("--steps", type=int, default=50)
+    p.add_argument("--guidance", type=float, default=7.5)
+    p.add_argument("--negative", default=None, help="negative prompt (default: the method's paper default)")
+    p.add_argument("--seed", type=int, default=0, help="image i of the batch uses seed + i")
+    p.add_argument("--scheduler", default="euler", help=f"one of: {', '.join(scheduler_names())}")
+    p.add_argument("--batch", type=int, default=1, help="images per prompt")
+    p.add_argument("--max-batch", type=int, default=8, help="most UNet samples per forward pass")
+    p.add_argument("--tile-area", type=int, default=DEFAULT_TILE_AREA, help="VAE runs tiled above this pixel area")
+    p.add_argument("--dtype", default=None, choices=DTYPES, help="default: float16 on CUDA, float32 on CPU")
+    p.add_argument("--device", default=None, help="cpu, cuda, cuda:N (default: cuda when available)")
+    p.add_argument("--allow-pickle", action="store_true", help="allow loading pickled (.ckpt/.bin) weights")
+    p.add_argument("--no-previews", action="store_true", help="do not write per-phase previews")
+    p.add_argument(
+        "--set",
+        dest="params",
+        action="append",
+        default=[],
+        metavar="NAME=VALUE",
+        help="method parameter (see `hiresdiff methods`); repeatable",
+    )
+    p.add_argument("--from-png", default=None, metavar="FILE", help="regenerate the image stored in a hiresdiff PNG")
+    p.add_argument("--out", default="out", help="output folder")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
+def _write(res: GenerationResult, out: Path, quiet: bool) -> list[Path]:
+    """Final images and per-phase previews, written atomically with their settings."""
+    written = []
+    count = len(res.previews)
+    for i, (img, meta) in enumerate(zip(res.images, res.metadata, strict=True)):
+        stem = f"{i:03d}-{meta['method']}-seed{meta['seed']}"
+        written.append(save_png(img, out / f"{stem}.png", meta))
+        for k, phase in enumerate(res.previews[:-1], start=1):
+            written.append(save_png(phase[i], out / f"{stem}-phase{k}of{count}.png", meta))
+    if not quiet:
+        for path in written:
+            print(path)
+    return written
+
+
+def _from_png(args: argparse.Namespace) -> dict[str, Any]:
+    s = read_png_settings(args.from_png)
+    try:
+        kwargs = {
+            "prompt": s["prompt"],
+            "method": s["method"],
+            "model": args.model or s["model"],
+            "dtype": s.get("dtype"),
+            "width": s["width"],
+            "height": s["height"],
+            "steps": s["steps"],
+            "guidance": s["guidance"],
+            "negative_prompt": s["negative_prompt"],
+            "scheduler": s["scheduler"],
+            "seed": s["seed"],
+            "max_batch": s["max_batch"],
+            "decode_tile_area": s["decode_tile_area"],
+            **s["params"],
+        }
+    except KeyError as exc:
+        raise HiresError(f"--from-png: settings in {args.from_png!r} lack {exc.args[0]!r}") from None
+    require(kwargs["seed"] is not None, "--from-png: the image was made with a caller's generator, not a seed")
+    return kwargs
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    if args.from_png:
+        kwargs = _from_png(args)
+    else:
+        require(bool(args.prompt), 'give a prompt: hiresdiff generate "a photo of a cat" [options]')
+        kwargs = {
+            "prompt": list(args.prompt),
+            "method": args.method,
+            "model": args.model or DEFAULT_MODEL,
+            "dtype": args.dtype,
+            "width": args.width,
+            "height": args.height,
+            "steps": args.steps,
+            "guidance": args.guidance,
+            "negative_prompt": args.negative,
+            "scheduler": args.scheduler,
+            "seed": args.seed,
+            "num_images_per_prompt": args.batch,
+            "max_batch": args.max_batch,
+            "decode_tile_area": args.tile_area,
+            **parse_assignments(args.params),
+        }
+    out = Path(args.out)
+    require(not out.exists() or out.is_dir(), f"--out {str(out)!r} exists and is not a folder")
+    res = generate(
+        device=args.device,
+        allow_pickle=args.allow_pickle,
+        progress=not args.quiet,
+        previews=not args.no_previews,
+        **kwargs,
+    )
+    _write(res, out, args.quiet)
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from hiresdiff.demo import run_demo
+
+    sheet, _ = run_demo(Path(args.out), model=args.model, steps=args.steps, progress=not args.quiet)
+    print(sheet)
+    return 0
+
+
+def cmd_methods(args: argparse.Namespace) -> int:
+    for m in METHODS.values():
+        print(f"{m.name}: {m.summary}" + (f"  [{m.paper}]" if m.paper else ""))
+        if m.default_negative:
+            print(f"    default negative prompt: {m.default_negative!r}")
+        fields = dataclasses.fields(m.params)
+        if not fields:
+            print("    (no parameters)")
+        for f in fields:
+            print(f"    --set {f.name}={f.default}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="hiresdiff", description="Training-free high-resolution diffusion.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    _add_generate(sub)
+    d = sub.add_parser("demo", help="offline demo on a tiny random model: contact sheet of the methods")
+    d.add_argument("--out", default="demo-out")
+    d.add_argument("--model", default="tiny-sdxl")
+    d.add_argument("--steps", type=int, default=12)
+    d.add_argument("--quiet", action="store_true")
+    sub.add_parser("methods", help="list methods, their parameters and defaults")
+    return parser
+
+
+COMMANDS = {"generate": cmd_generate, "demo": cmd_demo, "methods": cmd_methods}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return COMMANDS[args.command](args)
+    except HiresError as exc:
+        print(f"hiresdiff: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("hiresdiff: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
