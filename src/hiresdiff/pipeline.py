@@ -60,7 +60,7 @@ def build_request(prompt: str | list[str], method: str, width: int, height: int,
 def check_for_model(req: Request, native: int, grid: int) -> None:
     """Checks that need only the model's native size and latent grid (no weights)."""
     check_canvas(req.settings.height, req.settings.width, native, grid)
-    req.params.check(native, grid)
+    req.params.check(req.settings, native, grid)
 
 
 def _generators(settings: GenerationSettings, generator: Any) -> tuple[list[torch.Generator], list[int | None]]:

@@ -8,6 +8,7 @@ from typing import Any
 
 import torch
 
+from hiresdiff.config import GenerationSettings
 from hiresdiff.errors import require
 from hiresdiff.sampler import Run
 
@@ -24,8 +25,8 @@ class MethodOutput:
 class Params:
     """Base of every method's parameters; :meth:`check` validates what depends on the model."""
 
-    def check(self, native: int, grid: int) -> None:
-        """Raise a one-line error for values that do not fit a model of ``native`` px and latent ``grid`` px."""
+    def check(self, settings: GenerationSettings, native: int, grid: int) -> None:
+        """Raise a one-line error for values that do not fit the settings or a model of ``native``/``grid`` px."""
 
 
 @dataclass
@@ -52,7 +53,7 @@ class ViewParams(Params):
         stride = self.stride or window // 2
         return window // grid, stride // grid
 
-    def check(self, native: int, grid: int) -> None:
+    def check(self, settings: GenerationSettings, native: int, grid: int) -> None:
         window = self.window or native
         stride = self.stride or window // 2
         for name, value in (("window", window), ("stride", stride)):

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
-from hiresdiff.config import PAPER_NEGATIVE_PROMPT, check_finite
+from hiresdiff.config import PAPER_NEGATIVE_PROMPT, GenerationSettings, check_finite
 from hiresdiff.errors import require
 from hiresdiff.methods.base import Method, MethodOutput, ViewParams
 from hiresdiff.methods.multidiffusion import local_views
@@ -51,6 +51,10 @@ class DemoFusionParams(ViewParams):
             isinstance(self.start_step, int) and self.start_step >= 0, f"start_step must be ≥ 0, got {self.start_step}"
         )
 
+    def check(self, settings: GenerationSettings, native: int, grid: int) -> None:
+        super().check(settings, native, grid)
+        require(self.start_step < settings.steps, f"start_step {self.start_step} must be below steps {settings.steps}")
+
 
 class SkipResidual(StepHook):
     """``x ← (1 − c1)·x + c1·z'_t`` with ``c1 = cf(t)^α1`` and ``z'_t`` the noised upsampled latent (SPEC §2.3.1)."""
@@ -85,7 +89,6 @@ def upscale_phase(
 
 def run_demofusion(run: Run, params: DemoFusionParams) -> MethodOutput:
     s, ad = run.settings, run.adapter
-    require(params.start_step < s.steps, f"start_step {params.start_step} must be below steps {s.steps}")
     phases = progressive_phases(s.height, s.width, ad.native_size, ad.vae_scale_factor)
     count = len(phases)
     first = phases[0]
