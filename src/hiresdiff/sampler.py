@@ -119,7 +119,7 @@ class Run:
         sched = self.scheduler
         kwargs = self._step_kwargs()
         total = len(timesteps)
-        bar = tqdm(total=total, desc=name, disable=not self.progress, leave=False)
+        bar = tqdm(total=total, desc=name, disable=not self.progress, leave=True)
         for i, t in enumerate(timesteps):
             for hook in hooks:
                 x = hook.before_step(t, x)

@@ -1,0 +1,438 @@
+"""Resolve what the user typed into a model, cheaply, then load it into a diffusers pipeline.
+
+:func:`resolve_model` reads only small JSON configs, safetensors headers or the pickle opcode stream of a
+checkpoint (never weights, and never executing pickled code), so every input check can run before any model
+work. It raises :class:`~hiresdiff.errors.HiresError` with one actionable line when the reference cannot be
+used. :func:`load_pipeline` then builds or loads the pipeline.
+
+Accepted references:
+
+* a built-in name (:data:`hiresdiff.models.tiny.BUILTIN_MODELS`);
+* a local diffusers folder (with ``model_index.json``, saved by ``save_pretrained``);
+* a single-file checkpoint: ``.safetensors``, or a pickled ``.ckpt`` / ``.pt`` / ``.bin`` / ``.pth`` with
+  ``allow_pickle=True``;
+* a Hugging Face hub id ``owner/name`` (from the local cache when offline).
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import pickletools
+import re
+import zipfile
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
+
+from hiresdiff.errors import HiresError
+from hiresdiff.models.tiny import BUILTIN_MODELS, build_builtin
+
+Family = Literal["sd", "sdxl"]
+Source = Literal["builtin", "hub", "folder", "single_file"]
+
+SUPPORTED_PIPELINES: dict[str, Family] = {
+    "StableDiffusionPipeline": "sd",
+    "StableDiffusionXLPipeline": "sdxl",
+}
+PICKLE_SUFFIXES = (".ckpt", ".pt", ".bin", ".pth")
+SAFETENSORS_SUFFIX = ".safetensors"
+_CONFIG_FILES = ("model_index.json", "unet/config.json", "vae/config.json")
+_HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9][A-Za-z0-9_.-]*$")
+# Largest safetensors header we accept (the format's own reference implementation caps it at 100 MB).
+_MAX_HEADER_BYTES = 100 * 1024 * 1024
+# How much of a legacy (non-zip) pickle checkpoint is scanned for state-dict key names.
+_MAX_PICKLE_SCAN_BYTES = 64 * 1024 * 1024
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """A model reference resolved to what hiresdiff needs to know before loading it.
+
+    Attributes:
+        ref: What the user typed.
+        source: ``builtin``, ``hub``, ``folder`` or ``single_file``.
+        family: ``sd`` (SD 1.x / 2.x) or ``sdxl``.
+        native_size: Training resolution in pixels (UNet ``sample_size`` × ``vae_scale_factor``).
+        vae_scale_factor: Pixels per latent cell along each side.
+        path: Resolved local path for ``folder`` and ``single_file`` sources, else ``None``.
+    """
+
+    ref: str
+    source: Source
+    family: Family
+    native_size: int
+    vae_scale_factor: int
+    path: str | None = None
+
+
+def hub_offline() -> bool:
+    """Whether hub access is disabled (``HF_HUB_OFFLINE`` in the environment now, or at import of the hub lib)."""
+    from huggingface_hub import constants
+
+    value = os.environ.get("HF_HUB_OFFLINE", "").strip().upper()
+    return value in {"1", "ON", "YES", "TRUE"} or bool(constants.HF_HUB_OFFLINE)
+
+
+def _one_line(error: BaseException) -> str:
+    """The first non-empty line of an exception message, shortened, prefixed with its type when empty."""
+    for line in str(error).splitlines():
+        line = line.strip()
+        if line:
+            return line if len(line) <= 240 else line[:237] + "..."
+    return type(error).__name__
+
+
+# ------------------------------------------------------------------------------------------- resolving
+
+
+def resolve_model(ref: str, *, allow_pickle: bool = False) -> ModelSpec:
+    """Resolve a model reference without loading weights.
+
+    Args:
+        ref: Built-in name, local diffusers folder, single-file checkpoint, or hub id ``owner/name``.
+        allow_pickle: Accept pickled checkpoints (``.ckpt``, ``.pt``, ``.bin``, ``.pth``). Even then,
+            resolving only scans the pickle's opcodes for key names and never unpickles anything.
+
+    Returns:
+        The :class:`ModelSpec` with family, native size and VAE scale factor.
+
+    Raises:
+        HiresError: The reference cannot be used (unknown name, missing path, not an SD/SDXL diffusers folder,
+            pickle without ``allow_pickle``, invalid safetensors file, hub id unavailable offline or
+            unreachable), in one actionable line.
+    """
+    if not ref or not ref.strip():
+        raise HiresError(
+            "empty model reference; pass a built-in name, a diffusers folder, a checkpoint file or a hub id"
+        )
+    if ref in BUILTIN_MODELS:
+        info = BUILTIN_MODELS[ref]
+        return ModelSpec(ref, "builtin", info.family, info.native_size, info.vae_scale_factor)
+    path = Path(ref).expanduser()
+    if path.is_dir():
+        return _resolve_folder(ref, path)
+    if path.is_file():
+        return _resolve_file(ref, path, allow_pickle=allow_pickle)
+    if path.exists():
+        raise HiresError(f"model path {ref!r} is neither a folder nor a regular file")
+    looks_like_path = (
+        ref.startswith((".", "/", "~"))
+        or "\\" in ref
+        or ref.lower().endswith((SAFETENSORS_SUFFIX, *PICKLE_SUFFIXES, ".json"))
+    )
+    if not looks_like_path and _HUB_ID.match(ref):
+        return _resolve_hub(ref)
+    if looks_like_path or "/" in ref:
+        raise HiresError(f"model path {ref!r} does not exist; check the path (or use a hub id of the form owner/name)")
+    known = ", ".join(BUILTIN_MODELS)
+    raise HiresError(f"unknown model {ref!r}: not a built-in model ({known}), an existing path, or a hub id owner/name")
+
+
+def _read_json(path: Path, what: str) -> dict[str, Any]:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise HiresError(f"cannot read {what} {str(path)!r}: {_one_line(error)}") from error
+    if not isinstance(data, dict):
+        raise HiresError(f"{what} {str(path)!r} is not a JSON object; the model folder looks corrupted")
+    return data
+
+
+def _family_of_index(ref: str, index: dict[str, Any]) -> Family:
+    """The family named by ``model_index.json``'s ``_class_name``, or a HiresError listing the supported ones."""
+    class_name = index.get("_class_name")
+    if not isinstance(class_name, str) or class_name not in SUPPORTED_PIPELINES:
+        supported = ", ".join(SUPPORTED_PIPELINES)
+        raise HiresError(f"model {ref!r} is a {class_name or 'unknown'} pipeline; supported pipelines are: {supported}")
+    return SUPPORTED_PIPELINES[class_name]
+
+
+def _spec_from_configs(
+    ref: str,
+    source: Source,
+    index: dict[str, Any],
+    unet: dict[str, Any],
+    vae: dict[str, Any],
+    path: str | None,
+) -> ModelSpec:
+    """Family and native size from ``model_index.json``, ``unet/config.json`` and ``vae/config.json``."""
+    family = _family_of_index(ref, index)
+    sample_size = unet.get("sample_size")
+    if isinstance(sample_size, (list, tuple)) and sample_size:
+        sample_size = max(sample_size)
+    blocks = vae.get("block_out_channels")
+    if not isinstance(sample_size, int) or not isinstance(blocks, (list, tuple)) or not blocks:
+        raise HiresError(
+            f"model {ref!r} has no usable unet sample_size / vae block_out_channels in its configs; "
+            "re-save it with diffusers save_pretrained"
+        )
+    factor = 2 ** (len(blocks) - 1)
+    return ModelSpec(ref, source, family, sample_size * factor, factor, path)
+
+
+def _resolve_folder(ref: str, path: Path) -> ModelSpec:
+    if not (path / "model_index.json").is_file():
+        raise HiresError(
+            f"folder {ref!r} has no model_index.json, so it is not a diffusers pipeline folder; pass a folder "
+            "saved with save_pretrained or a single .safetensors checkpoint file"
+        )
+    configs = []
+    for name in _CONFIG_FILES:
+        file = path / name
+        if not file.is_file():
+            raise HiresError(f"diffusers folder {ref!r} lacks {name}; the download or save looks incomplete")
+        configs.append(_read_json(file, name))
+        # An unsupported pipeline is reported before any missing part.
+        _family_of_index(ref, configs[0])
+    return _spec_from_configs(ref, "folder", *configs, path=str(path.resolve()))
+
+
+def _hub_config(ref: str, name: str, offline: bool) -> dict[str, Any]:
+    """One small JSON config of hub model ``ref``: from the local cache when offline, else fetched (and cached)."""
+    from huggingface_hub import hf_hub_download, try_to_load_from_cache
+
+    if offline:
+        cached = try_to_load_from_cache(ref, name)
+        if not isinstance(cached, str):
+            raise HiresError(
+                f"hub model {ref!r} is not in the local cache ({name} missing) and HF_HUB_OFFLINE is set; "
+                "download it once online, or pass a local diffusers folder"
+            )
+        return _read_json(Path(cached), name)
+    try:
+        file = hf_hub_download(ref, name)
+    except Exception as error:
+        raise HiresError(
+            f"cannot fetch {name} of hub model {ref!r} ({type(error).__name__}: {_one_line(error)}); "
+            "check the id, your network and access rights (gated models need a token), or set HF_HUB_OFFLINE=1 "
+            "to use only the local cache"
+        ) from error
+    return _read_json(Path(file), name)
+
+
+def _resolve_hub(ref: str) -> ModelSpec:
+    offline = hub_offline()
+    index = _hub_config(ref, "model_index.json", offline)
+    _family_of_index(ref, index)
+    unet = _hub_config(ref, "unet/config.json", offline)
+    vae = _hub_config(ref, "vae/config.json", offline)
+    return _spec_from_configs(ref, "hub", index, unet, vae, path=None)
+
+
+def _resolve_file(ref: str, path: Path, *, allow_pickle: bool) -> ModelSpec:
+    suffix = path.suffix.lower()
+    if suffix == SAFETENSORS_SUFFIX:
+        keys: Iterable[str] = _safetensors_keys(ref, path)
+    elif suffix in PICKLE_SUFFIXES:
+        if not allow_pickle:
+            raise HiresError(
+                f"{ref!r} is a pickle checkpoint ({suffix}): pickled weights can execute code; "
+                "pass --allow-pickle to load it anyway"
+            )
+        keys = _pickle_strings(ref, path)
+    elif path.name == "model_index.json":
+        return _resolve_folder(str(path.parent), path.parent)
+    else:
+        raise HiresError(
+            f"unsupported model file {ref!r}; pass a .safetensors checkpoint, a diffusers folder or a hub id"
+        )
+    family, native = _family_from_keys(ref, keys)
+    return ModelSpec(ref, "single_file", family, native, 8, str(path.resolve()))
+
+
+def _safetensors_keys(ref: str, path: Path) -> list[str]:
+    """Tensor names from a safetensors header (8-byte little-endian length, then a JSON object)."""
+    size = path.stat().st_size
+    bad = f"{ref!r} is not a valid safetensors file"
+    with path.open("rb") as handle:
+        head = handle.read(8)
+        if len(head) < 8:
+            raise HiresError(f"{bad} (too short); re-download or re-export the checkpoint")
+        length = int.from_bytes(head, "little")
+        if length < 2 or length > min(_MAX_HEADER_BYTES, size - 8):
+            raise HiresError(f"{bad} (corrupt header length); re-download or re-export the checkpoint")
+        raw = handle.read(length)
+    try:
+        header = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise HiresError(f"{bad} (header is not JSON); re-download or re-export the checkpoint") from error
+    if not isinstance(header, dict):
+        raise HiresError(f"{bad} (header is not a JSON object); re-download or re-export the checkpoint")
+    keys = [key for key in header if key != "__metadata__"]
+    for key in keys:
+        entry = header[key]
+        if not isinstance(entry, dict) or not {"dtype", "shape", "data_offsets"} <= entry.keys():
+            raise HiresError(f"{bad} (bad entry for {key!r}); re-download or re-export the checkpoint")
+    return keys
+
+
+def _pickle_strings(ref: str, path: Path) -> list[str]:
+    """String constants of a pickled checkpoint, read from its opcode stream without unpickling anything.
+
+    torch's zip format keeps the pickle in ``<archive>/data.pkl``; the legacy format starts with a few pickles
+    (magic number, protocol, system info, then the object), whose strings include the state-dict keys.
+    """
+    strings: list[str] = []
+    string_ops = {"BINUNICODE", "SHORT_BINUNICODE", "UNICODE", "BINUNICODE8"}
+
+    def scan(data: bytes, streams: int) -> None:
+        stream = io.BytesIO(data)
+        for _ in range(streams):
+            if stream.tell() >= len(data):
+                return
+            try:
+                # genops stops after each pickle's STOP opcode; the next pickle starts right after it.
+                for opcode, arg, _position in pickletools.genops(stream):
+                    if opcode.name in string_ops and isinstance(arg, str):
+                        strings.append(arg)
+            except (ValueError, EOFError, UnicodeDecodeError):
+                return
+
+    try:
+        if zipfile.is_zipfile(path):
+            with zipfile.ZipFile(path) as archive:
+                pickles = [name for name in archive.namelist() if name.endswith("data.pkl")]
+                if not pickles:
+                    raise HiresError(f"{ref!r} is a zip archive but not a torch checkpoint (no data.pkl)")
+                scan(archive.read(pickles[0]), 1)
+        else:
+            with path.open("rb") as handle:
+                scan(handle.read(_MAX_PICKLE_SCAN_BYTES), 4)
+    except (OSError, zipfile.BadZipFile) as error:
+        raise HiresError(f"cannot read checkpoint {ref!r}: {_one_line(error)}") from error
+    if not strings:
+        raise HiresError(f"{ref!r} is not a readable pickle checkpoint; re-download it or convert it to safetensors")
+    return strings
+
+
+def _family_from_keys(ref: str, keys: Iterable[str]) -> tuple[Family, int]:
+    """Guess family and native size of an original-format (CompVis / SGM) checkpoint from its key names.
+
+    * ``conditioner.embedders.1…`` (two text encoders): SDXL base, native 1024 px.
+    * ``conditioner.…`` without a second embedder: SDXL refiner, which is not a text-to-image base model.
+    * ``cond_stage_model.model.…`` (OpenCLIP text encoder): SD 2.x. The checkpoint does not say whether it is
+      the 768 px v-prediction model or the 512 px base; we guess 768 (the common SD 2.x release).
+    * otherwise ``model.diffusion_model.…``: SD 1.x, native 512 px.
+    """
+    has_unet = has_sdxl = has_conditioner = has_openclip = False
+    for key in keys:
+        has_unet = has_unet or key.startswith("model.diffusion_model.")
+        has_sdxl = has_sdxl or key.startswith("conditioner.embedders.1")
+        has_conditioner = has_conditioner or key.startswith("conditioner.")
+        has_openclip = has_openclip or key.startswith("cond_stage_model.model.")
+    if has_sdxl:
+        return "sdxl", 1024
+    if has_conditioner:
+        raise HiresError(f"{ref!r} looks like an SDXL refiner checkpoint; pass an SDXL base or SD checkpoint")
+    if not has_unet:
+        raise HiresError(
+            f"{ref!r} does not look like a Stable Diffusion / SDXL checkpoint (no model.diffusion_model.* keys); "
+            "pass an original-format SD/SDXL checkpoint or a diffusers folder"
+        )
+    if has_openclip:
+        return "sd", 768
+    return "sd", 512
+
+
+# --------------------------------------------------------------------------------------------- loading
+
+
+def _dtype_kwarg(dtype: torch.dtype) -> dict[str, torch.dtype]:
+    """``dtype=`` where diffusers renamed it (``torch_dtype=`` is deprecated there), else ``torch_dtype=``."""
+    try:
+        from diffusers.utils.deprecation_utils import _resolve_dtype  # noqa: F401
+    except ImportError:
+        return {"torch_dtype": dtype}
+    return {"dtype": dtype}
+
+
+def _pipeline_class(spec: ModelSpec) -> type[StableDiffusionPipeline] | type[StableDiffusionXLPipeline]:
+    return StableDiffusionXLPipeline if spec.family == "sdxl" else StableDiffusionPipeline
+
+
+def load_pipeline(
+    spec: ModelSpec,
+    *,
+    dtype: torch.dtype = torch.float32,
+    device: str | torch.device = "cpu",
+    allow_pickle: bool = False,
+) -> StableDiffusionPipeline | StableDiffusionXLPipeline:
+    """Load (or build) the pipeline a :class:`ModelSpec` describes and move it to ``device``.
+
+    Args:
+        spec: Result of :func:`resolve_model`.
+        dtype: Parameter dtype (``torch_dtype`` of diffusers).
+        device: Where the pipeline runs.
+        allow_pickle: Allow pickled weight files (``.bin`` in folders, ``.ckpt`` single files); without it only
+            safetensors weights are read.
+
+    Returns:
+        A :class:`StableDiffusionPipeline` or :class:`StableDiffusionXLPipeline`.
+
+    Raises:
+        HiresError: Loading failed (missing or corrupt files, configs unavailable offline, …), in one line.
+    """
+    if spec.source == "builtin":
+        pipe = build_builtin(spec.ref, dtype)
+        return _to_device(pipe, device, spec)
+    cls = _pipeline_class(spec)
+    offline = hub_offline()
+    try:
+        if spec.source == "single_file":
+            if spec.path is None:
+                raise HiresError(f"single-file model {spec.ref!r} has no resolved path; call resolve_model first")
+            if spec.path.lower().endswith(PICKLE_SUFFIXES) and not allow_pickle:
+                raise HiresError(
+                    f"{spec.ref!r} is a pickle checkpoint: pickled weights can execute code; "
+                    "pass --allow-pickle to load it anyway"
+                )
+            pipe = cls.from_single_file(spec.path, **_dtype_kwarg(dtype), local_files_only=offline)
+        else:
+            location = spec.path if spec.source == "folder" and spec.path is not None else spec.ref
+            pipe = cls.from_pretrained(
+                location,
+                **_dtype_kwarg(dtype),
+                use_safetensors=None if allow_pickle else True,
+                local_files_only=offline or spec.source == "folder",
+            )
+    except HiresError:
+        raise
+    except Exception as error:
+        raise HiresError(_load_error_message(spec, error, offline, allow_pickle)) from error
+    return _to_device(pipe, device, spec)
+
+
+def _load_error_message(spec: ModelSpec, error: Exception, offline: bool, allow_pickle: bool) -> str:
+    """One actionable line for a failed ``from_pretrained`` / ``from_single_file``."""
+    detail = f"{type(error).__name__}: {_one_line(error)}"
+    if spec.source == "single_file" and offline and isinstance(error, OSError):
+        return (
+            f"cannot load single-file checkpoint {spec.ref!r} offline: diffusers needs the model's configs from "
+            f"the hub ({detail}); run once online to cache them, or convert it to a diffusers folder"
+        )
+    if spec.source == "single_file":
+        return (
+            f"cannot load single-file checkpoint {spec.ref!r} ({detail}); it may be corrupt or not a standard "
+            "SD/SDXL checkpoint; try a diffusers folder instead"
+        )
+    if spec.source in ("folder", "hub") and not allow_pickle and "safetensors" in str(error).lower():
+        return (
+            f"cannot load {spec.ref!r}: no safetensors weights found ({detail}); pickled weights can execute "
+            "code; pass --allow-pickle to load them anyway"
+        )
+    return f"cannot load model {spec.ref!r} ({detail})"
+
+
+def _to_device(
+    pipe: StableDiffusionPipeline | StableDiffusionXLPipeline, device: str | torch.device, spec: ModelSpec
+) -> StableDiffusionPipeline | StableDiffusionXLPipeline:
+    try:
+        return pipe.to(device)
+    except (RuntimeError, AssertionError, ValueError) as error:
+        raise HiresError(f"cannot move model {spec.ref!r} to device {str(device)!r}: {_one_line(error)}") from error
