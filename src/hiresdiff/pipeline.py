@@ -81,6 +81,7 @@ class HiresPipeline:
     def __init__(self, pipe: Any, model_name: str = "custom") -> None:
         self.adapter = ModelAdapter(pipe)
         self.model_name = model_name
+        self._base_scheduler = pipe.scheduler
         self._base_scheduler_config = dict(pipe.scheduler.config)
 
     @classmethod
@@ -135,7 +136,9 @@ class HiresPipeline:
         import time
 
         s, ad = req.settings, self.adapter
-        if s.scheduler != MODEL_DEFAULT:
+        if s.scheduler == MODEL_DEFAULT:
+            ad.scheduler = type(self._base_scheduler).from_config(self._base_scheduler_config)
+        else:
             ad.scheduler = make_scheduler(s.scheduler, self._base_scheduler_config)
         gens, seeds = _generators(s, generator)
         begin = time.perf_counter()

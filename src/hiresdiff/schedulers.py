@@ -31,6 +31,10 @@ SCHEDULERS: dict[str, tuple[type, dict[str, Any]]] = {
     "unipc": (UniPCMultistepScheduler, {}),
 }
 
+#: latent-diffusion values for keys a model's scheduler config may lack (diffusers' own defaults would clip the
+#: latent x̂0 to [−1, 1] in DDIM/DDPM, which also breaks the fused-step equivalence of SPEC §0.1)
+LATENT_DEFAULTS: dict[str, Any] = {"clip_sample": False, "set_alpha_to_one": False}
+
 #: keep the scheduler the loaded pipeline came with
 MODEL_DEFAULT = "model-default"
 
@@ -53,4 +57,5 @@ def make_scheduler(name: str, base_config: Any) -> Any:
     if name == MODEL_DEFAULT:
         raise HiresError("make_scheduler needs a concrete scheduler name, not 'model-default'")
     cls, overrides = SCHEDULERS[name]
-    return cls.from_config(base_config, **overrides)
+    config = {**LATENT_DEFAULTS, **dict(base_config)}
+    return cls.from_config(config, **overrides)

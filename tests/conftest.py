@@ -1,0 +1,26 @@
+"""Shared test setup: offline hub, two CPU threads, tiny built-in pipelines (built once per test module)."""
+
+from __future__ import annotations
+
+import os
+
+os.environ["HF_HUB_OFFLINE"] = "1"
+
+import pytest
+import torch
+
+torch.set_num_threads(min(2, torch.get_num_threads()))
+
+
+@pytest.fixture(scope="module")
+def tiny_sdxl_pipe():
+    from hiresdiff.models.tiny import build_builtin
+
+    return build_builtin("tiny-sdxl")
+
+
+@pytest.fixture(scope="module")
+def tiny_sd_pipe():
+    from hiresdiff.models.tiny import build_builtin
+
+    return build_builtin("tiny-sd")
