@@ -10,7 +10,7 @@ import dataclasses
 import math
 import types
 import typing
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from hiresdiff.errors import HiresError, require
@@ -53,7 +53,6 @@ class GenerationSettings:
     max_batch: int = 8
     decode_tile_area: int | None = DEFAULT_TILE_AREA
     previews: bool = True
-    extra: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if isinstance(self.prompt, str):

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import secrets
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -20,7 +20,7 @@ from hiresdiff.sampler import Run, StepCallback
 from hiresdiff.schedulers import MODEL_DEFAULT, make_scheduler
 from hiresdiff.stages import check_canvas
 
-SETTING_NAMES = {f.name for f in dataclasses.fields(GenerationSettings)} - {"prompt", "width", "height", "extra"}
+SETTING_NAMES = {f.name for f in dataclasses.fields(GenerationSettings)} - {"prompt", "width", "height"}
 DEFAULT_MODEL = "stabilityai/stable-diffusion-xl-base-1.0"
 
 
@@ -33,11 +33,10 @@ class GenerationResult:
     metadata: list[dict[str, Any]]
     latents: torch.Tensor | None = None
     seconds: float = 0.0
-    extra: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass
-class Request:
+class GenerationRequest:
     """A validated generation request: method, common settings, method parameters."""
 
     method: Method
@@ -45,7 +44,7 @@ class Request:
     params: Params
 
 
-def build_request(prompt: str | list[str], method: str, width: int, height: int, **kwargs: Any) -> Request:
+def build_request(prompt: str | list[str], method: str, width: int, height: int, **kwargs: Any) -> GenerationRequest:
     """Validate everything that does not need the model: names, numbers, parameter types."""
     m = get_method(method)
     common = {k: v for k, v in kwargs.items() if k in SETTING_NAMES}
@@ -54,10 +53,10 @@ def build_request(prompt: str | list[str], method: str, width: int, height: int,
     if settings.negative_prompt is None and m.default_negative is not None and settings.cfg:
         settings.negative_prompt = [m.default_negative] * len(settings.prompt)
     params = coerce_params(m.params, specific, m.name)
-    return Request(m, settings, params)
+    return GenerationRequest(m, settings, params)
 
 
-def check_for_model(req: Request, native: int, grid: int) -> None:
+def check_for_model(req: GenerationRequest, native: int, grid: int) -> None:
     """Checks that need only the model's native size and latent grid (no weights)."""
     check_canvas(req.settings.height, req.settings.width, native, grid)
     req.params.check(req.settings, native, grid)
@@ -130,7 +129,12 @@ class HiresPipeline:
         return self.run(req, generator=generator, progress=progress, callback=callback)
 
     def run(
-        self, req: Request, *, generator: Any = None, progress: bool = True, callback: StepCallback | None = None
+        self,
+        req: GenerationRequest,
+        *,
+        generator: Any = None,
+        progress: bool = True,
+        callback: StepCallback | None = None,
     ) -> GenerationResult:
         """Run a validated request."""
         import time
@@ -159,7 +163,7 @@ class HiresPipeline:
             seconds=seconds,
         )
 
-    def _metadata(self, req: Request, index: int, seed: int | None) -> dict[str, Any]:
+    def _metadata(self, req: GenerationRequest, index: int, seed: int | None) -> dict[str, Any]:
         """Everything needed to regenerate image ``index`` alone (``hiresdiff generate --from-png``)."""
         from hiresdiff import __version__
 
