@@ -28,11 +28,17 @@ def _add_generate(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--width", type=int, default=None, help="pixels (default: twice the native size)")
     p.add_argument("--height", type=int, default=None, help="pixels (default: twice the native size)")
-    p.add_argument("--steps", type=int, default=50)
-    p.add_argument("--guidance", type=float, default=7.5)
+    p.add_argument("--steps", type=int, default=None, help="inference steps N (default 50)")
+    p.add_argument("--guidance", type=float, default=None, help="classifier-free guidance scale (default 7.5)")
     p.add_argument("--negative", default=None, help="negative prompt (default: the method's paper default)")
     p.add_argument("--seed", type=int, default=0, help="image i of the batch uses seed + i")
-    p.add_argument("--scheduler", default="euler", help=f"one of: {', '.join(scheduler_names())}")
+    p.add_argument("--scheduler", default=None, help=f"one of: {', '.join(scheduler_names())} (default euler)")
+    p.add_argument("--preset", default=None, help="named parameter preset of the method (see `hiresdiff methods`)")
+    p.add_argument(
+        "--paper",
+        action="store_true",
+        help="the papers' sampling setting: DDIM, 50 steps, guidance 7.5, paper negative",
+    )
     p.add_argument("--batch", type=int, default=1, help="images per prompt")
     p.add_argument("--max-batch", type=int, default=8, help="most UNet samples per forward pass")
     p.add_argument("--tile-area", type=int, default=DEFAULT_TILE_AREA, help="VAE runs tiled above this pixel area")
@@ -113,8 +119,11 @@ def cmd_generate(args: argparse.Namespace) -> int:
             "num_images_per_prompt": args.batch,
             "max_batch": args.max_batch,
             "decode_tile_area": args.tile_area,
+            "preset": args.preset,
+            "paper": args.paper,
             **parse_assignments(args.params),
         }
+        kwargs = {k: v for k, v in kwargs.items() if v is not None}
     out = Path(args.out)
     require(not out.exists() or out.is_dir(), f"--out {str(out)!r} exists and is not a folder")
     res = generate(
@@ -141,6 +150,8 @@ def cmd_methods(args: argparse.Namespace) -> int:
         print(f"{m.name}: {m.summary}" + (f"  [{m.paper}]" if m.paper else ""))
         if m.default_negative:
             print(f"    default negative prompt: {m.default_negative!r}")
+        for name, values in m.presets.items():
+            print(f"    --preset {name}: " + ", ".join(f"{k}={v}" for k, v in values.items()))
         fields = dataclasses.fields(m.params)
         if not fields:
             print("    (no parameters)")

@@ -18,6 +18,13 @@ from hiresdiff.schedulers import check_scheduler_name
 
 #: negative prompt of the DemoFusion / APT papers
 PAPER_NEGATIVE_PROMPT = "blurry, ugly, duplicate, poorly drawn, deformed, mosaic"
+#: the sampling setting of the APT paper's tables: DDIM, 50 steps, guidance 7.5, the paper negative prompt
+PAPER_SETTING: dict[str, Any] = {
+    "scheduler": "ddim",
+    "steps": 50,
+    "guidance": 7.5,
+    "negative_prompt": PAPER_NEGATIVE_PROMPT,
+}
 #: decode/encode in tiles above this many pixels (SPEC §2.4: more than 2048²)
 DEFAULT_TILE_AREA = 2048 * 2048
 DTYPES = ("float32", "float16", "bfloat16")

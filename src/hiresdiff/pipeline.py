@@ -10,7 +10,7 @@ from typing import Any
 import torch
 from PIL import Image
 
-from hiresdiff.config import DTYPES, GenerationSettings, coerce_params
+from hiresdiff.config import DTYPES, PAPER_SETTING, GenerationSettings, coerce_params
 from hiresdiff.errors import HiresError, require
 from hiresdiff.images import to_pil
 from hiresdiff.methods import Method, get_method
@@ -44,9 +44,30 @@ class GenerationRequest:
     params: Params
 
 
-def build_request(prompt: str | list[str], method: str, width: int, height: int, **kwargs: Any) -> GenerationRequest:
-    """Validate everything that does not need the model: names, numbers, parameter types."""
+def build_request(
+    prompt: str | list[str],
+    method: str,
+    width: int,
+    height: int,
+    *,
+    preset: str | None = None,
+    paper: bool = False,
+    **kwargs: Any,
+) -> GenerationRequest:
+    """Validate everything that does not need the model: names, numbers, parameter types.
+
+    ``preset`` fills method parameters from the method's named presets and ``paper`` fills the papers' sampling
+    setting (:data:`~hiresdiff.config.PAPER_SETTING`); values given explicitly win over both.
+    """
     m = get_method(method)
+    if preset is not None:
+        require(
+            preset in m.presets,
+            f"method {m.name!r} has no preset {preset!r}; presets: {', '.join(m.presets) or 'none'}",
+        )
+        kwargs = {**m.presets[preset], **kwargs}
+    if paper:
+        kwargs = {**PAPER_SETTING, **kwargs}
     common = {k: v for k, v in kwargs.items() if k in SETTING_NAMES}
     specific = {k: v for k, v in kwargs.items() if k not in SETTING_NAMES}
     settings = GenerationSettings(prompt=prompt, width=width, height=height, **common)

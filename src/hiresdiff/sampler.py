@@ -8,7 +8,8 @@ batches and assembled into **one** prediction for the whole canvas → hooks may
 from __future__ import annotations
 
 import inspect
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -62,6 +63,19 @@ class Run:
     def latent_size(self, height: int, width: int) -> tuple[int, int]:
         f = self.adapter.vae_scale_factor
         return height // f, width // f
+
+    @contextmanager
+    def use_scheduler(self, scheduler: Any | None) -> Iterator[None]:
+        """Sample a stage with another scheduler (APT's scale-aware schedule); ``None`` keeps the current one."""
+        if scheduler is None:
+            yield
+            return
+        previous = self.adapter.scheduler
+        self.adapter.scheduler = scheduler
+        try:
+            yield
+        finally:
+            self.adapter.scheduler = previous
 
     # --- randomness: always from the caller's generators, one per canvas sample -------------------------
     def noise(self, height: int, width: int) -> torch.Tensor:

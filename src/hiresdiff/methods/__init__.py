@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 from hiresdiff.errors import HiresError
-from hiresdiff.methods import demofusion, direct, multidiffusion, resize
+from hiresdiff.methods import accdiffusion, apt, demofusion, direct, multidiffusion, resize
 from hiresdiff.methods.base import Method, MethodOutput, Params
 
 METHODS: dict[str, Method] = {
-    m.name: m for m in (direct.METHOD, resize.METHOD, multidiffusion.METHOD, demofusion.METHOD)
+    m.name: m
+    for m in (direct.METHOD, resize.METHOD, multidiffusion.METHOD, demofusion.METHOD, accdiffusion.METHOD, apt.METHOD)
 }
 
 

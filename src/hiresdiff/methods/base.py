@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -63,7 +63,7 @@ class ViewParams(Params):
 
 @dataclass(frozen=True)
 class Method:
-    """A registered method: name, one-line summary, paper link, parameter class, recipe."""
+    """A registered method: name, one-line summary, paper link, parameter class, recipe, named presets."""
 
     name: str
     summary: str
@@ -71,3 +71,4 @@ class Method:
     params: type[Params]
     run: Callable[[Run, Any], MethodOutput]
     default_negative: str | None = None
+    presets: dict[str, dict[str, Any]] = field(default_factory=dict)

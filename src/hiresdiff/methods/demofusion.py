@@ -10,7 +10,9 @@ Algorithm (per later phase k = 2 … K):
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -74,33 +76,72 @@ def fused_strategy(run: Run, params: DemoFusionParams, phase: Phase) -> Strategy
     return Blend(local_views(run, params), dilated, lambda t: cosine_factor(t, big_t) ** params.alpha2)
 
 
-def upscale_phase(
-    run: Run, z_up: torch.Tensor, phase: Phase, strategy: Strategy, params: DemoFusionParams, name: str
-) -> torch.Tensor:
-    """Denoise one later phase from the upsampled clean latent ``z_up`` (SPEC §2.1, §2.3)."""
-    s = run.settings
-    timesteps = run.begin(params.start_step)
-    noise = run.noise(phase.height, phase.width)
-    x = run.add_noise(z_up, noise, timesteps[0])
-    den = run.denoiser((s.height, s.width))
-    hook = SkipResidual(run, z_up, noise, params.alpha1)
-    return run.denoise(x, timesteps, strategy, den, [hook], name=name)
+@dataclass
+class PhaseSetup:
+    """How one later phase is denoised; APT edits it (shortcut start, scale-aware scheduler, relabelling)."""
+
+    phase: Phase
+    start_step: int
+    scheduler: Any | None = None
+    timestep_map: Callable[[torch.Tensor], torch.Tensor] | None = None
+
+
+#: edits the upsampled latent before noising: ``(z_up, z_previous, phase) → z_up`` (APT statistical matching)
+LatentTransform = Callable[[torch.Tensor, torch.Tensor, Phase], torch.Tensor]
+
+
+class Progressive:
+    """DemoFusion's phase loop (SPEC §2.1) with the seams its hosts and APT use.
+
+    ``first_phase`` and ``strategy`` are overridden by AccDiffusion; APT appends ``transforms`` (applied to the
+    upsampled latent) and ``configure`` callbacks (applied to each later phase's :class:`PhaseSetup`).
+    """
+
+    def __init__(self, run: Run, params: DemoFusionParams) -> None:
+        self.run, self.params = run, params
+        self.transforms: list[LatentTransform] = []
+        self.configure: list[Callable[[PhaseSetup], None]] = []
+
+    def first_phase(self, phase: Phase, name: str) -> torch.Tensor:
+        s = self.run.settings
+        return self.run.sample_canvas(phase.height, phase.width, size=(s.height, s.width), name=name)
+
+    def strategy(self, phase: Phase) -> Strategy:
+        return fused_strategy(self.run, self.params, phase)
+
+    def upscale(self, z_up: torch.Tensor, setup: PhaseSetup, name: str) -> torch.Tensor:
+        """Denoise one later phase from the upsampled clean latent ``z_up`` (SPEC §2.1, §2.3)."""
+        run, s, phase = self.run, self.run.settings, setup.phase
+        strategy = self.strategy(phase)
+        with run.use_scheduler(setup.scheduler):
+            timesteps = run.begin(setup.start_step)
+            noise = run.noise(phase.height, phase.width)
+            x = run.add_noise(z_up, noise, timesteps[0])
+            den = run.denoiser((s.height, s.width), timestep_map=setup.timestep_map)
+            hook = SkipResidual(run, z_up, noise, self.params.alpha1)
+            return run.denoise(x, timesteps, strategy, den, [hook], name=name)
+
+    def __call__(self) -> torch.Tensor:
+        run, s, ad = self.run, self.run.settings, self.run.adapter
+        phases = progressive_phases(s.height, s.width, ad.native_size, ad.vae_scale_factor)
+        count = len(phases)
+        z = self.first_phase(phases[0], f"phase 1/{count}")
+        anchor = scalar_stats(z)
+        for k, phase in enumerate(phases[1:], start=2):
+            run.add_preview(z)
+            z_up = upsample_latent(z, run.latent_size(phase.height, phase.width))
+            for transform in self.transforms:
+                z_up = transform(z_up, z, phase)
+            setup = PhaseSetup(phase, self.params.start_step)
+            for edit in self.configure:
+                edit(setup)
+            z = self.upscale(z_up, setup, f"phase {k}/{count} {phase.height}×{phase.width}")
+            z = renormalise(z, *anchor)
+        return z
 
 
 def run_demofusion(run: Run, params: DemoFusionParams) -> MethodOutput:
-    s, ad = run.settings, run.adapter
-    phases = progressive_phases(s.height, s.width, ad.native_size, ad.vae_scale_factor)
-    count = len(phases)
-    first = phases[0]
-    z = run.sample_canvas(first.height, first.width, size=(s.height, s.width), name=f"phase 1/{count}")
-    anchor = scalar_stats(z)
-    for k, phase in enumerate(phases[1:], start=2):
-        run.add_preview(z)
-        z_up = upsample_latent(z, run.latent_size(phase.height, phase.width))
-        name = f"phase {k}/{count} {phase.height}×{phase.width}"
-        z = upscale_phase(run, z_up, phase, fused_strategy(run, params, phase), params, name)
-        z = renormalise(z, *anchor)
-    return MethodOutput(latents=z)
+    return MethodOutput(latents=Progressive(run, params)())
 
 
 METHOD = Method(

@@ -26,6 +26,16 @@ class PromptEmbeds:
     pooled_uncond: torch.Tensor | None = None
 
 
+def concat_embeds(parts: list[PromptEmbeds]) -> PromptEmbeds:
+    """Stack the rows of several embedding tables into one."""
+
+    def cat(name: str) -> torch.Tensor | None:
+        values = [getattr(p, name) for p in parts]
+        return None if any(v is None for v in values) else torch.cat(values)
+
+    return PromptEmbeds(cat("cond"), cat("uncond"), cat("pooled_cond"), cat("pooled_uncond"))  # type: ignore[arg-type]
+
+
 @dataclass
 class Request:
     """A batch of same-size latent views to predict: model inputs, prompt row per view, crop corner (pixels)."""
@@ -36,6 +46,7 @@ class Request:
     embeds: PromptEmbeds
     guidance: float
     size: tuple[int, int]  # SDXL original/target size (pixels, h × w)
+    samples: list[int] = field(default_factory=list)  # canvas sample of each view (attention capture)
     outputs: list[torch.Tensor] = field(default_factory=list)
 
 
@@ -54,6 +65,8 @@ class ModelAdapter:
         self.native_latent = int(self.unet.config.sample_size)
         upcast = bool(getattr(self.vae.config, "force_upcast", False)) and self.vae.dtype == torch.float16
         self.vae_dtype = torch.float32 if upcast else self.vae.dtype
+        #: (canvas sample, conditional branch?) of each row of the UNet call in progress (attention capture)
+        self.call_info: list[tuple[int, bool]] = []
         if upcast:
             self.vae.to(torch.float32)
 
@@ -91,6 +104,10 @@ class ModelAdapter:
         cond, uncond = out
         return PromptEmbeds(cond, uncond if cfg else None)
 
+    def count_tokens(self, text: str) -> int:
+        """Number of tokens of ``text`` without start/end tokens (the first tokenizer's)."""
+        return len(self.pipe.tokenizer(text, add_special_tokens=False).input_ids)
+
     # --- denoiser ----------------------------------------------------------------------------------------
     def _time_ids(self, size: tuple[int, int], crops: list[tuple[int, int]]) -> torch.Tensor:
         """SDXL ``add_time_ids`` per view: (orig_h, orig_w, crop_top, crop_left, target_h, target_w)."""
@@ -108,6 +125,12 @@ class ModelAdapter:
                 if self.family == "sdxl":
                     pooled.append(getattr(req.embeds, f"pooled_{half}").index_select(0, rows))
                     time_ids.append(self._time_ids(req.size, req.crops[sl]))
+        self.call_info = [
+            (req.samples[i] if req.samples else -1, half == "cond")
+            for half in halves
+            for req, sl in reqs
+            for i in range(*sl.indices(len(req.rows)))
+        ]
         model_in = torch.cat([x] * len(halves)).to(self.dtype)
         kwargs: dict[str, Any] = {}
         if self.family == "sdxl":

@@ -22,7 +22,8 @@ Assembler = Callable[[list[torch.Tensor]], torch.Tensor]
 class Denoiser:
     """The model as a strategy sees it: prompts, guidance, SDXL size conditioning and the batch budget.
 
-    ``rows[b]`` is the prompt row of canvas sample ``b``.
+    ``rows[b]`` is the prompt row of canvas sample ``b``; ``timestep_map`` (optional) changes the timestep the
+    model is given (APT's ``relabel`` mode).
     """
 
     adapter: ModelAdapter
@@ -31,6 +32,7 @@ class Denoiser:
     guidance: float
     size: tuple[int, int]
     max_batch: int
+    timestep_map: Callable[[torch.Tensor], torch.Tensor] | None = None
 
     def request(
         self,
@@ -50,10 +52,13 @@ class Denoiser:
             embeds=embeds if embeds is not None else self.embeds,
             guidance=self.guidance if guidance is None else guidance,
             size=self.size,
+            samples=list(samples),
         )
 
     def predict(self, requests: list[Request], t: torch.Tensor) -> list[torch.Tensor]:
-        return self.adapter.predict(requests, t, self.max_batch)
+        """Predictions at timestep ``t`` (given to the model through ``timestep_map`` when set: APT relabel)."""
+        t_model = self.timestep_map(t) if self.timestep_map is not None else t
+        return self.adapter.predict(requests, t_model, self.max_batch)
 
 
 class Strategy(Protocol):

@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-from hiresdiff.models.adapter import Request
+from hiresdiff.models.adapter import PromptEmbeds, Request
 from hiresdiff.ops.blur import gaussian_blur
 from hiresdiff.ops.dilation import dilated_merge, dilated_split
 from hiresdiff.ops.geometry import View, jitter_views, views_for
@@ -18,12 +18,23 @@ from hiresdiff.strategies.base import Assembler, Denoiser, Strategy
 
 
 @dataclass
+class ViewConditioning:
+    """Per-view prompts (AccDiffusion): a table of prompt embeddings, each view's row in it, the local guidance."""
+
+    embeds: PromptEmbeds
+    rows: list[list[int]]  # rows[b][v]: table row of view v of canvas sample b
+    guidance: float
+
+
+@dataclass
 class LocalViews:
     """Overlapping ``window × window`` latent views, ``stride`` apart, fused by a uniform average (SPEC §2.2).
 
     With ``jitter`` every step shifts each view by an integer in ``[−j, j]``, ``j = (window − stride) // 4``, on a
     canvas zero-padded by ``j`` (predictions on the padding are discarded); ``generators[b]`` draws sample ``b``'s
     shifts. ``vae_scale_factor`` converts view corners to the pixel crop coordinates of SDXL conditioning.
+    ``fixed`` views (set by :meth:`freeze`) are reused at every step; ``conditioning`` gives views their own
+    prompts and guidance.
     """
 
     window: int
@@ -32,6 +43,8 @@ class LocalViews:
     generators: list[torch.Generator]
     vae_scale_factor: int = 8
     last_views: list[list[View]] = field(default_factory=list)
+    fixed: list[list[View]] | None = None
+    conditioning: ViewConditioning | None = None
 
     @property
     def max_jitter(self) -> int:
@@ -42,11 +55,16 @@ class LocalViews:
         base = views_for(height, width, self.window, self.stride)
         return jitter_views(base, height, width, self.max_jitter, self.generators[sample])
 
+    def freeze(self, height: int, width: int, batch: int) -> list[list[View]]:
+        """Draw every sample's views once and keep them for all later steps (AccDiffusion: jitter once per phase)."""
+        self.fixed = [self.views(height, width, s) for s in range(batch)]
+        return self.fixed
+
     def gather(self, x_in: torch.Tensor, t: torch.Tensor, den: Denoiser) -> tuple[list[Request], Assembler]:
         b, _c, h, w = x_in.shape
         j = self.max_jitter
         xp = F.pad(x_in, (j, j, j, j)) if j else x_in
-        self.last_views = [self.views(h, w, s) for s in range(b)]
+        self.last_views = self.fixed if self.fixed is not None else [self.views(h, w, s) for s in range(b)]
         patches, samples, crops = [], [], []
         f = self.vae_scale_factor
         for s, views in enumerate(self.last_views):
@@ -54,7 +72,14 @@ class LocalViews:
                 patches.append(xp[s, :, v.top + j : v.top + j + v.height, v.left + j : v.left + j + v.width])
                 samples.append(s)
                 crops.append((max(0, v.top) * f, max(0, v.left) * f))
-        req = den.request(torch.stack(patches), samples, crops)
+        cond = self.conditioning
+        if cond is None:
+            req = den.request(torch.stack(patches), samples, crops)
+        else:
+            rows = [row for per_sample in cond.rows for row in per_sample]
+            req = den.request(
+                torch.stack(patches), samples, crops, embeds=cond.embeds, rows=rows, guidance=cond.guidance
+            )
 
         def assemble(preds: list[torch.Tensor]) -> torch.Tensor:
             value = torch.zeros_like(xp)

@@ -1,0 +1,159 @@
+"""APT — Adaptive Path Tracing (SPEC §4) over a DemoFusion or AccDiffusion host.
+
+Per later phase of the host's loop, three independent switches:
+  1. statistical matching (SM): right after upsampling, every dilated sub-lattice gets the statistics of the
+     previous phase's clean latent (§4.1);
+  2. scale-aware scheduling (SaS): the phase's scheduler uses ``β_t`` with exponent ``η(scale)`` for the noised
+     reference, the step and the shortcut; the model sees the integer t (``betas``) or the original-schedule
+     timestep with the same ᾱ (``relabel``) (§4.2);
+  3. shortcut: start at step index ``N − T0`` instead of 0 (§4.3).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from hiresdiff.config import PAPER_NEGATIVE_PROMPT, GenerationSettings, check_finite
+from hiresdiff.errors import HiresError, require
+from hiresdiff.methods.accdiffusion import AccDiffusion, AccDiffusionParams
+from hiresdiff.methods.base import Method, MethodOutput
+from hiresdiff.methods.demofusion import PhaseSetup, Progressive
+from hiresdiff.ops.matching import statistical_matching
+from hiresdiff.ops.sas import DEFAULT_ETA_TABLE, eta_for_scale, relabel_timesteps, sas_betas
+from hiresdiff.sampler import Run
+from hiresdiff.stages import Phase
+
+HOSTS = {"demofusion": Progressive, "accdiffusion": AccDiffusion}
+SAS_MODES = ("betas", "relabel")
+#: the paper's shortcut: denoise the last T0 = 30 of N = 50 steps
+PAPER_SHORTCUT_STEPS = 30
+
+
+def parse_eta_table(text: str) -> dict[float, float]:
+    """``"2=2.0,4=3.2"`` → SPEC defaults with those scales overridden or added."""
+    table = dict(DEFAULT_ETA_TABLE)
+    for item in filter(None, (part.strip() for part in text.split(","))):
+        scale, sep, eta = item.partition("=")
+        try:
+            key, value = float(scale), float(eta)
+        except ValueError:
+            raise HiresError(f"sas_eta expects scale=eta pairs like '2=2.0,4=3.5', got {item!r}") from None
+        require(bool(sep) and value > 0 and key > 0, f"sas_eta: scale and eta must be > 0, got {item!r}")
+        table[key] = value
+    return table
+
+
+@dataclass
+class APTParams(AccDiffusionParams):
+    """SPEC §4 switches on top of the host's parameters (the AccDiffusion ones apply with ``host=accdiffusion``).
+
+    ``sm``/``sm_per_channel``: statistical matching, scalar or per channel; ``sas``/``sas_mode``/``sas_eta``:
+    scale-aware scheduling, its mode and per-scale η overrides (``"2=2.0,3=3.0,4=3.5"``; defaults from SPEC §4.2);
+    ``shortcut_steps``: T0, the steps denoised in each later phase (``None`` = all N).
+    """
+
+    host: str = "demofusion"
+    sm: bool = True
+    sm_per_channel: bool = False
+    sas: bool = True
+    sas_mode: str = "betas"
+    sas_eta: str = ""
+    shortcut_steps: int | None = PAPER_SHORTCUT_STEPS
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        require(self.host in HOSTS, f"unknown APT host {self.host!r}; choose one of: {', '.join(HOSTS)}")
+        require(
+            self.sas_mode in SAS_MODES, f"unknown sas_mode {self.sas_mode!r}; choose one of: {', '.join(SAS_MODES)}"
+        )
+        self.eta_table = parse_eta_table(self.sas_eta)
+        if self.shortcut_steps is not None:
+            check_finite("shortcut_steps", self.shortcut_steps, low=1)
+
+    def check(self, settings: GenerationSettings, native: int, grid: int) -> None:
+        super().check(settings, native, grid)
+        if self.shortcut_steps is not None:
+            require(
+                self.shortcut_steps <= settings.steps,
+                f"shortcut_steps {self.shortcut_steps} must not exceed steps {settings.steps}",
+            )
+
+
+def scale_aware_scheduler(base: Any, eta: float) -> Any:
+    """A copy of ``base`` whose β schedule is :func:`sas_betas` with exponent ``eta`` (β range from its config)."""
+    cfg = base.config
+    betas = sas_betas(eta, float(cfg.beta_start), float(cfg.beta_end), int(cfg.num_train_timesteps))
+    return type(base).from_config(cfg, trained_betas=betas.tolist())
+
+
+def timestep_relabeller(new: Any, original: Any) -> Any:
+    """``t ↦`` the original-schedule timestep with the same ᾱ as ``t`` under ``new`` (SaS ``relabel``)."""
+    table = relabel_timesteps(new.alphas_cumprod, original.alphas_cumprod)
+
+    def relabel(t: torch.Tensor) -> torch.Tensor:
+        return table[round(float(t))].to(t.device if isinstance(t, torch.Tensor) else "cpu")
+
+    return relabel
+
+
+class APT:
+    """Configures a host's phase loop with the enabled APT components."""
+
+    def __init__(self, run: Run, params: APTParams) -> None:
+        self.run, self.params = run, params
+        self.host = HOSTS[params.host](run, params)
+        if params.sm:
+            self.host.transforms.append(self.match)
+        self.host.configure.append(self.setup)
+
+    def match(self, z_up: torch.Tensor, z: torch.Tensor, phase: Phase) -> torch.Tensor:
+        """SM (§4.1) with the phase's dilation."""
+        return statistical_matching(z_up, z, phase.dilation, self.params.sm_per_channel)
+
+    def setup(self, setup: PhaseSetup) -> None:
+        """Shortcut (§4.3) and SaS (§4.2) for one later phase."""
+        p, steps = self.params, self.run.settings.steps
+        if p.shortcut_steps is not None:
+            setup.start_step = steps - p.shortcut_steps
+        eta = eta_for_scale(setup.phase.scale, p.eta_table) if p.sas else None
+        if eta is None:
+            return
+        base = self.run.scheduler
+        setup.scheduler = scale_aware_scheduler(base, eta)
+        if p.sas_mode == "relabel":
+            setup.timestep_map = timestep_relabeller(setup.scheduler, base)
+
+    def __call__(self) -> torch.Tensor:
+        return self.host()
+
+
+def run_apt(run: Run, params: APTParams) -> MethodOutput:
+    return MethodOutput(latents=APT(run, params)())
+
+
+_OFF = {"sm": False, "sas": False}
+PRESETS: dict[str, dict[str, Any]] = {
+    "demofusion": {"host": "demofusion", **_OFF, "shortcut_steps": None},
+    "demofusion-shortcut": {"host": "demofusion", **_OFF},
+    "apt-sm": {"host": "demofusion", "sm": True, "sas": False},
+    "apt-sas": {"host": "demofusion", "sm": False, "sas": True},
+    "apt": {"host": "demofusion", "sm": True, "sas": True},
+    "accdiffusion": {"host": "accdiffusion", **_OFF, "shortcut_steps": None},
+    "accdiffusion-shortcut": {"host": "accdiffusion", **_OFF},
+    "accdiffusion-apt-sm": {"host": "accdiffusion", "sm": True, "sas": False},
+    "accdiffusion-apt-sas": {"host": "accdiffusion", "sm": False, "sas": True},
+    "accdiffusion-apt": {"host": "accdiffusion", "sm": True, "sas": True},
+}
+
+METHOD = Method(
+    "apt",
+    "APT: statistical matching, scale-aware scheduling, shortcut sampling over DemoFusion or AccDiffusion",
+    "https://arxiv.org/abs/2507.21690",
+    APTParams,
+    run_apt,
+    default_negative=PAPER_NEGATIVE_PROMPT,
+    presets=PRESETS,
+)
