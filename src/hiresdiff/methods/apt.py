@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from hiresdiff.config import PAPER_NEGATIVE_PROMPT, GenerationSettings, check_finite
+from hiresdiff.config import PAPER_NEGATIVE_PROMPT, GenerationSettings
 from hiresdiff.errors import HiresError, require
 from hiresdiff.methods.accdiffusion import AccDiffusion, AccDiffusionParams
 from hiresdiff.methods.base import Method, MethodOutput
@@ -70,8 +70,10 @@ class APTParams(AccDiffusionParams):
             self.sas_mode in SAS_MODES, f"unknown sas_mode {self.sas_mode!r}; choose one of: {', '.join(SAS_MODES)}"
         )
         self.eta_table = parse_eta_table(self.sas_eta)
-        if self.shortcut_steps is not None:
-            check_finite("shortcut_steps", self.shortcut_steps, low=1)
+        require(
+            self.shortcut_steps is None or (isinstance(self.shortcut_steps, int) and self.shortcut_steps >= 1),
+            f"shortcut_steps must be an integer ≥ 1 or none, got {self.shortcut_steps!r}",
+        )
 
     def check(self, settings: GenerationSettings, native: int, grid: int) -> None:
         super().check(settings, native, grid)
@@ -134,18 +136,24 @@ def run_apt(run: Run, params: APTParams) -> MethodOutput:
     return MethodOutput(latents=APT(run, params)())
 
 
-_OFF = {"sm": False, "sas": False}
+#: the rows of the APT paper (SPEC §4.4): switches per row, for each host
+_ROWS: dict[str, dict[str, Any]] = {
+    "": {"sm": False, "sas": False, "shortcut_steps": None},
+    "-shortcut": {"sm": False, "sas": False, "shortcut_steps": PAPER_SHORTCUT_STEPS},
+    "apt-sm": {"sm": True, "sas": False, "shortcut_steps": PAPER_SHORTCUT_STEPS},
+    "apt-sas": {"sm": False, "sas": True, "shortcut_steps": PAPER_SHORTCUT_STEPS},
+    "apt": {"sm": True, "sas": True, "shortcut_steps": PAPER_SHORTCUT_STEPS},
+}
+
+
+def _preset_name(host: str, row: str) -> str:
+    if not row or row.startswith("-"):
+        return host + row
+    return row if host == "demofusion" else f"{host}-{row}"
+
+
 PRESETS: dict[str, dict[str, Any]] = {
-    "demofusion": {"host": "demofusion", **_OFF, "shortcut_steps": None},
-    "demofusion-shortcut": {"host": "demofusion", **_OFF},
-    "apt-sm": {"host": "demofusion", "sm": True, "sas": False},
-    "apt-sas": {"host": "demofusion", "sm": False, "sas": True},
-    "apt": {"host": "demofusion", "sm": True, "sas": True},
-    "accdiffusion": {"host": "accdiffusion", **_OFF, "shortcut_steps": None},
-    "accdiffusion-shortcut": {"host": "accdiffusion", **_OFF},
-    "accdiffusion-apt-sm": {"host": "accdiffusion", "sm": True, "sas": False},
-    "accdiffusion-apt-sas": {"host": "accdiffusion", "sm": False, "sas": True},
-    "accdiffusion-apt": {"host": "accdiffusion", "sm": True, "sas": True},
+    _preset_name(host, row): {"host": host, **switches} for host in HOSTS for row, switches in _ROWS.items()
 }
 
 METHOD = Method(
