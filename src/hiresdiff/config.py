@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from hiresdiff.errors import HiresError, require
+from hiresdiff.ops.schedule import AG_DECAYS
 from hiresdiff.schedulers import check_scheduler_name
 
 #: negative prompt of the DemoFusion / APT papers
@@ -45,7 +46,9 @@ class GenerationSettings:
     ``width``/``height`` are the final image size in pixels; ``steps`` the inference steps N; ``guidance`` the
     classifier-free guidance scale (≤ 1 disables guidance); ``max_batch`` the most UNet samples per forward pass
     (views, dilated samples and both guidance halves together); ``decode_tile_area`` the pixel area above which
-    the VAE runs tiled (``0`` = always tile, ``None`` = never).
+    the VAE runs tiled (``0`` = always tile, ``None`` = never). ``ag_*``: AP-LDM attentive guidance in the
+    native-size first phase of any method (strength λ, 0 = off; delay; decay exponent f; decay ``cosine``,
+    ``linear`` or ``none``; SPEC §5).
     """
 
     prompt: list[str]
@@ -60,6 +63,10 @@ class GenerationSettings:
     max_batch: int = 8
     decode_tile_area: int | None = DEFAULT_TILE_AREA
     previews: bool = True
+    ag_lambda: float = 0.0
+    ag_delay: int = 3
+    ag_exponent: float = 3.0
+    ag_decay: str = "cosine"
 
     def __post_init__(self) -> None:
         if isinstance(self.prompt, str):
@@ -89,6 +96,12 @@ class GenerationSettings:
             f"seed must be an integer in [0, 2^63), got {self.seed!r}",
         )
         require(isinstance(self.max_batch, int) and self.max_batch >= 1, f"max_batch must be ≥ 1, got {self.max_batch}")
+        check_finite("ag_lambda", self.ag_lambda, low=0.0)
+        require(isinstance(self.ag_delay, int) and self.ag_delay >= 0, f"ag_delay must be ≥ 0, got {self.ag_delay}")
+        check_finite("ag_exponent", self.ag_exponent, low=0.0)
+        require(
+            self.ag_decay in AG_DECAYS, f"unknown ag_decay {self.ag_decay!r}; choose one of: {', '.join(AG_DECAYS)}"
+        )
         require(
             self.decode_tile_area is None or self.decode_tile_area >= 0,
             f"decode_tile_area must be ≥ 0 or None, got {self.decode_tile_area}",
@@ -134,7 +147,6 @@ def _parse(name: str, raw: str, tp: Any) -> Any:
 
 def coerce_params(cls: type, values: dict[str, Any], method: str) -> Any:
     """Build the method's parameter dataclass from ``values`` (strings from ``--set`` are parsed by type)."""
-    hints = typing.get_type_hints(cls)
     fields = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(values) - fields)
     require(
@@ -142,8 +154,13 @@ def coerce_params(cls: type, values: dict[str, Any], method: str) -> Any:
         f"method {method!r} has no parameter {', '.join(unknown)}; "
         f"its parameters: {', '.join(sorted(fields)) or 'none'}",
     )
-    parsed = {k: _parse(k, v, hints[k]) if isinstance(v, str) and hints[k] is not str else v for k, v in values.items()}
-    return cls(**parsed)
+    return cls(**parse_fields(cls, values))
+
+
+def parse_fields(cls: type, values: dict[str, Any]) -> dict[str, Any]:
+    """Values given as strings (``--set``) parsed with the dataclass field's type; others unchanged."""
+    hints = typing.get_type_hints(cls)
+    return {k: _parse(k, v, hints[k]) if isinstance(v, str) and hints[k] is not str else v for k, v in values.items()}
 
 
 def parse_assignments(items: list[str]) -> dict[str, str]:

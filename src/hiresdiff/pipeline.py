@@ -10,7 +10,7 @@ from typing import Any
 import torch
 from PIL import Image
 
-from hiresdiff.config import DTYPES, PAPER_SETTING, GenerationSettings, coerce_params
+from hiresdiff.config import DTYPES, PAPER_SETTING, GenerationSettings, coerce_params, parse_fields
 from hiresdiff.errors import HiresError, require
 from hiresdiff.images import to_pil
 from hiresdiff.methods import Method, get_method
@@ -68,7 +68,8 @@ def build_request(
         kwargs = {**m.presets[preset], **kwargs}
     if paper:
         kwargs = {**PAPER_SETTING, **kwargs}
-    common = {k: v for k, v in kwargs.items() if k in SETTING_NAMES}
+    kwargs = {**m.setting_defaults, **kwargs}
+    common = parse_fields(GenerationSettings, {k: v for k, v in kwargs.items() if k in SETTING_NAMES})
     specific = {k: v for k, v in kwargs.items() if k not in SETTING_NAMES}
     settings = GenerationSettings(prompt=prompt, width=width, height=height, **common)
     if settings.negative_prompt is None and m.default_negative is not None and settings.cfg:

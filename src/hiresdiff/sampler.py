@@ -17,25 +17,13 @@ import torch
 from tqdm.auto import tqdm
 
 from hiresdiff.config import GenerationSettings
+from hiresdiff.hooks import StepHook, attentive_guidance
 from hiresdiff.models.adapter import ModelAdapter, PromptEmbeds
 from hiresdiff.strategies.base import Denoiser, Strategy
 from hiresdiff.strategies.full import FullCanvas
 
 #: ``callback(phase_name, step, total)`` after every denoising step
 StepCallback = Callable[[str, int, int], None]
-
-
-class StepHook:
-    """Edits around one denoising step; the defaults change nothing."""
-
-    def before_step(self, t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-        return x
-
-    def on_prediction(self, t: torch.Tensor, x_in: torch.Tensor, pred: torch.Tensor) -> torch.Tensor:
-        return pred
-
-    def after_step(self, t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-        return x
 
 
 @dataclass
@@ -154,11 +142,15 @@ class Run:
     def sample_canvas(
         self, height: int, width: int, size: tuple[int, int] | None = None, name: str = ""
     ) -> torch.Tensor:
-        """Ordinary sampling of a whole ``height × width`` canvas from pure noise (all N steps)."""
+        """Ordinary sampling of a whole ``height × width`` canvas from pure noise (all N steps).
+
+        This is every method's native-size first phase; attentive guidance (``ag_lambda > 0``) applies here.
+        """
         timesteps = self.begin(0)
         x = self.noise(height, width) * float(self.scheduler.init_noise_sigma)
         den = self.denoiser(size or (height, width))
-        return self.denoise(x, timesteps, FullCanvas(), den, name=name or f"{height}×{width}")
+        hooks = [h for h in (attentive_guidance(self.settings),) if h is not None]
+        return self.denoise(x, timesteps, FullCanvas(), den, hooks, name=name or f"{height}×{width}")
 
     # --- images -------------------------------------------------------------------------------------------
     def decode(self, latents: torch.Tensor) -> torch.Tensor:

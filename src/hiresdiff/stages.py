@@ -67,3 +67,21 @@ def progressive_phases(height: int, width: int, native: int, grid: int) -> list[
     count = max(1, math.ceil(long / native))
     phases = [Phase(*canvas_at(height, width, k * native, grid), native) for k in range(1, count)]
     return [*phases, Phase(height, width, native)]
+
+
+def native_area_canvas(height: int, width: int, native: int, grid: int) -> tuple[int, int]:
+    """About ``native²`` pixels at the target aspect: ``h0 = n·√(H/W)``, ``w0 = n/√(H/W)`` (AP-LDM, SPEC §5)."""
+    ratio = math.sqrt(height / width)
+    return round_to_grid(native * ratio, grid), round_to_grid(native / ratio, grid)
+
+
+def area_steps(height: int, width: int, base: tuple[int, int], count: int, grid: int) -> list[tuple[int, int]]:
+    """``count`` sizes spaced linearly in pixel area from ``base`` to the target; the last is the target exactly."""
+    area0, area = base[0] * base[1], height * width
+    sizes = []
+    for i in range(1, count):
+        a = area0 + i / count * (area - area0)
+        sizes.append(
+            (round_to_grid(math.sqrt(a * height / width), grid), round_to_grid(math.sqrt(a * width / height), grid))
+        )
+    return [*sizes, (height, width)]

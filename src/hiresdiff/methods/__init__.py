@@ -3,12 +3,20 @@
 from __future__ import annotations
 
 from hiresdiff.errors import HiresError
-from hiresdiff.methods import accdiffusion, apt, demofusion, direct, multidiffusion, resize
+from hiresdiff.methods import accdiffusion, apldm, apt, demofusion, direct, multidiffusion, resize
 from hiresdiff.methods.base import Method, MethodOutput, Params
 
 METHODS: dict[str, Method] = {
     m.name: m
-    for m in (direct.METHOD, resize.METHOD, multidiffusion.METHOD, demofusion.METHOD, accdiffusion.METHOD, apt.METHOD)
+    for m in (
+        direct.METHOD,
+        resize.METHOD,
+        multidiffusion.METHOD,
+        demofusion.METHOD,
+        accdiffusion.METHOD,
+        apt.METHOD,
+        apldm.METHOD,
+    )
 }
 
 

@@ -63,7 +63,8 @@ class ViewParams(Params):
 
 @dataclass(frozen=True)
 class Method:
-    """A registered method: name, one-line summary, paper link, parameter class, recipe, named presets."""
+    """A registered method: name, summary, paper link, parameter class, recipe, named presets, and the
+    :class:`~hiresdiff.config.GenerationSettings` defaults it changes (explicit values win)."""
 
     name: str
     summary: str
@@ -72,3 +73,4 @@ class Method:
     run: Callable[[Run, Any], MethodOutput]
     default_negative: str | None = None
     presets: dict[str, dict[str, Any]] = field(default_factory=dict)
+    setting_defaults: dict[str, Any] = field(default_factory=dict)

@@ -18,12 +18,13 @@ import torch
 
 from hiresdiff.config import PAPER_NEGATIVE_PROMPT, GenerationSettings, check_finite
 from hiresdiff.errors import require
+from hiresdiff.hooks import StepHook
 from hiresdiff.methods.base import Method, MethodOutput, ViewParams
 from hiresdiff.methods.multidiffusion import local_views
 from hiresdiff.ops.resample import upsample_latent
 from hiresdiff.ops.schedule import cosine_factor
 from hiresdiff.ops.stats import renormalise, scalar_stats
-from hiresdiff.sampler import Run, StepHook
+from hiresdiff.sampler import Run
 from hiresdiff.stages import Phase, progressive_phases
 from hiresdiff.strategies.base import Strategy
 from hiresdiff.strategies.views import Blend, DilatedSampling
