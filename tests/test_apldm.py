@@ -1,0 +1,202 @@
+"""AP-LDM (SPEC §5): PFSA, attentive-guidance schedule and hook, sub-stage plan, pixel-space path, end to end."""
+
+from __future__ import annotations
+
+import importlib
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from hiresdiff import HiresPipeline
+from hiresdiff.errors import HiresError
+from hiresdiff.hooks import AttentiveGuidance, attentive_guidance
+from hiresdiff.methods import apldm as apldm_mod
+from hiresdiff.methods.apldm import APLDMParams, start_index
+from hiresdiff.ops.pfsa import pfsa
+from hiresdiff.ops.schedule import attentive_lambdas
+from hiresdiff.pipeline import build_request
+from hiresdiff.sampler import Run
+from hiresdiff.stages import area_steps, native_area_canvas
+
+pfsa_mod = importlib.import_module("hiresdiff.ops.pfsa")
+
+
+def direct_pfsa(z: torch.Tensor, scale: float | None = None) -> torch.Tensor:
+    b, c, h, w = z.shape
+    tokens = z.double().reshape(b, c, h * w).transpose(1, 2)
+    scale = 1 / math.sqrt(c) if scale is None else scale
+    attn = torch.softmax(tokens @ tokens.transpose(1, 2) * scale, dim=-1)
+    return (attn @ tokens).transpose(1, 2).reshape(b, c, h, w).float()
+
+
+@pytest.mark.parametrize("shape", [(1, 4, 8, 8), (2, 4, 13, 7), (2, 16, 5, 9)])
+def test_pfsa_equals_direct_formula(shape: tuple[int, ...]) -> None:
+    z = torch.randn(shape, generator=torch.Generator().manual_seed(0)) * 2
+    assert torch.allclose(pfsa(z), direct_pfsa(z), atol=1e-5)
+    assert torch.allclose(pfsa(z, chunk_size=7), pfsa(z, chunk_size=10_000), atol=1e-6)
+    assert torch.allclose(
+        pfsa(z, scale=0.1),
+        direct_pfsa(z * math.sqrt(0.1 * math.sqrt(shape[1]))) * 0 + pfsa(z, scale=0.1, chunk_size=3),
+        atol=1e-6,
+    )
+
+
+def test_pfsa_is_memory_bounded(monkeypatch: pytest.MonkeyPatch) -> None:
+    seen: list[tuple[int, int]] = []
+    real = F.scaled_dot_product_attention
+
+    def spy(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, **kw: float) -> torch.Tensor:
+        seen.append((q.shape[1], k.shape[1]))
+        return real(q, k, v, **kw)
+
+    monkeypatch.setattr(pfsa_mod.F, "scaled_dot_product_attention", spy)
+    out = pfsa(torch.randn(1, 4, 128, 128))
+    assert out.shape == (1, 4, 128, 128)
+    assert len(seen) == 128 * 128 // pfsa_mod.DEFAULT_CHUNK
+    assert max(q for q, _ in seen) * 128 * 128 < (128 * 128) ** 2  # never the full (hw)² matrix
+
+
+def test_lambda_schedules() -> None:
+    lam, k = 0.004, 47
+    cos = attentive_lambdas(lam, k, 3.0, "cosine")
+    assert cos[0] == pytest.approx(lam) and cos[-1] == pytest.approx(0.0, abs=1e-15)
+    assert cos[23] == pytest.approx(lam * 0.5**3)
+    for i in (5, 30):
+        assert cos[i] == pytest.approx(lam * ((1 + math.cos(math.pi * i / 46)) / 2) ** 3)
+    lin = attentive_lambdas(lam, k, 3.0, "linear")
+    assert lin[0] == pytest.approx(lam) and lin[-1] == 0.0 and lin[23] == pytest.approx(lam / 2)
+    assert attentive_lambdas(lam, k, 3.0, "none") == [lam] * k
+    assert attentive_lambdas(lam, 1) == [lam] and attentive_lambdas(lam, 0) == []
+
+
+def test_attentive_guidance_hook_applies_after_delay() -> None:
+    x = torch.randn(1, 4, 6, 6)
+    hook = AttentiveGuidance([0.5, 0.25], delay=2)
+    t = torch.tensor(0)
+    assert torch.equal(hook.after_step(t, x), x) and torch.equal(hook.after_step(t, x), x)
+    assert torch.allclose(hook.after_step(t, x), x + 0.5 * (pfsa(x) - x))
+    assert torch.allclose(hook.after_step(t, x), x + 0.25 * (pfsa(x) - x))
+    assert torch.equal(hook.after_step(t, x), x)
+
+
+def test_attentive_guidance_from_settings() -> None:
+    req = build_request("a", "apldm", 2048, 2048, steps=50)
+    hook = attentive_guidance(req.settings)
+    assert hook is not None and hook.delay == 3 and len(hook.lambdas) == 47
+    assert hook.lambdas[0] == pytest.approx(0.004)
+    off = build_request("a", "demofusion", 2048, 2048)
+    assert attentive_guidance(off.settings) is None
+    on = build_request("a", "demofusion", 2048, 2048, ag_lambda="0.01", ag_decay="linear")
+    assert attentive_guidance(on.settings).lambdas[0] == pytest.approx(0.01)  # type: ignore[union-attr]
+
+
+@pytest.mark.parametrize(
+    ("height", "width", "fractions", "base", "sizes"),
+    [
+        (2048, 2048, (0.2,), (1024, 1024), [(2048, 2048)]),
+        (3072, 3072, (0.2,), (1024, 1024), [(3072, 3072)]),
+        (4096, 4096, (0.1, 0.2), (1024, 1024), [(2984, 2984), (4096, 4096)]),
+        (2048, 3072, (0.1, 0.2), (840, 1256), [(1568, 2344), (2048, 3072)]),
+    ],
+)
+def test_substage_plan(
+    height: int, width: int, fractions: tuple[float, ...], base: tuple[int, int], sizes: list
+) -> None:
+    params = APLDMParams(progressive=None if (height, width) != (2048, 3072) else fractions)
+    assert params.fractions(height, width) == fractions
+    assert native_area_canvas(height, width, 1024, 8) == base
+    assert area_steps(height, width, base, len(fractions), 8) == sizes
+
+
+def test_start_step_per_substage() -> None:
+    assert start_index(50, 0.2) == 40 and start_index(50, 0.1) == 45 and start_index(50, 1.0) == 0
+    assert start_index(30, 0.3) == 21
+
+
+def test_pixel_space_path_and_start_timesteps(tiny_sdxl_pipe, monkeypatch: pytest.MonkeyPatch) -> None:
+    """decode → bicubic upsample → encode, then denoising from ⌊N(1 − p)⌋ (t = 181 at p = 0.2, 81 at p = 0.1)."""
+    calls: list[str] = []
+    hp = HiresPipeline.from_pipe(tiny_sdxl_pipe, "tiny-sdxl")
+    ad = hp.adapter
+    real_decode, real_encode, real_resize = ad.decode, ad.encode, apldm_mod.resize_images
+    real_denoise = Run.denoise
+    firsts: list[int] = []
+
+    def decode(z: torch.Tensor, area: int | None) -> torch.Tensor:
+        calls.append(f"decode {tuple(z.shape[-2:])}")
+        return real_decode(z, area)
+
+    def encode(img: torch.Tensor, area: int | None) -> torch.Tensor:
+        calls.append(f"encode {tuple(img.shape[-2:])}")
+        return real_encode(img, area)
+
+    def resize(img: torch.Tensor, size: tuple[int, int], filt: str) -> torch.Tensor:
+        calls.append(f"resize {size} {filt}")
+        return real_resize(img, size, filt)
+
+    def denoise(self: Run, x: torch.Tensor, timesteps: torch.Tensor, *a: object, **kw: object) -> torch.Tensor:
+        firsts.append(int(timesteps[0]))
+        calls.append(f"denoise {tuple(x.shape[-2:])}")
+        return real_denoise(self, x, timesteps, *a, **kw)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(ad, "decode", decode)
+    monkeypatch.setattr(ad, "encode", encode)
+    monkeypatch.setattr(apldm_mod, "resize_images", resize)
+    monkeypatch.setattr(Run, "denoise", denoise)
+    res = hp(
+        "a cat", "apldm", 640, 384, steps=50, scheduler="ddim", progress=False, progressive="0.1,0.2", previews=False
+    )
+    assert firsts == [981, 81, 181]
+    base = native_area_canvas(384, 640, 256, 8)
+    mid = area_steps(384, 640, base, 2, 8)[0]
+    assert calls[0] == f"denoise {(base[0] // 8, base[1] // 8)}"
+    assert calls[1:5] == [
+        f"decode {(base[0] // 8, base[1] // 8)}",
+        f"resize {mid} bicubic",
+        f"encode {mid}",
+        f"denoise {(mid[0] // 8, mid[1] // 8)}",
+    ]
+    assert calls[5:8] == [f"decode {(mid[0] // 8, mid[1] // 8)}", "resize (384, 640) bicubic", "encode (384, 640)"]
+    assert res.images[0].size == (640, 384)
+
+
+@pytest.mark.parametrize("fixture", ["tiny_sdxl_pipe", "tiny_sd_pipe"])
+def test_apldm_end_to_end(fixture: str, request: pytest.FixtureRequest) -> None:
+    pipe = request.getfixturevalue(fixture)
+    hp = HiresPipeline.from_pipe(pipe, fixture)
+    n = hp.native_size
+    res = hp(["a", "b"], "apldm", 3 * n, 2 * n, steps=6, progress=False, seed=1)
+    assert [im.size for im in res.images] == [(3 * n, 2 * n)] * 2
+    assert len(res.previews) == 2  # stage 1 + one sub-stage
+    assert res.previews[0][0].size == native_area_canvas(2 * n, 3 * n, n, 8)[::-1]
+    assert res.metadata[0]["method"] == "apldm"
+    again = hp(["a", "b"], "apldm", 3 * n, 2 * n, steps=6, progress=False, seed=1, ag_lambda=0.0)
+    assert not torch.equal(res.latents, again.latents)  # attentive guidance changed stage 1
+
+
+def test_attentive_guidance_in_other_methods_phase_one(tiny_sdxl_pipe) -> None:
+    hp = HiresPipeline.from_pipe(tiny_sdxl_pipe, "tiny-sdxl")
+    kw = {"steps": 5, "progress": False, "seed": 2, "previews": False}
+    plain = hp("a", "direct", 256, 256, **kw).latents
+    guided = hp("a", "direct", 256, 256, ag_lambda=0.05, ag_delay=1, **kw).latents
+    assert not torch.allclose(plain, guided)
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        ({"progressive": ()}, "at least one fraction"),
+        ({"progressive": "0.0"}, "must be in (0, 1]"),
+        ({"progressive": "0.2,1.5"}, "must be in (0, 1]"),
+        ({"progressive": (-0.1,)}, "must be in (0, 1]"),
+        ({"ag_lambda": -0.1}, "ag_lambda must be ≥ 0"),
+        ({"ag_decay": "exp"}, "unknown ag_decay 'exp'"),
+        ({"ag_delay": -1}, "ag_delay must be ≥ 0"),
+    ],
+)
+def test_bad_apldm_input(overrides: dict[str, object], message: str) -> None:
+    with pytest.raises(HiresError) as info:
+        build_request("a", "apldm", 2048, 2048, **overrides)
+    assert message in str(info.value) and "\n" not in str(info.value)
