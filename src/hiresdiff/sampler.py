@@ -77,15 +77,19 @@ class Run:
     def begin(self, start_index: int = 0) -> torch.Tensor:
         """Reset the scheduler for a stage and return the timesteps from step index ``start_index`` on."""
         sched = self.scheduler
-        sched.set_timesteps(self.settings.steps, device=self.adapter.device)
+        self.adapter.set_timesteps(self.settings.steps)
         first = start_index * int(getattr(sched, "order", 1))
         if hasattr(sched, "set_begin_index"):
             sched.set_begin_index(first)
         return sched.timesteps[first:]
 
     def add_noise(self, clean: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        """``scheduler.add_noise`` at the current timestep ``t`` (σ-space or VP, as the scheduler keeps it)."""
-        return self.scheduler.add_noise(clean, noise, t.reshape(1).expand(clean.shape[0]))
+        """The clean latent noised to the current timestep ``t``, in the space the scheduler keeps latents in."""
+        return self.adapter.add_noise(clean, noise, t)
+
+    def initial_noise(self, height: int, width: int) -> torch.Tensor:
+        """Pure-noise start latents of a stage that samples all N steps."""
+        return self.noise(height, width) * self.adapter.init_noise_sigma
 
     def denoiser(self, size: tuple[int, int], **overrides: Any) -> Denoiser:
         """The model for a stage whose SDXL original/target size conditioning is ``size`` (pixels, h × w)."""
@@ -125,7 +129,7 @@ class Run:
         for i, t in enumerate(timesteps):
             for hook in hooks:
                 x = hook.before_step(t, x)
-            x_in = sched.scale_model_input(x, t)
+            x_in = self.adapter.scale_input(x, t)
             requests, assemble = strategy.gather(x_in, t, den)
             pred = assemble(den.predict(requests, t))
             for hook in hooks:
@@ -147,7 +151,7 @@ class Run:
         This is every method's native-size first phase; attentive guidance (``ag_lambda > 0``) applies here.
         """
         timesteps = self.begin(0)
-        x = self.noise(height, width) * float(self.scheduler.init_noise_sigma)
+        x = self.initial_noise(height, width)
         den = self.denoiser(size or (height, width))
         hooks = [h for h in (attentive_guidance(self.settings),) if h is not None]
         return self.denoise(x, timesteps, FullCanvas(), den, hooks, name=name or f"{height}×{width}")

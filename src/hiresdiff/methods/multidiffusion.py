@@ -24,7 +24,7 @@ def local_views(run: Run, params: ViewParams) -> LocalViews:
 def run_multidiffusion(run: Run, params: MultiDiffusionParams) -> MethodOutput:
     s = run.settings
     timesteps = run.begin(0)
-    x = run.noise(s.height, s.width) * float(run.scheduler.init_noise_sigma)
+    x = run.initial_noise(s.height, s.width)
     den = run.denoiser((s.height, s.width))
     return MethodOutput(latents=run.denoise(x, timesteps, local_views(run, params), den, name="multidiffusion"))
 

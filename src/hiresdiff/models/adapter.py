@@ -87,6 +87,23 @@ class ModelAdapter:
     def num_train_timesteps(self) -> int:
         return int(self.scheduler.config.num_train_timesteps)
 
+    # --- scheduler ------------------------------------------------------------------------------------------
+    def set_timesteps(self, steps: int) -> None:
+        """Prepare ``self.scheduler`` for ``steps`` inference steps."""
+        self.scheduler.set_timesteps(steps, device=self.device)
+
+    def add_noise(self, clean: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """``scheduler.add_noise`` at timestep ``t`` (σ-space or VP latents, as the scheduler keeps them)."""
+        return self.scheduler.add_noise(clean, noise, t.reshape(1).expand(clean.shape[0]))
+
+    def scale_input(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """The model input for latents ``x`` at ``t`` (``scheduler.scale_model_input``)."""
+        return self.scheduler.scale_model_input(x, t)
+
+    @property
+    def init_noise_sigma(self) -> float:
+        return float(self.scheduler.init_noise_sigma)
+
     # --- text --------------------------------------------------------------------------------------------
     @torch.no_grad()
     def encode_prompt(self, prompts: list[str], negatives: list[str] | None, cfg: bool) -> PromptEmbeds:
