@@ -1,4 +1,5 @@
-"""Attention processors: cross-attention capture for AccDiffusion (SPEC §3).
+"""Attention processors: cross-attention capture (AccDiffusion, SPEC §3) and neighborhood patch attention
+(ScaleDiff NPA on UNet self-attention, SPEC §6).
 
 The capture wraps the UNet's own processors at the chosen layers, so the model's output is unchanged; it
 additionally computes the conditional branch's cross-attention probabilities (averaged over heads) and sums them
@@ -14,6 +15,7 @@ from typing import Any
 import torch
 
 from hiresdiff.models.adapter import ModelAdapter
+from hiresdiff.ops.npa import npa_attention, npa_supported
 
 #: AccDiffusion records the layers whose query grid is w/4 × w/4, i.e. two downsamplings deep
 CAPTURE_LEVEL = 2
@@ -114,5 +116,100 @@ def capture_cross_attention(
     unet.set_attn_processor(wrapped)
     try:
         yield recorder
+    finally:
+        unet.set_attn_processor(original)
+
+
+class NPAState:
+    """What every NPA processor needs per call: the canvas latent size and, for query shifts, the generators."""
+
+    def __init__(self, adapter: ModelAdapter, latent_hw: tuple[int, int], generators: list[torch.Generator] | None):
+        self.adapter, self.latent_hw, self.generators = adapter, latent_hw, generators
+
+    def shifts(self, rows: int, patch: int) -> list[tuple[int, int]]:
+        """One random (row, column) query shift in ``[0, patch)`` per canvas sample of this call's rows."""
+        if self.generators is None or patch <= 1:
+            return [(0, 0)] * rows
+        info = self.adapter.call_info if len(self.adapter.call_info) == rows else [(0, True)] * rows
+        drawn: dict[int, tuple[int, int]] = {}
+        out = []
+        for sample, _ in info:
+            if sample not in drawn:
+                g = self.generators[max(sample, 0) % len(self.generators)]
+                dy, dx = torch.randint(0, patch, (2,), generator=g, device=g.device).tolist()
+                drawn[sample] = (dy, dx)
+            out.append(drawn[sample])
+        return out
+
+
+class NPAProcessor:
+    """Self-attention with neighborhood patch attention (SPEC §6) on a layer of native grid ``native × native``.
+
+    Layers whose current grid is too small or not a multiple of ``native/2``, and any call with an attention mask
+    or cross-attention, run the wrapped processor unchanged.
+    """
+
+    def __init__(self, inner: Any, state: NPAState, level: int, native: int) -> None:
+        self.inner, self.state, self.level, self.native = inner, state, level, native
+
+    def __call__(
+        self,
+        attn: Any,
+        hidden_states: torch.Tensor,
+        encoder_hidden_states: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        *args: Any,
+        **kwargs: Any,
+    ) -> torch.Tensor:
+        grid = grid_at_level(*self.state.latent_hw, self.level)
+        plain = encoder_hidden_states is not None or attention_mask is not None or hidden_states.dim() != 3
+        if plain or hidden_states.shape[1] != grid[0] * grid[1] or not npa_supported(grid, self.native):
+            return self.inner(attn, hidden_states, encoder_hidden_states, attention_mask, *args, **kwargs)
+        residual = hidden_states
+        b, n, _ = hidden_states.shape
+        q, k, v = attn.to_q(hidden_states), attn.to_k(hidden_states), attn.to_v(hidden_states)
+        head_dim = q.shape[-1] // attn.heads
+        q, k, v = (x.view(b, n, attn.heads, head_dim).transpose(1, 2) for x in (q, k, v))
+        if getattr(attn, "norm_q", None) is not None:
+            q, k = attn.norm_q(q), attn.norm_k(k)
+        shifts = self.state.shifts(b, self.native // 2)
+        if all(s == shifts[0] for s in shifts):
+            out = npa_attention(q, k, v, grid, self.native, shifts[0])
+        else:
+            out = torch.cat(
+                [
+                    npa_attention(q[i : i + 1], k[i : i + 1], v[i : i + 1], grid, self.native, shifts[i])
+                    for i in range(b)
+                ]
+            )
+        out = attn.to_out[1](attn.to_out[0](out.transpose(1, 2).reshape(b, n, -1).to(q.dtype)))
+        if getattr(attn, "residual_connection", False):
+            out = out + residual
+        return out / getattr(attn, "rescale_output_factor", 1.0)
+
+
+@contextmanager
+def neighborhood_attention(
+    adapter: ModelAdapter, latent_hw: tuple[int, int], generators: list[torch.Generator] | None = None
+) -> Iterator[NPAState]:
+    """Install NPA on every UNet self-attention layer (``attn1``) while sampling a ``latent_hw`` canvas.
+
+    Each layer's native grid is the native latent side after its downsamplings. ``generators`` turn on the
+    random query shift. The original processors are restored afterwards.
+    """
+    unet = adapter.unet
+    original = dict(unet.attn_processors)
+    num_levels = len(unet.config.down_block_types)
+    state = NPAState(adapter, latent_hw, generators)
+    wrapped = {}
+    for name, proc in original.items():
+        if name.endswith("attn1.processor"):
+            level = attention_level(name, num_levels)
+            native = grid_at_level(adapter.native_latent, adapter.native_latent, level)[0]
+            proc = NPAProcessor(proc, state, level, native)
+        wrapped[name] = proc
+    unet.set_attn_processor(wrapped)
+    try:
+        yield state
     finally:
         unet.set_attn_processor(original)

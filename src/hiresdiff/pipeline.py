@@ -15,7 +15,7 @@ from hiresdiff.errors import HiresError, require
 from hiresdiff.images import to_pil
 from hiresdiff.methods import Method, get_method
 from hiresdiff.methods.base import Params
-from hiresdiff.models.adapter import ModelAdapter
+from hiresdiff.models.flux import adapter_for
 from hiresdiff.sampler import Run, StepCallback
 from hiresdiff.schedulers import MODEL_DEFAULT, make_scheduler
 from hiresdiff.stages import check_canvas
@@ -100,15 +100,18 @@ class HiresPipeline:
     """High-resolution generation with any registered method over one loaded SD/SDXL pipeline."""
 
     def __init__(self, pipe: Any, model_name: str = "custom") -> None:
-        self.adapter = ModelAdapter(pipe)
+        self.adapter = adapter_for(pipe)
         self.model_name = model_name
         self._base_scheduler = pipe.scheduler
         self._base_scheduler_config = dict(pipe.scheduler.config)
 
     @classmethod
     def from_pipe(cls, pipe: Any, model_name: str = "custom") -> HiresPipeline:
-        """Use an already-loaded diffusers ``StableDiffusionPipeline`` / ``StableDiffusionXLPipeline``."""
-        require(hasattr(pipe, "unet") and hasattr(pipe, "vae"), "from_pipe needs a diffusers SD or SDXL pipeline")
+        """Use an already-loaded diffusers SD/SDXL (``StableDiffusion[XL]Pipeline``) or ``FluxPipeline``."""
+        require(
+            (hasattr(pipe, "unet") or hasattr(pipe, "transformer")) and hasattr(pipe, "vae"),
+            "from_pipe needs a diffusers SD, SDXL or FLUX pipeline",
+        )
         return cls(pipe, model_name)
 
     @classmethod

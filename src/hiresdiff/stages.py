@@ -69,6 +69,16 @@ def progressive_phases(height: int, width: int, native: int, grid: int) -> list[
     return [*phases, Phase(height, width, native)]
 
 
+def doubling_phases(height: int, width: int, native: int, grid: int) -> list[Phase]:
+    """ScaleDiff's stages: long side ``n``, ``2n``, ``4n``, … below the target, then exactly the target."""
+    long, side = max(height, width), native
+    phases = []
+    while side < long:
+        phases.append(Phase(*canvas_at(height, width, side, grid), native))
+        side *= 2
+    return [*phases, Phase(height, width, native)]
+
+
 def native_area_canvas(height: int, width: int, native: int, grid: int) -> tuple[int, int]:
     """About ``native²`` pixels at the target aspect: ``h0 = n·√(H/W)``, ``w0 = n/√(H/W)`` (AP-LDM, SPEC §5)."""
     ratio = math.sqrt(height / width)

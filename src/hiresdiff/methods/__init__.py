@@ -3,21 +3,11 @@
 from __future__ import annotations
 
 from hiresdiff.errors import HiresError
-from hiresdiff.methods import accdiffusion, apldm, apt, demofusion, direct, multidiffusion, resize
+from hiresdiff.methods import accdiffusion, apldm, apt, demofusion, direct, multidiffusion, resize, scalediff
 from hiresdiff.methods.base import Method, MethodOutput, Params
 
-METHODS: dict[str, Method] = {
-    m.name: m
-    for m in (
-        direct.METHOD,
-        resize.METHOD,
-        multidiffusion.METHOD,
-        demofusion.METHOD,
-        accdiffusion.METHOD,
-        apt.METHOD,
-        apldm.METHOD,
-    )
-}
+_MODULES = (direct, resize, multidiffusion, demofusion, accdiffusion, apt, apldm, scalediff)
+METHODS: dict[str, Method] = {module.METHOD.name: module.METHOD for module in _MODULES}
 
 
 def get_method(name: str) -> Method:

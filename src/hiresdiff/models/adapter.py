@@ -192,6 +192,10 @@ class ModelAdapter:
         """The model output that corresponds to ``x0`` at timestep ``t`` (inverse of :meth:`to_x0`)."""
         return prediction_from_x0(x0, x_in, alpha_bar(self.scheduler, t), self.prediction_type)
 
+    def structure_gamma(self, t: torch.Tensor, first: torch.Tensor) -> float:
+        """ScaleDiff's structure-guidance weight ``γ_t = (1 − ᾱ_t)/(1 − ᾱ_τ)`` (τ = the stage's first timestep)."""
+        return (1.0 - alpha_bar(self.scheduler, t)) / (1.0 - alpha_bar(self.scheduler, first))
+
     # --- VAE ---------------------------------------------------------------------------------------------
     def _vae_factors(self) -> tuple[float, float]:
         cfg = self.vae.config

@@ -8,10 +8,15 @@ used. :func:`load_pipeline` then builds or loads the pipeline.
 Accepted references:
 
 * a built-in name (:data:`hiresdiff.models.tiny.BUILTIN_MODELS`);
-* a local diffusers folder (with ``model_index.json``, saved by ``save_pretrained``);
-* a single-file checkpoint: ``.safetensors``, or a pickled ``.ckpt`` / ``.pt`` / ``.bin`` / ``.pth`` with
-  ``allow_pickle=True``;
+* a local diffusers folder (with ``model_index.json``, saved by ``save_pretrained``): SD, SDXL or FLUX.1;
+* a single-file SD/SDXL checkpoint: ``.safetensors``, or a pickled ``.ckpt`` / ``.pt`` / ``.bin`` / ``.pth`` with
+  ``allow_pickle=True`` (single-file FLUX checkpoints are recognised and rejected with a one-line message);
 * a Hugging Face hub id ``owner/name`` (from the local cache when offline).
+
+FLUX's transformer config has no sample size. Its native size is the VAE config's ``sample_size`` (1024 in the
+FLUX.1-dev/schnell VAE configs, equal to diffusers' ``FluxPipeline.default_sample_size`` 128 × VAE factor 8), or
+:data:`~hiresdiff.models.flux.FLUX_NATIVE_SIZE` (1024) when the VAE config has none; loading a FLUX pipeline sets
+its ``default_sample_size`` to match, so the adapter sees the same native size.
 """
 
 from __future__ import annotations
@@ -28,21 +33,29 @@ from pathlib import Path
 from typing import Any, Literal
 
 import torch
-from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
+from diffusers import FluxPipeline, StableDiffusionPipeline, StableDiffusionXLPipeline
 
 from hiresdiff.errors import HiresError
+from hiresdiff.models.flux import FLUX_NATIVE_SIZE, PATCH
 from hiresdiff.models.tiny import BUILTIN_MODELS, build_builtin
 
-Family = Literal["sd", "sdxl"]
+Family = Literal["sd", "sdxl", "flux"]
+Pipeline = StableDiffusionPipeline | StableDiffusionXLPipeline | FluxPipeline
 Source = Literal["builtin", "hub", "folder", "single_file"]
 
 SUPPORTED_PIPELINES: dict[str, Family] = {
     "StableDiffusionPipeline": "sd",
     "StableDiffusionXLPipeline": "sdxl",
+    "FluxPipeline": "flux",
 }
 PICKLE_SUFFIXES = (".ckpt", ".pt", ".bin", ".pth")
 SAFETENSORS_SUFFIX = ".safetensors"
-_CONFIG_FILES = ("model_index.json", "unet/config.json", "vae/config.json")
+#: the denoiser's config file per family (after model_index.json, before vae/config.json)
+_DENOISER_CONFIG: dict[Family, str] = {
+    "sd": "unet/config.json",
+    "sdxl": "unet/config.json",
+    "flux": "transformer/config.json",
+}
 _HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9][A-Za-z0-9_.-]*$")
 # Largest safetensors header we accept (the format's own reference implementation caps it at 100 MB).
 _MAX_HEADER_BYTES = 100 * 1024 * 1024
@@ -57,8 +70,9 @@ class ModelSpec:
     Attributes:
         ref: What the user typed.
         source: ``builtin``, ``hub``, ``folder`` or ``single_file``.
-        family: ``sd`` (SD 1.x / 2.x) or ``sdxl``.
-        native_size: Training resolution in pixels (UNet ``sample_size`` × ``vae_scale_factor``).
+        family: ``sd`` (SD 1.x / 2.x), ``sdxl`` or ``flux`` (FLUX.1-dev / schnell).
+        native_size: Training resolution in pixels (UNet ``sample_size`` × ``vae_scale_factor``; FLUX: see the
+            module docstring).
         vae_scale_factor: Pixels per latent cell along each side.
         path: Resolved local path for ``folder`` and ``single_file`` sources, else ``None``.
     """
@@ -103,7 +117,7 @@ def resolve_model(ref: str, *, allow_pickle: bool = False) -> ModelSpec:
         The :class:`ModelSpec` with family, native size and VAE scale factor.
 
     Raises:
-        HiresError: The reference cannot be used (unknown name, missing path, not an SD/SDXL diffusers folder,
+        HiresError: The reference cannot be used (unknown name, missing path, not an SD/SDXL/FLUX diffusers folder,
             pickle without ``allow_pickle``, invalid safetensors file, hub id unavailable offline or
             unreachable), in one actionable line.
     """
@@ -153,6 +167,16 @@ def _family_of_index(ref: str, index: dict[str, Any]) -> Family:
     return SUPPORTED_PIPELINES[class_name]
 
 
+def flux_native_size(vae: dict[str, Any], factor: int) -> int:
+    """FLUX native size: the VAE config's ``sample_size`` when it is a positive multiple of the token size
+    (``factor × 2`` px), else :data:`FLUX_NATIVE_SIZE`."""
+    size = vae.get("sample_size")
+    if isinstance(size, (list, tuple)) and size:
+        size = max(size)
+    ok = isinstance(size, int) and not isinstance(size, bool) and size > 0 and size % (factor * PATCH) == 0
+    return int(size) if ok else FLUX_NATIVE_SIZE  # type: ignore[arg-type]
+
+
 def _spec_from_configs(
     ref: str,
     source: Source,
@@ -161,8 +185,18 @@ def _spec_from_configs(
     vae: dict[str, Any],
     path: str | None,
 ) -> ModelSpec:
-    """Family and native size from ``model_index.json``, ``unet/config.json`` and ``vae/config.json``."""
+    """Family and native size from ``model_index.json``, the denoiser config (``unet/config.json``, FLUX:
+    ``transformer/config.json``) and ``vae/config.json``."""
     family = _family_of_index(ref, index)
+    if family == "flux":
+        blocks = vae.get("block_out_channels")
+        if not isinstance(blocks, (list, tuple)) or not blocks:
+            raise HiresError(
+                f"model {ref!r} has no usable vae block_out_channels in its config; re-save it with diffusers "
+                "save_pretrained"
+            )
+        factor = 2 ** (len(blocks) - 1)
+        return ModelSpec(ref, source, family, flux_native_size(vae, factor), factor, path)
     sample_size = unet.get("sample_size")
     if isinstance(sample_size, (list, tuple)) and sample_size:
         sample_size = max(sample_size)
@@ -182,14 +216,15 @@ def _resolve_folder(ref: str, path: Path) -> ModelSpec:
             f"folder {ref!r} has no model_index.json, so it is not a diffusers pipeline folder; pass a folder "
             "saved with save_pretrained or a single .safetensors checkpoint file"
         )
-    configs = []
-    for name in _CONFIG_FILES:
+    index = _read_json(path / "model_index.json", "model_index.json")
+    # An unsupported pipeline is reported before any missing part.
+    family = _family_of_index(ref, index)
+    configs = [index]
+    for name in (_DENOISER_CONFIG[family], "vae/config.json"):
         file = path / name
         if not file.is_file():
             raise HiresError(f"diffusers folder {ref!r} lacks {name}; the download or save looks incomplete")
         configs.append(_read_json(file, name))
-        # An unsupported pipeline is reported before any missing part.
-        _family_of_index(ref, configs[0])
     return _spec_from_configs(ref, "folder", *configs, path=str(path.resolve()))
 
 
@@ -219,8 +254,8 @@ def _hub_config(ref: str, name: str, offline: bool) -> dict[str, Any]:
 def _resolve_hub(ref: str) -> ModelSpec:
     offline = hub_offline()
     index = _hub_config(ref, "model_index.json", offline)
-    _family_of_index(ref, index)
-    unet = _hub_config(ref, "unet/config.json", offline)
+    family = _family_of_index(ref, index)
+    unet = _hub_config(ref, _DENOISER_CONFIG[family], offline)
     vae = _hub_config(ref, "vae/config.json", offline)
     return _spec_from_configs(ref, "hub", index, unet, vae, path=None)
 
@@ -319,9 +354,18 @@ def _family_from_keys(ref: str, keys: Iterable[str]) -> tuple[Family, int]:
     * ``cond_stage_model.model.…`` (OpenCLIP text encoder): SD 2.x. The checkpoint does not say whether it is
       the 768 px v-prediction model or the 512 px base; we guess 768 (the common SD 2.x release).
     * otherwise ``model.diffusion_model.…``: SD 1.x, native 512 px.
+
+    FLUX checkpoints (``double_blocks.…`` of the original format, ``single_transformer_blocks.…`` of diffusers'
+    transformer) are rejected: they hold no VAE/text encoders and diffusers needs hub configs to load them.
     """
     has_unet = has_sdxl = has_conditioner = has_openclip = False
     for key in keys:
+        bare = key.removeprefix("model.diffusion_model.")
+        if bare.startswith(("double_blocks.", "single_blocks.", "single_transformer_blocks.")):
+            raise HiresError(
+                f"{ref!r} looks like a single-file FLUX checkpoint, which hiresdiff does not load; pass a FLUX "
+                "diffusers folder or hub id (e.g. black-forest-labs/FLUX.1-dev)"
+            )
         has_unet = has_unet or key.startswith("model.diffusion_model.")
         has_sdxl = has_sdxl or key.startswith("conditioner.embedders.1")
         has_conditioner = has_conditioner or key.startswith("conditioner.")
@@ -352,8 +396,8 @@ def _dtype_kwarg(dtype: torch.dtype) -> dict[str, torch.dtype]:
     return {"dtype": dtype}
 
 
-def _pipeline_class(spec: ModelSpec) -> type[StableDiffusionPipeline] | type[StableDiffusionXLPipeline]:
-    return StableDiffusionXLPipeline if spec.family == "sdxl" else StableDiffusionPipeline
+def _pipeline_class(spec: ModelSpec) -> type[Pipeline]:
+    return {"sdxl": StableDiffusionXLPipeline, "flux": FluxPipeline}.get(spec.family, StableDiffusionPipeline)
 
 
 def load_pipeline(
@@ -362,7 +406,7 @@ def load_pipeline(
     dtype: torch.dtype = torch.float32,
     device: str | torch.device = "cpu",
     allow_pickle: bool = False,
-) -> StableDiffusionPipeline | StableDiffusionXLPipeline:
+) -> Pipeline:
     """Load (or build) the pipeline a :class:`ModelSpec` describes and move it to ``device``.
 
     Args:
@@ -373,7 +417,8 @@ def load_pipeline(
             safetensors weights are read.
 
     Returns:
-        A :class:`StableDiffusionPipeline` or :class:`StableDiffusionXLPipeline`.
+        A :class:`StableDiffusionPipeline`, :class:`StableDiffusionXLPipeline` or :class:`FluxPipeline` (whose
+        ``default_sample_size`` is set from ``spec.native_size``).
 
     Raises:
         HiresError: Loading failed (missing or corrupt files, configs unavailable offline, …), in one line.
@@ -405,6 +450,9 @@ def load_pipeline(
         raise
     except Exception as error:
         raise HiresError(_load_error_message(spec, error, offline, allow_pickle)) from error
+    if spec.family == "flux":
+        # FluxPipeline.__init__ hard-codes default_sample_size = 128; the adapter reads the native size from it.
+        pipe.default_sample_size = spec.native_size // spec.vae_scale_factor
     return _to_device(pipe, device, spec)
 
 
@@ -429,9 +477,7 @@ def _load_error_message(spec: ModelSpec, error: Exception, offline: bool, allow_
     return f"cannot load model {spec.ref!r} ({detail})"
 
 
-def _to_device(
-    pipe: StableDiffusionPipeline | StableDiffusionXLPipeline, device: str | torch.device, spec: ModelSpec
-) -> StableDiffusionPipeline | StableDiffusionXLPipeline:
+def _to_device(pipe: Pipeline, device: str | torch.device, spec: ModelSpec) -> Pipeline:
     try:
         return pipe.to(device)
     except (RuntimeError, AssertionError, ValueError) as error:

@@ -1,19 +1,22 @@
-"""Built-in Stable Diffusion / SDXL pipelines with random weights, built without any download.
+"""Built-in Stable Diffusion / SDXL / FLUX pipelines with random weights, built without any download.
 
 Two kinds of built-in models exist:
 
-* ``tiny-sd`` and ``tiny-sdxl``: miniature models that keep the *structure* of SD 1.x and SDXL (VAE factor 8,
-  cross-attention at two resolutions, SDXL's two text encoders and ``text_time`` conditioning) so that every
-  code path of hiresdiff runs on a CPU in milliseconds.
-* ``random-sd15`` and ``random-sdxl``: the full-size architectures with random weights, for memory and speed
-  measurements without the real checkpoints (they can be built on the ``meta`` device to count parameters).
+* ``tiny-sd``, ``tiny-sdxl`` and ``tiny-flux``: miniature models that keep the *structure* of SD 1.x, SDXL and
+  FLUX.1-dev (VAE factor 8, cross-attention at two resolutions, SDXL's two text encoders and ``text_time``
+  conditioning; FLUX's 16-channel VAE with shift factor, 2×2-packed tokens, double- and single-stream blocks,
+  CLIP pooled + T5 sequence conditioning, guidance embedding and flow-matching scheduler with dynamic shift) so
+  that every code path of hiresdiff runs on a CPU in milliseconds.
+* ``random-sd15``, ``random-sdxl`` and ``random-flux``: the full-size architectures with random weights, for
+  memory and speed measurements without the real checkpoints (they can be built on the ``meta`` device to count
+  parameters).
 
 Weights are deterministic: every module is constructed on the CPU inside :func:`torch.random.fork_rng` after
 seeding the CPU generator with 0 (what ``torch.manual_seed(0)`` does for the CPU, without reseeding CUDA), so the
 same model is rebuilt bit-identically in every process, on every device, without disturbing the caller's random
-state. All text encoders use the offline byte-level tokenizer of
+state. All CLIP text encoders use the offline byte-level tokenizer of
 :mod:`hiresdiff.models.tokenizer` (ids 0–513; ``eos_token_id`` 1 so that pooled outputs are read at the first
-``<|endoftext|>``).
+``<|endoftext|>``); FLUX's T5 encoder uses its offline character-level T5 tokenizer.
 """
 
 from __future__ import annotations
@@ -27,14 +30,23 @@ import torch
 from diffusers import (
     AutoencoderKL,
     EulerDiscreteScheduler,
+    FlowMatchEulerDiscreteScheduler,
+    FluxPipeline,
+    FluxTransformer2DModel,
     StableDiffusionPipeline,
     StableDiffusionXLPipeline,
     UNet2DConditionModel,
 )
-from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, T5Config, T5EncoderModel
 
 from hiresdiff.errors import HiresError
-from hiresdiff.models.tokenizer import BOS_TOKEN, EOS_TOKEN, byte_level_clip_tokenizer
+from hiresdiff.models.tokenizer import (
+    BOS_TOKEN,
+    EOS_TOKEN,
+    T5_VOCAB_SIZE,
+    byte_level_clip_tokenizer,
+    char_level_t5_tokenizer,
+)
 
 _M = TypeVar("_M", bound=torch.nn.Module)
 
@@ -47,13 +59,15 @@ class BuiltinInfo:
     """What is known about a built-in model without building it.
 
     Attributes:
-        family: ``"sd"`` (SD 1.x-like, one text encoder) or ``"sdxl"`` (two text encoders, ``text_time``).
-        native_size: Training resolution in pixels (UNet ``sample_size`` × ``vae_scale_factor``).
+        family: ``"sd"`` (SD 1.x-like, one text encoder), ``"sdxl"`` (two text encoders, ``text_time``) or
+            ``"flux"`` (FLUX.1 transformer, CLIP + T5, flow matching).
+        native_size: Training resolution in pixels (UNet ``sample_size`` × ``vae_scale_factor``; FLUX:
+            the pipeline's ``default_sample_size`` × ``vae_scale_factor``).
         vae_scale_factor: Pixels per latent cell along each side.
         description: One line for listings.
     """
 
-    family: Literal["sd", "sdxl"]
+    family: Literal["sd", "sdxl", "flux"]
     native_size: int
     vae_scale_factor: int
     description: str
@@ -64,6 +78,10 @@ BUILTIN_MODELS: dict[str, BuiltinInfo] = {
     "tiny-sdxl": BuiltinInfo("sdxl", 256, 8, "tiny random SDXL-like pipeline for tests (native 256 px)"),
     "random-sd15": BuiltinInfo("sd", 512, 8, "full-size SD 1.5 architecture with random weights (0.86 B UNet)"),
     "random-sdxl": BuiltinInfo("sdxl", 1024, 8, "full-size SDXL architecture with random weights (2.57 B UNet)"),
+    "tiny-flux": BuiltinInfo("flux", 256, 8, "tiny random FLUX.1-dev-like pipeline for tests (native 256 px)"),
+    "random-flux": BuiltinInfo(
+        "flux", 1024, 8, "full-size FLUX.1-dev architecture with random weights (11.9 B transformer)"
+    ),
 }
 
 
@@ -78,6 +96,23 @@ def make_scheduler() -> EulerDiscreteScheduler:
         steps_offset=1,
         prediction_type="epsilon",
     )
+
+
+#: FLUX.1-dev's scheduler configuration (flow matching, resolution-dependent shift μ between base and max shift)
+FLUX_DEV_SCHEDULER: dict[str, Any] = {
+    "num_train_timesteps": 1000,
+    "shift": 3.0,
+    "use_dynamic_shifting": True,
+    "base_shift": 0.5,
+    "max_shift": 1.15,
+    "base_image_seq_len": 256,
+    "max_image_seq_len": 4096,
+}
+
+
+def make_flux_scheduler() -> FlowMatchEulerDiscreteScheduler:
+    """Return the flow-matching Euler scheduler with FLUX.1-dev's configuration (:data:`FLUX_DEV_SCHEDULER`)."""
+    return FlowMatchEulerDiscreteScheduler(**FLUX_DEV_SCHEDULER)
 
 
 def _clip_text_config(
@@ -105,6 +140,19 @@ def _clip_text_config(
         bos_token_id=vocab[BOS_TOKEN],
         eos_token_id=vocab[EOS_TOKEN],
         pad_token_id=vocab[EOS_TOKEN],
+    )
+
+
+def _t5_config(**config: Any) -> T5Config:
+    """T5 encoder config whose special-token ids match the character-level T5 tokenizer (pad 0, ``</s>`` 1)."""
+    return T5Config(
+        **config,
+        is_encoder_decoder=False,
+        use_cache=False,
+        dropout_rate=0.0,
+        pad_token_id=0,
+        eos_token_id=1,
+        decoder_start_token_id=0,
     )
 
 
@@ -249,12 +297,104 @@ SDXL_UNET: dict[str, Any] = {
     "projection_class_embeddings_input_dim": 6 * 256 + OPENCLIP_BIGG_TEXT["projection_dim"],
 }
 
+TINY_FLUX_TEXT: dict[str, Any] = {**TINY_SD_TEXT}
+
+TINY_FLUX_T5: dict[str, Any] = {
+    "vocab_size": T5_VOCAB_SIZE,
+    "d_model": 32,
+    "d_kv": 16,
+    "d_ff": 64,
+    "num_layers": 2,
+    "num_heads": 2,
+    "relative_attention_num_buckets": 8,
+    "relative_attention_max_distance": 32,
+    "feed_forward_proj": "gated-gelu",
+    "layer_norm_epsilon": 1e-6,
+}
+
+#: T5 sequence length of tiny-flux (FLUX.1 pads its T5 prompt to 512 tokens)
+TINY_FLUX_T5_TOKENS = 32
+
+TINY_FLUX_VAE: dict[str, Any] = {
+    **TINY_SD_VAE,
+    "latent_channels": 16,
+    "sample_size": 256,
+    "scaling_factor": 0.3611,
+    "shift_factor": 0.1159,
+    "force_upcast": False,
+    "use_quant_conv": False,
+    "use_post_quant_conv": False,
+}
+
+TINY_FLUX_TRANSFORMER: dict[str, Any] = {
+    "patch_size": 1,
+    "in_channels": 4 * TINY_FLUX_VAE["latent_channels"],
+    "num_layers": 1,
+    "num_single_layers": 1,
+    "attention_head_dim": 16,
+    "num_attention_heads": 2,
+    "joint_attention_dim": TINY_FLUX_T5["d_model"],
+    "pooled_projection_dim": TINY_FLUX_TEXT["hidden_size"],
+    "guidance_embeds": True,
+    # RoPE over (text/unused, row, column); the axes must sum to the head dimension.
+    "axes_dims_rope": [4, 6, 6],
+}
+
+T5_XXL: dict[str, Any] = {
+    "vocab_size": 32128,
+    "d_model": 4096,
+    "d_kv": 64,
+    "d_ff": 10240,
+    "num_layers": 24,
+    "num_heads": 64,
+    "relative_attention_num_buckets": 32,
+    "relative_attention_max_distance": 128,
+    "feed_forward_proj": "gated-gelu",
+    "layer_norm_epsilon": 1e-6,
+}
+
+#: T5 sequence length of FLUX.1 (``max_sequence_length`` of diffusers' FluxPipeline)
+FLUX_T5_TOKENS = 512
+
+FLUX_VAE: dict[str, Any] = {
+    **SD15_VAE,
+    "latent_channels": 16,
+    "sample_size": 1024,
+    "scaling_factor": 0.3611,
+    "shift_factor": 0.1159,
+    "force_upcast": True,
+    "use_quant_conv": False,
+    "use_post_quant_conv": False,
+}
+
+FLUX_DEV_TRANSFORMER: dict[str, Any] = {
+    "patch_size": 1,
+    "in_channels": 64,
+    "num_layers": 19,
+    "num_single_layers": 38,
+    "attention_head_dim": 128,
+    "num_attention_heads": 24,
+    "joint_attention_dim": T5_XXL["d_model"],
+    "pooled_projection_dim": CLIP_L_TEXT["hidden_size"],
+    "guidance_embeds": True,
+    "axes_dims_rope": [16, 56, 56],
+}
+
 _CONFIGS: dict[str, dict[str, dict[str, Any]]] = {
     "tiny-sd": {"vae": TINY_SD_VAE, "unet": TINY_SD_UNET, "text": TINY_SD_TEXT},
     "tiny-sdxl": {"vae": TINY_SDXL_VAE, "unet": TINY_SDXL_UNET, "text": TINY_SDXL_TEXT, "text_2": TINY_SDXL_TEXT_2},
     "random-sd15": {"vae": SD15_VAE, "unet": SD15_UNET, "text": CLIP_L_TEXT},
     "random-sdxl": {"vae": SDXL_VAE, "unet": SDXL_UNET, "text": CLIP_L_TEXT, "text_2": OPENCLIP_BIGG_TEXT},
+    "tiny-flux": {
+        "vae": TINY_FLUX_VAE,
+        "transformer": TINY_FLUX_TRANSFORMER,
+        "text": TINY_FLUX_TEXT,
+        "t5": TINY_FLUX_T5,
+    },
+    "random-flux": {"vae": FLUX_VAE, "transformer": FLUX_DEV_TRANSFORMER, "text": CLIP_L_TEXT, "t5": T5_XXL},
 }
+#: T5 tokens per prompt of the FLUX built-ins
+_T5_TOKENS = {"tiny-flux": TINY_FLUX_T5_TOKENS, "random-flux": FLUX_T5_TOKENS}
 
 
 @contextlib.contextmanager
@@ -293,11 +433,24 @@ def build_builtin_unet(
 
     Building on ``device="meta"`` allocates no memory, which makes parameter counting of the full-size
     architectures instant. Other devices get the CPU-initialised weights moved there.
+
+    Raises:
+        HiresError: ``name`` is unknown or a FLUX model (use :func:`build_builtin_denoiser`).
     """
+    if _check_name(name).family == "flux":
+        raise HiresError(f"built-in model {name!r} has a transformer, not a UNet; use build_builtin_denoiser")
+    return build_builtin_denoiser(name, dtype, device)
+
+
+def build_builtin_denoiser(
+    name: str, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"
+) -> UNet2DConditionModel | FluxTransformer2DModel:
+    """Build only the denoiser (UNet, or FLUX transformer) of built-in ``name``, with the weights of
+    :func:`build_builtin`; ``device="meta"`` builds shapes only."""
     _check_name(name)
     with _seeded():
-        unet = _make_unet(name, dtype, _build_device(device))
-    return unet if _build_device(device) == torch.device(device) else unet.to(device)
+        model = _make_denoiser(name, dtype, _build_device(device))
+    return model if _build_device(device) == torch.device(device) else model.to(device)
 
 
 @contextlib.contextmanager
@@ -317,14 +470,18 @@ def _build_device(device: str | torch.device) -> torch.device:
     return torch.device("meta") if torch.device(device).type == "meta" else torch.device("cpu")
 
 
-def _make_unet(name: str, dtype: torch.dtype, device: str | torch.device) -> UNet2DConditionModel:
-    unet_config = _CONFIGS[name]["unet"]
+def _make_denoiser(
+    name: str, dtype: torch.dtype, device: str | torch.device
+) -> UNet2DConditionModel | FluxTransformer2DModel:
+    configs = _CONFIGS[name]
+    cls: type[torch.nn.Module] = UNet2DConditionModel if "unet" in configs else FluxTransformer2DModel
+    config = configs["unet"] if "unet" in configs else configs["transformer"]
     if name.startswith("tiny-"):
         # Tiny models are built in float32 and cast, so every dtype holds the same (rounded) weights.
         with torch.device(device):
-            return _cast(UNet2DConditionModel(**unet_config), dtype).eval()
+            return _cast(cls(**config), dtype).eval()
     with torch.device(device), _default_dtype(dtype):
-        return UNet2DConditionModel(**unet_config).eval()
+        return cls(**config).eval()
 
 
 def _make(name: str, kind: str, dtype: torch.dtype, device: str | torch.device) -> Any:
@@ -335,6 +492,8 @@ def _make(name: str, kind: str, dtype: torch.dtype, device: str | torch.device) 
     with torch.device(device), _default_dtype(build_dtype):
         if kind == "vae":
             module: torch.nn.Module = AutoencoderKL(**config)
+        elif kind == "t5":
+            module = T5EncoderModel(_t5_config(**config))
         elif kind == "text":
             module = CLIPTextModel(_clip_text_config(**config))
         else:
@@ -344,11 +503,12 @@ def _make(name: str, kind: str, dtype: torch.dtype, device: str | torch.device) 
 
 def build_builtin(
     name: str, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"
-) -> StableDiffusionPipeline | StableDiffusionXLPipeline:
+) -> StableDiffusionPipeline | StableDiffusionXLPipeline | FluxPipeline:
     """Build the built-in pipeline ``name`` with deterministic random weights, without any download.
 
     Args:
-        name: One of :data:`BUILTIN_MODELS` (``tiny-sd``, ``tiny-sdxl``, ``random-sd15``, ``random-sdxl``).
+        name: One of :data:`BUILTIN_MODELS` (``tiny-sd``, ``tiny-sdxl``, ``tiny-flux``, ``random-sd15``,
+            ``random-sdxl``, ``random-flux``).
         dtype: Parameter dtype. Tiny models are built in float32 and cast; full-size ones are created directly in
             ``dtype`` (so a float16 ``random-sdxl`` never holds a float32 copy).
         device: Where the pipeline ends up. Weights are always initialised on the CPU and then moved, so they
@@ -356,15 +516,25 @@ def build_builtin(
 
     Returns:
         A :class:`StableDiffusionPipeline` (family ``sd``) or :class:`StableDiffusionXLPipeline` (``sdxl``)
-        with the byte-level tokenizer(s), an Euler scheduler, no safety checker and no watermarker.
+        with the byte-level tokenizer(s), an Euler scheduler, no safety checker and no watermarker; or a
+        :class:`FluxPipeline` (``flux``) with the byte-level CLIP and character-level T5 tokenizers, FLUX.1-dev's
+        flow-matching scheduler and ``default_sample_size`` set to the model's native latent side.
 
     Raises:
         HiresError: ``name`` is not a built-in model.
     """
     info = _check_name(name)
     build_device = _build_device(device)
+    if info.family == "flux":
+        with _seeded():
+            transformer = _make_denoiser(name, dtype, build_device)
+            vae = _make(name, "vae", dtype, build_device)
+            text_encoder = _make(name, "text", dtype, build_device)
+            t5 = _make(name, "t5", dtype, build_device)
+        flux = _assemble_flux(name, info, transformer, vae, text_encoder, t5)
+        return flux if build_device == torch.device(device) else flux.to(device)
     with _seeded():
-        unet = _make_unet(name, dtype, build_device)
+        unet = _make_denoiser(name, dtype, build_device)
         vae = _make(name, "vae", dtype, build_device)
         text_encoder = _make(name, "text", dtype, build_device)
         text_encoder_2 = _make(name, "text_2", dtype, build_device) if info.family == "sdxl" else None
@@ -402,3 +572,30 @@ def _assemble(
         force_zeros_for_empty_prompt=True,
         add_watermarker=False,
     )
+
+
+def _assemble_flux(
+    name: str,
+    info: BuiltinInfo,
+    transformer: FluxTransformer2DModel,
+    vae: AutoencoderKL,
+    text_encoder: CLIPTextModel,
+    text_encoder_2: T5EncoderModel,
+) -> FluxPipeline:
+    """Wrap built FLUX modules into a :class:`FluxPipeline` whose ``default_sample_size`` gives the native size.
+
+    diffusers' FluxPipeline hard-codes ``default_sample_size = 128`` (1024 px, FLUX.1's native size) in
+    ``__init__``; tiny models set their own (it is not saved with the pipeline: loading a saved folder reads the
+    native size from the VAE config's ``sample_size`` instead, see :mod:`hiresdiff.models.loading`).
+    """
+    pipe = FluxPipeline(
+        scheduler=make_flux_scheduler(),
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=byte_level_clip_tokenizer(),
+        text_encoder_2=text_encoder_2,
+        tokenizer_2=char_level_t5_tokenizer(_T5_TOKENS[name]),
+        transformer=transformer,
+    )
+    pipe.default_sample_size = info.native_size // info.vae_scale_factor
+    return pipe

@@ -1,0 +1,123 @@
+"""ScaleDiff (SPEC §6): native canvas, then doubling stages with LFM reference, restart, NPA and structure guidance.
+
+Algorithm, per stage after the native one:
+  1. ``Z_LU`` = bicubic latent upsample of the previous latent; ``Z_RU`` = encoding of the bicubic pixel upsample of
+     the previous image; reference ``Z_ref = Z_RU − low(Z_RU) + low(Z_LU)`` (latent frequency mixing);
+  2. noise ``Z_ref`` to step index ``⌊N·(1 − ρ)⌋`` and denoise the remaining steps on the whole canvas with
+     neighborhood patch attention replacing self-attention;
+  3. structure guidance at every step: ``x̂0 ← x̂0 + γ_t·(low(Z_ref) − low(x̂0))`` before the scheduler step.
+"""
+
+from __future__ import annotations
+
+import math
+from contextlib import nullcontext
+from dataclasses import dataclass
+
+import torch
+
+from hiresdiff.attention import neighborhood_attention
+from hiresdiff.config import GenerationSettings, check_finite
+from hiresdiff.errors import require
+from hiresdiff.hooks import StepHook
+from hiresdiff.methods.base import Method, MethodOutput, Params
+from hiresdiff.ops.frequency import frequency_mix, low_pass
+from hiresdiff.ops.resample import resize_images, upsample_latent
+from hiresdiff.sampler import Run
+from hiresdiff.stages import Phase, doubling_phases
+from hiresdiff.strategies.full import FullCanvas
+
+#: SPEC §6 defaults per model family: (restart ratio ρ, low-pass factor f)
+FAMILY_DEFAULTS: dict[str, tuple[float, float]] = {"sd": (0.4, 1 / 8), "sdxl": (0.4, 1 / 8), "flux": (0.6, 1 / 4)}
+#: FLUX-schnell (no guidance embedding) restarts at half its steps
+SCHNELL_RESTART = 0.5
+
+
+@dataclass
+class ScaleDiffParams(Params):
+    """``restart_ratio`` ρ (fraction of the steps denoised per stage) and ``lfm_factor`` f default per family
+    (SDXL/SD 0.4 and 1/8, FLUX-dev 0.6 and 1/4, FLUX-schnell 0.5); ``lfm``, ``structure_guidance`` and ``npa``
+    switch the three components; ``query_shift`` turns on NPA's random query shift."""
+
+    restart_ratio: float | None = None
+    lfm_factor: float | None = None
+    lfm: bool = True
+    structure_guidance: bool = True
+    npa: bool = True
+    query_shift: bool = False
+
+    def __post_init__(self) -> None:
+        if self.restart_ratio is not None:
+            check_finite("restart_ratio", self.restart_ratio, low=0.0, strict=True)
+            require(self.restart_ratio <= 1.0, f"restart_ratio must be in (0, 1], got {self.restart_ratio}")
+        if self.lfm_factor is not None:
+            check_finite("lfm_factor", self.lfm_factor, low=0.0, strict=True)
+            require(self.lfm_factor <= 1.0, f"lfm_factor must be in (0, 1], got {self.lfm_factor}")
+
+    def check(self, settings: GenerationSettings, native: int, grid: int) -> None:
+        if self.restart_ratio is not None:
+            require(
+                math.floor(settings.steps * (1.0 - self.restart_ratio)) < settings.steps,
+                f"restart_ratio {self.restart_ratio} leaves no step to denoise at {settings.steps} steps",
+            )
+
+
+class StructureGuidance(StepHook):
+    """``x̂0 ← x̂0 + γ_t·(low(Z_ref) − low(x̂0))`` on the prediction, before the scheduler step (SPEC §6)."""
+
+    def __init__(self, run: Run, reference: torch.Tensor, factor: float, first: torch.Tensor) -> None:
+        self.run, self.factor, self.first = run, factor, first
+        self.low_reference = low_pass(reference, factor)
+
+    def on_prediction(self, t: torch.Tensor, x_in: torch.Tensor, pred: torch.Tensor) -> torch.Tensor:
+        ad = self.run.adapter
+        x0 = ad.to_x0(pred, x_in, t)
+        gamma = ad.structure_gamma(t, self.first)
+        return ad.from_x0(x0 + gamma * (self.low_reference - low_pass(x0, self.factor)), x_in, t)
+
+
+def defaults(run: Run, params: ScaleDiffParams) -> tuple[float, float]:
+    """(ρ, f) for this run's model family unless set."""
+    ad = run.adapter
+    rho, factor = FAMILY_DEFAULTS[ad.family]
+    if ad.family == "flux" and not getattr(ad, "guidance_distilled", True):
+        rho = SCHNELL_RESTART
+    return params.restart_ratio or rho, params.lfm_factor or factor
+
+
+def upscale_stage(run: Run, params: ScaleDiffParams, z: torch.Tensor, phase: Phase, name: str) -> torch.Tensor:
+    """One doubling stage: LFM reference → restart at ``⌊N(1 − ρ)⌋`` → NPA + SG denoising."""
+    ad, s = run.adapter, run.settings
+    rho, factor = defaults(run, params)
+    size = (phase.height, phase.width)
+    latent_hw = run.latent_size(*size)
+    image = run.decode(z)
+    if s.previews:
+        run.previews.append(image)
+    z_ru = ad.encode(resize_images(image, size, "bicubic"), s.decode_tile_area)
+    reference = frequency_mix(z_ru, upsample_latent(z, latent_hw), factor) if params.lfm else z_ru
+    timesteps = run.begin(math.floor(s.steps * (1.0 - rho)))
+    x = run.add_noise(reference, run.noise(*size), timesteps[0])
+    hooks = [StructureGuidance(run, reference, factor, timesteps[0])] if params.structure_guidance else []
+    shift_generators = run.generators if params.query_shift else None
+    attention = neighborhood_attention(ad, latent_hw, shift_generators) if params.npa else nullcontext()
+    with attention:
+        return run.denoise(x, timesteps, FullCanvas(), run.denoiser(size), hooks, name=name)
+
+
+def run_scalediff(run: Run, params: ScaleDiffParams) -> MethodOutput:
+    s, ad = run.settings, run.adapter
+    phases = doubling_phases(s.height, s.width, ad.native_size, ad.vae_scale_factor)
+    z = run.sample_canvas(phases[0].height, phases[0].width, name=f"stage 1/{len(phases)}")
+    for k, phase in enumerate(phases[1:], start=2):
+        z = upscale_stage(run, params, z, phase, f"stage {k}/{len(phases)} {phase.height}×{phase.width}")
+    return MethodOutput(latents=z)
+
+
+METHOD = Method(
+    "scalediff",
+    "ScaleDiff: neighborhood patch attention, latent frequency mixing, structure guidance",
+    "https://github.com/KSH00906/ScaleDiff",
+    ScaleDiffParams,
+    run_scalediff,
+)
