@@ -15,13 +15,11 @@ import torch
 def alpha_bar(scheduler: Any, t: float | torch.Tensor) -> float:
     """ᾱ_t seen by the model at timestep ``t`` under ``scheduler``.
 
-    σ-space schedulers (``init_noise_sigma > 1``) define ᾱ = 1/(1+σ²) with the σ of the current step (this covers
+    σ-space schedulers (``init_noise_sigma > 1``) define ᾱ = 1/(1+σ²) with the σ of timestep ``t`` (this covers
     Karras σ, whose timesteps are not integers); VP schedulers read ``alphas_cumprod[t]``.
     """
     if float(getattr(scheduler, "init_noise_sigma", 1.0)) > 1.0 and hasattr(scheduler, "sigmas"):
-        index = scheduler.step_index
-        if index is None:
-            index = scheduler.index_for_timestep(torch.as_tensor(t, device=scheduler.timesteps.device))
+        index = scheduler.index_for_timestep(torch.as_tensor(t, device=scheduler.timesteps.device))
         sigma = float(scheduler.sigmas[index])
         return 1.0 / (1.0 + sigma**2)
     return float(scheduler.alphas_cumprod[round(float(t))])
