@@ -85,12 +85,14 @@ def test_byte_level_tokenizer_round_trip_truncation_and_padding() -> None:
 
 
 def test_builtin_registry() -> None:
-    assert set(BUILTIN_MODELS) == {"tiny-sd", "tiny-sdxl", "random-sd15", "random-sdxl"}
+    assert set(BUILTIN_MODELS) == {"tiny-sd", "tiny-sdxl", "random-sd15", "random-sdxl", "tiny-flux", "random-flux"}
     assert {n: (i.family, i.native_size, i.vae_scale_factor) for n, i in BUILTIN_MODELS.items()} == {
         "tiny-sd": ("sd", 128, 8),
         "tiny-sdxl": ("sdxl", 256, 8),
         "random-sd15": ("sd", 512, 8),
         "random-sdxl": ("sdxl", 1024, 8),
+        "tiny-flux": ("flux", 256, 8),
+        "random-flux": ("flux", 1024, 8),
     }
     with pytest.raises(HiresError, match="tiny-sd"):
         build_builtin("tiny-foo")
@@ -354,13 +356,13 @@ def _error_cases(tmp_path: Path) -> dict[str, tuple[str, str]]:
     garbage.write_bytes(b"\xff" * 8 + b"not a safetensors file at all")
     truncated = tmp_path / "short.safetensors"
     truncated.write_bytes(b"\x01\x02")
-    not_sd = _write_safetensors(tmp_path / "flux.safetensors", ["double_blocks.0.img_attn.qkv.weight"])
+    not_sd = _write_safetensors(tmp_path / "other.safetensors", ["encoder.layers.0.weight"])
     no_index = tmp_path / "no_index"
     (no_index / "unet").mkdir(parents=True)
     (no_index / "unet" / "config.json").write_text("{}")
     wrong_class = tmp_path / "flux_folder"
     wrong_class.mkdir()
-    (wrong_class / "model_index.json").write_text(json.dumps({"_class_name": "FluxPipeline"}))
+    (wrong_class / "model_index.json").write_text(json.dumps({"_class_name": "StableDiffusion3Pipeline"}))
     incomplete = tmp_path / "incomplete"
     incomplete.mkdir()
     (incomplete / "model_index.json").write_text(json.dumps({"_class_name": "StableDiffusionPipeline"}))
@@ -372,7 +374,7 @@ def _error_cases(tmp_path: Path) -> dict[str, tuple[str, str]]:
         "missing path": (str(tmp_path / "nope" / "model.safetensors"), "does not exist"),
         "missing relative folder": ("./no/such/folder", "does not exist"),
         "folder without model_index": (str(no_index), "no model_index.json"),
-        "unsupported pipeline": (str(wrong_class), "FluxPipeline.*StableDiffusionPipeline, StableDiffusionXLPipeline"),
+        "unsupported pipeline": (str(wrong_class), "StableDiffusion3Pipeline.*StableDiffusionXLPipeline, FluxPipeline"),
         "incomplete folder": (str(incomplete), "lacks unet/config.json"),
         "uncached hub id offline": ("hiresdiff-tests/not-a-cached-model", "not in the local cache.*HF_HUB_OFFLINE"),
         "unknown builtin": ("tiny-foo", "unknown model 'tiny-foo'.*tiny-sd"),

@@ -150,7 +150,7 @@ class HiresPipeline:
         ad = self.adapter
         width, height = width or 2 * ad.native_size, height or 2 * ad.native_size
         req = build_request(prompt, method, width, height, **kwargs)
-        check_for_model(req, ad.native_size, ad.vae_scale_factor)
+        check_for_model(req, ad.native_size, ad.pixel_grid)
         return self.run(req, generator=generator, progress=progress, callback=callback)
 
     def run(
@@ -165,7 +165,7 @@ class HiresPipeline:
         import time
 
         s, ad = req.settings, self.adapter
-        if s.scheduler == MODEL_DEFAULT:
+        if s.scheduler == MODEL_DEFAULT or (ad.family == "flux" and s.scheduler == "euler"):
             ad.scheduler = type(self._base_scheduler).from_config(self._base_scheduler_config)
         else:
             ad.scheduler = make_scheduler(s.scheduler, self._base_scheduler_config)
@@ -264,7 +264,7 @@ def generate(
     spec = resolve_model(model, allow_pickle=allow_pickle)
     width, height = width or 2 * spec.native_size, height or 2 * spec.native_size
     req = build_request(prompt, method, width, height, **kwargs)
-    check_for_model(req, spec.native_size, spec.vae_scale_factor)
+    check_for_model(req, spec.native_size, spec.pixel_grid)
     key = (model, dtype, dev, allow_pickle)
     if key not in _CACHE:
         _CACHE.clear()

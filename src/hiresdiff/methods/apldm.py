@@ -80,10 +80,10 @@ def refine(run: Run, z: torch.Tensor, size: tuple[int, int], fraction: float, na
 
 def run_apldm(run: Run, params: APLDMParams) -> MethodOutput:
     s, ad = run.settings, run.adapter
-    base = native_area_canvas(s.height, s.width, ad.native_size, ad.vae_scale_factor)
+    base = native_area_canvas(s.height, s.width, ad.native_size, ad.pixel_grid)
     z = run.sample_canvas(*base, name=f"stage 1 {base[0]}×{base[1]}")
     fractions = params.fractions(s.height, s.width)
-    sizes = area_steps(s.height, s.width, base, len(fractions), ad.vae_scale_factor)
+    sizes = area_steps(s.height, s.width, base, len(fractions), ad.pixel_grid)
     for i, (fraction, size) in enumerate(zip(fractions, sizes, strict=True), start=1):
         z = refine(run, z, size, fraction, f"stage 2.{i} {size[0]}×{size[1]}")
     return MethodOutput(latents=z)

@@ -106,6 +106,11 @@ class APT:
 
     def __init__(self, run: Run, params: APTParams) -> None:
         self.run, self.params = run, params
+        require(
+            not (params.sas and run.adapter.family == "flux"),
+            "scale-aware scheduling changes a DDPM β schedule and is undefined for flow-matching models (FLUX); "
+            "use --set sas=false",
+        )
         self.host = HOSTS[params.host](run, params)
         if params.sm:
             self.host.transforms.append(self.match)

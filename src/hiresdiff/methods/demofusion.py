@@ -124,7 +124,7 @@ class Progressive:
 
     def __call__(self) -> torch.Tensor:
         run, s, ad = self.run, self.run.settings, self.run.adapter
-        phases = progressive_phases(s.height, s.width, ad.native_size, ad.vae_scale_factor)
+        phases = progressive_phases(s.height, s.width, ad.native_size, ad.pixel_grid)
         count = len(phases)
         z = self.first_phase(phases[0], f"phase 1/{count}")
         anchor = scalar_stats(z)

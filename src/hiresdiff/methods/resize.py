@@ -23,7 +23,7 @@ class ResizeParams(Params):
 
 def run_resize(run: Run, params: ResizeParams) -> MethodOutput:
     s, ad = run.settings, run.adapter
-    h, w = canvas_at(s.height, s.width, ad.native_size, ad.vae_scale_factor)
+    h, w = canvas_at(s.height, s.width, ad.native_size, ad.pixel_grid)
     z = run.sample_canvas(h, w, name=f"native {h}×{w}")
     image = run.decode(z)
     if s.previews:

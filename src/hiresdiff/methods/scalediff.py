@@ -107,7 +107,7 @@ def upscale_stage(run: Run, params: ScaleDiffParams, z: torch.Tensor, phase: Pha
 
 def run_scalediff(run: Run, params: ScaleDiffParams) -> MethodOutput:
     s, ad = run.settings, run.adapter
-    phases = doubling_phases(s.height, s.width, ad.native_size, ad.vae_scale_factor)
+    phases = doubling_phases(s.height, s.width, ad.native_size, ad.pixel_grid)
     z = run.sample_canvas(phases[0].height, phases[0].width, name=f"stage 1/{len(phases)}")
     for k, phase in enumerate(phases[1:], start=2):
         z = upscale_stage(run, params, z, phase, f"stage {k}/{len(phases)} {phase.height}×{phase.width}")

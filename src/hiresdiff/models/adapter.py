@@ -80,6 +80,11 @@ class ModelAdapter:
         return self.unet.dtype
 
     @property
+    def pixel_grid(self) -> int:
+        """Canvas sides must be multiples of this many pixels (one latent cell for UNet models)."""
+        return self.vae_scale_factor
+
+    @property
     def prediction_type(self) -> str:
         return str(self.scheduler.config.get("prediction_type", "epsilon"))
 

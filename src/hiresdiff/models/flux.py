@@ -216,6 +216,11 @@ class FluxAdapter(ModelAdapter):
         return "flow_prediction"
 
     @property
+    def pixel_grid(self) -> int:
+        """Canvas sides must be multiples of this many pixels (one 2×2-packed token: 16 px for FLUX.1)."""
+        return self.vae_scale_factor * PATCH
+
+    @property
     def native_sequence_length(self) -> int:
         """Image tokens of a native-size square canvas, ``(native latent side / 2)²`` (4096 for FLUX.1)."""
         return (self.native_latent // PATCH) ** 2

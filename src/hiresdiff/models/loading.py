@@ -84,6 +84,11 @@ class ModelSpec:
     vae_scale_factor: int
     path: str | None = None
 
+    @property
+    def pixel_grid(self) -> int:
+        """Canvas sides must be multiples of this (FLUX packs 2×2 latent cells into one token)."""
+        return 2 * self.vae_scale_factor if self.family == "flux" else self.vae_scale_factor
+
 
 def hub_offline() -> bool:
     """Whether hub access is disabled (``HF_HUB_OFFLINE`` in the environment now, or at import of the hub lib)."""
