@@ -195,8 +195,15 @@ def neighborhood_attention(
     """Install NPA on every UNet self-attention layer (``attn1``) while sampling a ``latent_hw`` canvas.
 
     Each layer's native grid is the native latent side after its downsamplings. ``generators`` turn on the
-    random query shift. The original processors are restored afterwards.
+    random query shift. The original processors are restored afterwards. FLUX transformers get
+    :func:`hiresdiff.attention_flux.flux_neighborhood_attention` instead.
     """
+    if getattr(adapter, "family", None) == "flux":
+        from hiresdiff.attention_flux import flux_neighborhood_attention
+
+        with flux_neighborhood_attention(adapter, latent_hw, generators) as flux_state:
+            yield flux_state
+        return
     unet = adapter.unet
     original = dict(unet.attn_processors)
     num_levels = len(unet.config.down_block_types)
