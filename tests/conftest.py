@@ -1,10 +1,12 @@
-"""Shared test setup: offline hub, two CPU threads, tiny built-in pipelines (built once per test module)."""
+"""Shared test setup: offline hub, two passive CPU threads, tiny built-in pipelines (built once per test module)."""
 
 from __future__ import annotations
 
 import os
 
 os.environ["HF_HUB_OFFLINE"] = "1"
+# idle OpenMP workers sleep instead of spinning: on a shared 2-core machine spinning slows torch down 30×
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import pytest
 import torch

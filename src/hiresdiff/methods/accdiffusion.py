@@ -18,6 +18,7 @@ import torch
 
 from hiresdiff.attention import capture_cross_attention
 from hiresdiff.config import PAPER_NEGATIVE_PROMPT, check_finite
+from hiresdiff.errors import require
 from hiresdiff.methods.base import Method, MethodOutput
 from hiresdiff.methods.demofusion import DemoFusionParams, Progressive
 from hiresdiff.methods.multidiffusion import local_views
@@ -48,6 +49,9 @@ class AccDiffusionParams(DemoFusionParams):
     def __post_init__(self) -> None:
         super().__post_init__()
         check_finite("prompt_threshold", self.prompt_threshold, low=0.0)
+        require(
+            self.prompt_threshold <= 1.0, f"prompt_threshold is a fraction of the view, got {self.prompt_threshold}"
+        )
         check_finite("multi_guidance_scale", self.multi_guidance_scale, low=0.0)
 
 

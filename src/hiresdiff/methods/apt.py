@@ -11,6 +11,7 @@ Per later phase of the host's loop, three independent switches:
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -28,6 +29,8 @@ from hiresdiff.stages import Phase
 
 HOSTS = {"demofusion": Progressive, "accdiffusion": AccDiffusion}
 SAS_MODES = ("betas", "relabel")
+#: β^η underflows for larger η (β ≈ 0.01): the schedule would degenerate
+MAX_ETA = 20.0
 #: the paper's shortcut: denoise the last T0 = 30 of N = 50 steps
 PAPER_SHORTCUT_STEPS = 30
 
@@ -41,7 +44,8 @@ def parse_eta_table(text: str) -> dict[float, float]:
             key, value = float(scale), float(eta)
         except ValueError:
             raise HiresError(f"sas_eta expects scale=eta pairs like '2=2.0,4=3.5', got {item!r}") from None
-        require(bool(sep) and value > 0 and key > 0, f"sas_eta: scale and eta must be > 0, got {item!r}")
+        ok = bool(sep) and math.isfinite(key) and math.isfinite(value) and key > 0 and 0 < value <= MAX_ETA
+        require(ok, f"sas_eta: scales must be finite and > 0 and eta in (0, {MAX_ETA}], got {item!r}")
         table[key] = value
     return table
 
