@@ -24,7 +24,7 @@ def _add_generate(sub: argparse._SubParsersAction) -> None:
         "--model",
         default=None,
         help=f"hub id, diffusers folder, .safetensors file, tiny-sd, tiny-sdxl, "
-        f"random-sd15, random-sdxl (default {DEFAULT_MODEL})",
+        f"random-sd15, random-sdxl, tiny-flux, random-flux (default {DEFAULT_MODEL})",
     )
     p.add_argument("--width", type=int, default=None, help="pixels (default: twice the native size)")
     p.add_argument("--height", type=int, default=None, help="pixels (default: twice the native size)")
