@@ -26,3 +26,26 @@ def tiny_sd_pipe():
     from hiresdiff.models.tiny import build_builtin
 
     return build_builtin("tiny-sd")
+
+
+@pytest.fixture(scope="module")
+def tiny_flux():
+    from hiresdiff.models.tiny import build_builtin
+
+    return build_builtin("tiny-flux")
+
+
+@pytest.fixture(scope="module")
+def sdxl(tiny_sdxl_pipe):
+    """HiresPipeline over tiny-sdxl."""
+    from hiresdiff import HiresPipeline
+
+    return HiresPipeline.from_pipe(tiny_sdxl_pipe, "tiny-sdxl")
+
+
+@pytest.fixture(scope="module")
+def sd(tiny_sd_pipe):
+    """HiresPipeline over tiny-sd."""
+    from hiresdiff import HiresPipeline
+
+    return HiresPipeline.from_pipe(tiny_sd_pipe, "tiny-sd")

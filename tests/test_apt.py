@@ -16,7 +16,6 @@ import torch
 from diffusers import DDIMScheduler
 
 import hiresdiff.methods.apt as apt_module
-from hiresdiff import HiresPipeline
 from hiresdiff.cli import main
 from hiresdiff.config import PAPER_NEGATIVE_PROMPT
 from hiresdiff.errors import HiresError
@@ -37,16 +36,6 @@ from hiresdiff.schedulers import make_scheduler
 from hiresdiff.stages import progressive_phases
 
 B_START, B_END, T = 0.00085, 0.012, 1000
-
-
-@pytest.fixture(scope="module")
-def sdxl(tiny_sdxl_pipe):
-    return HiresPipeline.from_pipe(tiny_sdxl_pipe, "tiny-sdxl")
-
-
-@pytest.fixture(scope="module")
-def sd(tiny_sd_pipe):
-    return HiresPipeline.from_pipe(tiny_sd_pipe, "tiny-sd")
 
 
 def _base(name: str):

@@ -38,13 +38,6 @@ from hiresdiff.models.tokenizer import T5_VOCAB_SIZE, char_level_t5_tokenizer
 from hiresdiff.pipeline import HiresPipeline
 
 
-@pytest.fixture(scope="module")
-def tiny_flux() -> FluxPipeline:
-    pipe = build_builtin("tiny-flux")
-    assert isinstance(pipe, FluxPipeline)
-    return pipe
-
-
 @pytest.fixture
 def adapter(tiny_flux: FluxPipeline) -> FluxAdapter:
     ad = adapter_for(tiny_flux)

@@ -13,17 +13,9 @@ from hiresdiff import attention_flux
 from hiresdiff.attention import NPAState, neighborhood_attention
 from hiresdiff.attention_flux import FluxNPAProcessor, flux_npa
 from hiresdiff.models.flux import FluxAdapter, adapter_for, image_ids
-from hiresdiff.models.tiny import build_builtin
 from hiresdiff.pipeline import HiresPipeline
 
 TXT = 5
-
-
-@pytest.fixture(scope="module")
-def tiny_flux() -> FluxPipeline:
-    pipe = build_builtin("tiny-flux")
-    assert isinstance(pipe, FluxPipeline)
-    return pipe
 
 
 @pytest.fixture

@@ -34,16 +34,6 @@ STEPS = 3
 # ------------------------------------------------------------------------------------------------ helpers
 
 
-@pytest.fixture(scope="module")
-def sdxl(tiny_sdxl_pipe):
-    return HiresPipeline.from_pipe(tiny_sdxl_pipe, "tiny-sdxl")
-
-
-@pytest.fixture(scope="module")
-def sd(tiny_sd_pipe):
-    return HiresPipeline.from_pipe(tiny_sd_pipe, "tiny-sd")
-
-
 def _adapter(pipe, scheduler: str, **overrides) -> ModelAdapter:
     ad = ModelAdapter(pipe)
     ad.scheduler = make_scheduler(scheduler, {**pipe.scheduler.config, **overrides})

@@ -63,9 +63,13 @@ class ModelAdapter:
         self.latent_channels = int(self.unet.config.in_channels)
         self.native_size = int(self.unet.config.sample_size) * self.vae_scale_factor
         self.native_latent = int(self.unet.config.sample_size)
+        self._setup_vae()
+
+    def _setup_vae(self) -> None:
+        """Run the VAE in float32 when its config asks for upcasting (SDXL's fp16 VAE overflows)."""
         upcast = bool(getattr(self.vae.config, "force_upcast", False)) and self.vae.dtype == torch.float16
         self.vae_dtype = torch.float32 if upcast else self.vae.dtype
-        #: (canvas sample, conditional branch?) of each row of the UNet call in progress (attention capture)
+        #: (canvas sample, conditional branch?) of each row of the denoiser call in progress (attention capture)
         self.call_info: list[tuple[int, bool]] = []
         if upcast:
             self.vae.to(torch.float32)

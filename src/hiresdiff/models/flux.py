@@ -188,12 +188,7 @@ class FluxAdapter(ModelAdapter):
         limit = int(getattr(tokenizer_2, "model_max_length", MAX_T5_TOKENS) or MAX_T5_TOKENS)
         #: T5 tokens per prompt: FLUX.1's 512, or fewer when the T5 tokenizer says so (tiny models)
         self.max_sequence_length = max(1, min(MAX_T5_TOKENS, limit))
-        upcast = bool(getattr(self.vae.config, "force_upcast", False)) and self.vae.dtype == torch.float16
-        self.vae_dtype = torch.float32 if upcast else self.vae.dtype
-        #: (canvas sample, conditional branch?) of each row of the transformer call in progress
-        self.call_info: list[tuple[int, bool]] = []
-        if upcast:
-            self.vae.to(torch.float32)
+        self._setup_vae()
 
     # --- basic facts -------------------------------------------------------------------------------------
     @property
