@@ -1,10 +1,12 @@
-"""Command line: ``hiresdiff generate | demo | methods``."""
+"""Command line: ``hiresdiff generate | demo | methods`` and the measuring commands of :data:`SUBCOMMAND_MODULES`."""
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import importlib
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -170,10 +172,16 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--steps", type=int, default=12)
     d.add_argument("--quiet", action="store_true")
     sub.add_parser("methods", help="list methods, their parameters and defaults")
+    for module in SUBCOMMAND_MODULES:
+        COMMANDS.update(importlib.import_module(module).register(sub))
     return parser
 
 
-COMMANDS = {"generate": cmd_generate, "demo": cmd_demo, "methods": cmd_methods}
+Handler = Callable[[argparse.Namespace], int]
+COMMANDS: dict[str, Handler] = {"generate": cmd_generate, "demo": cmd_demo, "methods": cmd_methods}
+#: Modules whose ``register(subparsers) -> {name: handler}`` adds further commands (imports kept light:
+#: heavy libraries are imported inside the handlers).
+SUBCOMMAND_MODULES: tuple[str, ...] = ()
 
 
 def main(argv: list[str] | None = None) -> int:
