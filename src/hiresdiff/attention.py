@@ -63,7 +63,8 @@ class AttentionRecorder:
         key = attn.head_to_batch_dim(attn.to_k(context))
         probs = attn.get_attention_scores(query, key, None).float()  # (n·heads, N, L)
         probs = probs.view(len(rows), -1, *probs.shape[1:]).mean(1)  # (n, N, L)
-        maps = probs.permute(0, 2, 1).reshape(len(rows), -1, gh, gw).cpu()
+        maps = probs.permute(0, 2, 1).reshape(len(rows), -1, gh, gw)
+        maps = torch.zeros(maps.shape) if maps.is_meta else maps.cpu()  # meta: FLOP counting (hiresdiff.cost)
         if self.sums is None:
             self.sums = torch.zeros(len(self.counts), maps.shape[1], gh, gw)
         for k, row in enumerate(rows):

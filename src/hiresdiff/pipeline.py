@@ -165,6 +165,7 @@ class HiresPipeline:
         import time
 
         s, ad = req.settings, self.adapter
+        ad.refresh_placement()
         if s.scheduler == MODEL_DEFAULT or (ad.family == "flux" and s.scheduler == "euler"):
             ad.scheduler = type(self._base_scheduler).from_config(self._base_scheduler_config)
         else:

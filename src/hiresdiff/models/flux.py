@@ -198,12 +198,8 @@ class FluxAdapter(ModelAdapter):
         )
 
     @property
-    def device(self) -> torch.device:
-        return self.transformer.device
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return self.transformer.dtype
+    def denoiser_module(self) -> torch.nn.Module:
+        return self.transformer
 
     @property
     def prediction_type(self) -> str:

@@ -1,0 +1,76 @@
+"""``hiresdiff cost``: model FLOPs of a whole generation, counted offline on the ``meta`` device."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from typing import Any
+
+from hiresdiff.config import parse_assignments
+
+TERA = 1e12
+
+
+def register(sub: argparse._SubParsersAction) -> dict[str, Any]:
+    p = sub.add_parser(
+        "cost",
+        help="model FLOPs of a generation (denoiser, VAE, text encoders) counted on the meta device",
+        description="Runs the method's real code path with shape-only models and counts their FLOPs. Hub ids of "
+        "SDXL, SD 1.5 and FLUX.1-dev map to the built-in random-* architectures (no download).",
+    )
+    p.add_argument("--method", default="demofusion")
+    p.add_argument("--model", default="random-sdxl", help="random-sdxl, random-sd15, random-flux, tiny-*, or a hub id")
+    p.add_argument("--width", type=int, default=None, help="pixels (default: twice the native size)")
+    p.add_argument("--height", type=int, default=None, help="pixels (default: twice the native size)")
+    p.add_argument("--steps", type=int, default=None)
+    p.add_argument("--guidance", type=float, default=None)
+    p.add_argument("--scheduler", default=None)
+    p.add_argument("--preset", default=None)
+    p.add_argument("--paper", action="store_true", help="the papers' sampling setting (DDIM, 50 steps, 7.5)")
+    p.add_argument("--batch", type=int, default=None, help="images per prompt")
+    p.add_argument("--max-batch", type=int, default=None, help="most denoiser samples per forward pass")
+    p.add_argument("--set", dest="params", action="append", default=[], metavar="NAME=VALUE")
+    p.add_argument("--peak-tflops", type=float, default=None, help="also print the FLOP-bound time at this rate")
+    p.add_argument("--json", action="store_true", help="print the report as JSON")
+    return {"cost": cmd_cost}
+
+
+def cmd_cost(args: argparse.Namespace) -> int:
+    from hiresdiff.cost.model import model_cost
+    from hiresdiff.errors import require
+
+    require(args.peak_tflops is None or args.peak_tflops > 0, f"--peak-tflops must be > 0, got {args.peak_tflops}")
+    options = {
+        "steps": args.steps,
+        "guidance": args.guidance,
+        "scheduler": args.scheduler,
+        "preset": args.preset,
+        "num_images_per_prompt": args.batch,
+        "max_batch": args.max_batch,
+    }
+    kwargs = {k: v for k, v in options.items() if v is not None}
+    report = model_cost(
+        args.method, args.model, args.width, args.height, paper=args.paper, **kwargs, **parse_assignments(args.params)
+    )
+    data = report.to_dict()
+    if args.peak_tflops is not None:
+        data["flop_bound_s"] = report.seconds_at(args.peak_tflops * TERA)
+    if args.json:
+        print(json.dumps(data, indent=2))
+        return 0
+    print(
+        f"{report.method} on {report.model} ({report.architecture}) at {report.width}×{report.height}, "
+        f"{report.steps} steps, {report.images} image(s)"
+    )
+    rows = [
+        ("denoiser", report.denoiser_flops, f"calls: {report.denoiser_calls}, samples: {report.denoiser_samples}"),
+        ("VAE", report.vae_flops, f"calls: {report.vae_calls}"),
+        ("text encoders", report.text_encoder_flops, f"calls: {report.text_encoder_calls}"),
+        ("total", report.model_flops, ""),
+    ]
+    for name, flops, note in rows:
+        print(f"  {name:<14} {flops / TERA:>14,.1f} TFLOP  {note}")
+    print(f"  native-size denoiser samples: {report.native_samples:g} ({report.native_samples_per_step:g} per step)")
+    if "flop_bound_s" in data:
+        print(f"  FLOP bound at {args.peak_tflops:g} TFLOP/s: {data['flop_bound_s']:.1f} s")
+    return 0

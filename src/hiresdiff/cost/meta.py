@@ -1,0 +1,162 @@
+"""Count model FLOPs of a real generation without running the models (DESIGN "Measuring").
+
+The heavy modules of a pipeline (denoiser, VAE, text encoders) are built on the ``meta`` device and wrapped in a
+:class:`MetaModule`. Everything else — the method's phases, views, dilated samples, blending, scheduler steps and
+noise — runs for real on the CPU with the actual canvas sizes. Each call of a wrapped module:
+
+1. moves its tensor arguments to ``meta`` and runs the real module under :class:`torch.utils.flop_counter.
+   FlopCounterMode` (attention processors installed by the method included, so NPA windows or attention capture
+   are counted as they run);
+2. books the FLOPs and the number of samples in a :class:`Ledger`;
+3. returns zeros of the output's shapes and dtypes on the CPU, so the orchestration goes on.
+
+Calls with the same argument shapes and the same installed attention processors cost the same, so the FLOP count
+of a signature is computed once and reused.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+HOST = torch.device("cpu")
+
+
+@dataclass
+class Tally:
+    """FLOPs, calls and samples (batch rows) booked for one component."""
+
+    flops: float = 0.0
+    calls: int = 0
+    samples: int = 0
+    #: denoiser only: samples weighted by their spatial size relative to a native-size sample
+    native_samples: float = 0.0
+
+
+@dataclass
+class Ledger:
+    """Per-component tallies of one generation (``denoiser``, ``vae``, ``text_encoder``)."""
+
+    tallies: dict[str, Tally] = field(default_factory=dict)
+
+    def book(self, component: str, flops: float, samples: int, native: float = 0.0) -> None:
+        t = self.tallies.setdefault(component, Tally())
+        t.flops += flops
+        t.calls += 1
+        t.samples += samples
+        t.native_samples += native
+
+    def get(self, component: str) -> Tally:
+        return self.tallies.get(component, Tally())
+
+
+def to_device(obj: Any, device: torch.device) -> Any:
+    """``obj`` with every tensor inside (tuples, lists, dicts) moved to ``device``."""
+    if isinstance(obj, torch.Tensor):
+        return obj.to(device)
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(to_device(v, device) for v in obj)
+    if isinstance(obj, dict):
+        return {k: to_device(v, device) for k, v in obj.items()}
+    return obj
+
+
+def host_zeros(obj: Any) -> Any:
+    """A copy of a (meta) output with every tensor replaced by CPU zeros of the same shape and dtype.
+
+    Handles tensors, tuples/lists, dicts and ``ModelOutput``s, and plain objects holding tensors (diffusers'
+    ``DiagonalGaussianDistribution``).
+    """
+    if isinstance(obj, torch.Tensor):
+        return torch.zeros(obj.shape, dtype=obj.dtype, device=HOST)
+    if isinstance(obj, (list, tuple)) and not hasattr(obj, "keys"):
+        return type(obj)(host_zeros(v) for v in obj)
+    if hasattr(obj, "keys") and hasattr(obj, "items"):  # dict or transformers/diffusers ModelOutput
+        values = {k: host_zeros(v) for k, v in obj.items()}
+        return values if type(obj) is dict else type(obj)(**values)
+    if hasattr(obj, "__dict__") and any(isinstance(v, torch.Tensor) for v in vars(obj).values()):
+        out = copy.copy(obj)
+        for k, v in vars(obj).items():
+            setattr(out, k, host_zeros(v))
+        return out
+    return obj
+
+
+def signature(obj: Any) -> Any:
+    """Hashable description of a call's arguments: tensor shapes and dtypes, other values as they are."""
+    if isinstance(obj, torch.Tensor):
+        return ("T", tuple(obj.shape), str(obj.dtype))
+    if isinstance(obj, (list, tuple)):
+        return tuple(signature(v) for v in obj)
+    if isinstance(obj, dict):
+        return tuple(sorted((k, signature(v)) for k, v in obj.items()))
+    return obj if isinstance(obj, (int, float, str, bool, type(None))) else type(obj).__name__
+
+
+def processor_signature(module: torch.nn.Module) -> tuple[Any, ...]:
+    """What the installed attention processors do: their types and the canvas size they were set up for."""
+    processors = getattr(module, "attn_processors", None)
+    if not isinstance(processors, dict):
+        return ()
+    return tuple((type(p).__name__, getattr(getattr(p, "state", None), "latent_hw", None)) for p in processors.values())
+
+
+#: How many samples a call has and how many native-size samples they are worth: ``(args, kwargs) -> (n, native)``
+SampleCounter = Callable[[tuple[Any, ...], dict[str, Any]], tuple[int, float]]
+
+
+class MetaModule:
+    """A shape-only (``meta``) module that books FLOPs per call and answers with CPU zeros.
+
+    Attribute access is forwarded to the wrapped module (``config``, ``dtype``, ``attn_processors``,
+    ``set_attn_processor`` …); ``device`` reports the CPU so the orchestration runs there. ``methods`` lists the
+    entry points besides ``__call__`` to count (the VAE's ``encode``/``decode``).
+    """
+
+    def __init__(
+        self,
+        module: torch.nn.Module,
+        component: str,
+        ledger: Ledger,
+        counter: SampleCounter,
+        methods: tuple[str, ...] = (),
+    ) -> None:
+        self.__dict__.update(_module=module, _component=component, _ledger=ledger, _counter=counter, _cache={})
+        self.__dict__["_processors"] = processor_signature(module)
+        for name in methods:
+            self.__dict__[name] = self._counted(getattr(module, name), name)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.__dict__["_module"], name)
+
+    @property
+    def device(self) -> torch.device:
+        return HOST
+
+    def set_attn_processor(self, processor: Any) -> None:
+        """Install processors on the wrapped module and remember what they are (part of the call signature)."""
+        self._module.set_attn_processor(processor)
+        self.__dict__["_processors"] = processor_signature(self._module)
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        return self._counted(self._module, "__call__")(*args, **kwargs)
+
+    def _counted(self, fn: Callable[..., Any], name: str) -> Callable[..., Any]:
+        def call(*args: Any, **kwargs: Any) -> Any:
+            key = (name, signature(args), signature(kwargs), self._processors)
+            if key not in self._cache:
+                meta_args, meta_kwargs = to_device(args, torch.device("meta")), to_device(kwargs, torch.device("meta"))
+                with torch.no_grad(), FlopCounterMode(display=False) as counter:
+                    out = fn(*meta_args, **meta_kwargs)
+                self._cache[key] = (float(counter.get_total_flops()), host_zeros(out))
+            flops, out = self._cache[key]
+            samples, native = self._counter(args, kwargs)
+            self._ledger.book(self._component, flops, samples, native)
+            return host_zeros(out)
+
+        return call

@@ -1,0 +1,186 @@
+"""``model_cost``: the model FLOPs of one whole generation, per component, from the real code path on ``meta``.
+
+See :mod:`hiresdiff.cost.meta` for how calls are counted. Hub ids of the supported architectures map to the
+built-in random models of the same architecture (FLOPs do not depend on weight values), so costs of SDXL, SD 1.5
+and FLUX.1 generations are computed offline in seconds.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import torch
+
+from hiresdiff.cost.meta import Ledger, MetaModule
+from hiresdiff.errors import HiresError
+
+#: Hub ids whose architecture equals a built-in random model's
+ARCHITECTURES = {
+    "stabilityai/stable-diffusion-xl-base-1.0": "random-sdxl",
+    "stabilityai/sdxl-turbo": "random-sdxl",
+    "stable-diffusion-v1-5/stable-diffusion-v1-5": "random-sd15",
+    "runwayml/stable-diffusion-v1-5": "random-sd15",
+    "CompVis/stable-diffusion-v1-4": "random-sd15",
+    "black-forest-labs/FLUX.1-dev": "random-flux",
+}
+
+
+@dataclass
+class CostReport:
+    """Model FLOPs of one generation (all images of the request) and the denoiser's workload.
+
+    ``native_samples`` counts denoiser samples (guidance halves included) weighted by their spatial size relative
+    to a native-size sample; ``native_samples_per_step`` divides it by the number of inference steps N.
+    """
+
+    method: str
+    model: str
+    architecture: str
+    width: int
+    height: int
+    steps: int
+    images: int
+    denoiser_flops: float
+    vae_flops: float
+    text_encoder_flops: float
+    denoiser_calls: int
+    denoiser_samples: int
+    native_samples: float
+    vae_calls: int
+    text_encoder_calls: int
+
+    @property
+    def model_flops(self) -> float:
+        return self.denoiser_flops + self.vae_flops + self.text_encoder_flops
+
+    @property
+    def native_samples_per_step(self) -> float:
+        return self.native_samples / self.steps
+
+    def seconds_at(self, peak_flops: float) -> float:
+        """The FLOP bound: run time at ``peak_flops`` FLOP/s with every FLOP at peak rate."""
+        return self.model_flops / peak_flops
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            **asdict(self),
+            "model_flops": self.model_flops,
+            "native_samples_per_step": self.native_samples_per_step,
+        }
+
+
+def architecture_of(model: str) -> str:
+    """The built-in model whose architecture ``model`` has (one-line error when none is known)."""
+    from hiresdiff.models.tiny import BUILTIN_MODELS
+
+    if model in BUILTIN_MODELS:
+        return model
+    if model in ARCHITECTURES:
+        return ARCHITECTURES[model]
+    known = ", ".join([*BUILTIN_MODELS, *ARCHITECTURES])
+    raise HiresError(f"cost: no known architecture for model {model!r}; use one of: {known}")
+
+
+def _latent_counter(native_cells: int) -> Any:
+    """Samples of a call whose first argument is ``(B, C, h, w)``, and their size in native-size samples."""
+
+    def count(args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[int, float]:
+        x = args[0] if args else kwargs["sample"]
+        b, _c, h, w = x.shape
+        return b, b * h * w / native_cells
+
+    return count
+
+
+def _token_counter(native_tokens: int) -> Any:
+    """FLUX: ``hidden_states`` are ``(B, tokens, 64)`` packed latents."""
+
+    def count(args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[int, float]:
+        b, n, _ = kwargs["hidden_states"].shape
+        return b, b * n / native_tokens
+
+    return count
+
+
+def _rows(args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[int, float]:
+    x = args[0] if args else kwargs["input_ids"]
+    return x.shape[0], 0.0
+
+
+_PIPES: dict[str, tuple[Any, Ledger]] = {}
+
+
+def counting_pipeline(architecture: str) -> tuple[Any, Ledger]:
+    """The built-in pipeline ``architecture`` on ``meta`` with every heavy module wrapped (cached per name)."""
+    if architecture in _PIPES:
+        return _PIPES[architecture]
+    from hiresdiff.models.tiny import BUILTIN_MODELS, build_builtin
+    from hiresdiff.pipeline import HiresPipeline
+
+    info = BUILTIN_MODELS[architecture]
+    pipe = build_builtin(architecture, torch.float32, "meta")
+    ledger = Ledger()
+    native = info.native_size // info.vae_scale_factor
+    if info.family == "flux":
+        denoiser = "transformer"
+        counter = _token_counter((native // 2) ** 2)
+    else:
+        denoiser, counter = "unet", _latent_counter(native * native)
+    wrapped = {denoiser: MetaModule(getattr(pipe, denoiser), "denoiser", ledger, counter)}
+    wrapped["vae"] = MetaModule(pipe.vae, "vae", ledger, _latent_counter(native * native), ("encode", "decode"))
+    for name in ("text_encoder", "text_encoder_2"):
+        if getattr(pipe, name, None) is not None:
+            wrapped[name] = MetaModule(getattr(pipe, name), "text_encoder", ledger, _rows)
+    for name, module in wrapped.items():
+        object.__setattr__(pipe, name, module)  # bypass DiffusionPipeline's config registration
+    _PIPES[architecture] = (HiresPipeline(pipe, architecture), ledger)
+    return _PIPES[architecture]
+
+
+def model_cost(
+    method: str,
+    model: str = "random-sdxl",
+    width: int | None = None,
+    height: int | None = None,
+    **kwargs: Any,
+) -> CostReport:
+    """Model FLOPs of generating with ``method`` on ``model`` at ``width × height`` (default twice native).
+
+    ``kwargs`` are what :func:`hiresdiff.generate` takes (``steps``, ``guidance``, ``preset``, ``paper``,
+    ``num_images_per_prompt``, ``max_batch``, method parameters …). Previews are off unless asked for (they
+    decode every phase). Everything is validated exactly as for a generation, before anything is built.
+    """
+    from hiresdiff.models.tiny import BUILTIN_MODELS
+    from hiresdiff.pipeline import build_request, check_for_model
+
+    arch = architecture_of(model)
+    info = BUILTIN_MODELS[arch]
+    width, height = width or 2 * info.native_size, height or 2 * info.native_size
+    kwargs.setdefault("previews", False)
+    kwargs.setdefault("prompt", "a photograph of a mountain lake at sunrise")
+    req = build_request(kwargs.pop("prompt"), method, width, height, **kwargs)
+    check_for_model(req, info.native_size, info.vae_scale_factor * (2 if info.family == "flux" else 1))
+    hp, ledger = counting_pipeline(arch)
+    ledger.tallies.clear()
+    seed = req.settings.seed if req.settings.seed is not None else 0
+    generators = [torch.Generator().manual_seed(seed + i) for i in range(req.settings.batch_size)]
+    hp.run(req, generator=generators, progress=False)
+    den, vae, text = ledger.get("denoiser"), ledger.get("vae"), ledger.get("text_encoder")
+    return CostReport(
+        method=req.method.name,
+        model=model,
+        architecture=arch,
+        width=width,
+        height=height,
+        steps=req.settings.steps,
+        images=req.settings.batch_size,
+        denoiser_flops=den.flops,
+        vae_flops=vae.flops,
+        text_encoder_flops=text.flops,
+        denoiser_calls=den.calls,
+        denoiser_samples=den.samples,
+        native_samples=den.native_samples,
+        vae_calls=vae.calls,
+        text_encoder_calls=text.calls,
+    )

@@ -1,0 +1,138 @@
+"""Cost model (issue #6): closed-form denoiser workloads, exact FLOPs of wrapped modules, CLI."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from hiresdiff.cli import main
+from hiresdiff.cost import model_cost
+from hiresdiff.cost.meta import Ledger, MetaModule, host_zeros
+
+
+def demofusion_native_per_phase(k: int) -> int:
+    """Phase 1: one native sample; phase k ≥ 2 (scale k): (2k−1)² local views + k² dilated samples, each of native
+    size; ×2 for the guidance halves."""
+    return 2 if k == 1 else 2 * ((2 * k - 1) ** 2 + k**2)
+
+
+@pytest.mark.parametrize("side", [2048, 3072, 4096])
+def test_closed_form_native_samples_demofusion_and_apt(side):
+    scale, steps, t0 = side // 1024, 3, 2
+    phases = [demofusion_native_per_phase(k) for k in range(1, scale + 1)]
+    demo = model_cost("demofusion", "random-sdxl", side, side, steps=steps)
+    assert demo.native_samples == steps * sum(phases)
+    apt = model_cost("apt", "random-sdxl", side, side, steps=steps, shortcut_steps=t0)
+    assert apt.native_samples == steps * phases[0] + t0 * sum(phases[1:])
+    # every sample is native-size here, so FLOPs are samples × the FLOPs of one native sample
+    one = model_cost("direct", "random-sdxl", 1024, 1024, steps=1).denoiser_flops / 2
+    assert demo.denoiser_flops == pytest.approx(demo.native_samples * one, rel=1e-9)
+    assert apt.denoiser_flops == pytest.approx(apt.native_samples * one, rel=1e-9)
+    assert apt.model_flops < demo.model_flops
+
+
+def test_demofusion_4096_is_226_native_samples_per_step():
+    assert sum(demofusion_native_per_phase(k) for k in range(1, 5)) == 226
+    report = model_cost("demofusion", "stabilityai/stable-diffusion-xl-base-1.0", 4096, 4096, steps=2)
+    assert report.architecture == "random-sdxl"
+    assert report.native_samples_per_step == 226
+    assert report.to_dict()["native_samples_per_step"] == 226
+
+
+def test_sdxl_unet_flops_per_native_sample_match_the_published_count():
+    """NOTES: 6.761 TFLOP per SDXL UNet sample at a 128² latent (flop_counter on meta)."""
+    report = model_cost("direct", "random-sdxl", 1024, 1024, steps=1, guidance=1.0)
+    assert report.denoiser_samples == 1 and report.denoiser_calls == 1
+    assert report.denoiser_flops / 1e12 == pytest.approx(6.761, rel=1e-3)
+    assert report.text_encoder_calls == 2  # CLIP-L and bigG, no negative branch without guidance
+    assert report.vae_calls == 1 and report.vae_flops > 0
+
+
+def test_scalediff_attention_is_cheaper_than_full_attention():
+    kw = {"steps": 2}
+    direct = model_cost("direct", "random-sdxl", 2048, 2048, **kw)
+    scalediff = model_cost("scalediff", "random-sdxl", 2048, 2048, **kw)
+    # ScaleDiff's 2048² stage runs the same UNet samples as direct, but with neighborhood attention
+    full_stage = scalediff.native_samples - 2 * kw["steps"]
+    assert full_stage > 0
+    assert scalediff.denoiser_flops < direct.denoiser_flops
+
+
+def test_flux_cost_counts_tokens_as_native_samples():
+    report = model_cost("direct", "random-flux", 1024, 2048, steps=1)
+    assert report.denoiser_calls == 1 and report.denoiser_samples == 1
+    assert report.native_samples == 2.0  # twice the native token count, no guidance doubling
+    native = model_cost("direct", "random-flux", 1024, 1024, steps=1)
+    assert native.native_samples == 1.0
+    # twice the tokens: linear layers cost twice as much, attention more than twice
+    assert 2 * native.denoiser_flops < report.denoiser_flops < 2.5 * native.denoiser_flops
+
+
+def test_meta_module_books_exact_flops_and_answers_with_zeros():
+    with torch.device("meta"):
+        linear = torch.nn.Linear(16, 8)
+    ledger = Ledger()
+    module = MetaModule(linear, "denoiser", ledger, lambda args, kwargs: (args[0].shape[0], 0.0))
+    out = module(torch.ones(5, 16))
+    assert out.device.type == "cpu" and out.shape == (5, 8) and not out.any()
+    module(torch.ones(5, 16))  # cached signature
+    module(torch.ones(3, 16))
+    tally = ledger.get("denoiser")
+    assert tally.calls == 3 and tally.samples == 13
+    assert tally.flops == 2 * 16 * 8 * 13
+    assert module.device == torch.device("cpu") and module.in_features == 16
+
+
+def test_host_zeros_keeps_structure():
+    from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
+    from transformers.modeling_outputs import BaseModelOutputWithPooling
+
+    out = BaseModelOutputWithPooling(last_hidden_state=torch.ones(1, 2, 3), hidden_states=(torch.ones(2),))
+    z = host_zeros(out)
+    assert isinstance(z, BaseModelOutputWithPooling) and not z.last_hidden_state.any()
+    assert z.hidden_states[0].shape == (2,) and z[0].shape == (1, 2, 3)
+    dist = host_zeros(DiagonalGaussianDistribution(torch.ones(1, 8, 2, 2, device="meta")))
+    assert dist.mean.device.type == "cpu" and dist.mean.shape == (1, 4, 2, 2)
+
+
+def test_cost_cli_json_and_errors(capsys):
+    assert (
+        main(
+            [
+                "cost",
+                "--method",
+                "apt",
+                "--model",
+                "tiny-sdxl",
+                "--width",
+                "512",
+                "--height",
+                "512",
+                "--steps",
+                "3",
+                "--set",
+                "shortcut_steps=2",
+                "--json",
+                "--peak-tflops",
+                "100",
+            ]
+        )
+        == 0
+    )
+    data = json.loads(capsys.readouterr().out)
+    assert data["method"] == "apt" and data["native_samples"] == 3 * 2 + 2 * 26
+    assert data["model_flops"] == data["denoiser_flops"] + data["vae_flops"] + data["text_encoder_flops"]
+    assert data["flop_bound_s"] == pytest.approx(data["model_flops"] / 1e14)
+    assert main(["cost", "--method", "demofusion", "--model", "tiny-sd", "--steps", "2"]) == 0
+    assert "native-size denoiser samples: 56 (28 per step)" in capsys.readouterr().out
+    for argv, message in [
+        (["cost", "--model", "some/unknown-model"], "no known architecture"),
+        (["cost", "--model", "tiny-sd", "--width", "100"], "latent grid (8 px)"),
+        (["cost", "--method", "nope", "--model", "tiny-sd"], "unknown method"),
+        (["cost", "--model", "tiny-sd", "--peak-tflops", "0"], "--peak-tflops"),
+    ]:
+        assert main(argv) == 2
+        err = capsys.readouterr().err
+        assert message in err and err.count("\n") == 1, err
