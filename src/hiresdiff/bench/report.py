@@ -1,0 +1,226 @@
+"""The benchmark report: ``report.csv`` and ``report.md`` (one row per group), contact sheets and plots.
+
+Each row gathers a group's records (images, mean wall time, peak memory, TFLOPs per image) and the metrics that
+``hiresdiff eval`` wrote to the group's ``metrics.json``, in the papers' column order (:data:`METRICS`; absent
+values are ``—`` in Markdown and empty in CSV). Everything is rebuilt from the files in ``--out``, so
+``hiresdiff bench --report-only --out DIR`` regenerates it at any time, e.g. after scoring each group with
+``hiresdiff eval DIR/images/<group> --reference REF --json DIR/images/<group>/metrics.json``.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from statistics import mean
+from typing import Any
+
+from hiresdiff.bench.plan import BenchPlan, Group
+from hiresdiff.bench.records import METRICS_FILE, group_dir, load_plan, load_records, read_json
+from hiresdiff.errors import HiresError
+from hiresdiff.images import atomic_write_bytes
+
+#: metric columns in the papers' order, and the keys of ``metrics.json`` that fill them (compared lower-case,
+#: without ``_``, ``-`` and spaces)
+METRICS: dict[str, tuple[str, ...]] = {
+    "FID": ("fid",),
+    "KID": ("kid",),
+    "IS": ("is", "inceptionscore"),
+    "FIDc": ("fidc", "fidcrop", "fidp"),
+    "KIDc": ("kidc", "kidcrop"),
+    "ISc": ("isc", "iscrop"),
+    "CLIP": ("clip", "clipscore"),
+    "MUSIQ": ("musiq",),
+    "CLIPIQA": ("clipiqa",),
+}
+#: measured columns: (CSV name, Markdown header, Row attribute)
+MEASURES = (
+    ("seconds", "Time (s)", "seconds"),
+    ("peak_memory_gb", "Peak memory (GB)", "memory_gb"),
+    ("tflops", "TFLOPs", "tflops"),
+)
+CAPTIONS_FILE = "captions.csv"
+MISSING = "—"
+
+
+def _number(value: Any) -> float | None:
+    return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
+
+
+def read_metrics(path: Path) -> dict[str, float]:
+    """The :data:`METRICS` found in ``path`` (``hiresdiff eval --json``: values under ``"metrics"``, keyed ``fid``,
+    ``kid``, ``is``, ``fid_crop`` …; a flat object works too); ``{}`` when absent."""
+    if not path.is_file():
+        return {}
+    try:
+        data = read_json(path)
+    except HiresError as exc:
+        print(f"hiresdiff: warning: metrics ignored: {exc}", file=sys.stderr)
+        return {}
+    if isinstance(data, dict) and isinstance(data.get("metrics"), dict):
+        data = data["metrics"]
+    if not isinstance(data, dict):
+        return {}
+    found = {"".join(c for c in str(k).lower() if c not in "_- "): v for k, v in data.items()}
+    out = {}
+    for column, keys in METRICS.items():
+        value = next((_number(found[k]) for k in keys if k in found), None)
+        if value is not None:
+            out[column] = value
+    return out
+
+
+@dataclass
+class Row:
+    """One group's line of the report."""
+
+    group: Group
+    planned: int
+    records: list[dict[str, Any]] = field(default_factory=list)
+    metrics: dict[str, float] = field(default_factory=dict)
+
+    def _values(self, key: str) -> list[float]:
+        return [r[key] for r in self.records if r.get(key) is not None]
+
+    @property
+    def seconds(self) -> float | None:
+        values = self._values("seconds")
+        return mean(values) if values else None
+
+    @property
+    def memory_gb(self) -> float | None:
+        values = self._values("peak_memory_gb")
+        return max(values) if values else None
+
+    @property
+    def tflops(self) -> float | None:
+        values = self._values("flops")
+        return mean(values) / 1e12 if values else None
+
+    def value(self, quantity: str) -> float | None:
+        """A measured column (``Row`` attribute name) or a metric column."""
+        return getattr(self, quantity) if hasattr(self, quantity) else self.metrics.get(quantity)
+
+    def sweep_value(self, name: str) -> Any:
+        """The typed value of swept ``name`` (from a record), else as given, else ``None``."""
+        for record in self.records:
+            if name in record.get("sweep", {}):
+                return record["sweep"][name]
+        return dict(self.group.sweep).get(name)
+
+
+def collect_rows(out: Path, plan: BenchPlan) -> list[Row]:
+    """A row per group, in plan order, with its finished records and metrics."""
+    records = load_records(out, plan)
+    rows = {g: Row(g, 0, metrics=read_metrics(group_dir(out, g) / METRICS_FILE)) for g in plan.groups}
+    for item in plan.items:
+        row = rows[item.group]
+        row.planned += 1
+        if item.id in records:
+            row.records.append(records[item.id])
+    return list(rows.values())
+
+
+def _fmt(value: Any, digits: int = 4) -> str:
+    if value is None:
+        return ""
+    if isinstance(value, float):
+        return f"{value:.{digits}g}"
+    return str(value)
+
+
+@dataclass(frozen=True)
+class Column:
+    """A report column: its CSV name and Markdown header (``None``: not in that file) and its value."""
+
+    csv: str | None
+    markdown: str | None
+    get: Callable[[Row], Any]
+
+
+def columns(plan: BenchPlan) -> list[Column]:
+    """Coordinates, swept values, image count, measures, then the metrics in the papers' order."""
+    return [
+        Column("group", None, lambda r: r.group.slug),
+        Column("method", "Method", lambda r: r.group.method),
+        Column("preset", "Preset", lambda r: r.group.preset),
+        Column("size", None, lambda r: r.group.size.label),
+        Column(None, "Size", lambda r: r.group.size.text),
+        Column("width", None, lambda r: r.group.size.width),
+        Column("height", None, lambda r: r.group.size.height),
+        Column("megapixels", "MP", lambda r: round(r.group.size.megapixels, 3)),
+        *(Column(n, n, lambda r, n=n: r.sweep_value(n)) for n in plan.sweeps),
+        Column("images", None, lambda r: len(r.records)),
+        Column("planned", None, lambda r: r.planned),
+        Column(None, "Images", lambda r: f"{len(r.records)}/{r.planned}"),
+        *(Column(name, header, lambda r, a=attr: r.value(a)) for name, header, attr in MEASURES),
+        *(Column(m, m, lambda r, m=m: r.metrics.get(m)) for m in METRICS),
+    ]
+
+
+def _csv(head: list[str], cells: list[list[str]]) -> str:
+    buf = io.StringIO()
+    writer = csv.writer(buf, lineterminator="\n")
+    writer.writerow(head)
+    writer.writerows(cells)
+    return buf.getvalue()
+
+
+def report_csv(plan: BenchPlan, rows: list[Row]) -> str:
+    """One line per group; absent values are empty cells."""
+    cols = [c for c in columns(plan) if c.csv is not None]
+    return _csv([c.csv or "" for c in cols], [[_fmt(c.get(row)) for c in cols] for row in rows])
+
+
+def report_markdown(plan: BenchPlan, rows: list[Row], links: list[str]) -> str:
+    """Header (model, devices, versions), the table (absent values ``—``) and the figures."""
+    cols = [c for c in columns(plan) if c.markdown is not None]
+    records = [r for row in rows for r in row.records]
+    first = records[0] if records else {}
+    lines = [
+        "# hiresdiff benchmark",
+        "",
+        f"- model: `{plan.model}`, dtype: {', '.join(sorted({r['dtype'] for r in records})) or MISSING}",
+        f"- device: {', '.join(sorted({r['device'] for r in records})) or MISSING}",
+        f"- images: {len(records)} of {sum(row.planned for row in rows)}",
+        "- settings: "
+        + (", ".join(f"{k}={v}" for k, v in {**plan.settings, **plan.fixed}.items()) or "defaults")
+        + (" (--paper)" if plan.paper else ""),
+        "- versions: " + (", ".join(f"{k} {v}" for k, v in first.get("versions", {}).items()) or MISSING),
+        "",
+        "Time: mean wall time per image. Peak memory: the largest per image (GB = 2³⁰ bytes). TFLOPs: model FLOPs "
+        "per image (`hiresdiff cost`). Metrics: `metrics.json` in the group's image folder (`hiresdiff eval`).",
+        "",
+        "| " + " | ".join(c.markdown or "" for c in cols) + " |",
+        "|" + "---|" * len(cols),
+    ]
+    lines += ["| " + " | ".join(_fmt(c.get(row)).replace("|", "\\|") or MISSING for c in cols) + " |" for row in rows]
+    lines += ["", *(f"![{Path(link).stem}]({link})" for link in links), ""]
+    return "\n".join(lines)
+
+
+def write_captions(out: Path, rows: list[Row]) -> None:
+    """``captions.csv`` (file,prompt) in each group folder with images, so eval can take the folder as it is."""
+    for row in rows:
+        if row.records:
+            cells = [[r["image"], r["prompt"]] for r in sorted(row.records, key=lambda r: r["image"])]
+            atomic_write_bytes(group_dir(out, row.group) / CAPTIONS_FILE, _csv(["file", "prompt"], cells).encode())
+
+
+def write_report(out: Path, sheets: int = 8) -> list[Path]:
+    """Write ``report.csv``, ``report.md``, contact sheets of the first ``sheets`` prompts and the plots."""
+    from hiresdiff.bench.plots import write_plots
+    from hiresdiff.bench.sheets import write_sheets
+
+    plan = load_plan(out)
+    rows = collect_rows(out, plan)
+    write_captions(out, rows)
+    figures = write_sheets(out, plan, rows, sheets) + write_plots(out, plan, rows)
+    links = [p.relative_to(out).as_posix() for p in figures]
+    table, markdown = out / "report.csv", out / "report.md"
+    atomic_write_bytes(table, report_csv(plan, rows).encode())
+    atomic_write_bytes(markdown, report_markdown(plan, rows, links).encode())
+    return [markdown, table, *figures]
