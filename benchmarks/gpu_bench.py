@@ -1,0 +1,161 @@
+"""Speed and memory of every method on a full-size random architecture (issue #7).
+
+One command runs each method at each size, after one warm-up generation at native size, and appends a record per
+run to ``benchmarks/results/<device>-<date>.json`` (written atomically after every run; a rerun skips records that
+are already there)::
+
+    python benchmarks/gpu_bench.py                       # random-sdxl, bf16, every SDXL method at 2048² and 4096²
+    python benchmarks/gpu_bench.py --model random-flux --methods scalediff,direct --sizes 2048,4096
+
+Each record holds ``method``, ``preset``, ``model``, ``width``, ``height``, ``dtype``, ``device``, ``torch``,
+``wall_s``, ``peak_mem_gb``, ``model_flops`` (``hiresdiff cost`` of the same settings), ``matmul_tflops`` (the
+device's bf16/fp16 large matrix-multiply rate measured in the same process, ``n³`` with ``n = --matmul``),
+``achieved_tflops`` = model FLOPs ÷ wall time, ``mfu`` = achieved ÷ matmul rate, and ``flop_bound_s`` = model
+FLOPs ÷ matmul rate. The same script runs on a CPU with the tiny models (used by the tests).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import re
+import sys
+import time
+from datetime import date
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from hiresdiff.bench.records import device_name, read_json, versions, write_json
+from hiresdiff.bench.runner import timed_run
+from hiresdiff.cost import model_cost
+from hiresdiff.errors import HiresError
+from hiresdiff.methods import get_method
+from hiresdiff.pipeline import SETTING_NAMES, HiresPipeline, build_request, check_for_model, resolve_device
+
+SDXL_METHODS = "direct,multidiffusion,demofusion,accdiffusion,apt:apt,apldm,scalediff"
+PROMPT = "a photograph of a mountain lake at sunrise, highly detailed"
+
+
+def matmul_tflops(n: int, dtype: torch.dtype, device: str, repeats: int = 10) -> float:
+    """Achieved rate of ``n × n @ n × n`` matrix products in ``dtype`` (TFLOP/s, 2n³ FLOPs each)."""
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
+    for _ in range(2):
+        a @ b
+    sync(device)
+    begin = time.perf_counter()
+    for _ in range(repeats):
+        a @ b
+    sync(device)
+    return 2 * n**3 * repeats / (time.perf_counter() - begin) / 1e12
+
+
+def sync(device: str) -> None:
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize()
+
+
+def parse_sizes(text: str) -> list[tuple[int, int]]:
+    sizes = []
+    for part in filter(None, text.split(",")):
+        m = re.fullmatch(r"(\d+)(?:x(\d+))?", part.strip())
+        if not m:
+            raise SystemExit(f"gpu_bench: bad size {part!r}; use 2048 or 2048x1024")
+        sizes.append((int(m[1]), int(m[2] or m[1])))
+    return sizes
+
+
+def parse_methods(text: str) -> list[tuple[str, str | None]]:
+    return [(m.partition(":")[0], m.partition(":")[2] or None) for m in filter(None, text.split(","))]
+
+
+def record_key(r: dict[str, Any]) -> tuple[Any, ...]:
+    return (r["method"], r["preset"], r["model"], r["width"], r["height"], r["dtype"], r["steps"])
+
+
+def method_kwargs(method: str, preset: str | None, params: dict[str, Any], **settings: Any) -> dict[str, Any]:
+    """Settings plus the ``--set`` values that ``method`` takes (others are for other methods)."""
+    names = {f.name for f in dataclasses.fields(get_method(method).params)} | SETTING_NAMES
+    return {"preset": preset, **settings, **{k: v for k, v in params.items() if k in names}}
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        return bench(argv)
+    except HiresError as exc:
+        print(f"gpu_bench: error: {exc}", file=sys.stderr)
+        return 2
+
+
+def bench(argv: list[str] | None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", default="random-sdxl")
+    p.add_argument("--methods", default=SDXL_METHODS, help="comma list of method[:preset]")
+    p.add_argument("--sizes", default="2048,4096", help="comma list of N or WxH pixels")
+    p.add_argument("--dtype", default="bfloat16")
+    p.add_argument("--device", default=None)
+    p.add_argument("--steps", type=int, default=50)
+    p.add_argument("--max-batch", type=int, default=8)
+    p.add_argument("--matmul", type=int, default=8192, help="side of the reference matrix product")
+    p.add_argument("--out", default=str(Path(__file__).parent / "results"))
+    p.add_argument("--set", dest="params", action="append", default=[], metavar="NAME=VALUE")
+    args = p.parse_args(argv)
+    from hiresdiff.config import parse_assignments
+    from hiresdiff.models.loading import resolve_model
+
+    device = resolve_device(args.device)
+    dtype = getattr(torch, args.dtype)
+    params = parse_assignments(args.params)
+    spec = resolve_model(args.model)
+    runs = []
+    for method, preset in parse_methods(args.methods):
+        kwargs = method_kwargs(method, preset, params, steps=args.steps, max_batch=args.max_batch)
+        for w, h in parse_sizes(args.sizes):
+            req = build_request(PROMPT, method, w, h, seed=0, previews=False, **kwargs)
+            check_for_model(req, spec.native_size, spec.pixel_grid)  # every run is validated before any work
+            runs.append((method, kwargs, w, h, req))
+    pipe = HiresPipeline.from_model(args.model, dtype=args.dtype, device=device)
+    native = pipe.native_size
+    name = re.sub(r"[^A-Za-z0-9]+", "-", device_name(device)).strip("-").lower()
+    path = Path(args.out) / f"{name}-{date.today().isoformat()}.json"
+    records: list[dict[str, Any]] = read_json(path) if path.exists() else []
+    done = {record_key(r) for r in records}
+    rate = matmul_tflops(args.matmul, dtype, device)
+    print(f"{device_name(device)}: {args.matmul}³ {args.dtype} matmul {rate:.3g} TFLOP/s", flush=True)
+    timed_run(pipe, build_request(PROMPT, "direct", native, native, seed=0, steps=2, previews=False))  # warm-up
+    for method, kwargs, w, h, req in runs:
+        preset = kwargs["preset"]
+        base = {"method": method, "preset": preset, "model": args.model, "width": w, "height": h}
+        base |= {"dtype": args.dtype, "steps": args.steps}
+        if record_key(base) in done:
+            continue
+        _, seconds, peak = timed_run(pipe, req)
+        flops = model_cost(method, args.model, w, h, **kwargs).model_flops
+        record = {
+            **base,
+            "device": device_name(device),
+            "torch": torch.__version__,
+            "versions": versions(),
+            "wall_s": seconds,
+            "peak_mem_gb": None if peak is None else peak / 2**30,
+            "model_flops": flops,
+            "matmul_tflops": rate,
+            "achieved_tflops": flops / seconds / 1e12,
+            "mfu": flops / seconds / 1e12 / rate,
+            "flop_bound_s": flops / (rate * 1e12),
+        }
+        records.append(record)
+        write_json(path, records)
+        mem = "n/a" if peak is None else f"{record['peak_mem_gb']:.1f} GB"
+        print(
+            f"{method}{':' + preset if preset else ''} {w}×{h}: {seconds:.1f} s, {mem}, MFU {record['mfu']:.0%}",
+            flush=True,
+        )
+    print(path)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
