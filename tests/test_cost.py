@@ -136,3 +136,12 @@ def test_cost_cli_json_and_errors(capsys):
         assert main(argv) == 2
         err = capsys.readouterr().err
         assert message in err and err.count("\n") == 1, err
+
+
+def test_accdiffusion_capture_runs_on_every_cost_run():
+    """The attention capture records per call, so repeated cost runs (cached signatures) must still record."""
+    first = model_cost("accdiffusion", "tiny-sdxl", 512, 512, steps=2)
+    again = model_cost("accdiffusion", "tiny-sdxl", 512, 512, steps=2)
+    demo = model_cost("demofusion", "tiny-sdxl", 512, 512, steps=2)
+    assert first.native_samples == again.native_samples == demo.native_samples == 2 * (2 + 26)
+    assert first.denoiser_flops == again.denoiser_flops > demo.denoiser_flops  # + the capture's projections

@@ -82,6 +82,9 @@ class AttentionRecorder:
 class CaptureProcessor:
     """Runs the wrapped processor unchanged and hands cross-attention inputs to the recorder."""
 
+    #: every call records maps: the cost model (:mod:`hiresdiff.cost`) must not replay a cached count
+    cost_cacheable = False
+
     def __init__(self, inner: Any, recorder: AttentionRecorder) -> None:
         self.inner, self.recorder = inner, recorder
 

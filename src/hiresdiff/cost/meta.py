@@ -98,11 +98,17 @@ def signature(obj: Any) -> Any:
     return obj if isinstance(obj, (int, float, str, bool, type(None))) else type(obj).__name__
 
 
-def processor_signature(module: torch.nn.Module) -> tuple[Any, ...]:
-    """What the installed attention processors do: their types and the canvas size they were set up for."""
+def processor_signature(module: torch.nn.Module) -> tuple[Any, ...] | None:
+    """What the installed attention processors do: their types and the canvas size they were set up for.
+
+    ``None`` when a processor records something per call (``cost_cacheable = False``, e.g. AccDiffusion's
+    attention capture): such calls must really run every time.
+    """
     processors = getattr(module, "attn_processors", None)
     if not isinstance(processors, dict):
         return ()
+    if not all(getattr(p, "cost_cacheable", True) for p in processors.values()):
+        return None
     return tuple((type(p).__name__, getattr(getattr(p, "state", None), "latent_hw", None)) for p in processors.values())
 
 
@@ -149,7 +155,7 @@ class MetaModule:
     def _counted(self, fn: Callable[..., Any], name: str) -> Callable[..., Any]:
         def call(*args: Any, **kwargs: Any) -> Any:
             key = (name, signature(args), signature(kwargs), self._processors)
-            if key not in self._cache:
+            if self._processors is None or key not in self._cache:
                 meta_args, meta_kwargs = to_device(args, torch.device("meta")), to_device(kwargs, torch.device("meta"))
                 with torch.no_grad(), FlopCounterMode(display=False) as counter:
                     out = fn(*meta_args, **meta_kwargs)
