@@ -181,7 +181,7 @@ Handler = Callable[[argparse.Namespace], int]
 COMMANDS: dict[str, Handler] = {"generate": cmd_generate, "demo": cmd_demo, "methods": cmd_methods}
 #: Modules whose ``register(subparsers) -> {name: handler}`` adds further commands (imports kept light:
 #: heavy libraries are imported inside the handlers).
-SUBCOMMAND_MODULES: tuple[str, ...] = ("hiresdiff.cost.cli", "hiresdiff.bench.cli")
+SUBCOMMAND_MODULES: tuple[str, ...] = ("hiresdiff.cost.cli", "hiresdiff.bench.cli", "hiresdiff.evaluation.cli")
 
 
 def main(argv: list[str] | None = None) -> int:
