@@ -233,6 +233,70 @@ def test_metrics_json_fills_columns_on_report_only(tmp_path: Path, capsys: pytes
     assert sweep.height > 600 and sweep.width > 1000
 
 
+def test_bench_scores_each_group_with_eval_and_rescoring_only_when_stale(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+) -> None:
+    import torch
+    from torch import nn
+
+    from hiresdiff.bench import scoring
+    from hiresdiff.evaluation.extractors import Extractors
+
+    class TinyInception(nn.Module):  # uint8 images → (4 features, 3 logits)
+        def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            f = x.float().mean((2, 3)) / 255
+            features = torch.cat([f, f**2 - 0.3], dim=1)[:, :4]
+            return features, features[:, :3] * 5
+
+    built = []
+
+    def tiny(opts: scoring.ScoringOptions) -> Extractors:
+        built.append(opts.metrics)
+        return Extractors(inception=TinyInception(), input_size=32)
+
+    monkeypatch.setattr(scoring, "default_extractors", tiny)
+    monkeypatch.setattr(scoring, "scoring_options", lambda args: None)  # checks need torch-fidelity
+    ref = tmp_path / "ref"
+    ref.mkdir()
+    for i in range(3):
+        Image.new("RGB", (256, 256), (40 * i, 90, 200 - 30 * i)).save(ref / f"r{i}.png")
+    out = tmp_path / "bench"
+    argv = [*TINY, "--methods", "direct,demofusion", "--prompts", prompt_file(tmp_path, "a cat", "a dog"), "--quiet"]
+    argv += ["--no-flops", "--sheets", "0", "--out", str(out)]
+    assert main(argv) == 0  # no scoring asked for
+    assert not list(out.glob("images/*/metrics.json"))
+    opts = scoring.ScoringOptions(("fid", "is"), ref, "native", 0, None, "unused", "cpu")
+    monkeypatch.setattr(scoring, "scoring_options", lambda args: opts)
+    assert main(["bench", "--report-only", "--out", str(out), "--quiet"]) == 0
+    assert built == [("fid", "is")]
+    with open(out / "report.csv", newline="") as f:
+        table = {r["group"]: r for r in csv.DictReader(f)}
+    for group in ("direct_256x256", "demofusion_256x256"):
+        scores = json.loads((out / "images" / group / "metrics.json").read_text())
+        assert scores["metrics"]["fid"] > 0 and scores["metrics"]["fid_crop"] is not None
+        assert float(table[group]["FID"]) == pytest.approx(scores["metrics"]["fid"], rel=1e-3)
+    stamp = (out / "images" / "direct_256x256" / "metrics.json").stat().st_mtime_ns
+    assert main(["bench", "--report-only", "--out", str(out), "--quiet"]) == 0
+    assert built == [("fid", "is")]  # nothing stale: no network built, nothing rescored
+    assert (out / "images" / "direct_256x256" / "metrics.json").stat().st_mtime_ns == stamp
+
+
+def test_bench_scoring_options_are_checked_before_generation(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+) -> None:
+    forbid_model_work(monkeypatch)
+    base = [*TINY, "--methods", "direct", "--prompts", "builtin:smoke", "--out", str(tmp_path / "b")]
+    for extra, message in [
+        (["--reference", str(tmp_path / "missing")], "is not a folder"),
+        (["--metrics", "fid,sharpness", "--reference", str(tmp_path)], "unknown 'sharpness'"),
+        (["--metrics", "is", "--crops", "fixed:10"], "--crops"),
+        (["--metrics", "is"], "hiresdiff[eval]"),  # torch-fidelity is not installed here
+    ]:
+        assert main([*base, *extra]) == 2
+        err = capsys.readouterr().err
+        assert message in err and err.count("\n") == 1, err
+
+
 # ---------------------------------------------------------------------------------------------- resuming
 
 

@@ -16,6 +16,7 @@ from hiresdiff.bench.plan import BenchPlan, build_plan, parse_sweeps
 from hiresdiff.bench.prompts import load_prompts
 from hiresdiff.config import DTYPES, parse_assignments
 from hiresdiff.errors import require
+from hiresdiff.evaluation.extractors import DEFAULT_CLIP_MODEL
 
 DEFAULT_OUT = "bench-out"
 EXAMPLE = (
@@ -73,7 +74,17 @@ def register(sub: argparse._SubParsersAction) -> dict[str, Callable[[argparse.Na
     p.add_argument("--no-flops", action="store_true", help="do not count model FLOPs")
     p.add_argument("--sheets", type=int, default=8, help="contact sheets for the first N prompts (default 8)")
     p.add_argument("--out", default=DEFAULT_OUT, help=f"benchmark folder (default {DEFAULT_OUT}); rerun to resume")
-    p.add_argument("--report-only", action="store_true", help="only (re)write the report of --out")
+    p.add_argument("--reference", default=None, metavar="DIR", help="real images: score each group (FID, KID)")
+    p.add_argument(
+        "--metrics", default=None, help="score each group with `hiresdiff eval` metrics: fid,kid,is,clip,musiq,clipiqa"
+    )
+    p.add_argument(
+        "--crops", default=None, metavar="SPEC", help="crop protocol of the scores: native | windows:K | fixed:NxS"
+    )
+    p.add_argument("--crop-seed", type=int, default=0, help="seeds crop positions, KID subsets, IS shuffle")
+    p.add_argument("--inception-weights", default=None, metavar="PATH", help="local Inception weights (FID/KID/IS)")
+    p.add_argument("--clip-model", default=DEFAULT_CLIP_MODEL, metavar="NAME_OR_PATH", help="CLIP score model")
+    p.add_argument("--report-only", action="store_true", help="only (re)write the report of --out (and scores)")
     p.add_argument("--quiet", action="store_true", help="no progress lines")
     return {"bench": cmd_bench}
 
@@ -123,11 +134,16 @@ def _print_paths(paths: list[Path], quiet: bool) -> None:
 
 def cmd_bench(args: argparse.Namespace) -> int:
     """Validate, generate this process's share of the unfinished images, then (main process) report."""
+    from hiresdiff.bench.records import load_plan
     from hiresdiff.bench.report import write_report
+    from hiresdiff.bench.scoring import score_groups, scoring_options
 
     out = Path(args.out)
     require(args.sheets >= 0, f"--sheets must be ≥ 0, got {args.sheets}")
+    scoring = scoring_options(args)
     if args.report_only:
+        if scoring is not None:
+            _print_paths(score_groups(out, load_plan(out), scoring, progress=not args.quiet), args.quiet)
         _print_paths(write_report(out, args.sheets), args.quiet)
         return 0
     plan = plan_from_args(args)
@@ -165,5 +181,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     run_items(plan, pending[state.process_index :: state.num_processes], out, opts)
     state.wait_for_everyone()
     if state.is_main_process:
+        if scoring is not None:
+            _print_paths(score_groups(out, plan, scoring, progress=not args.quiet), args.quiet)
         _print_paths(write_report(out, args.sheets), args.quiet)
     return 0
