@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import json
 import re
 import shlex
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -98,3 +100,18 @@ def test_ci_script_is_executable_bash() -> None:
     ci = ROOT / ".ci" / "run"
     assert ci.stat().st_mode & 0o111
     subprocess.run(["bash", "-n", str(ci)], check=True)
+
+
+def test_gpu_bench_examples_run_on_a_tiny_model(tmp_path: Path) -> None:
+    """The README's GPU benchmark lines, with a tiny model, the CPU and small sizes appended (the last value wins)."""
+    lines = [line for line in bash_lines() if line.startswith("python benchmarks/gpu_bench.py")]
+    assert lines
+    tiny = ["--model", "tiny-sd", "--sizes", "256", "--steps", "2", "--matmul", "64", "--device", "cpu"]
+    tiny += ["--dtype", "float32", "--methods", "direct,scalediff", "--out", str(tmp_path)]
+    for line in lines:
+        argv = [*shlex.split(line)[2:], *tiny]
+        done = subprocess.run(
+            [sys.executable, str(ROOT / "benchmarks" / "gpu_bench.py"), *argv], capture_output=True, text=True
+        )
+        assert done.returncode == 0, done.stderr
+    assert len(json.loads(next(tmp_path.glob("*.json")).read_text())) == 2
