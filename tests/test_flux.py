@@ -363,6 +363,16 @@ def test_view_methods_run_unchanged(hires: HiresPipeline, method: str) -> None:
     assert torch.equal(a.latents, b.latents)
 
 
+@pytest.mark.parametrize(("width", "height"), [(640, 400), (624, 336)])
+def test_demofusion_at_non_integer_scales_keeps_dilated_samples_packable(
+    hires: HiresPipeline, width: int, height: int
+) -> None:
+    """At 2.5× the canvas latent is 80 × 50 cells: d = 3 lattices of odd sides would not pack into 2 × 2 tokens."""
+    res = hires("a lighthouse", "demofusion", width, height, steps=2, seed=0, progress=False, previews=False)
+    assert res.images[0].size == (width, height)
+    assert res.latents is not None and torch.isfinite(res.latents).all()
+
+
 def test_other_pipelines_keep_the_sd_adapter(tiny_sd_pipe: Any) -> None:
     ad = adapter_for(tiny_sd_pipe)
     assert type(ad) is ModelAdapter and ad.family == "sd"

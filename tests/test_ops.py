@@ -168,6 +168,20 @@ def test_renormalise_to_own_stats_is_identity():
 # ----------------------------------------------------------------------------------------------- dilation
 
 
+@pytest.mark.parametrize("d", [2, 3])
+@pytest.mark.parametrize(("h", "w"), [(51, 80), (84, 58)])
+def test_dilated_split_to_a_multiple_pads_top_left_and_round_trips(d, h, w):
+    """FLUX packs 2 × 2 cells: every sub-lattice side must be even (``multiple=2``)."""
+    x = torch.randn(1, 2, h, w, generator=torch.Generator().manual_seed(h + w + d))
+    s = dilated_split(x, d, multiple=2)
+    assert s.shape[-2] % 2 == 0 and s.shape[-1] % 2 == 0
+    assert s.shape[-2] * d - h < 2 * d and s.shape[-1] * d - w < 2 * d  # the least padding that works
+    ph, pw = s.shape[-2] * d - h, s.shape[-1] * d - w
+    xp = F.pad(x, (pw, 0, ph, 0))
+    assert torch.equal(s[1, 0], xp[:, :, 1::d, 0::d])
+    assert torch.equal(dilated_merge(s, h, w, multiple=2), x)
+
+
 @pytest.mark.parametrize("d", [1, 2, 3, 4])
 @pytest.mark.parametrize(("h", "w"), [(13, 10), (7, 9), (8, 8), (1, 5)])
 def test_dilated_split_merge(d, h, w):

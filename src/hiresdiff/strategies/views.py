@@ -124,7 +124,8 @@ class DilatedSampling:
     def gather(self, x_in: torch.Tensor, t: torch.Tensor, den: Denoiser) -> tuple[list[Request], Assembler]:
         b, c, h, w = x_in.shape
         d = self.dilation
-        lattice = dilated_split(self.blurred(x_in, t), d)
+        cells = den.adapter.pixel_grid // den.adapter.vae_scale_factor  # latent cells per token side (FLUX: 2)
+        lattice = dilated_split(self.blurred(x_in, t), d, cells)
         unpermute = None
         if self.permute is not None:
             lattice, unpermute = self.permute(lattice)
@@ -135,7 +136,7 @@ class DilatedSampling:
             out = preds[0].view(d, d, b, c, hd, wd)
             if unpermute is not None:
                 out = unpermute(out)
-            return dilated_merge(out, h, w)
+            return dilated_merge(out, h, w, cells)
 
         return [req], assemble
 
