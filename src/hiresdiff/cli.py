@@ -10,12 +10,12 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from hiresdiff.cli_options import add_sampling_options, sampling_settings
 from hiresdiff.config import DEFAULT_TILE_AREA, DTYPES, parse_assignments
 from hiresdiff.errors import HiresError, require
 from hiresdiff.images import read_png_settings, save_png
 from hiresdiff.methods import METHODS
 from hiresdiff.pipeline import DEFAULT_MODEL, GenerationResult, generate
-from hiresdiff.schedulers import scheduler_names
 
 
 def _add_generate(sub: argparse._SubParsersAction) -> None:
@@ -30,32 +30,15 @@ def _add_generate(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--width", type=int, default=None, help="pixels (default: twice the native size)")
     p.add_argument("--height", type=int, default=None, help="pixels (default: twice the native size)")
-    p.add_argument("--steps", type=int, default=None, help="inference steps N (default 50)")
-    p.add_argument("--guidance", type=float, default=None, help="classifier-free guidance scale (default 7.5)")
-    p.add_argument("--negative", default=None, help="negative prompt (default: the method's paper default)")
     p.add_argument("--seed", type=int, default=0, help="image i of the batch uses seed + i")
-    p.add_argument("--scheduler", default=None, help=f"one of: {', '.join(scheduler_names())} (default euler)")
     p.add_argument("--preset", default=None, help="named parameter preset of the method (see `hiresdiff methods`)")
-    p.add_argument(
-        "--paper",
-        action="store_true",
-        help="the papers' sampling setting: DDIM, 50 steps, guidance 7.5, paper negative",
-    )
     p.add_argument("--batch", type=int, default=1, help="images per prompt")
-    p.add_argument("--max-batch", type=int, default=8, help="most UNet samples per forward pass")
     p.add_argument("--tile-area", type=int, default=DEFAULT_TILE_AREA, help="VAE runs tiled above this pixel area")
     p.add_argument("--dtype", default=None, choices=DTYPES, help="default: float16 on CUDA, float32 on CPU")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:N (default: cuda when available)")
     p.add_argument("--allow-pickle", action="store_true", help="allow loading pickled (.ckpt/.bin) weights")
     p.add_argument("--no-previews", action="store_true", help="do not write per-phase previews")
-    p.add_argument(
-        "--set",
-        dest="params",
-        action="append",
-        default=[],
-        metavar="NAME=VALUE",
-        help="method parameter (see `hiresdiff methods`); repeatable",
-    )
+    add_sampling_options(p, set_help="method parameter (see `hiresdiff methods`)")
     p.add_argument("--from-png", default=None, metavar="FILE", help="regenerate the image stored in a hiresdiff PNG")
     p.add_argument("--out", default="out", help="output folder")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
@@ -113,13 +96,9 @@ def cmd_generate(args: argparse.Namespace) -> int:
             "dtype": args.dtype,
             "width": args.width,
             "height": args.height,
-            "steps": args.steps,
-            "guidance": args.guidance,
-            "negative_prompt": args.negative,
-            "scheduler": args.scheduler,
+            **sampling_settings(args),
             "seed": args.seed,
             "num_images_per_prompt": args.batch,
-            "max_batch": args.max_batch,
             "decode_tile_area": args.tile_area,
             "preset": args.preset,
             "paper": args.paper,

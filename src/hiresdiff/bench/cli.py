@@ -14,6 +14,7 @@ from pathlib import Path
 
 from hiresdiff.bench.plan import BenchPlan, build_plan, parse_sweeps
 from hiresdiff.bench.prompts import load_prompts
+from hiresdiff.cli_options import add_sampling_options, sampling_settings
 from hiresdiff.config import DTYPES, parse_assignments
 from hiresdiff.errors import require
 from hiresdiff.evaluation.extractors import DEFAULT_CLIP_MODEL
@@ -45,20 +46,7 @@ def register(sub: argparse._SubParsersAction) -> dict[str, Callable[[argparse.Na
     p.add_argument("--limit", type=int, default=None, help="use the first N prompts")
     p.add_argument("--sizes", default="2x", help="comma-separated: 2x, 4x (× native size per side) or WxH pixels")
     p.add_argument("--seeds", default="0", help="comma-separated seeds or ranges (0,1 or 0-7); a CSV seed column wins")
-    p.add_argument("--steps", type=int, default=None, help="inference steps N (default 50)")
-    p.add_argument("--guidance", type=float, default=None, help="classifier-free guidance scale")
-    p.add_argument("--scheduler", default=None, help="scheduler name (see `hiresdiff generate --help`)")
-    p.add_argument("--negative", default=None, help="negative prompt (default: each method's paper default)")
-    p.add_argument("--paper", action="store_true", help="the papers' setting: DDIM, 50 steps, guidance 7.5")
-    p.add_argument("--max-batch", type=int, default=None, help="most denoiser samples per forward pass (default 8)")
-    p.add_argument(
-        "--set",
-        dest="params",
-        action="append",
-        default=[],
-        metavar="NAME=VALUE",
-        help="fixed parameter for the methods that have it; repeatable",
-    )
+    add_sampling_options(p, set_help="fixed parameter for the methods that have it")
     p.add_argument(
         "--sweep",
         action="append",
@@ -95,13 +83,6 @@ def plan_from_args(args: argparse.Namespace) -> BenchPlan:
 
     require(bool(args.methods), "give --methods, e.g. --methods direct,demofusion,apt:apt-sas (or --report-only)")
     require(bool(args.prompts), "give --prompts: builtin:smoke, a prompt file, a caption CSV or a captioned folder")
-    settings = {
-        "steps": args.steps,
-        "guidance": args.guidance,
-        "scheduler": args.scheduler,
-        "negative_prompt": args.negative,
-        "max_batch": args.max_batch,
-    }
     return build_plan(
         args.model or DEFAULT_MODEL,
         args.methods,
@@ -110,7 +91,7 @@ def plan_from_args(args: argparse.Namespace) -> BenchPlan:
         load_prompts(args.prompts, args.limit),
         sweeps=parse_sweeps(args.sweep),
         fixed=parse_assignments(args.params),
-        settings={k: v for k, v in settings.items() if v is not None},
+        settings=sampling_settings(args),
         dtype=args.dtype,
         paper=args.paper,
         allow_pickle=args.allow_pickle,

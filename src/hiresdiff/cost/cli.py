@@ -6,6 +6,7 @@ import argparse
 import json
 from typing import Any
 
+from hiresdiff.cli_options import add_sampling_options, sampling_settings
 from hiresdiff.config import parse_assignments
 
 TERA = 1e12
@@ -22,14 +23,9 @@ def register(sub: argparse._SubParsersAction) -> dict[str, Any]:
     p.add_argument("--model", default="random-sdxl", help="random-sdxl, random-sd15, random-flux, tiny-*, or a hub id")
     p.add_argument("--width", type=int, default=None, help="pixels (default: twice the native size)")
     p.add_argument("--height", type=int, default=None, help="pixels (default: twice the native size)")
-    p.add_argument("--steps", type=int, default=None)
-    p.add_argument("--guidance", type=float, default=None)
-    p.add_argument("--scheduler", default=None)
-    p.add_argument("--preset", default=None)
-    p.add_argument("--paper", action="store_true", help="the papers' sampling setting (DDIM, 50 steps, 7.5)")
+    p.add_argument("--preset", default=None, help="named parameter preset of the method (see `hiresdiff methods`)")
     p.add_argument("--batch", type=int, default=None, help="images per prompt")
-    p.add_argument("--max-batch", type=int, default=None, help="most denoiser samples per forward pass")
-    p.add_argument("--set", dest="params", action="append", default=[], metavar="NAME=VALUE")
+    add_sampling_options(p, set_help="method parameter (see `hiresdiff methods`)")
     p.add_argument("--peak-tflops", type=float, default=None, help="also print the FLOP-bound time at this rate")
     p.add_argument("--json", action="store_true", help="print the report as JSON")
     return {"cost": cmd_cost}
@@ -40,15 +36,8 @@ def cmd_cost(args: argparse.Namespace) -> int:
     from hiresdiff.errors import require
 
     require(args.peak_tflops is None or args.peak_tflops > 0, f"--peak-tflops must be > 0, got {args.peak_tflops}")
-    options = {
-        "steps": args.steps,
-        "guidance": args.guidance,
-        "scheduler": args.scheduler,
-        "preset": args.preset,
-        "num_images_per_prompt": args.batch,
-        "max_batch": args.max_batch,
-    }
-    kwargs = {k: v for k, v in options.items() if v is not None}
+    options = {"preset": args.preset, "num_images_per_prompt": args.batch}
+    kwargs = {**sampling_settings(args), **{k: v for k, v in options.items() if v is not None}}
     report = model_cost(
         args.method, args.model, args.width, args.height, paper=args.paper, **kwargs, **parse_assignments(args.params)
     )

@@ -1,0 +1,38 @@
+"""Command-line options shared by ``generate``, ``bench`` and ``cost``: the sampling settings and ``--set``."""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+from hiresdiff.schedulers import scheduler_names
+
+
+def add_sampling_options(p: argparse.ArgumentParser, *, set_help: str) -> None:
+    """``--steps --guidance --scheduler --negative --paper --max-batch --set``; unset values stay ``None`` so the
+    method's and :class:`~hiresdiff.config.GenerationSettings`' defaults apply (see :func:`sampling_settings`)."""
+    p.add_argument("--steps", type=int, default=None, help="inference steps N (default 50)")
+    p.add_argument("--guidance", type=float, default=None, help="classifier-free guidance scale (default 7.5)")
+    p.add_argument("--scheduler", default=None, help=f"one of: {', '.join(scheduler_names())} (default euler)")
+    p.add_argument("--negative", default=None, help="negative prompt (default: the method's paper default)")
+    p.add_argument(
+        "--paper",
+        action="store_true",
+        help="the papers' sampling setting: DDIM, 50 steps, guidance 7.5, paper negative",
+    )
+    p.add_argument("--max-batch", type=int, default=None, help="most denoiser samples per forward pass (default 8)")
+    p.add_argument(
+        "--set", dest="params", action="append", default=[], metavar="NAME=VALUE", help=f"{set_help}; repeatable"
+    )
+
+
+def sampling_settings(args: argparse.Namespace) -> dict[str, Any]:
+    """The sampling settings given on the command line (unset ones left out)."""
+    values = {
+        "steps": args.steps,
+        "guidance": args.guidance,
+        "scheduler": args.scheduler,
+        "negative_prompt": args.negative,
+        "max_batch": args.max_batch,
+    }
+    return {k: v for k, v in values.items() if v is not None}
