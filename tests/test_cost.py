@@ -128,7 +128,7 @@ def test_cost_cli_json_and_errors(capsys):
     assert main(["cost", "--method", "demofusion", "--model", "tiny-sd", "--steps", "2"]) == 0
     assert "native-size denoiser samples: 56 (28 per step)" in capsys.readouterr().out
     for argv, message in [
-        (["cost", "--model", "some/unknown-model"], "no known architecture"),
+        (["cost", "--model", "some/unknown-model"], "HF_HUB_OFFLINE"),
         (["cost", "--model", "tiny-sd", "--width", "100"], "latent grid (8 px)"),
         (["cost", "--method", "nope", "--model", "tiny-sd"], "unknown method"),
         (["cost", "--model", "tiny-sd", "--peak-tflops", "0"], "--peak-tflops"),
@@ -145,3 +145,24 @@ def test_accdiffusion_capture_runs_on_every_cost_run():
     demo = model_cost("demofusion", "tiny-sdxl", 512, 512, steps=2)
     assert first.native_samples == again.native_samples == demo.native_samples == 2 * (2 + 26)
     assert first.denoiser_flops == again.denoiser_flops > demo.denoiser_flops  # + the capture's projections
+
+
+def _diffusers_folder(root, pipeline: str, sample_size: int) -> str:
+    (root / "unet").mkdir(parents=True)
+    (root / "vae").mkdir()
+    (root / "model_index.json").write_text(json.dumps({"_class_name": pipeline}))
+    (root / "unet" / "config.json").write_text(json.dumps({"sample_size": sample_size}))
+    (root / "vae" / "config.json").write_text(json.dumps({"block_out_channels": [128, 256, 512, 512]}))
+    return str(root)
+
+
+def test_checkpoints_map_to_the_architecture_of_their_family(tmp_path, capsys):
+    from hiresdiff.cost import architecture_of
+
+    finetune = _diffusers_folder(tmp_path / "sdxl-finetune", "StableDiffusionXLPipeline", 128)
+    assert architecture_of(finetune) == "random-sdxl"
+    assert architecture_of("black-forest-labs/FLUX.1-dev") == "random-flux"
+    odd = _diffusers_folder(tmp_path / "sd2-768", "StableDiffusionPipeline", 96)
+    assert main(["cost", "--model", odd]) == 2
+    err = capsys.readouterr().err
+    assert "no built-in architecture" in err and "native 768 px" in err and err.count("\n") == 1

@@ -70,16 +70,34 @@ class CostReport:
         }
 
 
+#: (family, native size) → the built-in full-size architecture that stands in for other checkpoints of it
+FAMILY_ARCHITECTURES = {("sdxl", 1024): "random-sdxl", ("sd", 512): "random-sd15", ("flux", 1024): "random-flux"}
+
+
 def architecture_of(model: str) -> str:
-    """The built-in model whose architecture ``model`` has (one-line error when none is known)."""
+    """The built-in model whose architecture ``model`` has (one-line error when none is known).
+
+    Built-in names stand for themselves and :data:`ARCHITECTURES` maps known hub ids without any look-up; other
+    references (fine-tuned checkpoints, local folders, single files) are resolved from their configs
+    (:func:`~hiresdiff.models.loading.resolve_model`, no weights) and mapped by family and native size
+    (:data:`FAMILY_ARCHITECTURES`: an SD 2.x-base checkpoint is counted as SD 1.5's UNet and text encoder).
+    """
+    from hiresdiff.models.loading import resolve_model
     from hiresdiff.models.tiny import BUILTIN_MODELS
 
     if model in BUILTIN_MODELS:
         return model
     if model in ARCHITECTURES:
         return ARCHITECTURES[model]
-    known = ", ".join([*BUILTIN_MODELS, *ARCHITECTURES])
-    raise HiresError(f"cost: no known architecture for model {model!r}; use one of: {known}")
+    spec = resolve_model(model)
+    arch = FAMILY_ARCHITECTURES.get((spec.family, spec.native_size))
+    if arch is None:
+        known = ", ".join(f"{family} at {size} px" for family, size in FAMILY_ARCHITECTURES)
+        raise HiresError(
+            f"cost: no built-in architecture for {model!r} ({spec.family}, native {spec.native_size} px); "
+            f"supported: {known}"
+        )
+    return arch
 
 
 def _latent_counter(native_cells: int) -> Any:
