@@ -33,7 +33,9 @@ def _add_generate(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--seed", type=int, default=0, help="image i of the batch uses seed + i")
     p.add_argument("--preset", default=None, help="named parameter preset of the method (see `hiresdiff methods`)")
     p.add_argument("--batch", type=int, default=1, help="images per prompt")
-    p.add_argument("--tile-area", type=int, default=DEFAULT_TILE_AREA, help="VAE runs tiled above this pixel area")
+    p.add_argument(
+        "--tile-area", type=int, default=None, help=f"VAE tiles above this pixel area (default {DEFAULT_TILE_AREA})"
+    )
     p.add_argument("--dtype", default=None, choices=DTYPES, help="default: float16 on CUDA, float32 on CPU")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:N (default: cuda when available)")
     p.add_argument("--allow-pickle", action="store_true", help="allow loading pickled (.ckpt/.bin) weights")

@@ -9,8 +9,9 @@ from hiresdiff.schedulers import scheduler_names
 
 
 def add_sampling_options(p: argparse.ArgumentParser, *, set_help: str) -> None:
-    """``--steps --guidance --scheduler --negative --paper --max-batch --set``; unset values stay ``None`` so the
-    method's and :class:`~hiresdiff.config.GenerationSettings`' defaults apply (see :func:`sampling_settings`)."""
+    """``--steps --guidance --scheduler --negative --paper --max-batch --low-vram --set``; unset values stay
+    ``None`` so the method's and :class:`~hiresdiff.config.GenerationSettings`' defaults apply (see
+    :func:`sampling_settings`)."""
     p.add_argument("--steps", type=int, default=None, help="inference steps N (default 50)")
     p.add_argument("--guidance", type=float, default=None, help="classifier-free guidance scale (default 7.5)")
     p.add_argument("--scheduler", default=None, help=f"one of: {', '.join(scheduler_names())} (default euler)")
@@ -21,6 +22,11 @@ def add_sampling_options(p: argparse.ArgumentParser, *, set_help: str) -> None:
         help="the papers' sampling setting: DDIM, 50 steps, guidance 7.5, paper negative",
     )
     p.add_argument("--max-batch", type=int, default=None, help="most denoiser samples per forward pass (default 8)")
+    p.add_argument(
+        "--low-vram",
+        action="store_true",
+        help="text encoders and VAE wait on the CPU between uses; --max-batch 2 and VAE tiles from 1024² by default",
+    )
     p.add_argument(
         "--set", dest="params", action="append", default=[], metavar="NAME=VALUE", help=f"{set_help}; repeatable"
     )
@@ -34,5 +40,6 @@ def sampling_settings(args: argparse.Namespace) -> dict[str, Any]:
         "scheduler": args.scheduler,
         "negative_prompt": args.negative,
         "max_batch": args.max_batch,
+        "low_vram": args.low_vram or None,
     }
     return {k: v for k, v in values.items() if v is not None}

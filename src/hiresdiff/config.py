@@ -48,7 +48,8 @@ class GenerationSettings:
     (views, dilated samples and both guidance halves together); ``decode_tile_area`` the pixel area above which
     the VAE runs tiled (``0`` = always tile, ``None`` = never). ``ag_*``: AP-LDM attentive guidance in the
     native-size first phase of any method (strength λ, 0 = off; delay; decay exponent f; decay ``cosine``,
-    ``linear`` or ``none``; SPEC §5).
+    ``linear`` or ``none``; SPEC §5). ``low_vram`` keeps the text encoders and the VAE on the CPU between their
+    uses (see :func:`low_vram_defaults` for the batch and tile sizes it implies).
     """
 
     prompt: list[str]
@@ -67,6 +68,7 @@ class GenerationSettings:
     ag_delay: int = 3
     ag_exponent: float = 3.0
     ag_decay: str = "cosine"
+    low_vram: bool = False
 
     def __post_init__(self) -> None:
         if isinstance(self.prompt, str):
@@ -171,3 +173,12 @@ def parse_assignments(items: list[str]) -> dict[str, str]:
         require(bool(sep) and bool(name.strip()), f"--set expects name=value, got {item!r}")
         out[name.strip().replace("-", "_")] = value.strip()
     return out
+
+
+#: ``low_vram`` defaults: at most two denoiser samples per call and VAE tiles from 1024² px on
+LOW_VRAM_DEFAULTS: dict[str, Any] = {"max_batch": 2, "decode_tile_area": 1024 * 1024}
+
+
+def low_vram_defaults(kwargs: dict[str, Any]) -> dict[str, Any]:
+    """``kwargs`` with :data:`LOW_VRAM_DEFAULTS` filled in where ``low_vram`` is on and the caller gave none."""
+    return {**LOW_VRAM_DEFAULTS, **kwargs} if kwargs.get("low_vram") else kwargs

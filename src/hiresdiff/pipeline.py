@@ -10,7 +10,14 @@ from typing import Any
 import torch
 from PIL import Image
 
-from hiresdiff.config import DTYPES, PAPER_SETTING, GenerationSettings, coerce_params, parse_fields
+from hiresdiff.config import (
+    DTYPES,
+    PAPER_SETTING,
+    GenerationSettings,
+    coerce_params,
+    low_vram_defaults,
+    parse_fields,
+)
 from hiresdiff.errors import HiresError, require
 from hiresdiff.images import to_pil
 from hiresdiff.methods import Method, get_method
@@ -68,6 +75,7 @@ def build_request(
         kwargs = {**m.presets[preset], **kwargs}
     if paper:
         kwargs = {**PAPER_SETTING, **kwargs}
+    kwargs = low_vram_defaults(kwargs)
     kwargs = {**m.setting_defaults, **kwargs}
     common = parse_fields(GenerationSettings, {k: v for k, v in kwargs.items() if k in SETTING_NAMES})
     specific = {k: v for k, v in kwargs.items() if k not in SETTING_NAMES}
@@ -166,6 +174,7 @@ class HiresPipeline:
 
         s, ad = req.settings, self.adapter
         ad.refresh_placement()
+        ad.set_offload(s.low_vram)
         if s.scheduler == MODEL_DEFAULT or (ad.family == "flux" and s.scheduler == "euler"):
             ad.scheduler = type(self._base_scheduler).from_config(self._base_scheduler_config)
         else:

@@ -7,6 +7,8 @@ predictions to x̂0 and back, and to encode/decode with the tiling of SPEC §2.4
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -115,6 +117,42 @@ class ModelAdapter:
     def num_train_timesteps(self) -> int:
         return int(self.scheduler.config.num_train_timesteps)
 
+    # --- low-VRAM mode -------------------------------------------------------------------------------------
+    def _offloadable(self) -> list[torch.nn.Module]:
+        """The text encoders and the VAE (what ``low_vram`` keeps on the CPU between uses)."""
+        names = ("text_encoder", "text_encoder_2", "vae")
+        return [m for m in (getattr(self.pipe, n, None) for n in names) if isinstance(m, torch.nn.Module)]
+
+    def set_offload(self, on: bool) -> None:
+        """Keep the text encoders and the VAE on the CPU, moving each to the denoiser's device only while it runs
+        (``on``); turning it off brings them back to the denoiser's device. Placement is left alone while the mode
+        does not change, so a pipeline the caller arranged stays as it is."""
+        if on == getattr(self, "offload", False):
+            return
+        self.offload = on
+        home = torch.device("cpu") if on else self.device
+        for module in self._offloadable():
+            module.to(home)
+
+    @contextmanager
+    def borrowed(self, *modules: torch.nn.Module) -> Iterator[None]:
+        """In low-VRAM mode, ``modules`` on the denoiser's device for the block, back on the CPU afterwards."""
+        if not getattr(self, "offload", False):
+            yield
+            return
+        for module in modules:
+            module.to(self.device)
+        try:
+            yield
+        finally:
+            for module in modules:
+                module.to("cpu")
+            if self.device.type == "cuda":
+                torch.cuda.empty_cache()
+
+    def text_encoders(self) -> list[torch.nn.Module]:
+        return [m for m in self._offloadable() if m is not self.vae]
+
     # --- scheduler ------------------------------------------------------------------------------------------
     def set_timesteps(self, steps: int) -> None:
         """Prepare ``self.scheduler`` for ``steps`` inference steps."""
@@ -136,13 +174,14 @@ class ModelAdapter:
     @torch.no_grad()
     def encode_prompt(self, prompts: list[str], negatives: list[str] | None, cfg: bool) -> PromptEmbeds:
         """Encode prompts (and negatives when ``cfg``) through the pipeline's own ``encode_prompt``."""
-        out = self.pipe.encode_prompt(
-            prompt=prompts,
-            device=self.device,
-            num_images_per_prompt=1,
-            do_classifier_free_guidance=cfg,
-            negative_prompt=negatives,
-        )
+        with self.borrowed(*self.text_encoders()):
+            out = self.pipe.encode_prompt(
+                prompt=prompts,
+                device=self.device,
+                num_images_per_prompt=1,
+                do_classifier_free_guidance=cfg,
+                negative_prompt=negatives,
+            )
         if self.family == "sdxl":
             cond, uncond, pooled, pooled_uncond = out
             return PromptEmbeds(cond, uncond if cfg else None, pooled, pooled_uncond if cfg else None)
@@ -243,11 +282,12 @@ class ModelAdapter:
             return self.vae.decode(tile, return_dict=False)[0].float()
 
         area = z.shape[-2] * z.shape[-1] * self.vae_scale_factor**2
-        if tile_area is not None and area > tile_area:
-            core, margin = self._tile_geometry()
-            images = tiled_apply(z, run, core, margin, float(self.vae_scale_factor))
-        else:
-            images = run(z)
+        with self.borrowed(self.vae):
+            if tile_area is not None and area > tile_area:
+                core, margin = self._tile_geometry()
+                images = tiled_apply(z, run, core, margin, float(self.vae_scale_factor))
+            else:
+                images = run(z)
         return images.clamp(-1, 1).cpu()
 
     @torch.no_grad()
@@ -259,10 +299,11 @@ class ModelAdapter:
         def run(tile: torch.Tensor) -> torch.Tensor:
             return self.vae.encode(tile).latent_dist.mean.float()
 
-        if tile_area is not None and x.shape[-2] * x.shape[-1] > tile_area:
-            core, margin = self._tile_geometry()
-            f = self.vae_scale_factor
-            z = tiled_apply(x, run, core * f, margin * f, 1.0 / f)
-        else:
-            z = run(x)
+        with self.borrowed(self.vae):
+            if tile_area is not None and x.shape[-2] * x.shape[-1] > tile_area:
+                core, margin = self._tile_geometry()
+                f = self.vae_scale_factor
+                z = tiled_apply(x, run, core * f, margin * f, 1.0 / f)
+            else:
+                z = run(x)
         return (z - shift) * scale

@@ -289,13 +289,14 @@ class FluxAdapter(ModelAdapter):
 
         FLUX.1 is guidance-distilled (dev) or guidance-free (schnell): ``negatives`` and ``cfg`` are ignored.
         """
-        cond, pooled, _text_ids = self.pipe.encode_prompt(
-            prompt=prompts,
-            prompt_2=None,
-            device=self.device,
-            num_images_per_prompt=1,
-            max_sequence_length=self.max_sequence_length,
-        )
+        with self.borrowed(*self.text_encoders()):
+            cond, pooled, _text_ids = self.pipe.encode_prompt(
+                prompt=prompts,
+                prompt_2=None,
+                device=self.device,
+                num_images_per_prompt=1,
+                max_sequence_length=self.max_sequence_length,
+            )
         return PromptEmbeds(cond, None, pooled, None)
 
     # --- denoiser ----------------------------------------------------------------------------------------
