@@ -10,14 +10,16 @@ are already there)::
 Each record holds ``method``, ``preset``, ``model``, ``width``, ``height``, ``dtype``, ``device``, ``torch``,
 ``wall_s``, ``peak_mem_gb``, ``model_flops`` (``hiresdiff cost`` of the same settings), ``matmul_tflops`` (the
 device's bf16/fp16 large matrix-multiply rate measured in the same process, ``n³`` with ``n = --matmul``),
-``achieved_tflops`` = model FLOPs ÷ wall time, ``mfu`` = achieved ÷ matmul rate, and ``flop_bound_s`` = model
-FLOPs ÷ matmul rate. The same script runs on a CPU with the tiny models (used by the tests).
+``params`` (the ``--set`` values, e.g. ``low_vram=true``), ``achieved_tflops`` = model FLOPs ÷ wall time,
+``mfu`` = achieved ÷ matmul rate, and ``flop_bound_s`` = model FLOPs ÷ matmul rate. The same script runs on a
+CPU with the tiny models (used by the tests).
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import re
 import sys
 import time
@@ -72,7 +74,10 @@ def parse_methods(text: str) -> list[tuple[str, str | None]]:
 
 
 def record_key(r: dict[str, Any]) -> tuple[Any, ...]:
-    return (r["method"], r["preset"], r["model"], r["width"], r["height"], r["dtype"], r["steps"])
+    """What makes a run distinct (a rerun skips runs whose key is recorded)."""
+    params = json.dumps(r.get("params", {}), sort_keys=True)
+    size = (r["width"], r["height"])
+    return (r["method"], r["preset"], r["model"], *size, r["dtype"], r["steps"], r.get("max_batch"), params)
 
 
 def method_kwargs(method: str, preset: str | None, params: dict[str, Any], **settings: Any) -> dict[str, Any]:
@@ -97,7 +102,7 @@ def bench(argv: list[str] | None) -> int:
     p.add_argument("--dtype", default="bfloat16")
     p.add_argument("--device", default=None)
     p.add_argument("--steps", type=int, default=50)
-    p.add_argument("--max-batch", type=int, default=8)
+    p.add_argument("--max-batch", type=int, default=None, help="default 8 (2 with --set low_vram=true)")
     p.add_argument("--matmul", type=int, default=8192, help="side of the reference matrix product")
     p.add_argument("--out", default=str(Path(__file__).parent / "results"))
     p.add_argument("--set", dest="params", action="append", default=[], metavar="NAME=VALUE")
@@ -111,7 +116,8 @@ def bench(argv: list[str] | None) -> int:
     spec = resolve_model(args.model)
     runs = []
     for method, preset in parse_methods(args.methods):
-        kwargs = method_kwargs(method, preset, params, steps=args.steps, max_batch=args.max_batch)
+        given = {"max_batch": args.max_batch} if args.max_batch is not None else {}
+        kwargs = method_kwargs(method, preset, params, steps=args.steps, **given)
         for w, h in parse_sizes(args.sizes):
             req = build_request(PROMPT, method, w, h, seed=0, previews=False, **kwargs)
             check_for_model(req, spec.native_size, spec.pixel_grid)  # every run is validated before any work
@@ -128,7 +134,7 @@ def bench(argv: list[str] | None) -> int:
     for method, kwargs, w, h, req in runs:
         preset = kwargs["preset"]
         base = {"method": method, "preset": preset, "model": args.model, "width": w, "height": h}
-        base |= {"dtype": args.dtype, "steps": args.steps}
+        base |= {"dtype": args.dtype, "steps": args.steps, "max_batch": req.settings.max_batch, "params": params}
         if record_key(base) in done:
             continue
         _, seconds, peak = timed_run(pipe, req)

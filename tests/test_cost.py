@@ -166,3 +166,11 @@ def test_checkpoints_map_to_the_architecture_of_their_family(tmp_path, capsys):
     assert main(["cost", "--model", odd]) == 2
     err = capsys.readouterr().err
     assert "no built-in architecture" in err and "native 768 px" in err and err.count("\n") == 1
+
+
+def test_low_vram_changes_batching_not_flops():
+    plain = model_cost("demofusion", "tiny-sdxl", 512, 512, steps=2)
+    low = model_cost("demofusion", "tiny-sdxl", 512, 512, steps=2, low_vram=True)
+    assert low.denoiser_calls > plain.denoiser_calls  # two samples per call instead of eight
+    assert low.native_samples == plain.native_samples
+    assert low.denoiser_flops == pytest.approx(plain.denoiser_flops, rel=1e-9)

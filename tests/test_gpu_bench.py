@@ -43,6 +43,14 @@ def test_records_resume_and_flops(tmp_path, capsys):
     assert bench.main(argv) == 0  # everything recorded: nothing is run again
     assert "256×256" not in capsys.readouterr().out
     assert json.loads(path.read_text()) == records
+    assert bench.main([*argv, "--methods", "direct", "--set", "low_vram=true"]) == 0  # another setting: a new run
+    low = json.loads(path.read_text())[-1]
+    assert (low["method"], low["max_batch"], low["params"]) == (
+        "direct",
+        2,
+        {"shortcut_steps": "1", "low_vram": "true"},
+    )
+    assert records[0]["max_batch"] == 8
 
 
 def test_bad_runs_are_refused_before_loading(tmp_path, capsys, monkeypatch):

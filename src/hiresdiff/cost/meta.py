@@ -144,6 +144,10 @@ class MetaModule:
     def device(self) -> torch.device:
         return HOST
 
+    def to(self, *args: Any, **kwargs: Any) -> MetaModule:
+        """Moving a shape-only module means nothing (low-VRAM offloading, VAE upcast): stays on ``meta``."""
+        return self
+
     def set_attn_processor(self, processor: Any) -> None:
         """Install processors on the wrapped module and remember what they are (part of the call signature)."""
         self._module.set_attn_processor(processor)
