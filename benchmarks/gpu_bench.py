@@ -5,7 +5,7 @@ run to ``benchmarks/results/<device>-<date>.json`` (written atomically after eve
 are already there)::
 
     python benchmarks/gpu_bench.py                       # random-sdxl, bf16, every SDXL method at 2048² and 4096²
-    python benchmarks/gpu_bench.py --model random-flux --methods scalediff,direct --sizes 2048,4096
+    python benchmarks/gpu_bench.py --model random-flux --methods scalediff,direct --sizes 2x,4x
 
 Each record holds ``method``, ``preset``, ``model``, ``width``, ``height``, ``dtype``, ``device``, ``torch``,
 ``wall_s``, ``peak_mem_gb``, ``model_flops`` (``hiresdiff cost`` of the same settings), ``matmul_tflops`` (the
@@ -18,7 +18,6 @@ CPU with the tiny models (used by the tests).
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import re
 import sys
@@ -29,12 +28,12 @@ from typing import Any
 
 import torch
 
+from hiresdiff.bench.plan import accepts, parse_methods, parse_sizes
 from hiresdiff.bench.records import device_name, read_json, versions, write_json
 from hiresdiff.bench.runner import timed_run
 from hiresdiff.cost import model_cost
-from hiresdiff.errors import HiresError
-from hiresdiff.methods import get_method
-from hiresdiff.pipeline import SETTING_NAMES, HiresPipeline, build_request, check_for_model, resolve_device
+from hiresdiff.errors import HiresError, require
+from hiresdiff.pipeline import HiresPipeline, build_request, check_for_model, resolve_device
 
 SDXL_METHODS = "direct,multidiffusion,demofusion,accdiffusion,apt:apt,apldm,scalediff"
 PROMPT = "a photograph of a mountain lake at sunrise, highly detailed"
@@ -59,20 +58,6 @@ def sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def parse_sizes(text: str) -> list[tuple[int, int]]:
-    sizes = []
-    for part in filter(None, text.split(",")):
-        m = re.fullmatch(r"(\d+)(?:x(\d+))?", part.strip())
-        if not m:
-            raise SystemExit(f"gpu_bench: bad size {part!r}; use 2048 or 2048x1024")
-        sizes.append((int(m[1]), int(m[2] or m[1])))
-    return sizes
-
-
-def parse_methods(text: str) -> list[tuple[str, str | None]]:
-    return [(m.partition(":")[0], m.partition(":")[2] or None) for m in filter(None, text.split(","))]
-
-
 def record_key(r: dict[str, Any]) -> tuple[Any, ...]:
     """What makes a run distinct (a rerun skips runs whose key is recorded)."""
     params = json.dumps(r.get("params", {}), sort_keys=True)
@@ -82,8 +67,7 @@ def record_key(r: dict[str, Any]) -> tuple[Any, ...]:
 
 def method_kwargs(method: str, preset: str | None, params: dict[str, Any], **settings: Any) -> dict[str, Any]:
     """Settings plus the ``--set`` values that ``method`` takes (others are for other methods)."""
-    names = {f.name for f in dataclasses.fields(get_method(method).params)} | SETTING_NAMES
-    return {"preset": preset, **settings, **{k: v for k, v in params.items() if k in names}}
+    return {"preset": preset, **settings, **{k: v for k, v in params.items() if accepts(method, k)}}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -98,7 +82,7 @@ def bench(argv: list[str] | None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", default="random-sdxl")
     p.add_argument("--methods", default=SDXL_METHODS, help="comma list of method[:preset]")
-    p.add_argument("--sizes", default="2048,4096", help="comma list of N or WxH pixels")
+    p.add_argument("--sizes", default="2x,4x", help="comma list: 2x, 4x (× native size per side) or WxH pixels")
     p.add_argument("--dtype", default="bfloat16")
     p.add_argument("--device", default=None)
     p.add_argument("--steps", type=int, default=50)
@@ -114,11 +98,15 @@ def bench(argv: list[str] | None) -> int:
     dtype = getattr(torch, args.dtype)
     params = parse_assignments(args.params)
     spec = resolve_model(args.model)
+    methods = parse_methods(args.methods)
+    unused = [k for k in params if not any(accepts(m, k) for m, _ in methods)]
+    require(not unused, f"--set {', '.join(unused)}: no method in --methods takes it")
     runs = []
-    for method, preset in parse_methods(args.methods):
+    for method, preset in methods:
         given = {"max_batch": args.max_batch} if args.max_batch is not None else {}
         kwargs = method_kwargs(method, preset, params, steps=args.steps, **given)
-        for w, h in parse_sizes(args.sizes):
+        for size in parse_sizes(args.sizes, spec.native_size):
+            w, h = size.width, size.height
             req = build_request(PROMPT, method, w, h, seed=0, previews=False, **kwargs)
             check_for_model(req, spec.native_size, spec.pixel_grid)  # every run is validated before any work
             runs.append((method, kwargs, w, h, req))

@@ -50,14 +50,20 @@ def test_sdxl_unet_flops_per_native_sample_match_the_published_count():
     assert report.vae_calls == 1 and report.vae_flops > 0
 
 
-def test_scalediff_attention_is_cheaper_than_full_attention():
+def test_neighborhood_attention_is_counted_with_its_processors():
+    """Same calls and samples with NPA on or off; NPA's windowed self-attention costs less than full attention,
+    and the ScaleDiff 2048² stage with full attention costs what direct sampling of its samples costs."""
     kw = {"steps": 2}
-    direct = model_cost("direct", "random-sdxl", 2048, 2048, **kw)
-    scalediff = model_cost("scalediff", "random-sdxl", 2048, 2048, **kw)
-    # ScaleDiff's 2048² stage runs the same UNet samples as direct, but with neighborhood attention
-    full_stage = scalediff.native_samples - 2 * kw["steps"]
-    assert full_stage > 0
-    assert scalediff.denoiser_flops < direct.denoiser_flops
+    npa = model_cost("scalediff", "random-sdxl", 2048, 2048, **kw)
+    full = model_cost("scalediff", "random-sdxl", 2048, 2048, npa=False, **kw)
+    assert (npa.denoiser_calls, npa.native_samples) == (full.denoiser_calls, full.native_samples)
+    assert npa.denoiser_flops < full.denoiser_flops
+    native = model_cost("direct", "random-sdxl", 1024, 1024, steps=1)
+    direct = model_cost("direct", "random-sdxl", 2048, 2048, steps=1)
+    stage_steps = (full.native_samples - native.native_samples * kw["steps"]) / direct.native_samples
+    assert stage_steps == int(stage_steps) > 0
+    expected = native.denoiser_flops * kw["steps"] + direct.denoiser_flops * stage_steps
+    assert full.denoiser_flops == pytest.approx(expected, rel=1e-9)
 
 
 def test_flux_cost_counts_tokens_as_native_samples():

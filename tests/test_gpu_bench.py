@@ -25,7 +25,7 @@ def load_script():
 
 def test_records_resume_and_flops(tmp_path, capsys):
     bench = load_script()
-    argv = ["--model", "tiny-sd", "--methods", "direct,apt:apt-sas", "--sizes", "256", "--dtype", "float32",
+    argv = ["--model", "tiny-sd", "--methods", "direct,apt:apt-sas", "--sizes", "256x256", "--dtype", "float32",
             "--device", "cpu", "--steps", "2", "--matmul", "64", "--set", "shortcut_steps=1",
             "--out", str(tmp_path)]  # fmt: skip
     assert bench.main(argv) == 0
@@ -43,13 +43,10 @@ def test_records_resume_and_flops(tmp_path, capsys):
     assert bench.main(argv) == 0  # everything recorded: nothing is run again
     assert "256×256" not in capsys.readouterr().out
     assert json.loads(path.read_text()) == records
-    assert bench.main([*argv, "--methods", "direct", "--set", "low_vram=true"]) == 0  # another setting: a new run
-    low = json.loads(path.read_text())[-1]
-    assert (low["method"], low["max_batch"], low["params"]) == (
-        "direct",
-        2,
-        {"shortcut_steps": "1", "low_vram": "true"},
-    )
+    assert bench.main([*argv, "--set", "low_vram=true"]) == 0  # another setting: new runs
+    low = json.loads(path.read_text())[2:]
+    assert [(r["method"], r["max_batch"]) for r in low] == [("direct", 2), ("apt", 2)]
+    assert low[0]["params"] == {"shortcut_steps": "1", "low_vram": "true"}
     assert records[0]["max_batch"] == 8
 
 
@@ -61,10 +58,12 @@ def test_bad_runs_are_refused_before_loading(tmp_path, capsys, monkeypatch):
 
     monkeypatch.setattr(bench.HiresPipeline, "from_model", no_load)
     base = ["--model", "tiny-sd", "--device", "cpu", "--out", str(tmp_path)]
-    assert bench.main([*base, "--methods", "nope", "--sizes", "256"]) == 2
+    assert bench.main([*base, "--methods", "nope", "--sizes", "256x256"]) == 2
     assert "unknown method" in capsys.readouterr().err
-    assert bench.main([*base, "--methods", "direct", "--sizes", "250"]) == 2
+    assert bench.main([*base, "--methods", "direct", "--sizes", "250x250"]) == 2
     assert "latent grid" in capsys.readouterr().err
+    assert bench.main([*base, "--methods", "direct", "--sizes", "2x", "--set", "sigmaa=0.5"]) == 2
+    assert "--set sigmaa: no method in --methods takes it" in capsys.readouterr().err
 
 
 @pytest.mark.gpu

@@ -106,7 +106,7 @@ def test_gpu_bench_examples_run_on_a_tiny_model(tmp_path: Path) -> None:
     """The README's GPU benchmark lines, with a tiny model, the CPU and small sizes appended (the last value wins)."""
     lines = [line for line in bash_lines() if line.startswith("python benchmarks/gpu_bench.py")]
     assert lines
-    tiny = ["--model", "tiny-sd", "--sizes", "256", "--steps", "2", "--matmul", "64", "--device", "cpu"]
+    tiny = ["--model", "tiny-sd", "--sizes", "256x256", "--steps", "2", "--matmul", "64", "--device", "cpu"]
     tiny += ["--dtype", "float32", "--methods", "direct,scalediff", "--out", str(tmp_path)]
     for line in lines:
         argv = [*shlex.split(line)[2:], *tiny]

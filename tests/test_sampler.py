@@ -506,3 +506,26 @@ def test_sd_runs_all_methods(sd, method, previews):
     else:
         assert tuple(r.latents.shape) == (1, 4, 24, 32)
         assert bool(torch.isfinite(r.latents).all())
+
+
+def test_denoiser_placement_is_read_once_per_run_and_follows_a_cast(tiny_sd_pipe, monkeypatch):
+    """``ModelMixin.dtype`` walks every parameter: the adapter reads it once per generation, not per UNet call."""
+    from hiresdiff.pipeline import HiresPipeline
+
+    hp = HiresPipeline.from_pipe(tiny_sd_pipe, "tiny-sd")
+    reads = []
+    cls = type(tiny_sd_pipe.unet)
+    original = cls.dtype.fget
+    monkeypatch.setattr(cls, "dtype", property(lambda m: reads.append(1) or original(m)))
+    res = hp("a cat", "multidiffusion", 256, 256, steps=3, progress=False, previews=False, max_batch=2)
+    assert len(reads) == 1 and res.latents.dtype == torch.float32  # 3 steps × 9 views in 2-sample calls
+    hp("a cat", "direct", 128, 128, steps=2, progress=False, previews=False)
+    assert len(reads) == 2  # each run reads it again (the pipeline may have been moved or cast in between)
+    tiny_sd_pipe.unet.to(torch.float64)
+    try:
+        assert hp.adapter.dtype == torch.float32  # cached until the next run refreshes it
+        hp.adapter.refresh_placement()
+        assert hp.adapter.dtype == torch.float64
+    finally:
+        tiny_sd_pipe.unet.to(torch.float32)
+        hp.adapter.refresh_placement()

@@ -17,8 +17,6 @@ from hiresdiff.bench.records import METRICS_FILE, group_dir
 from hiresdiff.errors import require
 
 if TYPE_CHECKING:
-    import torch
-
     from hiresdiff.evaluation.extractors import Extractors
 
 
@@ -44,6 +42,7 @@ def scoring_options(args: argparse.Namespace) -> ScoringOptions | None:
     if args.metrics is None and args.reference is None:
         return None
     from hiresdiff.evaluation.crops import parse_crop_spec
+    from hiresdiff.evaluation.evaluator import resolve_device
     from hiresdiff.evaluation.extractors import inception_builder, pyiqa_builder
     from hiresdiff.evaluation.plan import DISTRIBUTION_METRICS, parse_metrics
     from hiresdiff.evaluation.scores import require_torchmetrics
@@ -57,16 +56,10 @@ def scoring_options(args: argparse.Namespace) -> ScoringOptions | None:
         require_torchmetrics()
         inception_builder(args.inception_weights)  # checks torch-fidelity and the weights, builds nothing
     for name in {"musiq", "clipiqa"} & set(metrics):
-        pyiqa_builder(name, _device(args.device))
+        pyiqa_builder(name, resolve_device(args.device))
     return ScoringOptions(
         metrics, reference, args.crops, args.crop_seed, args.inception_weights, args.clip_model, args.device
     )
-
-
-def _device(device: str | None) -> torch.device:
-    import torch
-
-    return torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
 
 
 def stale(folder: Path) -> bool:
@@ -80,12 +73,13 @@ def stale(folder: Path) -> bool:
 
 def default_extractors(opts: ScoringOptions) -> Extractors:
     """The default networks of ``opts.metrics`` (built once for every group)."""
+    from hiresdiff.evaluation.evaluator import resolve_device
     from hiresdiff.evaluation.extractors import complete_extractors
 
     return complete_extractors(
         None,
         opts.metrics,
-        _device(opts.device),
+        resolve_device(opts.device),
         inception_weights_path=opts.inception_weights,
         clip_model=opts.clip_model,
     )

@@ -55,6 +55,11 @@ class Request:
 class ModelAdapter:
     """Adapter over a loaded diffusers SD or SDXL pipeline (``family`` decides the conditioning)."""
 
+    #: the denoiser's (device, dtype), read by :meth:`refresh_placement`
+    _placement: tuple[torch.device, torch.dtype] | None = None
+    #: low-VRAM mode: text encoders and VAE wait on the CPU (:meth:`set_offload`)
+    offload: bool = False
+
     def __init__(self, pipe: Any) -> None:
         self.pipe = pipe
         self.unet = pipe.unet
@@ -82,7 +87,7 @@ class ModelAdapter:
         """The UNet (FLUX: the transformer)."""
         return self.unet
 
-    def refresh_placement(self) -> None:
+    def refresh_placement(self) -> tuple[torch.device, torch.dtype]:
         """Read the denoiser's device and dtype again (after the pipeline was moved or cast).
 
         They are cached because diffusers' ``ModelMixin.dtype`` walks every parameter (~10 ms for SDXL), which
@@ -90,11 +95,10 @@ class ModelAdapter:
         """
         module = self.denoiser_module
         self._placement = (module.device, module.dtype)
+        return self._placement
 
     def _placed(self) -> tuple[torch.device, torch.dtype]:
-        if getattr(self, "_placement", None) is None:
-            self.refresh_placement()
-        return self._placement
+        return self._placement or self.refresh_placement()
 
     @property
     def device(self) -> torch.device:
@@ -127,7 +131,7 @@ class ModelAdapter:
         """Keep the text encoders and the VAE on the CPU, moving each to the denoiser's device only while it runs
         (``on``); turning it off brings them back to the denoiser's device. Placement is left alone while the mode
         does not change, so a pipeline the caller arranged stays as it is."""
-        if on == getattr(self, "offload", False):
+        if on == self.offload:
             return
         self.offload = on
         home = torch.device("cpu") if on else self.device
@@ -137,7 +141,7 @@ class ModelAdapter:
     @contextmanager
     def borrowed(self, *modules: torch.nn.Module) -> Iterator[None]:
         """In low-VRAM mode, ``modules`` on the denoiser's device for the block, back on the CPU afterwards."""
-        if not getattr(self, "offload", False):
+        if not self.offload:
             yield
             return
         for module in modules:
