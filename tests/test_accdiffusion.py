@@ -20,7 +20,7 @@ from hiresdiff.models.adapter import ModelAdapter
 from hiresdiff.ops.dilation import dilated_split
 from hiresdiff.ops.geometry import View
 from hiresdiff.ops.interaction import permute_lattices
-from hiresdiff.ops.prompts import Word, binary_opening, prompt_words, view_prompt, word_masks
+from hiresdiff.ops.prompts import Word, binary_opening, opening_iterations, prompt_words, view_prompt, word_masks
 from hiresdiff.sampler import Run
 from hiresdiff.schedulers import make_scheduler
 from hiresdiff.stages import Phase, progressive_phases
@@ -43,9 +43,14 @@ def _run(ad: ModelAdapter, prompts: list[str], height: int, width: int, steps: i
 
 
 def _capture_layers(unet) -> list[str]:
-    """Names of the cross-attention processors at the capture level (level 2, else the deepest one)."""
+    """Names of the down/up-block cross-attention processors at the capture level (level 2, else the deepest one);
+    the mid block is not aggregated (official ``from_where=["up", "down"]``)."""
     n = len(unet.config.down_block_types)
-    levels = {k: attention_level(k, n) for k in unet.attn_processors if k.endswith("attn2.processor")}
+    levels = {
+        k: attention_level(k, n)
+        for k in unet.attn_processors
+        if k.endswith("attn2.processor") and not k.startswith("mid_block")
+    }
     target = 2 if 2 in levels.values() else max(levels.values())
     return [k for k, lv in levels.items() if lv == target]
 
@@ -83,21 +88,24 @@ def test_prompt_words_positions_match_the_tokenizer(tiny_sdxl_pipe):
 
 
 def _loop_opening(mask: torch.Tensor, iterations: int = 2) -> torch.Tensor:
-    """Binary opening with a 3×3 square by explicit loops; pixels outside the map are background."""
+    """Binary opening with a 3×3 square by explicit loops, with OpenCV's default borders: outside the map counts
+    as foreground while eroding and as background while dilating."""
     h, w = mask.shape
 
-    def at(m, y, x):
-        return bool(m[y, x]) if 0 <= y < h and 0 <= x < w else False
+    def at(m, y, x, outside):
+        return bool(m[y, x]) if 0 <= y < h and 0 <= x < w else outside
+
+    def apply(m, reduce, outside):
+        near = [
+            [[at(m, y + a, x + b, outside) for a in (-1, 0, 1) for b in (-1, 0, 1)] for x in range(w)] for y in range(h)
+        ]
+        return torch.tensor([[reduce(cell) for cell in row] for row in near])
 
     def erode(m):
-        return torch.tensor(
-            [[all(at(m, y + a, x + b) for a in (-1, 0, 1) for b in (-1, 0, 1)) for x in range(w)] for y in range(h)]
-        )
+        return apply(m, all, True)
 
     def dilate(m):
-        return torch.tensor(
-            [[any(at(m, y + a, x + b) for a in (-1, 0, 1) for b in (-1, 0, 1)) for x in range(w)] for y in range(h)]
-        )
+        return apply(m, any, False)
 
     m = mask.bool()
     for _ in range(iterations):
@@ -107,16 +115,27 @@ def _loop_opening(mask: torch.Tensor, iterations: int = 2) -> torch.Tensor:
     return m
 
 
+def test_opening_iterations_follow_the_map_side():
+    # official: iterations = map side // 16 — 2 on SDXL's 32×32 maps, 1 on 16×16, none on small maps
+    assert [opening_iterations(s, s) for s in (8, 15, 16, 31, 32, 48)] == [0, 0, 1, 1, 2, 3]
+    assert opening_iterations(32, 26) == 1  # non-square: the shorter side
+    blob = torch.zeros(8, 8, dtype=torch.bool)
+    blob[3, 4] = True  # a one-cell word mask on a small map is kept (no opening)
+    assert torch.equal(binary_opening(blob), blob)
+
+
 def test_binary_opening_hand_example():
-    mask = torch.zeros(16, 16, dtype=torch.bool)
-    mask[1:4, 1:4] = True  # isolated 3×3 blob: two erosions remove it
-    mask[0:5, 11:16] = True  # 5×5 block in the top-right corner: survives
-    mask[12:16, 0:4] = True  # 4×4 block in a corner: vanishes because the outside is background
-    mask[7:13, 7:13] = True  # 6×6 block: survives exactly
-    mask[13, 9] = True  # one-pixel spur below it: removed
+    mask = torch.zeros(32, 32, dtype=torch.bool)  # default: 32 // 16 = 2 iterations
+    mask[1:4, 1:4] = True  # isolated 3×3 blob off the border: two erosions remove it
+    mask[0:5, 27:32] = True  # 5×5 block in the top-right corner: survives
+    mask[28:32, 0:4] = True  # 4×4 block in a corner: survives, the border does not erode (OpenCV semantics)
+    mask[14:16, 10:12] = True  # 2×2 blob inside: removed
+    mask[17:23, 17:23] = True  # 6×6 block: survives exactly
+    mask[23, 19] = True  # one-pixel spur below it: removed
     expected = torch.zeros_like(mask)
-    expected[0:5, 11:16] = True
-    expected[7:13, 7:13] = True
+    expected[0:5, 27:32] = True
+    expected[28:32, 0:4] = True
+    expected[17:23, 17:23] = True
     out = binary_opening(mask)
     assert out.dtype == torch.bool and out.shape == mask.shape
     assert torch.equal(out, expected)
@@ -185,8 +204,11 @@ def test_word_masks_binarise_at_mean_and_open():
         (View(16, 16, 32, 32), 0.25 + 1e-6, "sky"),
         (View(16, 16, 32, 32), 0.5, "sky"),
         (View(16, 16, 32, 32), 0.5 + 1e-6, ""),
-        (View(-8, -8, 32, 32), 1.0, "castle sky"),  # jittered past the border: clipped to the canvas
-        (View(40, 40, 32, 32), 1.0, "dog"),
+        # jittered past the border: coverage over the full window (24·24/32² = 0.5625), as the official code
+        (View(-8, -8, 32, 32), 0.5625, "castle sky"),
+        (View(-8, -8, 32, 32), 0.5625 + 1e-6, ""),
+        (View(40, 40, 32, 32), 0.5625, "dog"),
+        (View(40, 40, 32, 32), 0.6, ""),
     ],
 )
 def test_view_prompts_from_synthetic_attention(view, threshold, prompt):
@@ -272,7 +294,8 @@ def test_capture_leaves_phase1_unchanged(request, fixture, level):
     assert maps.shape == (2, 77, *grid)
     torch.testing.assert_close(maps.sum(1), torch.ones(2, *grid), atol=1e-5, rtol=0)
     layers = _capture_layers(pipe.unet)
-    assert len(layers) == 4
+    # tiny SDXL level 2: down_blocks.2 (1) + up_blocks.0 (2), the mid block left out; tiny SD level 1: 1 + 2
+    assert len(layers) == 3 and not any(name.startswith("mid_block") for name in layers)
     assert rec.counts.tolist() == [2.0 * len(layers)] * 2  # steps × layers, conditional branch only
     assert not torch.allclose(maps[0], maps[1])
 
@@ -304,7 +327,7 @@ def test_captured_maps_equal_recomputed_attention(tiny_sdxl_pipe):
     finally:
         for handle in hooks:
             handle.remove()
-    torch.testing.assert_close(rec.maps(), sums / (2 * 4), atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(rec.maps(), sums / (2 * 3), atol=1e-5, rtol=1e-4)
 
 
 def test_first_phase_captures_words_and_masks_without_changing_the_output(tiny_sdxl_pipe):

@@ -94,13 +94,19 @@ def test_gaussian_kernel_bad_sigma(sigma):
 
 
 @pytest.mark.parametrize("k", [3, 5, 7])
-def test_blur_of_constant_is_constant(k):
+def test_blur_of_constant_is_constant_inside_and_falls_off_at_the_zero_border(k):
     x = torch.full((2, 4, 11, 9), 0.0)
     x[0] = 1.75
     x[1] = -3.0
     y = gaussian_blur(x, k, 0.8)
     assert y.shape == x.shape
-    torch.testing.assert_close(y, x, rtol=0, atol=1e-6)
+    r = k // 2
+    torch.testing.assert_close(y[..., r:-r, r:-r], x[..., r:-r, r:-r], rtol=0, atol=1e-6)
+    # zero border (official DemoFusion gaussian_filter): a corner keeps only the in-canvas part of the kernel
+    g = gaussian_kernel1d(k, 0.8, dtype=torch.float64)
+    corner = float(g[r:].sum() ** 2)
+    expected = torch.tensor(1.75 * corner, dtype=torch.float64)
+    torch.testing.assert_close(y[0, 0, 0, 0].double(), expected, atol=1e-6, rtol=0)
 
 
 def _direct_blur(x: torch.Tensor, k: int, sigma: float, mode: str) -> torch.Tensor:
@@ -112,19 +118,15 @@ def _direct_blur(x: torch.Tensor, k: int, sigma: float, mode: str) -> torch.Tens
     return F.conv2d(xp, kernel2d.view(1, 1, k, k)).reshape(b, c, h, w)
 
 
-@pytest.mark.parametrize(("k", "sigma"), [(3, 0.8), (5, 0.5), (7, 1.3)])
-def test_blur_equals_direct_2d_conv_reflect(k, sigma):
-    x = torch.randn(2, 3, 13, 10, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+@pytest.mark.parametrize(
+    ("k", "sigma", "h", "w"), [(3, 0.8, 13, 10), (5, 0.5, 13, 10), (7, 1.3, 13, 10), (5, 0.8, 2, 9)]
+)
+def test_blur_equals_direct_2d_conv_with_zero_border(k, sigma, h, w):
+    x = torch.randn(2, 3, h, w, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
     y = gaussian_blur(x, k, sigma)
-    torch.testing.assert_close(y, _direct_blur(x, k, sigma, "reflect"), rtol=0, atol=1e-12)
-    # the border really is reflected (not zero-padded): a zero-padded reference differs
-    assert (y - _direct_blur(x, k, sigma, "constant")).abs().max() > 1e-3
-
-
-def test_blur_small_side_uses_replicate():
-    x = torch.randn(1, 2, 2, 9, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
-    y = gaussian_blur(x, 5, 0.8)  # pad 2 ≥ side 2: reflect impossible
-    torch.testing.assert_close(y, _direct_blur(x, 5, 0.8, "replicate"), rtol=0, atol=1e-12)
+    torch.testing.assert_close(y, _direct_blur(x, k, sigma, "constant"), rtol=0, atol=1e-12)
+    # the border is zero (official DemoFusion), not reflected or replicated
+    assert (y - _direct_blur(x, k, sigma, "replicate")).abs().max() > 1e-3
 
 
 def test_blur_kernel_one_is_identity():

@@ -18,7 +18,6 @@ from hiresdiff import HiresPipeline
 from hiresdiff.config import GenerationSettings
 from hiresdiff.methods.demofusion import SkipResidual
 from hiresdiff.models.adapter import ModelAdapter
-from hiresdiff.ops.blur import gaussian_blur
 from hiresdiff.ops.dilation import dilated_merge, dilated_split
 from hiresdiff.ops.geometry import view_starts
 from hiresdiff.ops.stats import scalar_stats
@@ -222,15 +221,23 @@ def test_dilated_sampling_request_and_identity(tiny_sdxl_pipe, h, w):
     t = torch.tensor(601.0)
     strategy = DilatedSampling(d, 0.8, 1.0)
     blurred = strategy.blurred(x_in, t)
-    # blur with kernel 2d−1 and σ·c3, c3 = 0.99·cf^α3 + 0.01, renormalised to x_in's scalar statistics
-    mu, sd = scalar_stats(x_in)
+    hp, wp = -(-h // d) * d, -(-w // d) * d
+    assert tuple(blurred.shape) == (b, 4, hp, wp)  # the padded canvas
+    # official DemoFusion construction: zero-pad top/left to multiples of d, blur the padded canvas (kernel 2d−1,
+    # σ·c3, c3 = 0.99·cf^α3 + 0.01, zero border), renormalise to the padded canvas's scalar statistics
+    padded = F.pad(x_in, (wp - w, 0, hp - h, 0))
+    mu, sd = scalar_stats(padded)
     torch.testing.assert_close(scalar_stats(blurred)[0], mu, rtol=0, atol=1e-5)
     torch.testing.assert_close(scalar_stats(blurred)[1], sd, rtol=0, atol=1e-5)
     c3 = 0.99 * (0.5 * (1 + math.cos(math.pi * (1000 - 601) / 1000))) + 0.01
-    raw = gaussian_blur(x_in, 2 * d - 1, 0.8 * c3)
+    k = 2 * d - 1
+    g1 = torch.exp(-((torch.arange(k, dtype=torch.float64) - (k - 1) / 2) ** 2) / (2 * (0.8 * c3) ** 2))
+    g1 = g1 / g1.sum()
+    kernel = torch.outer(g1, g1).float().view(1, 1, k, k).repeat(4, 1, 1, 1)
+    raw = F.conv2d(padded, kernel, padding=k // 2, groups=4)
     expected = (raw - scalar_stats(raw)[0]) / scalar_stats(raw)[1] * sd + mu
     torch.testing.assert_close(blurred, expected, rtol=0, atol=1e-5)
-    assert (blurred - x_in).abs().max() > 1e-3  # it really blurs
+    assert (blurred[..., hp - h :, wp - w :] - x_in).abs().max() > 1e-3  # it really blurs
 
     requests, assemble = strategy.gather(x_in, t, den)
     assert len(requests) == 1
@@ -244,8 +251,8 @@ def test_dilated_sampling_request_and_identity(tiny_sdxl_pipe, h, w):
         for j in range(d):
             for s in range(b):
                 torch.testing.assert_close(req.x[(i * d + j) * b + s], lattice[i, j, s], rtol=0, atol=0)
-    # feeding each sample back as its own prediction reassembles the blurred canvas exactly
-    assert torch.equal(assemble([req.x.clone()]), blurred)
+    # feeding each sample back as its own prediction reassembles the blurred canvas, padding cropped
+    assert torch.equal(assemble([req.x.clone()]), blurred[..., hp - h :, wp - w :])
     # d = 1: no blur, one sample per canvas sample
     assert torch.equal(DilatedSampling(1, 0.8, 1.0).blurred(x_in, t), x_in)
 

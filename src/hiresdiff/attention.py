@@ -19,6 +19,9 @@ from hiresdiff.ops.npa import npa_attention, npa_supported
 
 #: AccDiffusion records the layers whose query grid is w/4 × w/4, i.e. two downsamplings deep
 CAPTURE_LEVEL = 2
+#: the UNet parts whose cross-attention AccDiffusion aggregates: ``from_where=["up", "down"]`` in lzhxmu/AccDiffusion
+#: ``accdiffusion_sdxl.py`` (its ``get_multidiffusion_prompts`` call), so the mid block is left out
+CAPTURE_BLOCKS = ("down_blocks", "up_blocks")
 
 
 def attention_level(name: str, num_levels: int) -> int:
@@ -106,14 +109,21 @@ class CaptureProcessor:
 def capture_cross_attention(
     adapter: ModelAdapter, batch: int, latent_hw: tuple[int, int]
 ) -> Iterator[AttentionRecorder]:
-    """Record cross-attention at level :data:`CAPTURE_LEVEL` (or the deepest level with cross-attention).
+    """Record cross-attention of the down and up blocks (:data:`CAPTURE_BLOCKS`, not the mid block) at level
+    :data:`CAPTURE_LEVEL`, or the deepest level of those blocks with cross-attention.
 
+    As the official AccDiffusion (``aggregate_attention`` over ``("up", "down")`` at the ``h/32 × w/32`` maps in
+    lzhxmu/AccDiffusion ``utils.py``): conditional branch only, averaged over heads, layers and steps.
     ``latent_hw`` is the latent size of the canvas being sampled; ``batch`` its number of samples.
     """
     unet = adapter.unet
     original = dict(unet.attn_processors)
     num_levels = len(unet.config.down_block_types)
-    levels = {n: attention_level(n, num_levels) for n in original if n.endswith("attn2.processor")}
+    levels = {
+        n: attention_level(n, num_levels)
+        for n in original
+        if n.endswith("attn2.processor") and n.startswith(CAPTURE_BLOCKS)
+    }
     target = CAPTURE_LEVEL if CAPTURE_LEVEL in levels.values() else max(levels.values())
     recorder = AttentionRecorder(adapter, batch, grid_at_level(*latent_hw, target))
     wrapped = {n: CaptureProcessor(p, recorder) if levels.get(n) == target else p for n, p in original.items()}

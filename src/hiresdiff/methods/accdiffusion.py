@@ -1,9 +1,11 @@
 """AccDiffusion (Lin et al., ECCV 2024) — SPEC §3: DemoFusion with content-aware view prompts and window interaction.
 
 Algorithm, on top of DemoFusion's phase loop:
-  1. phase 1: record the conditional cross-attention maps at the w/4 × w/4 layers (heads, layers, steps averaged);
-     one mask per prompt word: binarise at its mean, open (3×3, two iterations);
-  2. every later phase: draw the local views once; a view's prompt keeps the words whose mask covers ≥ c of it;
+  1. phase 1: record the conditional cross-attention maps of the down/up-block layers (not mid) whose query grid
+     is w/4 × w/4 (heads, layers, steps averaged); one mask per prompt word: binarise at its mean, open (3×3,
+     ``map side // 16`` iterations, OpenCV borders) — as the official ``get_multidiffusion_prompts``;
+  2. every later phase: draw the local views once; a view's prompt keeps the words whose mask covers ≥ c of its
+     full window;
      local predictions use those prompts with ``multi_guidance_scale``; the dilated samples use the full prompt;
   3. window interaction: the d² dilated samples are permuted independently at every latent position before the
      prediction and un-permuted after it.

@@ -1,7 +1,7 @@
 """Pure tensor functions: no model, no scheduler, no randomness except an explicit generator."""
 
 from hiresdiff.ops.blur import gaussian_blur, gaussian_kernel1d
-from hiresdiff.ops.dilation import dilated_merge, dilated_split
+from hiresdiff.ops.dilation import dilated_merge, dilated_pad, dilated_split
 from hiresdiff.ops.geometry import View, jitter_views, view_starts, views_for
 from hiresdiff.ops.interaction import permute_lattices
 from hiresdiff.ops.matching import statistical_matching
@@ -16,6 +16,7 @@ __all__ = [
     "attentive_lambdas",
     "cosine_factor",
     "dilated_merge",
+    "dilated_pad",
     "dilated_split",
     "eta_for_scale",
     "gaussian_blur",

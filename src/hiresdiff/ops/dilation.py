@@ -10,18 +10,26 @@ def _pads(h: int, w: int, step: int) -> tuple[int, int]:
     return (-h) % step, (-w) % step
 
 
+def dilated_pad(x: torch.Tensor, d: int, multiple: int = 1) -> torch.Tensor:
+    """``x`` (B, C, H, W) zero-padded at the top/left until both sides are multiples of ``d·multiple``.
+
+    The official DemoFusion pads this way before it blurs and splits (``F.pad(latents, (w_pad, 0, h_pad, 0))`` in
+    the dilated-sampling block of PRIS-CV/DemoFusion ``pipeline_demofusion_sdxl.py``); ``multiple`` keeps every
+    sub-lattice side a multiple of the token packing (FLUX packs 2 × 2 latent cells: ``multiple=2``).
+    """
+    ph, pw = _pads(x.shape[-2], x.shape[-1], d * multiple)
+    return F.pad(x, (pw, 0, ph, 0)) if ph or pw else x
+
+
 def dilated_split(x: torch.Tensor, d: int, multiple: int = 1) -> torch.Tensor:
     """Split ``x`` (B, C, H, W) into its ``d²`` dilated sub-lattices.
 
-    ``x`` is zero-padded at the top/left until both sides are multiples of ``d·multiple``, so every sub-lattice
-    side is a multiple of ``multiple`` (FLUX packs 2 × 2 latent cells into a token: ``multiple=2``); the result
-    has shape (d, d, B, C, H'/d, W'/d) with ``out[i, j] = x_pad[:, :, i::d, j::d]``.
+    ``x`` is first padded by :func:`dilated_pad` (a no-op when it is already padded); the result has shape
+    (d, d, B, C, H'/d, W'/d) with ``out[i, j] = x_pad[:, :, i::d, j::d]``.
     """
-    b, c, h, w = x.shape
-    ph, pw = _pads(h, w, d * multiple)
-    xp = F.pad(x, (pw, 0, ph, 0)) if ph or pw else x
-    hd, wd = (h + ph) // d, (w + pw) // d
-    return xp.reshape(b, c, hd, d, wd, d).permute(3, 5, 0, 1, 2, 4)
+    xp = dilated_pad(x, d, multiple)
+    b, c, hp, wp = xp.shape
+    return xp.reshape(b, c, hp // d, d, wp // d, d).permute(3, 5, 0, 1, 2, 4)
 
 
 def dilated_merge(samples: torch.Tensor, height: int, width: int, multiple: int = 1) -> torch.Tensor:

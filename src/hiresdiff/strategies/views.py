@@ -10,7 +10,7 @@ import torch.nn.functional as F
 
 from hiresdiff.models.adapter import PromptEmbeds, Request
 from hiresdiff.ops.blur import gaussian_blur
-from hiresdiff.ops.dilation import dilated_merge, dilated_split
+from hiresdiff.ops.dilation import dilated_merge, dilated_pad, dilated_split
 from hiresdiff.ops.geometry import View, jitter_views, views_for
 from hiresdiff.ops.schedule import cosine_factor
 from hiresdiff.ops.stats import renormalise, scalar_stats
@@ -101,10 +101,13 @@ class LocalViews:
 class DilatedSampling:
     """Global paths by dilated sampling with dilation ``d`` (SPEC §2.3 step 3).
 
-    The canvas is blurred with a ``(2d−1)``-Gaussian of standard deviation ``σ·c3``,
-    ``c3 = 0.99·cf(t)^α3 + 0.01``, renormalised to the canvas's scalar statistics, then split into its ``d²``
-    sub-lattices; their predictions are scattered back. ``permute`` (AccDiffusion window interaction) may shuffle
-    the lattices before prediction and must return the inverse shuffle.
+    As the official DemoFusion (dilated-sampling block of ``DemoFusionSDXLPipeline.__call__``, PRIS-CV/DemoFusion
+    ``pipeline_demofusion_sdxl.py``): the canvas is zero-padded at the top/left to multiples of ``d``
+    (:func:`~hiresdiff.ops.dilation.dilated_pad`), the *padded* canvas is blurred with a ``(2d−1)``-Gaussian of
+    standard deviation ``σ·c3``, ``c3 = 0.99·cf(t)^α3 + 0.01``, with a zero border, and renormalised to the scalar
+    statistics of the padded canvas; its ``d²`` sub-lattices are predicted and scattered back, and the padding is
+    cropped. ``permute`` (AccDiffusion window interaction) may shuffle the lattices before prediction and must
+    return the inverse shuffle.
     """
 
     dilation: int
@@ -113,19 +116,21 @@ class DilatedSampling:
     num_train_timesteps: int = 1000
     permute: Callable[[torch.Tensor], tuple[torch.Tensor, Callable[[torch.Tensor], torch.Tensor]]] | None = None
 
-    def blurred(self, x_in: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        """The blurred, renormalised canvas the dilated samples are cut from."""
+    def blurred(self, x_in: torch.Tensor, t: torch.Tensor, multiple: int = 1) -> torch.Tensor:
+        """The padded, blurred, renormalised canvas the dilated samples are cut from (sides multiples of
+        ``d·multiple``)."""
         d = self.dilation
+        padded = dilated_pad(x_in, d, multiple)
         if d == 1:
-            return x_in
+            return padded
         c3 = 0.99 * cosine_factor(float(t), self.num_train_timesteps) ** self.alpha3 + 0.01
-        return renormalise(gaussian_blur(x_in, 2 * d - 1, self.sigma * c3), *scalar_stats(x_in))
+        return renormalise(gaussian_blur(padded, 2 * d - 1, self.sigma * c3), *scalar_stats(padded))
 
     def gather(self, x_in: torch.Tensor, t: torch.Tensor, den: Denoiser) -> tuple[list[Request], Assembler]:
         b, c, h, w = x_in.shape
         d = self.dilation
         cells = den.adapter.pixel_grid // den.adapter.vae_scale_factor  # latent cells per token side (FLUX: 2)
-        lattice = dilated_split(self.blurred(x_in, t), d, cells)
+        lattice = dilated_split(self.blurred(x_in, t, cells), d, cells)
         unpermute = None
         if self.permute is not None:
             lattice, unpermute = self.permute(lattice)
