@@ -12,15 +12,16 @@ import torch.nn.functional as F
 from hiresdiff import HiresPipeline
 from hiresdiff.errors import HiresError
 from hiresdiff.hooks import AttentiveGuidance, attentive_guidance
-from hiresdiff.methods import apldm as apldm_mod
 from hiresdiff.methods.apldm import APLDMParams, start_index
 from hiresdiff.ops.pfsa import pfsa
-from hiresdiff.ops.schedule import attentive_lambdas
+from hiresdiff.ops.resample import upsample_pixels
+from hiresdiff.ops.schedule import attentive_lambdas, steps_of_fraction
 from hiresdiff.pipeline import build_request
 from hiresdiff.sampler import Run
 from hiresdiff.stages import area_steps, native_area_canvas
 
 pfsa_mod = importlib.import_module("hiresdiff.ops.pfsa")
+sampler_mod = importlib.import_module("hiresdiff.sampler")
 
 
 def direct_pfsa(z: torch.Tensor, scale: float | None = None) -> torch.Tensor:
@@ -115,26 +116,67 @@ def test_start_step_per_substage() -> None:
     assert start_index(30, 0.3) == 21
 
 
+@pytest.mark.parametrize(
+    ("p", "index"), [(0.34, 33), (0.56, 22), (0.68, 16), (0.78, 11), (0.8, 10), (0.9, 5), (0.92, 4)]
+)
+def test_start_index_is_exact_where_floats_are_one_step_early(p: float, index: int) -> None:
+    assert math.floor(50 * (1.0 - p)) == index - 1  # the float product lands just below the integer
+    assert start_index(50, p) == index  # ⌊N·(1 − p)⌋ of the decimal the user typed
+
+
+def test_steps_of_fraction_rounds_half_up_exactly() -> None:
+    assert [steps_of_fraction(n, 0.6) for n in (50, 20, 10, 4, 2, 1)] == [30, 12, 6, 2, 1, 1]
+    assert steps_of_fraction(5, 0.5) == 3 and steps_of_fraction(7, 0.5) == 4  # 2.5 → 3, 3.5 → 4 (not banker's)
+
+
+def _keys_cubic(d: float, a: float = -0.75) -> float:
+    d = abs(d)
+    if d <= 1:
+        return (a + 2) * d**3 - (a + 3) * d**2 + 1
+    return a * d**3 - 5 * a * d**2 + 8 * a * d - 4 * a if d < 2 else 0.0
+
+
+def test_pixel_upsample_is_plain_bicubic_then_clamp() -> None:
+    x = torch.randn(1, 1, 1, 8, generator=torch.Generator().manual_seed(0), dtype=torch.float64) * 0.3
+    out = upsample_pixels(x, (1, 16))
+    for i in range(4, 12):  # interior outputs: Keys' cubic with a = −0.75 at src = (i + ½)/2 − ½
+        src = (i + 0.5) / 2 - 0.5
+        base = math.floor(src)
+        value = sum(_keys_cubic(src - k) * float(x[0, 0, 0, k]) for k in range(base - 1, base + 3))
+        assert float(out[0, 0, 0, i]) == pytest.approx(value, abs=1e-12)
+    aa = F.interpolate(x, size=(1, 16), mode="bicubic", align_corners=False, antialias=True)
+    assert (aa - out).abs().max() > 1e-3  # antialias=True enlarges with the a = −0.5 kernel
+    # the clamp comes after the upsample: overshoot near a clipped edge differs from clamping first
+    step = torch.tensor([[[[-1.4, -1.4, -1.4, 1.6, 1.6, 1.6]]]], dtype=torch.float64)
+    after = upsample_pixels(step, (1, 12))
+    before = F.interpolate(step.clamp(-1, 1), size=(1, 12), mode="bicubic", align_corners=False).clamp(-1, 1)
+    assert after.abs().max() <= 1 and not torch.allclose(after, before)
+
+
 def test_pixel_space_path_and_start_timesteps(tiny_sdxl_pipe, monkeypatch: pytest.MonkeyPatch) -> None:
-    """decode → bicubic upsample → encode, then denoising from ⌊N(1 − p)⌋ (t = 181 at p = 0.2, 81 at p = 0.1)."""
+    """decode (unclamped) → bicubic upsample → clamp → encode, then denoising from ⌊N(1 − p)⌋ (t = 181 at p = 0.2,
+    81 at p = 0.1)."""
     calls: list[str] = []
     hp = HiresPipeline.from_pipe(tiny_sdxl_pipe, "tiny-sdxl")
     ad = hp.adapter
-    real_decode, real_encode, real_resize = ad.decode, ad.encode, apldm_mod.resize_images
+    real_decode, real_encode, real_upsample = ad.decode, ad.encode, sampler_mod.upsample_pixels
     real_denoise = Run.denoise
     firsts: list[int] = []
+    raw: list[torch.Tensor] = []
 
-    def decode(z: torch.Tensor, area: int | None) -> torch.Tensor:
-        calls.append(f"decode {tuple(z.shape[-2:])}")
-        return real_decode(z, area)
+    def decode(z: torch.Tensor, area: int | None, *, clamp: bool = True) -> torch.Tensor:
+        calls.append(f"decode {tuple(z.shape[-2:])} clamp={clamp}")
+        return real_decode(z, area, clamp=clamp)
 
     def encode(img: torch.Tensor, area: int | None) -> torch.Tensor:
         calls.append(f"encode {tuple(img.shape[-2:])}")
+        assert img.abs().max() <= 1.0
         return real_encode(img, area)
 
-    def resize(img: torch.Tensor, size: tuple[int, int], filt: str) -> torch.Tensor:
-        calls.append(f"resize {size} {filt}")
-        return real_resize(img, size, filt)
+    def upsample(img: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+        calls.append(f"upsample {size}")
+        raw.append(img)
+        return real_upsample(img, size)
 
     def denoise(self: Run, x: torch.Tensor, timesteps: torch.Tensor, *a: object, **kw: object) -> torch.Tensor:
         firsts.append(int(timesteps[0]))
@@ -143,7 +185,7 @@ def test_pixel_space_path_and_start_timesteps(tiny_sdxl_pipe, monkeypatch: pytes
 
     monkeypatch.setattr(ad, "decode", decode)
     monkeypatch.setattr(ad, "encode", encode)
-    monkeypatch.setattr(apldm_mod, "resize_images", resize)
+    monkeypatch.setattr(sampler_mod, "upsample_pixels", upsample)
     monkeypatch.setattr(Run, "denoise", denoise)
     res = hp(
         "a cat", "apldm", 640, 384, steps=50, scheduler="ddim", progress=False, progressive="0.1,0.2", previews=False
@@ -153,13 +195,28 @@ def test_pixel_space_path_and_start_timesteps(tiny_sdxl_pipe, monkeypatch: pytes
     mid = area_steps(384, 640, base, 2, 8)[0]
     assert calls[0] == f"denoise {(base[0] // 8, base[1] // 8)}"
     assert calls[1:5] == [
-        f"decode {(base[0] // 8, base[1] // 8)}",
-        f"resize {mid} bicubic",
+        f"decode {(base[0] // 8, base[1] // 8)} clamp=False",
+        f"upsample {mid}",
         f"encode {mid}",
         f"denoise {(mid[0] // 8, mid[1] // 8)}",
     ]
-    assert calls[5:8] == [f"decode {(mid[0] // 8, mid[1] // 8)}", "resize (384, 640) bicubic", "encode (384, 640)"]
+    assert calls[5:8] == [
+        f"decode {(mid[0] // 8, mid[1] // 8)} clamp=False",
+        "upsample (384, 640)",
+        "encode (384, 640)",
+    ]
+    assert calls[8:] == ["denoise (48, 80)", "decode (48, 80) clamp=True"]  # the last sub-stage, the final image
     assert res.images[0].size == (640, 384)
+
+
+def test_target_equal_to_the_base_canvas_runs_no_substage(tiny_sdxl_pipe) -> None:
+    """At the base canvas AP-LDM is stage 1 alone (attentive guidance on the native canvas), as the official."""
+    hp = HiresPipeline.from_pipe(tiny_sdxl_pipe, "tiny-sdxl")
+    kw = {"steps": 6, "progress": False, "seed": 3}
+    res = hp("a cat", "apldm", 256, 256, **kw)
+    assert len(res.previews) == 1  # the final image only: no decoded stage-1 preview, no sub-stage
+    guided_direct = hp("a cat", "direct", 256, 256, ag_lambda=0.004, **kw)
+    assert torch.equal(res.latents, guided_direct.latents)
 
 
 @pytest.mark.parametrize("fixture", ["tiny_sdxl_pipe", "tiny_sd_pipe"])

@@ -21,6 +21,7 @@ from hiresdiff.stages import doubling_phases
 
 npa_ops = importlib.import_module("hiresdiff.ops.npa")
 attention_mod = importlib.import_module("hiresdiff.attention")
+sampler_mod = importlib.import_module("hiresdiff.sampler")
 
 
 def qkv(b: int, h: int, gh: int, gw: int, d: int, seed: int = 0) -> tuple[torch.Tensor, ...]:
@@ -131,6 +132,35 @@ def test_low_high_split_and_mix() -> None:
     assert torch.allclose(frequency_mix(x, y, 0.25), x - low_pass(x, 0.25) + low_pass(y, 0.25), atol=1e-6)
     with pytest.raises(ValueError):
         low_pass(x, 0.0)
+
+
+def test_low_pass_size_truncates_like_the_official() -> None:
+    # 28 × 20 at f = 1/8: int(3.5) = 3 and int(2.5) = 2 cells (round() would give 4 and 2)
+    x = torch.randn(1, 4, 28, 20, generator=torch.Generator().manual_seed(2))
+    down = F.interpolate(x, size=(3, 2), mode="bilinear", align_corners=False, antialias=True)
+    expected = F.interpolate(down, size=(28, 20), mode="bilinear", align_corners=False)
+    torch.testing.assert_close(low_pass(x, 1 / 8), expected, rtol=0, atol=1e-6)
+
+
+def test_stages_reference_from_plain_bicubic_pixel_upsample(tiny_sdxl_pipe, monkeypatch) -> None:
+    """Z_RU: unclamped decode → plain bicubic upsample → clamp → encode; restart at ⌊N·(1 − ρ)⌋ in exact arithmetic."""
+    hp = HiresPipeline.from_pipe(tiny_sdxl_pipe, "tiny-sdxl")
+    sizes, starts = [], []
+    real_upsample, real_begin = sampler_mod.upsample_pixels, Run.begin
+
+    def upsample(img, size):
+        sizes.append(size)
+        return real_upsample(img, size)
+
+    def begin(self, start_index=0):
+        starts.append(start_index)
+        return real_begin(self, start_index)
+
+    monkeypatch.setattr(sampler_mod, "upsample_pixels", upsample)
+    monkeypatch.setattr(Run, "begin", begin)
+    hp("a", "scalediff", 1024, 768, steps=50, restart_ratio=0.34, progress=False, previews=False)
+    assert sizes == [(384, 512), (768, 1024)]
+    assert starts == [0, 33, 33]  # ⌊50·0.66⌋ = 33; floats give 32
 
 
 @pytest.mark.parametrize("scheduler", ["euler", "ddim"])

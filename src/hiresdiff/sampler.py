@@ -19,6 +19,7 @@ from tqdm.auto import tqdm
 from hiresdiff.config import GenerationSettings
 from hiresdiff.hooks import StepHook, attentive_guidance
 from hiresdiff.models.adapter import ModelAdapter, PromptEmbeds
+from hiresdiff.ops.resample import upsample_pixels
 from hiresdiff.strategies.base import Denoiser, Strategy
 from hiresdiff.strategies.full import FullCanvas
 
@@ -157,8 +158,17 @@ class Run:
         return self.denoise(x, timesteps, FullCanvas(), den, hooks, name=name or f"{height}×{width}")
 
     # --- images -------------------------------------------------------------------------------------------
-    def decode(self, latents: torch.Tensor) -> torch.Tensor:
-        return self.adapter.decode(latents, self.settings.decode_tile_area)
+    def decode(self, latents: torch.Tensor, *, clamp: bool = True) -> torch.Tensor:
+        return self.adapter.decode(latents, self.settings.decode_tile_area, clamp=clamp)
+
+    def pixel_upsample(self, latents: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+        """Decode (unclamped), plain bicubic upsample to ``size`` pixels, clamp, encode (posterior mean) — the
+        pixel-space step of AP-LDM (SPEC §5) and ScaleDiff's ``Z_RU`` (SPEC §6). The decoded image is kept as
+        a preview."""
+        image = self.decode(latents, clamp=False)
+        if self.settings.previews:
+            self.previews.append(image.clamp(-1, 1))
+        return self.adapter.encode(upsample_pixels(image, size), self.settings.decode_tile_area)
 
     def add_preview(self, latents: torch.Tensor) -> None:
         """Decode and keep a per-phase preview (skipped when previews are off)."""

@@ -3,9 +3,13 @@
 Algorithm:
   1. stage 1: sample a canvas of about n² pixels at the target aspect; after each scheduler step from ``delay`` on,
      ``z ← z + λ_k·(PFSA(z) − z)`` (attentive guidance, a hook — see :mod:`hiresdiff.hooks`);
-  2. stage 2, for each fraction p_i of the progressive scheduler (sizes linear in area, the last the target):
-     decode → bicubic upsample in pixel space → clamp → encode → noise to step index ⌊N·(1 − p_i)⌋ → denoise the
-     remaining steps on the whole canvas with size conditioning of the current size.
+  2. stage 2 (skipped when the target is the base canvas), for each fraction p_i of the progressive scheduler
+     (sizes linear in area, the last the target): decode → plain bicubic upsample in pixel space (a = −0.75, no
+     antialias) → clamp → encode → noise to step index ⌊N·(1 − p_i)⌋ (exact arithmetic) → denoise the remaining
+     steps on the whole canvas with size conditioning of the current size.
+
+These follow the official ``text_to_image/pipeline_apldm_sdxl.py`` (kmittle/AP-LDM). Deliberate difference: the
+sub-stage sizes are rounded to the latent grid (the official floors them).
 """
 
 from __future__ import annotations
@@ -18,7 +22,7 @@ import torch
 from hiresdiff.config import GenerationSettings
 from hiresdiff.errors import require
 from hiresdiff.methods.base import Method, MethodOutput, Params
-from hiresdiff.ops.resample import resize_images
+from hiresdiff.ops.schedule import start_index
 from hiresdiff.sampler import Run
 from hiresdiff.stages import area_steps, native_area_canvas
 from hiresdiff.strategies.full import FullCanvas
@@ -56,24 +60,16 @@ class APLDMParams(Params):
     def check(self, settings: GenerationSettings, native: int, grid: int) -> None:
         for p in self.fractions(settings.height, settings.width):
             require(
-                math.floor(settings.steps * (1.0 - p)) < settings.steps,
+                start_index(settings.steps, p) < settings.steps,
                 f"progressive fraction {p} leaves no step to denoise at {settings.steps} steps",
             )
 
 
-def start_index(steps: int, fraction: float) -> int:
-    """Step index a sub-stage starts at: ``⌊N·(1 − p)⌋``."""
-    return math.floor(steps * (1.0 - fraction))
-
-
 def refine(run: Run, z: torch.Tensor, size: tuple[int, int], fraction: float, name: str) -> torch.Tensor:
-    """One sub-stage: decode → pixel upsample → encode → re-noise → denoise the last ``fraction`` of the steps."""
-    ad, s = run.adapter, run.settings
-    image = run.decode(z)
-    if s.previews:
-        run.previews.append(image)
-    z_up = ad.encode(resize_images(image, size, "bicubic"), s.decode_tile_area)
-    timesteps = run.begin(start_index(s.steps, fraction))
+    """One sub-stage: decode → plain bicubic pixel upsample → clamp → encode → re-noise to ``⌊N·(1 − p)⌋`` (exact)
+    → denoise the last ``fraction`` of the steps (kmittle/AP-LDM ``pipeline_apldm_sdxl.py``, its stage 2)."""
+    z_up = run.pixel_upsample(z, size)
+    timesteps = run.begin(start_index(run.settings.steps, fraction))
     x = run.add_noise(z_up, run.noise(*size), timesteps[0])
     return run.denoise(x, timesteps, FullCanvas(), run.denoiser(size), name=name)
 
@@ -82,6 +78,8 @@ def run_apldm(run: Run, params: APLDMParams) -> MethodOutput:
     s, ad = run.settings, run.adapter
     base = native_area_canvas(s.height, s.width, ad.native_size, ad.pixel_grid)
     z = run.sample_canvas(*base, name=f"stage 1 {base[0]}×{base[1]}")
+    if base == (s.height, s.width):
+        return MethodOutput(latents=z)  # the target is the base canvas: no refinement (the official skips stage 2)
     fractions = params.fractions(s.height, s.width)
     sizes = area_steps(s.height, s.width, base, len(fractions), ad.pixel_grid)
     for i, (fraction, size) in enumerate(zip(fractions, sizes, strict=True), start=1):

@@ -1,16 +1,24 @@
 """ScaleDiff (SPEC §6): native canvas, then doubling stages with LFM reference, restart, NPA and structure guidance.
 
 Algorithm, per stage after the native one:
-  1. ``Z_LU`` = bicubic latent upsample of the previous latent; ``Z_RU`` = encoding of the bicubic pixel upsample of
-     the previous image; reference ``Z_ref = Z_RU − low(Z_RU) + low(Z_LU)`` (latent frequency mixing);
-  2. noise ``Z_ref`` to step index ``⌊N·(1 − ρ)⌋`` and denoise the remaining steps on the whole canvas with
-     neighborhood patch attention replacing self-attention;
+  1. ``Z_LU`` = bicubic latent upsample of the previous latent; ``Z_RU`` = encoding of the plain bicubic pixel
+     upsample (a = −0.75, no antialias, clamped after the upsample) of the previous image; reference
+     ``Z_ref = Z_RU − low(Z_RU) + low(Z_LU)`` (latent frequency mixing, low-pass side ``int(side·f)``);
+  2. noise ``Z_ref`` to step index ``⌊N·(1 − ρ)⌋`` (exact arithmetic) and denoise the remaining steps on the
+     whole canvas with neighborhood patch attention replacing self-attention;
   3. structure guidance at every step: ``x̂0 ← x̂0 + γ_t·(low(Z_ref) − low(x̂0))`` before the scheduler step.
+
+``Z_RU`` is the VAE posterior **mean** (deterministic); the official code (KSH00906/ScaleDiff) samples the
+posterior, which adds VAE noise drawn outside the caller's generator.
+
+Restart ratio ρ for SDXL/SD: 0.4, the default of the official README's parameter table (``restart_ratio`` 0.4
+SDXL, 0.6 FLUX), consistent with the paper's noise-timestep ablation (Table 4: τ = 400 has SDXL's best FID; ρ = 0.4
+of 50 leading-spaced steps restarts at t = 381). The official SDXL example script's ``restart_ratio = 0.6`` is
+a demonstration value, not the evaluated setting.
 """
 
 from __future__ import annotations
 
-import math
 from contextlib import nullcontext
 from dataclasses import dataclass
 
@@ -22,7 +30,8 @@ from hiresdiff.errors import require
 from hiresdiff.hooks import StepHook
 from hiresdiff.methods.base import Method, MethodOutput, Params
 from hiresdiff.ops.frequency import frequency_mix, low_pass
-from hiresdiff.ops.resample import resize_images, upsample_latent
+from hiresdiff.ops.resample import upsample_latent
+from hiresdiff.ops.schedule import start_index
 from hiresdiff.sampler import Run
 from hiresdiff.stages import Phase, doubling_phases
 from hiresdiff.strategies.full import FullCanvas
@@ -57,7 +66,7 @@ class ScaleDiffParams(Params):
     def check(self, settings: GenerationSettings, native: int, grid: int) -> None:
         if self.restart_ratio is not None:
             require(
-                math.floor(settings.steps * (1.0 - self.restart_ratio)) < settings.steps,
+                start_index(settings.steps, self.restart_ratio) < settings.steps,
                 f"restart_ratio {self.restart_ratio} leaves no step to denoise at {settings.steps} steps",
             )
 
@@ -91,12 +100,9 @@ def upscale_stage(run: Run, params: ScaleDiffParams, z: torch.Tensor, phase: Pha
     rho, factor = defaults(run, params)
     size = (phase.height, phase.width)
     latent_hw = run.latent_size(*size)
-    image = run.decode(z)
-    if s.previews:
-        run.previews.append(image)
-    z_ru = ad.encode(resize_images(image, size, "bicubic"), s.decode_tile_area)
+    z_ru = run.pixel_upsample(z, size)
     reference = frequency_mix(z_ru, upsample_latent(z, latent_hw), factor) if params.lfm else z_ru
-    timesteps = run.begin(math.floor(s.steps * (1.0 - rho)))
+    timesteps = run.begin(start_index(s.steps, rho))
     x = run.add_noise(reference, run.noise(*size), timesteps[0])
     hooks = [StructureGuidance(run, reference, factor, timesteps[0])] if params.structure_guidance else []
     shift_generators = run.generators if params.query_shift else None

@@ -277,8 +277,9 @@ class ModelAdapter:
         return max(1, self.native_latent // 4), max(1, (3 * self.native_latent) // 8)
 
     @torch.no_grad()
-    def decode(self, latents: torch.Tensor, tile_area: int | None) -> torch.Tensor:
-        """Latents → images in [−1, 1] (float32, on CPU); tiled when the image area exceeds ``tile_area`` px."""
+    def decode(self, latents: torch.Tensor, tile_area: int | None, *, clamp: bool = True) -> torch.Tensor:
+        """Latents → images (float32, on CPU), clamped to [−1, 1] unless ``clamp=False`` (pixel-space methods
+        resample the raw VAE output first); tiled when the image area exceeds ``tile_area`` px."""
         scale, shift = self._vae_factors()
         z = (latents / scale + shift).to(self.device, self.vae_dtype)
 
@@ -292,7 +293,7 @@ class ModelAdapter:
                 images = tiled_apply(z, run, core, margin, float(self.vae_scale_factor))
             else:
                 images = run(z)
-        return images.clamp(-1, 1).cpu()
+        return (images.clamp(-1, 1) if clamp else images).cpu()
 
     @torch.no_grad()
     def encode(self, images: torch.Tensor, tile_area: int | None) -> torch.Tensor:

@@ -15,6 +15,17 @@ def upsample_latent(z: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     return F.interpolate(z, size=size, mode="bicubic", align_corners=False)
 
 
+def upsample_pixels(images: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """Plain bicubic resampling of decoded images to ``size``, then the clamp to [−1, 1] (SPEC §5, §6).
+
+    Keys cubic with a = −0.75 and no antialiasing — ``F.interpolate(..., mode="bicubic")``, as AP-LDM
+    (kmittle/AP-LDM ``text_to_image/pipeline_apldm_sdxl.py``) and ScaleDiff upsample; with ``antialias=True``
+    PyTorch would switch to the a = −0.5 kernel when enlarging. The input is the *unclamped* VAE output; the clamp
+    comes after the upsample, so overshoot of the kernel is clipped once.
+    """
+    return F.interpolate(images, size=size, mode="bicubic", align_corners=False).clamp(-1, 1)
+
+
 def resize_images(images: torch.Tensor, size: tuple[int, int], filter: str) -> torch.Tensor:
     """Resize images in [−1, 1] (B, C, H, W) to ``size`` with a bicubic (torch) or Lanczos (PIL) filter."""
     if filter == "bicubic":

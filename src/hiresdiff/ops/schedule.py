@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from fractions import Fraction
 
 
 def cosine_factor(t: float, num_train_timesteps: int = 1000) -> float:
@@ -13,6 +14,26 @@ def cosine_factor(t: float, num_train_timesteps: int = 1000) -> float:
     """
     big_t = float(num_train_timesteps)
     return 0.5 * (1.0 + math.cos(math.pi * (big_t - float(t)) / big_t))
+
+
+def exact_fraction(value: float) -> Fraction:
+    """The decimal the user wrote (``0.34`` → 34/100), not the binary float nearest to it.
+
+    ``Fraction(repr(x))`` is exact for every float typed as a decimal, so step arithmetic such as
+    ``⌊50·(1 − 0.34)⌋`` gives 33 (in floats ``50·(1 − 0.34) = 32.999…`` and the floor is one step early).
+    """
+    return Fraction(repr(float(value)))
+
+
+def start_index(steps: int, fraction: float) -> int:
+    """Step index ``⌊N·(1 − p)⌋`` a stage that denoises the last fraction ``p`` of ``N`` steps starts at, in exact
+    arithmetic (AP-LDM sub-stages SPEC §5, ScaleDiff restart SPEC §6, image strength)."""
+    return math.floor(steps * (1 - exact_fraction(fraction)))
+
+
+def steps_of_fraction(steps: int, fraction: float) -> int:
+    """``max(1, round(p·N))`` steps, rounded half up in exact arithmetic (APT's shortcut T0 = 0.6·N, SPEC §4.3)."""
+    return max(1, math.floor(steps * exact_fraction(fraction) + Fraction(1, 2)))
 
 
 #: decays of AP-LDM's attentive-guidance strength over the guided steps
