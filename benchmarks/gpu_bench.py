@@ -107,7 +107,9 @@ def bench(argv: list[str] | None) -> int:
         kwargs = method_kwargs(method, preset, params, steps=args.steps, **given)
         for size in parse_sizes(args.sizes, spec.native_size):
             w, h = size.width, size.height
-            req = build_request(PROMPT, method, w, h, seed=0, previews=False, **kwargs)
+            req = build_request(
+                PROMPT, method, w, h, seed=0, previews=False, model_defaults=spec.sampling_defaults, **kwargs
+            )
             check_for_model(req, spec.native_size, spec.pixel_grid)  # every run is validated before any work
             runs.append((method, kwargs, w, h, req))
     pipe = HiresPipeline.from_model(args.model, dtype=args.dtype, device=device)

@@ -387,10 +387,7 @@ def test_model_evaluations_closed_form(sdxl, tiny_sdxl_pipe, monkeypatch):
 
 
 def _preset_kwargs(preset: str, steps: int) -> dict:
-    kw = {"preset": preset, "steps": steps, "progress": False, "seed": 3}
-    if PRESETS[preset].get("shortcut_steps", APTParams.shortcut_steps) is not None:
-        kw["shortcut_steps"] = 1  # the paper's T0 = 30 would exceed the few test steps
-    return kw
+    return {"preset": preset, "steps": steps, "progress": False, "seed": 3}  # the shortcut is a fraction of N
 
 
 @pytest.mark.parametrize("preset", list(PRESETS))
@@ -409,7 +406,7 @@ def test_every_preset_end_to_end(request, model, preset):
     assert res.latents.shape == (1, 4, height // 8, width // 8)
     params = res.metadata[0]["params"]
     for key, value in PRESETS[preset].items():
-        assert params[key] == (1 if key == "shortcut_steps" and value is not None else value)
+        assert params[key] == value
 
 
 def test_cli_preset_and_paper(tmp_path: Path):
@@ -460,11 +457,39 @@ def test_shortcut_longer_than_steps_rejected_before_model_work(sdxl, tiny_sdxl_p
     with pytest.raises(HiresError, match="shortcut_steps 5 must not exceed steps 4") as info:
         sdxl("a cat", "apt", 512, 512, steps=4, shortcut_steps=5, progress=False)
     assert "\n" not in str(info.value)
-    with pytest.raises(HiresError, match="shortcut_steps 30 must not exceed steps 4"):
-        sdxl("a cat", "apt", 512, 512, steps=4, preset="apt", progress=False)
     with pytest.raises(HiresError, match="shortcut_steps"):
         sdxl("a cat", "apt", 512, 512, steps=4, shortcut_steps=0, progress=False)
+    for bad in (0.0, 1.5, float("nan")):
+        with pytest.raises(HiresError, match="shortcut") as info:
+            sdxl("a cat", "apt", 512, 512, steps=4, shortcut=bad, progress=False)
+        assert "\n" not in str(info.value)
     assert calls == [] and encoded == []
+
+
+@pytest.mark.parametrize(
+    ("steps", "extra", "t0"),
+    [
+        (50, {}, 30),  # the paper's 30/50
+        (20, {}, 12),
+        (4, {}, 2),  # round(2.4)
+        (1, {}, 1),  # at least one step
+        (20, {"shortcut": 0.25}, 5),
+        (20, {"shortcut_steps": 7}, 7),  # the absolute T0 wins over the fraction
+        (20, {"shortcut": None}, 20),  # no shortcut: all N steps
+        (20, {"preset": "demofusion"}, 20),
+        (20, {"preset": "accdiffusion-apt", "content_prompts": False}, 12),  # (the fake denoiser records no maps)
+    ],
+)
+def test_shortcut_is_a_fraction_of_any_step_count(sdxl, monkeypatch, steps, extra, t0):
+    lengths = []
+
+    def denoise(self, x, timesteps, strategy, den, hooks=(), name="sampling"):
+        lengths.append(len(timesteps))
+        return x
+
+    monkeypatch.setattr(Run, "denoise", denoise)
+    sdxl("a cat", "apt", 512, 384, steps=steps, scheduler="ddim", previews=False, progress=False, **extra)
+    assert lengths == [steps, t0]
 
 
 # ------------------------------------------------------------------------------------------ switches

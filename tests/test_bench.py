@@ -120,7 +120,10 @@ BAD: list[tuple[list[str], str]] = [
     (["--sweep", "sigmaa=1,2"], "none of the methods (direct, demofusion) has a parameter 'sigmaa'"),
     (["--sweep", "seed=1,2"], "set seed with the bench options"),
     (["--set", "sigma=0.5", "--sweep", "sigma=0.6,0.7"], "both --set and --sweep"),
-    (["--methods", "apt:apt"], "apt:apt at 256x256: shortcut_steps 30 must not exceed steps 2"),
+    (
+        ["--methods", "apt:apt", "--set", "shortcut_steps=5"],
+        "apt:apt at 256x256: shortcut_steps 5 must not exceed steps 2",
+    ),
     (["--model", "tiny-foo"], "unknown model 'tiny-foo'"),
     (["--prompts", "builtin:nope"], "unknown built-in prompt set 'nope'"),
     (["--prompts", "/nonexistent/prompts.txt"], "does not exist"),

@@ -15,6 +15,7 @@ import torch
 from diffusers import DDIMScheduler, EulerDiscreteScheduler, FlowMatchEulerDiscreteScheduler, FluxPipeline
 from safetensors.torch import save_file
 
+from hiresdiff.config import model_sampling_defaults
 from hiresdiff.errors import HiresError
 from hiresdiff.models.adapter import ModelAdapter, Request
 from hiresdiff.models.flux import (
@@ -35,7 +36,7 @@ from hiresdiff.models.tiny import (
     build_builtin_unet,
 )
 from hiresdiff.models.tokenizer import T5_VOCAB_SIZE, char_level_t5_tokenizer
-from hiresdiff.pipeline import HiresPipeline
+from hiresdiff.pipeline import HiresPipeline, build_request
 
 
 @pytest.fixture
@@ -246,6 +247,37 @@ def test_schnell_gets_no_guidance(tiny_flux: FluxPipeline, monkeypatch: pytest.M
     assert calls[0]["guidance"] is None
 
 
+def _schnell(tiny_flux: FluxPipeline) -> FluxPipeline:
+    from diffusers import FluxTransformer2DModel
+
+    torch.manual_seed(0)
+    transformer = FluxTransformer2DModel(**{**TINY_FLUX_TRANSFORMER, "guidance_embeds": False}).eval()
+    parts = {k: getattr(tiny_flux, k) for k in ("vae", "text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2")}
+    pipe = FluxPipeline(scheduler=tiny_flux.scheduler, transformer=transformer, **parts)
+    pipe.default_sample_size = tiny_flux.default_sample_size
+    return pipe
+
+
+def test_flux_sampling_defaults_when_none_given(tiny_flux: FluxPipeline) -> None:
+    """SPEC §6: FLUX-dev 30 steps at guidance 3.5, FLUX-schnell 4 steps at 0; explicit values win; SD/SDXL 50/7.5."""
+    dev = HiresPipeline.from_pipe(tiny_flux, "tiny-flux")
+    kw = {"progress": False, "previews": False}
+    meta = dev("a", "direct", 256, 256, **kw).metadata[0]
+    assert (meta["steps"], meta["guidance"]) == (30, 3.5)
+    meta = dev("a", "direct", 256, 256, steps=2, guidance=2.0, **kw).metadata[0]
+    assert (meta["steps"], meta["guidance"]) == (2, 2.0)
+    schnell = HiresPipeline.from_pipe(_schnell(tiny_flux), "tiny-schnell")
+    meta = schnell("a", "direct", 256, 256, **kw).metadata[0]
+    assert (meta["steps"], meta["guidance"]) == (4, 0.0)
+    assert model_sampling_defaults("sdxl") == {} and model_sampling_defaults("sd", False) == {}
+    s = build_request("a", "demofusion", 512, 512).settings
+    assert (s.steps, s.guidance) == (50, 7.5)
+    s = build_request("a", "scalediff", 512, 512, model_defaults=model_sampling_defaults("flux")).settings
+    assert (s.steps, s.guidance) == (30, 3.5)
+    s = build_request("a", "scalediff", 512, 512, paper=True, model_defaults=model_sampling_defaults("flux")).settings
+    assert s.steps == 50  # an asked-for setting (--paper, presets, method defaults) wins over the model's
+
+
 # ---------------------------------------------------------------------------------------- flow matching
 
 
@@ -391,6 +423,26 @@ def tiny_flux_folder(tmp_path_factory: pytest.TempPathFactory, tiny_flux: FluxPi
 def test_resolve_builtin_flux() -> None:
     assert resolve_model("tiny-flux") == ModelSpec("tiny-flux", "builtin", "flux", 256, 8)
     assert resolve_model("random-flux").native_size == 1024
+    assert resolve_model("tiny-flux").sampling_defaults == {"steps": 30, "guidance": 3.5}
+
+
+def test_saved_schnell_folder_resolves_to_schnell_defaults(tmp_path: Path, tiny_flux: FluxPipeline) -> None:
+    folder = tmp_path / "schnell"
+    _schnell(tiny_flux).save_pretrained(folder)
+    spec = resolve_model(str(folder))
+    assert spec.family == "flux" and spec.guidance_distilled is False
+    assert spec.sampling_defaults == {"steps": 4, "guidance": 0.0}
+
+
+def test_cli_tiny_flux_without_steps_or_guidance_uses_the_flux_defaults(tmp_path: Path) -> None:
+    from hiresdiff.cli import main
+    from hiresdiff.images import read_png_settings
+
+    out = tmp_path / "flux"
+    argv = ["generate", "x", "--model", "tiny-flux", "--method", "direct", "--width", "256", "--height", "256"]
+    assert main([*argv, "--quiet", "--no-previews", "--out", str(out)]) == 0
+    meta = read_png_settings(out / "000-direct-seed0.png")
+    assert (meta["steps"], meta["guidance"]) == (30, 3.5)
 
 
 def test_saved_folder_loads_as_flux(tiny_flux_folder: Path, tiny_flux: FluxPipeline) -> None:

@@ -12,8 +12,15 @@ def add_sampling_options(p: argparse.ArgumentParser, *, set_help: str) -> None:
     """``--steps --guidance --scheduler --negative --paper --max-batch --low-vram --set``; unset values stay
     ``None`` so the method's and :class:`~hiresdiff.config.GenerationSettings`' defaults apply (see
     :func:`sampling_settings`)."""
-    p.add_argument("--steps", type=int, default=None, help="inference steps N (default 50)")
-    p.add_argument("--guidance", type=float, default=None, help="classifier-free guidance scale (default 7.5)")
+    p.add_argument(
+        "--steps", type=int, default=None, help="inference steps N (default 50; FLUX-dev 30, FLUX-schnell 4)"
+    )
+    p.add_argument(
+        "--guidance",
+        type=float,
+        default=None,
+        help="guidance scale (default 7.5; FLUX-dev distilled guidance 3.5, FLUX-schnell 0)",
+    )
     p.add_argument("--scheduler", default=None, help=f"one of: {', '.join(scheduler_names())} (default euler)")
     p.add_argument("--negative", default=None, help="negative prompt (default: the method's paper default)")
     p.add_argument(

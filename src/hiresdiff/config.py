@@ -26,6 +26,21 @@ PAPER_SETTING: dict[str, Any] = {
     "guidance": 7.5,
     "negative_prompt": PAPER_NEGATIVE_PROMPT,
 }
+#: sampling defaults of FLUX.1-dev (SPEC §6): 30 steps at distilled guidance 3.5
+FLUX_DEV_SAMPLING: dict[str, Any] = {"steps": 30, "guidance": 3.5}
+#: sampling defaults of FLUX.1-schnell (SPEC §6): 4 steps, no guidance embedding
+FLUX_SCHNELL_SAMPLING: dict[str, Any] = {"steps": 4, "guidance": 0.0}
+
+
+def model_sampling_defaults(family: str, guidance_distilled: bool = True) -> dict[str, Any]:
+    """The model's own sampling defaults, applied where the caller gives no value (below presets, ``--paper``
+    and method defaults): FLUX-dev :data:`FLUX_DEV_SAMPLING`, FLUX-schnell (no guidance embedding)
+    :data:`FLUX_SCHNELL_SAMPLING`; SD/SDXL keep :class:`GenerationSettings`' 50 steps at guidance 7.5."""
+    if family != "flux":
+        return {}
+    return dict(FLUX_DEV_SAMPLING if guidance_distilled else FLUX_SCHNELL_SAMPLING)
+
+
 #: decode/encode in tiles above this many pixels (SPEC §2.4: more than 2048²)
 DEFAULT_TILE_AREA = 2048 * 2048
 DTYPES = ("float32", "float16", "bfloat16")

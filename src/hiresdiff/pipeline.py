@@ -59,12 +59,15 @@ def build_request(
     *,
     preset: str | None = None,
     paper: bool = False,
+    model_defaults: dict[str, Any] | None = None,
     **kwargs: Any,
 ) -> GenerationRequest:
     """Validate everything that does not need the model: names, numbers, parameter types.
 
     ``preset`` fills method parameters from the method's named presets and ``paper`` fills the papers' sampling
-    setting (:data:`~hiresdiff.config.PAPER_SETTING`); values given explicitly win over both.
+    setting (:data:`~hiresdiff.config.PAPER_SETTING`); values given explicitly win over both. ``model_defaults``
+    (:func:`~hiresdiff.config.model_sampling_defaults`, e.g. FLUX-dev's 30 steps at guidance 3.5) apply last,
+    where nothing else gave a value.
     """
     m = get_method(method)
     if preset is not None:
@@ -76,7 +79,7 @@ def build_request(
     if paper:
         kwargs = {**PAPER_SETTING, **kwargs}
     kwargs = low_vram_defaults(kwargs)
-    kwargs = {**m.setting_defaults, **kwargs}
+    kwargs = {**(model_defaults or {}), **m.setting_defaults, **kwargs}
     common = parse_fields(GenerationSettings, {k: v for k, v in kwargs.items() if k in SETTING_NAMES})
     specific = {k: v for k, v in kwargs.items() if k not in SETTING_NAMES}
     settings = GenerationSettings(prompt=prompt, width=width, height=height, **common)
@@ -157,7 +160,7 @@ class HiresPipeline:
         """
         ad = self.adapter
         width, height = width or 2 * ad.native_size, height or 2 * ad.native_size
-        req = build_request(prompt, method, width, height, **kwargs)
+        req = build_request(prompt, method, width, height, model_defaults=ad.sampling_defaults, **kwargs)
         check_for_model(req, ad.native_size, ad.pixel_grid)
         return self.run(req, generator=generator, progress=progress, callback=callback)
 
@@ -273,7 +276,7 @@ def generate(
     resolve_dtype(dtype)
     spec = resolve_model(model, allow_pickle=allow_pickle)
     width, height = width or 2 * spec.native_size, height or 2 * spec.native_size
-    req = build_request(prompt, method, width, height, **kwargs)
+    req = build_request(prompt, method, width, height, model_defaults=spec.sampling_defaults, **kwargs)
     check_for_model(req, spec.native_size, spec.pixel_grid)
     key = (model, dtype, dev, allow_pickle)
     if key not in _CACHE:

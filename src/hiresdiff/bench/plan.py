@@ -125,6 +125,8 @@ class BenchPlan:
     seeds: list[int]
     prompts: list[Prompt]
     groups: list[Group]
+    #: the model's own sampling defaults (FLUX steps/guidance); derived from ``model``, not stored in plan.json
+    model_defaults: dict[str, Any] = field(default_factory=dict)
     items: list[Item] = field(init=False)
 
     def __post_init__(self) -> None:
@@ -138,7 +140,14 @@ class BenchPlan:
     def request_kwargs(self, group: Group) -> dict[str, Any]:
         """Keyword arguments of :func:`~hiresdiff.pipeline.build_request` (and of the cost model) for ``group``."""
         fixed = {k: v for k, v in self.fixed.items() if accepts(group.method, k)}
-        return {"preset": group.preset, "paper": self.paper, **self.settings, **fixed, **dict(group.sweep)}
+        return {
+            "preset": group.preset,
+            "paper": self.paper,
+            "model_defaults": self.model_defaults,
+            **self.settings,
+            **fixed,
+            **dict(group.sweep),
+        }
 
     def to_dict(self) -> dict[str, Any]:
         """The matrix as stored in ``plan.json`` (two runs with equal dicts write the same files)."""
@@ -290,7 +299,7 @@ def build_plan(
         names = [n for n in sweeps if accepts(method, n)]
         for values in itertools.product(*(sweeps[n] for n in names)):
             groups.extend(Group(method, preset, size, tuple(zip(names, values, strict=True))) for size in size_list)
-    plan = BenchPlan(model, dtype, paper, settings, fixed, sweeps, seed_list, prompts, groups)
+    plan = BenchPlan(model, dtype, paper, settings, fixed, sweeps, seed_list, prompts, groups, spec.sampling_defaults)
     for group in groups:
         try:
             size = group.size

@@ -169,6 +169,7 @@ def model_cost(
     ``num_images_per_prompt``, ``max_batch``, method parameters …). Previews are off unless asked for (they
     decode every phase). Everything is validated exactly as for a generation, before anything is built.
     """
+    from hiresdiff.config import model_sampling_defaults
     from hiresdiff.models.tiny import BUILTIN_MODELS
     from hiresdiff.pipeline import build_request, check_for_model
 
@@ -177,6 +178,7 @@ def model_cost(
     width, height = width or 2 * info.native_size, height or 2 * info.native_size
     kwargs.setdefault("previews", False)
     kwargs.setdefault("prompt", "a photograph of a mountain lake at sunrise")
+    kwargs["model_defaults"] = kwargs.get("model_defaults") or model_sampling_defaults(info.family)
     req = build_request(kwargs.pop("prompt"), method, width, height, **kwargs)
     check_for_model(req, info.native_size, info.vae_scale_factor * (2 if info.family == "flux" else 1))
     hp, ledger = counting_pipeline(arch)

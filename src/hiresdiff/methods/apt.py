@@ -6,7 +6,7 @@ Per later phase of the host's loop, three independent switches:
   2. scale-aware scheduling (SaS): the phase's scheduler uses ``β_t`` with exponent ``η(scale)`` for the noised
      reference, the step and the shortcut; the model sees the integer t (``betas``) or the original-schedule
      timestep with the same ᾱ (``relabel``) (§4.2);
-  3. shortcut: start at step index ``N − T0`` instead of 0 (§4.3).
+  3. shortcut: start at step index ``N − T0`` instead of 0, ``T0 = max(1, round(0.6·N))`` by default (§4.3).
 """
 
 from __future__ import annotations
@@ -17,13 +17,14 @@ from typing import Any
 
 import torch
 
-from hiresdiff.config import PAPER_NEGATIVE_PROMPT, GenerationSettings
+from hiresdiff.config import PAPER_NEGATIVE_PROMPT, GenerationSettings, check_finite
 from hiresdiff.errors import HiresError, require
 from hiresdiff.methods.accdiffusion import AccDiffusion, AccDiffusionParams
 from hiresdiff.methods.base import Method, MethodOutput
 from hiresdiff.methods.demofusion import PhaseSetup, Progressive
 from hiresdiff.ops.matching import statistical_matching
 from hiresdiff.ops.sas import DEFAULT_ETA_TABLE, eta_for_scale, relabel_timesteps, sas_betas
+from hiresdiff.ops.schedule import steps_of_fraction
 from hiresdiff.sampler import Run
 from hiresdiff.stages import Phase
 
@@ -31,8 +32,8 @@ HOSTS = {"demofusion": Progressive, "accdiffusion": AccDiffusion}
 SAS_MODES = ("betas", "relabel")
 #: β^η underflows for larger η (β ≈ 0.01): the schedule would degenerate
 MAX_ETA = 20.0
-#: the paper's shortcut: denoise the last T0 = 30 of N = 50 steps
-PAPER_SHORTCUT_STEPS = 30
+#: the paper's shortcut: denoise the last T0 = 30 of N = 50 steps, i.e. the fraction T0/N = 0.6 of any N
+PAPER_SHORTCUT = 0.6
 
 
 def parse_eta_table(text: str) -> dict[float, float]:
@@ -56,7 +57,9 @@ class APTParams(AccDiffusionParams):
 
     ``sm``/``sm_per_channel``: statistical matching, scalar or per channel; ``sas``/``sas_mode``/``sas_eta``:
     scale-aware scheduling, its mode and per-scale η overrides (``"2=2.0,3=3.0,4=3.5"``; defaults from SPEC §4.2);
-    ``shortcut_steps``: T0, the steps denoised in each later phase (``None`` = all N).
+    ``shortcut``: the fraction T0/N of the steps each later phase denoises (T0 = max(1, round(shortcut·N)), half
+    up; the paper's 30/50 = 0.6, so N = 50 starts later phases at t = 581 and N = 20 denoises 12 steps; ``None`` =
+    all N); ``shortcut_steps``: an absolute T0 that overrides ``shortcut`` when given.
     """
 
     host: str = "demofusion"
@@ -65,7 +68,8 @@ class APTParams(AccDiffusionParams):
     sas: bool = True
     sas_mode: str = "betas"
     sas_eta: str = ""
-    shortcut_steps: int | None = PAPER_SHORTCUT_STEPS
+    shortcut: float | None = PAPER_SHORTCUT
+    shortcut_steps: int | None = None
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -78,6 +82,15 @@ class APTParams(AccDiffusionParams):
             self.shortcut_steps is None or (isinstance(self.shortcut_steps, int) and self.shortcut_steps >= 1),
             f"shortcut_steps must be an integer ≥ 1 or none, got {self.shortcut_steps!r}",
         )
+        if self.shortcut is not None:
+            check_finite("shortcut", self.shortcut, low=0.0, strict=True)
+            require(self.shortcut <= 1.0, f"shortcut is the fraction T0/N in (0, 1] (or none), got {self.shortcut}")
+
+    def shortcut_length(self, steps: int) -> int | None:
+        """T0 for ``steps`` inference steps: ``shortcut_steps``, else ``max(1, round(shortcut·N))``, else None."""
+        if self.shortcut_steps is not None:
+            return self.shortcut_steps
+        return None if self.shortcut is None else steps_of_fraction(steps, self.shortcut)
 
     def check(self, settings: GenerationSettings, native: int, grid: int) -> None:
         super().check(settings, native, grid)
@@ -127,8 +140,9 @@ class APT:
     def setup(self, setup: PhaseSetup) -> None:
         """Shortcut (§4.3) and SaS (§4.2) for one later phase."""
         p, steps = self.params, self.run.settings.steps
-        if p.shortcut_steps is not None:
-            setup.start_step = steps - p.shortcut_steps
+        t0 = p.shortcut_length(steps)
+        if t0 is not None:
+            setup.start_step = steps - t0
         eta = eta_for_scale(setup.phase.scale, p.eta_table) if p.sas else None
         if eta is None:
             return
@@ -147,11 +161,11 @@ def run_apt(run: Run, params: APTParams) -> MethodOutput:
 
 #: the rows of the APT paper (SPEC §4.4): switches per row, for each host
 _ROWS: dict[str, dict[str, Any]] = {
-    "": {"sm": False, "sas": False, "shortcut_steps": None},
-    "-shortcut": {"sm": False, "sas": False, "shortcut_steps": PAPER_SHORTCUT_STEPS},
-    "apt-sm": {"sm": True, "sas": False, "shortcut_steps": PAPER_SHORTCUT_STEPS},
-    "apt-sas": {"sm": False, "sas": True, "shortcut_steps": PAPER_SHORTCUT_STEPS},
-    "apt": {"sm": True, "sas": True, "shortcut_steps": PAPER_SHORTCUT_STEPS},
+    "": {"sm": False, "sas": False, "shortcut": None},
+    "-shortcut": {"sm": False, "sas": False, "shortcut": PAPER_SHORTCUT},
+    "apt-sm": {"sm": True, "sas": False, "shortcut": PAPER_SHORTCUT},
+    "apt-sas": {"sm": False, "sas": True, "shortcut": PAPER_SHORTCUT},
+    "apt": {"sm": True, "sas": True, "shortcut": PAPER_SHORTCUT},
 }
 
 

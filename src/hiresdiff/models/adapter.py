@@ -14,6 +14,7 @@ from typing import Any
 
 import torch
 
+from hiresdiff.config import model_sampling_defaults
 from hiresdiff.models.parametrization import alpha_bar, prediction_from_x0, x0_from_prediction
 from hiresdiff.ops.tiling import tiled_apply
 
@@ -71,6 +72,11 @@ class ModelAdapter:
         self.native_size = int(self.unet.config.sample_size) * self.vae_scale_factor
         self.native_latent = int(self.unet.config.sample_size)
         self._setup_vae()
+
+    @property
+    def sampling_defaults(self) -> dict[str, Any]:
+        """The model's own steps/guidance defaults (FLUX-dev 30/3.5, schnell 4/0; none for SD/SDXL)."""
+        return model_sampling_defaults(self.family, bool(getattr(self, "guidance_distilled", True)))
 
     def _setup_vae(self) -> None:
         """Run the VAE in float32 when its config asks for upcasting (SDXL's fp16 VAE overflows)."""

@@ -35,6 +35,7 @@ from typing import Any, Literal
 import torch
 from diffusers import FluxPipeline, StableDiffusionPipeline, StableDiffusionXLPipeline
 
+from hiresdiff.config import model_sampling_defaults
 from hiresdiff.errors import HiresError
 from hiresdiff.models.flux import FLUX_NATIVE_SIZE, PATCH
 from hiresdiff.models.tiny import BUILTIN_MODELS, build_builtin
@@ -75,6 +76,7 @@ class ModelSpec:
             module docstring).
         vae_scale_factor: Pixels per latent cell along each side.
         path: Resolved local path for ``folder`` and ``single_file`` sources, else ``None``.
+        guidance_distilled: FLUX only: the transformer has a guidance embedding (FLUX.1-dev), not (schnell).
     """
 
     ref: str
@@ -83,6 +85,12 @@ class ModelSpec:
     native_size: int
     vae_scale_factor: int
     path: str | None = None
+    guidance_distilled: bool = True
+
+    @property
+    def sampling_defaults(self) -> dict[str, Any]:
+        """The model's own steps/guidance defaults (:func:`~hiresdiff.config.model_sampling_defaults`)."""
+        return model_sampling_defaults(self.family, self.guidance_distilled)
 
     @property
     def pixel_grid(self) -> int:
@@ -201,7 +209,8 @@ def _spec_from_configs(
                 "save_pretrained"
             )
         factor = 2 ** (len(blocks) - 1)
-        return ModelSpec(ref, source, family, flux_native_size(vae, factor), factor, path)
+        distilled = bool(unet.get("guidance_embeds", False))
+        return ModelSpec(ref, source, family, flux_native_size(vae, factor), factor, path, distilled)
     sample_size = unet.get("sample_size")
     if isinstance(sample_size, (list, tuple)) and sample_size:
         sample_size = max(sample_size)
