@@ -22,7 +22,7 @@ from hiresdiff.evaluation.extractors import DEFAULT_CLIP_MODEL
 DEFAULT_OUT = "bench-out"
 EXAMPLE = (
     "example: hiresdiff bench --model tiny-sd --methods direct,demofusion,apt:apt-sas --prompts builtin:smoke "
-    "--sizes 2x --seeds 0 --steps 3 --set shortcut_steps=2 --out bench-out; multi-GPU: accelerate launch -m "
+    "--sizes 2x --seeds 0 --steps 3 --out bench-out; multi-GPU: accelerate launch -m "
     "hiresdiff bench …"
 )
 
