@@ -440,6 +440,15 @@ def test_cli_preset_and_paper(tmp_path: Path):
     assert build_request("a cat", "apt", 512, 512, sas_eta="4=3.0").params.eta_table[4.0] == 3.0
 
 
+@pytest.mark.parametrize("preset", [None, *PRESETS])
+def test_cli_every_preset_runs_at_four_steps_without_extra_flags(tmp_path: Path, preset):
+    argv = ["generate", "x", "--model", "tiny-sdxl", "--method", "apt", "--steps", "4", "--quiet", "--no-previews"]
+    argv += [] if preset is None else ["--preset", preset]
+    assert main([*argv, "--out", str(tmp_path)]) == 0
+    params = read_png_settings(tmp_path / "000-apt-seed0.png")["params"]
+    assert params["shortcut"] == (PRESETS[preset]["shortcut"] if preset else 0.6) and params["shortcut_steps"] is None
+
+
 def test_unknown_preset_is_one_line(sdxl, capsys):
     with pytest.raises(HiresError) as info:
         sdxl("a cat", "apt", 512, 512, preset="apt-everything", progress=False)
