@@ -206,7 +206,8 @@ class NPAProcessor:
 def neighborhood_attention(
     adapter: ModelAdapter, latent_hw: tuple[int, int], generators: list[torch.Generator] | None = None
 ) -> Iterator[NPAState]:
-    """Install NPA on every UNet self-attention layer (``attn1``) while sampling a ``latent_hw`` canvas.
+    """Install NPA on every UNet self-attention layer (``attn1``) while sampling a ``latent_hw`` canvas — and on
+    the active ControlNet's, whose encoder copy sees the same canvas.
 
     Each layer's native grid is the native latent side after its downsamplings. ``generators`` turn on the
     random query shift. The original processors are restored afterwards. FLUX transformers get
@@ -218,19 +219,21 @@ def neighborhood_attention(
         with flux_neighborhood_attention(adapter, latent_hw, generators) as flux_state:
             yield flux_state
         return
-    unet = adapter.unet
-    original = dict(unet.attn_processors)
-    num_levels = len(unet.config.down_block_types)
+    modules = [m for m in (adapter.unet, adapter.controlnet) if m is not None]
+    originals = [dict(m.attn_processors) for m in modules]
     state = NPAState(adapter, latent_hw, generators)
-    wrapped = {}
-    for name, proc in original.items():
-        if name.endswith("attn1.processor"):
-            level = attention_level(name, num_levels)
-            native = grid_at_level(adapter.native_latent, adapter.native_latent, level)[0]
-            proc = NPAProcessor(proc, state, level, native)
-        wrapped[name] = proc
-    unet.set_attn_processor(wrapped)
+    for module, original in zip(modules, originals, strict=True):
+        num_levels = len(module.config.down_block_types)
+        wrapped = {}
+        for name, proc in original.items():
+            if name.endswith("attn1.processor"):
+                level = attention_level(name, num_levels)
+                native = grid_at_level(adapter.native_latent, adapter.native_latent, level)[0]
+                proc = NPAProcessor(proc, state, level, native)
+            wrapped[name] = proc
+        module.set_attn_processor(wrapped)
     try:
         yield state
     finally:
-        unet.set_attn_processor(original)
+        for module, original in zip(modules, originals, strict=True):
+            module.set_attn_processor(original)

@@ -14,8 +14,9 @@ from hiresdiff.cli_options import add_sampling_options, sampling_settings
 from hiresdiff.config import DEFAULT_TILE_AREA, DTYPES, parse_assignments
 from hiresdiff.errors import HiresError, require
 from hiresdiff.images import read_png_settings, save_png
+from hiresdiff.inputs import FIT_MODES
 from hiresdiff.methods import METHODS
-from hiresdiff.pipeline import DEFAULT_MODEL, GenerationResult, generate
+from hiresdiff.pipeline import AG_SETTINGS, DEFAULT_MODEL, GenerationResult, generate
 
 
 def _add_generate(sub: argparse._SubParsersAction) -> None:
@@ -40,10 +41,48 @@ def _add_generate(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:N (default: cuda when available)")
     p.add_argument("--allow-pickle", action="store_true", help="allow loading pickled (.ckpt/.bin) weights")
     p.add_argument("--no-previews", action="store_true", help="do not write per-phase previews")
+    _add_image_options(p)
     add_sampling_options(p, set_help="method parameter (see `hiresdiff methods`)")
     p.add_argument("--from-png", default=None, metavar="FILE", help="regenerate the image stored in a hiresdiff PNG")
     p.add_argument("--out", default="out", help="output folder")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
+def _add_image_options(p: argparse.ArgumentParser) -> None:
+    """Upscaling an input picture, ControlNet and LoRA options of ``generate``."""
+    g = p.add_argument_group("upscale your own image, ControlNet, LoRA")
+    g.add_argument("--image", default=None, metavar="FILE", help="picture to upscale (PNG, JPEG, WebP, …)")
+    g.add_argument("--scale", type=float, default=None, help="with --image: enlarge by this factor (default 2)")
+    g.add_argument(
+        "--fit", default=None, choices=FIT_MODES, help="with --image: reach another aspect by centre crop or edge pad"
+    )
+    g.add_argument(
+        "--strength",
+        type=float,
+        default=None,
+        help="with --image, in (0, 1]: later phases start at step ⌊N·(1 − strength)⌋ (default: the method's own)",
+    )
+    g.add_argument("--controlnet", default=None, metavar="ID_OR_FOLDER", help="diffusers ControlNet (SD/SDXL)")
+    g.add_argument(
+        "--control-image", default=None, metavar="FILE", help="ControlNet condition (default: the --image itself)"
+    )
+    g.add_argument("--control-scale", type=float, default=None, help="ControlNet conditioning scale (default 1.0)")
+    g.add_argument(
+        "--lora", dest="loras", action="append", default=[], metavar="FILE[:SCALE]", help="LoRA file; repeatable"
+    )
+
+
+def _extras_args(args: argparse.Namespace) -> dict[str, Any]:
+    values = {
+        "image": args.image,
+        "scale": args.scale,
+        "fit": args.fit,
+        "strength": args.strength,
+        "controlnet": args.controlnet,
+        "control_image": args.control_image,
+        "control_scale": args.control_scale,
+    }
+    return {k: v for k, v in values.items() if v is not None} | {"loras": list(args.loras)}
 
 
 def _write(res: GenerationResult, out: Path, quiet: bool) -> list[Path]:
@@ -78,12 +117,37 @@ def _from_png(args: argparse.Namespace) -> dict[str, Any]:
             "seed": s["seed"],
             "max_batch": s["max_batch"],
             "decode_tile_area": s["decode_tile_area"],
+            **{k: s[k] for k in ("strength", *AG_SETTINGS) if s.get(k) is not None},
             **s["params"],
         }
     except KeyError as exc:
         raise HiresError(f"--from-png: settings in {args.from_png!r} lack {exc.args[0]!r}") from None
     require(kwargs["seed"] is not None, "--from-png: the image was made with a caller's generator, not a seed")
-    return kwargs
+    return {**kwargs, **_from_png_extras(args, s)}
+
+
+def _from_png_extras(args: argparse.Namespace, s: dict[str, Any]) -> dict[str, Any]:
+    """The input picture, ControlNet and LoRAs a PNG records; the files must be passed again (and be the same)."""
+    out: dict[str, Any] = {"expected": {}}
+    for key, flag in (("image", "--image"), ("control_image", "--control-image")):
+        recorded = s.get(key)
+        if recorded is None:
+            continue
+        given = getattr(args, key)
+        require(
+            given is not None,
+            f"--from-png: this image was made from {recorded['name']!r} ({recorded['width']}×{recorded['height']}); "
+            f"pass that file again with {flag}",
+        )
+        out[key], out["expected"][key] = given, recorded["sha256"]
+    if s.get("fit") is not None:
+        out["fit"] = s["fit"]
+    if s.get("controlnet") is not None:
+        out["controlnet"], out["control_scale"] = s["controlnet"], s["control_scale"]
+    loras = s.get("loras") or []
+    out["loras"] = [(lora["path"], lora["scale"]) for lora in loras]
+    out["expected"]["loras"] = [lora["sha256"] for lora in loras]
+    return out
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
@@ -104,6 +168,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
             "decode_tile_area": args.tile_area,
             "preset": args.preset,
             "paper": args.paper,
+            **_extras_args(args),
             **parse_assignments(args.params),
         }
         kwargs = {k: v for k, v in kwargs.items() if v is not None}

@@ -64,7 +64,9 @@ class GenerationSettings:
     the VAE runs tiled (``0`` = always tile, ``None`` = never). ``ag_*``: AP-LDM attentive guidance in the
     native-size first phase of any method (strength λ, 0 = off; delay; decay exponent f; decay ``cosine``,
     ``linear`` or ``none``; SPEC §5). ``low_vram`` keeps the text encoders and the VAE on the CPU between their
-    uses (see :func:`low_vram_defaults` for the batch and tile sizes it implies).
+    uses (see :func:`low_vram_defaults` for the batch and tile sizes it implies). ``strength`` (input images only,
+    in (0, 1]): later phases start at step index ``⌊N·(1 − strength)⌋``, mapped onto each method's own start
+    parameter (``None``: the method's default).
     """
 
     prompt: list[str]
@@ -84,6 +86,7 @@ class GenerationSettings:
     ag_exponent: float = 3.0
     ag_decay: str = "cosine"
     low_vram: bool = False
+    strength: float | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.prompt, str):
@@ -119,6 +122,9 @@ class GenerationSettings:
         require(
             self.ag_decay in AG_DECAYS, f"unknown ag_decay {self.ag_decay!r}; choose one of: {', '.join(AG_DECAYS)}"
         )
+        if self.strength is not None:
+            ok = isinstance(self.strength, (int, float)) and math.isfinite(self.strength) and 0 < self.strength <= 1
+            require(ok, f"--strength must be in (0, 1] (the fraction of the steps that redraws), got {self.strength}")
         require(
             self.decode_tile_area is None or self.decode_tile_area >= 0,
             f"decode_tile_area must be ≥ 0 or None, got {self.decode_tile_area}",

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import secrets
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -18,16 +19,23 @@ from hiresdiff.config import (
     low_vram_defaults,
     parse_fields,
 )
+from hiresdiff.control import ControlCondition
 from hiresdiff.errors import HiresError, require
+from hiresdiff.extras import Extras, ImageInput, LoraInput, prepare_extras
 from hiresdiff.images import to_pil
+from hiresdiff.inputs import fit_to_aspect
 from hiresdiff.methods import Method, get_method
 from hiresdiff.methods.base import Params
+from hiresdiff.models.controlnet import ControlNetSpec, check_controlnet_fits, load_controlnet
 from hiresdiff.models.flux import adapter_for
+from hiresdiff.models.lora import applied_loras
 from hiresdiff.sampler import Run, StepCallback
 from hiresdiff.schedulers import MODEL_DEFAULT, make_scheduler
 from hiresdiff.stages import check_canvas
 
 SETTING_NAMES = {f.name for f in dataclasses.fields(GenerationSettings)} - {"prompt", "width", "height"}
+#: attentive-guidance settings (they change pixels, so the metadata records them)
+AG_SETTINGS = ("ag_lambda", "ag_delay", "ag_exponent", "ag_decay")
 DEFAULT_MODEL = "stabilityai/stable-diffusion-xl-base-1.0"
 
 
@@ -44,11 +52,12 @@ class GenerationResult:
 
 @dataclass
 class GenerationRequest:
-    """A validated generation request: method, common settings, method parameters."""
+    """A validated generation request: method, common settings, method parameters, non-text inputs."""
 
     method: Method
     settings: GenerationSettings
     params: Params
+    extras: Extras = dataclasses.field(default_factory=Extras)
 
 
 def build_request(
@@ -60,6 +69,7 @@ def build_request(
     preset: str | None = None,
     paper: bool = False,
     model_defaults: dict[str, Any] | None = None,
+    extras: Extras | None = None,
     **kwargs: Any,
 ) -> GenerationRequest:
     """Validate everything that does not need the model: names, numbers, parameter types.
@@ -67,8 +77,11 @@ def build_request(
     ``preset`` fills method parameters from the method's named presets and ``paper`` fills the papers' sampling
     setting (:data:`~hiresdiff.config.PAPER_SETTING`); values given explicitly win over both. ``model_defaults``
     (:func:`~hiresdiff.config.model_sampling_defaults`, e.g. FLUX-dev's 30 steps at guidance 3.5) apply last,
-    where nothing else gave a value.
+    where nothing else gave a value. ``extras`` (:func:`~hiresdiff.extras.prepare_extras`) carry an input picture,
+    ControlNet and LoRAs; with a picture, ``strength`` maps onto the method's own start parameter
+    (:attr:`~hiresdiff.methods.base.Method.strength_params`).
     """
+    extras = extras or Extras()
     m = get_method(method)
     if preset is not None:
         require(
@@ -85,8 +98,26 @@ def build_request(
     settings = GenerationSettings(prompt=prompt, width=width, height=height, **common)
     if settings.negative_prompt is None and m.default_negative is not None and settings.cfg:
         settings.negative_prompt = [m.default_negative] * len(settings.prompt)
+    specific = {**specific, **_strength_params(m, settings, extras, specific)}
     params = coerce_params(m.params, specific, m.name)
-    return GenerationRequest(m, settings, params)
+    return GenerationRequest(m, settings, params, extras)
+
+
+def _strength_params(m: Method, settings: GenerationSettings, extras: Extras, given: dict[str, Any]) -> dict[str, Any]:
+    """The method parameters ``strength`` stands for (input pictures only); a one-line error where it cannot."""
+    if settings.strength is None:
+        return {}
+    require(extras.source is not None, "--strength sets how much of an input image is redrawn: it needs --image")
+    require(m.strength_params is not None, f"method {m.name!r} does not denoise an input image; drop --strength")
+    mapped = m.strength_params(settings.strength, settings)  # type: ignore[misc]
+    typed = parse_fields(m.params, {k: given[k] for k in mapped if k in given})
+
+    def same(a: Any, b: Any) -> bool:
+        return (tuple(a) if isinstance(a, list) else a) == (tuple(b) if isinstance(b, list) else b)
+
+    clash = sorted(k for k, v in typed.items() if not same(v, mapped[k]))  # equal values (--from-png) agree
+    require(not clash, f"--strength sets {', '.join(clash)} of {m.name}: give one of them, not both")
+    return mapped
 
 
 def check_for_model(req: GenerationRequest, native: int, grid: int) -> None:
@@ -108,13 +139,15 @@ def _generators(settings: GenerationSettings, generator: Any) -> tuple[list[torc
 
 
 class HiresPipeline:
-    """High-resolution generation with any registered method over one loaded SD/SDXL pipeline."""
+    """High-resolution generation with any registered method over one loaded SD, SDXL or FLUX pipeline."""
 
-    def __init__(self, pipe: Any, model_name: str = "custom") -> None:
+    def __init__(self, pipe: Any, model_name: str = "custom", *, allow_pickle: bool = False) -> None:
         self.adapter = adapter_for(pipe)
         self.model_name = model_name
+        self.allow_pickle = allow_pickle
         self._base_scheduler = pipe.scheduler
         self._base_scheduler_config = dict(pipe.scheduler.config)
+        self._controlnets: dict[str, Any] = {}
 
     @classmethod
     def from_pipe(cls, pipe: Any, model_name: str = "custom") -> HiresPipeline:
@@ -135,7 +168,7 @@ class HiresPipeline:
         device = resolve_device(device)
         spec = resolve_model(model, allow_pickle=allow_pickle)
         pipe = load_pipeline(spec, dtype=resolve_dtype(dtype), device=device, allow_pickle=allow_pickle)
-        return cls(pipe, model)
+        return cls(pipe, model, allow_pickle=allow_pickle)
 
     @property
     def native_size(self) -> int:
@@ -148,6 +181,13 @@ class HiresPipeline:
         width: int | None = None,
         height: int | None = None,
         *,
+        image: ImageInput | None = None,
+        scale: float | None = None,
+        fit: str | None = None,
+        controlnet: str | None = None,
+        control_image: ImageInput | None = None,
+        control_scale: float | None = None,
+        loras: Sequence[LoraInput] = (),
         generator: torch.Generator | list[torch.Generator] | None = None,
         progress: bool = True,
         callback: StepCallback | None = None,
@@ -155,14 +195,57 @@ class HiresPipeline:
     ) -> GenerationResult:
         """Generate with ``method`` at ``width × height`` (default: twice the native size).
 
+        ``image`` upscales a picture (path or PIL image; the target keeps its aspect: ``scale`` or one side, a
+        different aspect needs ``fit="crop"|"pad"``; ``strength`` in ``kwargs`` sets how much is redrawn).
+        ``controlnet`` (folder or hub id) with ``control_image`` (default: ``image``) and ``control_scale``;
+        ``loras`` as ``[(path, scale), …]`` or ``"path[:scale]"`` strings, applied for this call only.
         ``kwargs`` are :class:`~hiresdiff.config.GenerationSettings` fields (steps, guidance, negative_prompt,
-        scheduler, seed, num_images_per_prompt, max_batch, decode_tile_area, previews) and the method's parameters.
+        scheduler, seed, num_images_per_prompt, max_batch, decode_tile_area, previews, strength, …) and the method's
+        parameters.
         """
         ad = self.adapter
-        width, height = width or 2 * ad.native_size, height or 2 * ad.native_size
-        req = build_request(prompt, method, width, height, model_defaults=ad.sampling_defaults, **kwargs)
+        extras, width, height = prepare_extras(
+            native=ad.native_size,
+            grid=ad.pixel_grid,
+            family=ad.family,
+            width=width,
+            height=height,
+            image=image,
+            scale=scale,
+            fit=fit,
+            controlnet=controlnet,
+            control_image=control_image,
+            control_scale=control_scale,
+            loras=loras,
+            allow_pickle=self.allow_pickle,
+        )
+        req = build_request(prompt, method, width, height, model_defaults=ad.sampling_defaults, extras=extras, **kwargs)
         check_for_model(req, ad.native_size, ad.pixel_grid)
         return self.run(req, generator=generator, progress=progress, callback=callback)
+
+    def _controlnet(self, spec: ControlNetSpec) -> Any:
+        """The ControlNet of ``spec``, loaded once and kept on the denoiser's device and dtype."""
+        ad = self.adapter
+        check_controlnet_fits(spec, ad.unet, ad.family)
+        net = self._controlnets.get(spec.ref)
+        if net is None:
+            self._controlnets.clear()
+            net = self._controlnets[spec.ref] = load_controlnet(spec, ad.dtype, ad.device, self.allow_pickle)
+        return net
+
+    def _conditions(self, req: GenerationRequest) -> tuple[torch.Tensor | None, ControlCondition | None, Any]:
+        """The input picture at the target's aspect, the ControlNet condition and the ControlNet (or ``None``s)."""
+        s, ex = req.settings, req.extras
+        target = (s.height, s.width)
+        grid = self.adapter.pixel_grid
+        source = None if ex.source is None else fit_to_aspect(ex.source.pixels, target, ex.fit, grid=grid)
+        if ex.controlnet is None:
+            return source, None, None
+        picture = ex.control_source
+        assert picture is not None  # prepare_extras guarantees one
+        pixels = fit_to_aspect(picture.pixels, target, ex.fit, grid=grid)
+        control = ControlCondition((pixels + 1.0) / 2.0, self.adapter.vae_scale_factor)
+        return source, control, self._controlnet(ex.controlnet)
 
     def run(
         self,
@@ -183,12 +266,14 @@ class HiresPipeline:
         else:
             ad.scheduler = make_scheduler(s.scheduler, self._base_scheduler_config)
         gens, seeds = _generators(s, generator)
+        source, control, net = self._conditions(req)
         begin = time.perf_counter()
-        embeds = ad.encode_prompt(s.prompt, s.negative_prompt, s.cfg)
-        rows = [b // s.num_images_per_prompt for b in range(s.batch_size)]
-        run = Run(ad, s, embeds, rows, gens, progress=progress, callback=callback)
-        out = req.method.run(run, req.params)
-        images = out.images if out.images is not None else run.decode(out.latents)
+        with applied_loras(ad.pipe, req.extras.loras), ad.use_controlnet(net, req.extras.control_scale):
+            embeds = ad.encode_prompt(s.prompt, s.negative_prompt, s.cfg)
+            rows = [b // s.num_images_per_prompt for b in range(s.batch_size)]
+            run = Run(ad, s, embeds, rows, gens, progress=progress, callback=callback, source=source, control=control)
+            out = req.method.run(run, req.params)
+            images = out.images if out.images is not None else run.decode(out.latents)
         if s.previews:
             run.previews.append(images)
         seconds = time.perf_counter() - begin
@@ -222,7 +307,10 @@ class HiresPipeline:
             "seed": seed,
             "max_batch": s.max_batch,
             "decode_tile_area": s.decode_tile_area,
+            "strength": s.strength,
+            **{name: getattr(s, name) for name in AG_SETTINGS},
             "params": dataclasses.asdict(req.params),
+            **req.extras.metadata(),
         }
 
 
@@ -256,18 +344,28 @@ def generate(
     width: int | None = None,
     height: int | None = None,
     *,
+    image: ImageInput | None = None,
+    scale: float | None = None,
+    fit: str | None = None,
+    controlnet: str | None = None,
+    control_image: ImageInput | None = None,
+    control_scale: float | None = None,
+    loras: Sequence[LoraInput] = (),
     dtype: str | None = None,
     device: str | None = None,
     allow_pickle: bool = False,
     generator: torch.Generator | list[torch.Generator] | None = None,
     progress: bool = True,
     callback: StepCallback | None = None,
+    expected: dict[str, Any] | None = None,
     **kwargs: Any,
 ) -> GenerationResult:
     """Generate ``prompt`` with ``method`` on ``model`` at ``width × height`` pixels.
 
     Everything is validated before the model is loaded; the last loaded model is kept for the next call.
-    ``dtype`` defaults to float16 on CUDA and float32 on CPU.
+    ``dtype`` defaults to float16 on CUDA and float32 on CPU. ``image``, ``scale``, ``fit``, ``controlnet``,
+    ``control_image``, ``control_scale`` and ``loras`` as for :meth:`HiresPipeline.__call__`; ``expected`` holds
+    sha256 hashes of the input files a PNG recorded (``--from-png`` refuses changed files).
     """
     from hiresdiff.models.loading import resolve_model
 
@@ -275,8 +373,23 @@ def generate(
     dtype = dtype or ("float16" if dev.startswith("cuda") else "float32")
     resolve_dtype(dtype)
     spec = resolve_model(model, allow_pickle=allow_pickle)
-    width, height = width or 2 * spec.native_size, height or 2 * spec.native_size
-    req = build_request(prompt, method, width, height, model_defaults=spec.sampling_defaults, **kwargs)
+    extras, width, height = prepare_extras(
+        native=spec.native_size,
+        grid=spec.pixel_grid,
+        family=spec.family,
+        width=width,
+        height=height,
+        image=image,
+        scale=scale,
+        fit=fit,
+        controlnet=controlnet,
+        control_image=control_image,
+        control_scale=control_scale,
+        loras=loras,
+        allow_pickle=allow_pickle,
+        expected=expected,
+    )
+    req = build_request(prompt, method, width, height, model_defaults=spec.sampling_defaults, extras=extras, **kwargs)
     check_for_model(req, spec.native_size, spec.pixel_grid)
     key = (model, dtype, dev, allow_pickle)
     if key not in _CACHE:

@@ -17,19 +17,29 @@ import torch
 from tqdm.auto import tqdm
 
 from hiresdiff.config import GenerationSettings
+from hiresdiff.control import ControlCondition
 from hiresdiff.hooks import StepHook, attentive_guidance
 from hiresdiff.models.adapter import ModelAdapter, PromptEmbeds
-from hiresdiff.ops.resample import upsample_pixels
+from hiresdiff.ops.resample import resize_pixels, upsample_pixels
+from hiresdiff.ops.schedule import start_index
 from hiresdiff.strategies.base import Denoiser, Strategy
 from hiresdiff.strategies.full import FullCanvas
 
 #: ``callback(phase_name, step, total)`` after every denoising step
 StepCallback = Callable[[str, int, int], None]
+#: SDEdit strength of ``direct``/``multidiffusion`` on an input image when none is given (diffusers'
+#: ``StableDiffusionImg2ImgPipeline`` default)
+SDEDIT_STRENGTH = 0.8
 
 
 @dataclass
 class Run:
-    """Everything one generation shares: model, prompts, generators, settings, previews, progress."""
+    """Everything one generation shares: model, prompts, generators, settings, previews, progress.
+
+    ``source`` is the caller's input picture (upscaling), already brought to the target's aspect, (1, 3, H, W) in
+    [−1, 1]; methods let it stand for what they would have sampled at its scale (:meth:`source_at`,
+    :meth:`encode_source`). ``control`` is the ControlNet condition every denoiser request gets its part of.
+    """
 
     adapter: ModelAdapter
     settings: GenerationSettings
@@ -40,6 +50,8 @@ class Run:
     callback: StepCallback | None = None
     previews: list[torch.Tensor] = field(default_factory=list)
     preview_sizes: list[tuple[int, int]] = field(default_factory=list)
+    source: torch.Tensor | None = None
+    control: ControlCondition | None = None
 
     @property
     def scheduler(self) -> Any:
@@ -101,6 +113,7 @@ class Run:
             "guidance": self.settings.guidance,
             "size": size,
             "max_batch": self.settings.max_batch,
+            "control": self.control,
         }
         kw.update(overrides)
         return Denoiser(**kw)
@@ -144,6 +157,21 @@ class Run:
         bar.close()
         return x
 
+    def observe(self, clean: torch.Tensor, name: str = "observing") -> None:
+        """Model passes on ``clean`` noised (one noise draw) to every timestep of all N steps, without sampling:
+        what attention processors record then describes ``clean`` (AccDiffusion's maps of an input picture)."""
+        s = self.settings
+        h, w = clean.shape[-2] * self.adapter.vae_scale_factor, clean.shape[-1] * self.adapter.vae_scale_factor
+        noise = self.noise(h, w)
+        den = self.denoiser((s.height, s.width))
+        for i in tqdm(range(s.steps), desc=name, disable=not self.progress):
+            t = self.begin(i)[0]  # the scheduler positioned at step i (Euler scales inputs by its σ)
+            x_in = self.adapter.scale_input(self.add_noise(clean, noise, t), t)
+            requests, _ = FullCanvas().gather(x_in, t, den)
+            den.predict(requests, t)
+            if self.callback is not None:
+                self.callback(name, i + 1, s.steps)
+
     def sample_canvas(
         self, height: int, width: int, size: tuple[int, int] | None = None, name: str = ""
     ) -> torch.Tensor:
@@ -161,14 +189,43 @@ class Run:
     def decode(self, latents: torch.Tensor, *, clamp: bool = True) -> torch.Tensor:
         return self.adapter.decode(latents, self.settings.decode_tile_area, clamp=clamp)
 
-    def pixel_upsample(self, latents: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    def pixel_upsample(
+        self, latents: torch.Tensor | None, size: tuple[int, int], pixels: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """Decode (unclamped), plain bicubic upsample to ``size`` pixels, clamp, encode (posterior mean) — the
         pixel-space step of AP-LDM (SPEC §5) and ScaleDiff's ``Z_RU`` (SPEC §6). The decoded image is kept as
-        a preview."""
-        image = self.decode(latents, clamp=False)
+        a preview. ``pixels`` (the caller's input picture standing for ``latents``) replace the decode; they are
+        resized like a photo (antialiased where they shrink)."""
+        if pixels is None:
+            assert latents is not None
+            image = self.decode(latents, clamp=False)
+            resized = upsample_pixels(image, size)
+        else:
+            image, resized = pixels, resize_pixels(pixels, size)
         if self.settings.previews:
             self.previews.append(image.clamp(-1, 1))
-        return self.adapter.encode(upsample_pixels(image, size), self.settings.decode_tile_area)
+        return self.adapter.encode(resized, self.settings.decode_tile_area)
+
+    # --- the caller's input picture (upscaling) ----------------------------------------------------------
+    def source_at(self, height: int, width: int) -> torch.Tensor:
+        """The input picture resized to ``height × width`` pixels, one copy per canvas sample."""
+        if self.source is None:
+            raise RuntimeError("this generation has no input image")
+        return resize_pixels(self.source, (height, width)).expand(self.batch, -1, -1, -1)
+
+    def encode_source(self, height: int, width: int) -> torch.Tensor:
+        """Latents of the input picture at ``height × width`` pixels (VAE posterior mean)."""
+        return self.adapter.encode(self.source_at(height, width), self.settings.decode_tile_area)
+
+    def sdedit(self, strategy: Strategy, name: str) -> torch.Tensor:
+        """SDEdit at the target size (``direct``/``multidiffusion`` with an input image): the encoded picture noised
+        to step ``⌊N·(1 − strength)⌋`` and denoised with ``strategy`` (default strength
+        :data:`SDEDIT_STRENGTH`)."""
+        s = self.settings
+        strength = s.strength if s.strength is not None else SDEDIT_STRENGTH
+        timesteps = self.begin(start_index(s.steps, strength))
+        x = self.add_noise(self.encode_source(s.height, s.width), self.noise(s.height, s.width), timesteps[0])
+        return self.denoise(x, timesteps, strategy, self.denoiser((s.height, s.width)), name=name)
 
     def add_preview(self, latents: torch.Tensor) -> None:
         """Decode and keep a per-phase preview (skipped when previews are off)."""

@@ -69,6 +69,13 @@ def progressive_phases(height: int, width: int, native: int, grid: int) -> list[
     return [*phases, Phase(height, width, native)]
 
 
+def source_phase_index(phases: list[Phase], long_side: int) -> int:
+    """The phase an input picture of ``long_side`` px stands for: the largest whose long side does not exceed it
+    (at least the first). Later phases run as usual; the last phase (the target) is larger than the input."""
+    fitting = [i for i, p in enumerate(phases) if max(p.height, p.width) <= long_side]
+    return min(max(fitting, default=0), len(phases) - 2) if len(phases) > 1 else 0
+
+
 def doubling_phases(height: int, width: int, native: int, grid: int) -> list[Phase]:
     """ScaleDiff's stages: long side ``n``, ``2n``, ``4n``, … below the target, then exactly the target."""
     long, side = max(height, width), native

@@ -22,7 +22,7 @@ from hiresdiff.attention import capture_cross_attention
 from hiresdiff.config import PAPER_NEGATIVE_PROMPT, check_finite
 from hiresdiff.errors import require
 from hiresdiff.methods.base import Method, MethodOutput
-from hiresdiff.methods.demofusion import DemoFusionParams, Progressive
+from hiresdiff.methods.demofusion import DemoFusionParams, Progressive, start_step_of
 from hiresdiff.methods.multidiffusion import local_views
 from hiresdiff.models.adapter import PromptEmbeds, concat_embeds
 from hiresdiff.ops.interaction import permute_lattices
@@ -74,12 +74,28 @@ class AccDiffusion(Progressive):
         run = self.run
         with capture_cross_attention(run.adapter, run.batch, run.latent_size(phase.height, phase.width)) as rec:
             z = super().first_phase(phase, name)
-        maps = rec.maps()
+        self.record_masks(rec.maps())
+        return z
+
+    def phase_from_source(self, phases: list[Phase], index: int) -> torch.Tensor:
+        """An input picture: the phase-1 cross-attention maps come from conditional UNet passes on its phase-1
+        encoding noised to each phase-1 timestep (one noise draw; the predictions are discarded, nothing is
+        sampled), so the word masks describe the picture itself."""
+        if self.params.content_prompts:
+            run, base = self.run, phases[0]
+            latent_hw = run.latent_size(base.height, base.width)
+            with capture_cross_attention(run.adapter, run.batch, latent_hw) as rec:
+                run.observe(run.encode_source(base.height, base.width), name="phase 1 attention (input image)")
+            self.record_masks(rec.maps())
+        return super().phase_from_source(phases, index)
+
+    def record_masks(self, maps: torch.Tensor) -> None:
+        """One mask per prompt word of every canvas sample from the averaged maps (B, tokens, gh, gw)."""
+        run = self.run
         for b in range(run.batch):
             words = prompt_words(run.settings.prompt[run.rows[b]], run.adapter.count_tokens)
             self.words.append(words)
             self.masks.append(word_masks(maps[b], words))
-        return z
 
     def _negative(self, b: int) -> str | None:
         negatives = self.run.settings.negative_prompt
@@ -142,4 +158,5 @@ METHOD = Method(
     AccDiffusionParams,
     run_accdiffusion,
     default_negative=PAPER_NEGATIVE_PROMPT,
+    strength_params=start_step_of,
 )

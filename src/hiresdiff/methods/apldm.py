@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -65,25 +66,38 @@ class APLDMParams(Params):
             )
 
 
-def refine(run: Run, z: torch.Tensor, size: tuple[int, int], fraction: float, name: str) -> torch.Tensor:
+def refine(
+    run: Run, z: torch.Tensor | None, size: tuple[int, int], fraction: float, name: str, pixels: torch.Tensor | None
+) -> torch.Tensor:
     """One sub-stage: decode → plain bicubic pixel upsample → clamp → encode → re-noise to ``⌊N·(1 − p)⌋`` (exact)
-    → denoise the last ``fraction`` of the steps (kmittle/AP-LDM ``pipeline_apldm_sdxl.py``, its stage 2)."""
-    z_up = run.pixel_upsample(z, size)
+    → denoise the last ``fraction`` of the steps (kmittle/AP-LDM ``pipeline_apldm_sdxl.py``, its stage 2).
+    ``pixels`` (an input picture) replace the decoded image."""
+    z_up = run.pixel_upsample(z, size, pixels)
     timesteps = run.begin(start_index(run.settings.steps, fraction))
     x = run.add_noise(z_up, run.noise(*size), timesteps[0])
     return run.denoise(x, timesteps, FullCanvas(), run.denoiser(size), name=name)
 
 
+def progressive_of(strength: float, settings: GenerationSettings) -> dict[str, Any]:
+    """``strength`` s → every sub-stage denoises the last fraction s (starts at step ``⌊N·(1 − s)⌋``); as many
+    sub-stages as the default schedule has at this size."""
+    count = len(APLDMParams().fractions(settings.height, settings.width))
+    return {"progressive": (strength,) * count}
+
+
 def run_apldm(run: Run, params: APLDMParams) -> MethodOutput:
     s, ad = run.settings, run.adapter
     base = native_area_canvas(s.height, s.width, ad.native_size, ad.pixel_grid)
-    z = run.sample_canvas(*base, name=f"stage 1 {base[0]}×{base[1]}")
-    if base == (s.height, s.width):
+    # upscaling: the input picture replaces stage 1 (no attentive guidance); the sub-stages start from its pixels
+    pixels = None if run.source is None else run.source.expand(run.batch, -1, -1, -1)
+    z = run.sample_canvas(*base, name=f"stage 1 {base[0]}×{base[1]}") if pixels is None else None
+    if base == (s.height, s.width) and z is not None:
         return MethodOutput(latents=z)  # the target is the base canvas: no refinement (the official skips stage 2)
     fractions = params.fractions(s.height, s.width)
     sizes = area_steps(s.height, s.width, base, len(fractions), ad.pixel_grid)
     for i, (fraction, size) in enumerate(zip(fractions, sizes, strict=True), start=1):
-        z = refine(run, z, size, fraction, f"stage 2.{i} {size[0]}×{size[1]}")
+        z = refine(run, z, size, fraction, f"stage 2.{i} {size[0]}×{size[1]}", pixels)
+        pixels = None
     return MethodOutput(latents=z)
 
 
@@ -94,4 +108,5 @@ METHOD = Method(
     APLDMParams,
     run_apldm,
     setting_defaults={"ag_lambda": PAPER_AG_LAMBDA},
+    strength_params=progressive_of,
 )

@@ -24,7 +24,7 @@ from hiresdiff.methods.base import Method, MethodOutput
 from hiresdiff.methods.demofusion import PhaseSetup, Progressive
 from hiresdiff.ops.matching import statistical_matching
 from hiresdiff.ops.sas import DEFAULT_ETA_TABLE, eta_for_scale, relabel_timesteps, sas_betas
-from hiresdiff.ops.schedule import steps_of_fraction
+from hiresdiff.ops.schedule import start_index, steps_of_fraction
 from hiresdiff.sampler import Run
 from hiresdiff.stages import Phase
 
@@ -155,6 +155,11 @@ class APT:
         return self.host()
 
 
+def shortcut_of(strength: float, settings: GenerationSettings) -> dict[str, Any]:
+    """``strength`` s → ``shortcut_steps = N − ⌊N·(1 − s)⌋`` (later phases start at step ``⌊N·(1 − s)⌋``)."""
+    return {"shortcut_steps": settings.steps - start_index(settings.steps, strength)}
+
+
 def run_apt(run: Run, params: APTParams) -> MethodOutput:
     return MethodOutput(latents=APT(run, params)())
 
@@ -187,4 +192,5 @@ METHOD = Method(
     run_apt,
     default_negative=PAPER_NEGATIVE_PROMPT,
     presets=PRESETS,
+    strength_params=shortcut_of,
 )

@@ -61,10 +61,20 @@ class ViewParams(Params):
         require(stride < window, f"stride {stride} must be smaller than window {window} so views overlap")
 
 
+#: maps an input image's ``strength`` onto a method's own parameters: ``(strength, settings) → {name: value}``
+StrengthMap = Callable[[float, GenerationSettings], dict[str, Any]]
+
+
+def no_strength_params(strength: float, settings: GenerationSettings) -> dict[str, Any]:
+    """Methods that read ``settings.strength`` themselves (SDEdit in ``direct``/``multidiffusion``)."""
+    return {}
+
+
 @dataclass(frozen=True)
 class Method:
-    """A registered method: name, summary, paper link, parameter class, recipe, named presets, and the
-    :class:`~hiresdiff.config.GenerationSettings` defaults it changes (explicit values win)."""
+    """A registered method: name, summary, paper link, parameter class, recipe, named presets, the
+    :class:`~hiresdiff.config.GenerationSettings` defaults it changes (explicit values win), and how an input
+    image's ``strength`` maps onto its own start parameter (``None``: the method does not denoise an input)."""
 
     name: str
     summary: str
@@ -74,3 +84,4 @@ class Method:
     default_negative: str | None = None
     presets: dict[str, dict[str, Any]] = field(default_factory=dict)
     setting_defaults: dict[str, Any] = field(default_factory=dict)
+    strength_params: StrengthMap | None = no_strength_params

@@ -6,6 +6,9 @@ Algorithm (per later phase k = 2 … K):
   3. ``P = (1 − c2)·P_local + c2·P_global`` (local views §2.2 + dilated sampling §2.3), ``c2 = cf(t)^α2``;
   4. one ``scheduler.step`` with ``P``;
   5. renormalise the phase's result to the phase-1 anchor statistics (μ_a, σ_a).
+
+Upscaling an input picture: its encoding (posterior mean) at the largest phase whose long side ``k·n`` it covers
+stands for that phase's result and gives the anchor; the later phases run as above.
 """
 
 from __future__ import annotations
@@ -22,10 +25,10 @@ from hiresdiff.hooks import StepHook
 from hiresdiff.methods.base import Method, MethodOutput, ViewParams
 from hiresdiff.methods.multidiffusion import local_views
 from hiresdiff.ops.resample import upsample_latent
-from hiresdiff.ops.schedule import cosine_factor
+from hiresdiff.ops.schedule import cosine_factor, start_index
 from hiresdiff.ops.stats import renormalise, scalar_stats
 from hiresdiff.sampler import Run
-from hiresdiff.stages import Phase, progressive_phases
+from hiresdiff.stages import Phase, progressive_phases, source_phase_index
 from hiresdiff.strategies.base import Strategy
 from hiresdiff.strategies.views import Blend, DilatedSampling
 
@@ -107,6 +110,10 @@ class Progressive:
         s = self.run.settings
         return self.run.sample_canvas(phase.height, phase.width, size=(s.height, s.width), name=name)
 
+    def phase_from_source(self, phases: list[Phase], index: int) -> torch.Tensor:
+        """An input picture stands for phase ``index``'s result: its encoding at that phase's size."""
+        return self.run.encode_source(phases[index].height, phases[index].width)
+
     def strategy(self, phase: Phase) -> Strategy:
         return fused_strategy(self.run, self.params, phase)
 
@@ -126,9 +133,14 @@ class Progressive:
         run, s, ad = self.run, self.run.settings, self.run.adapter
         phases = progressive_phases(s.height, s.width, ad.native_size, ad.pixel_grid)
         count = len(phases)
-        z = self.first_phase(phases[0], f"phase 1/{count}")
+        if run.source is None:
+            first = 0
+            z = self.first_phase(phases[0], f"phase 1/{count}")
+        else:  # upscaling: the input stands for the largest phase it covers; the anchor comes from it
+            first = source_phase_index(phases, max(run.source.shape[-2:]))
+            z = self.phase_from_source(phases, first)
         anchor = scalar_stats(z)
-        for k, phase in enumerate(phases[1:], start=2):
+        for k, phase in enumerate(phases[first + 1 :], start=first + 2):
             run.add_preview(z)
             z_up = upsample_latent(z, run.latent_size(phase.height, phase.width))
             for transform in self.transforms:
@@ -139,6 +151,11 @@ class Progressive:
             z = self.upscale(z_up, setup, f"phase {k}/{count} {phase.height}×{phase.width}")
             z = renormalise(z, *anchor)
         return z
+
+
+def start_step_of(strength: float, settings: GenerationSettings) -> dict[str, Any]:
+    """``strength`` s → ``start_step = ⌊N·(1 − s)⌋`` (later phases start there; s = 1: all N steps)."""
+    return {"start_step": start_index(settings.steps, strength)}
 
 
 def run_demofusion(run: Run, params: DemoFusionParams) -> MethodOutput:
@@ -152,4 +169,5 @@ METHOD = Method(
     DemoFusionParams,
     run_demofusion,
     default_negative=PAPER_NEGATIVE_PROMPT,
+    strength_params=start_step_of,
 )

@@ -6,6 +6,7 @@ from dataclasses import dataclass
 
 from hiresdiff.methods.base import Method, MethodOutput, Params
 from hiresdiff.sampler import Run
+from hiresdiff.strategies.full import FullCanvas
 
 
 @dataclass
@@ -15,6 +16,8 @@ class DirectParams(Params):
 
 def run_direct(run: Run, params: DirectParams) -> MethodOutput:
     s = run.settings
+    if run.source is not None:  # upscaling: SDEdit of the input picture at the target size
+        return MethodOutput(latents=run.sdedit(FullCanvas(), "direct (SDEdit)"))
     return MethodOutput(latents=run.sample_canvas(s.height, s.width, name="direct"))
 
 

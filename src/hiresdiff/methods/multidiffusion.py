@@ -23,6 +23,8 @@ def local_views(run: Run, params: ViewParams) -> LocalViews:
 
 def run_multidiffusion(run: Run, params: MultiDiffusionParams) -> MethodOutput:
     s = run.settings
+    if run.source is not None:  # upscaling: SDEdit of the input picture with local views
+        return MethodOutput(latents=run.sdedit(local_views(run, params), "multidiffusion (SDEdit)"))
     timesteps = run.begin(0)
     x = run.initial_noise(s.height, s.width)
     den = run.denoiser((s.height, s.width))

@@ -23,6 +23,10 @@ class ResizeParams(Params):
 
 def run_resize(run: Run, params: ResizeParams) -> MethodOutput:
     s, ad = run.settings, run.adapter
+    if run.source is not None:  # upscaling: the plain pixel resample of the input picture
+        return MethodOutput(
+            images=resize_images(run.source.expand(run.batch, -1, -1, -1), (s.height, s.width), params.filter)
+        )
     h, w = canvas_at(s.height, s.width, ad.native_size, ad.pixel_grid)
     z = run.sample_canvas(h, w, name=f"native {h}×{w}")
     image = run.decode(z)
@@ -32,5 +36,10 @@ def run_resize(run: Run, params: ResizeParams) -> MethodOutput:
 
 
 METHOD = Method(
-    "resize", "native-size sample upscaled in pixel space (bicubic or Lanczos)", "", ResizeParams, run_resize
+    "resize",
+    "native-size sample upscaled in pixel space (bicubic or Lanczos)",
+    "",
+    ResizeParams,
+    run_resize,
+    strength_params=None,
 )

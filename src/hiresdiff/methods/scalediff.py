@@ -21,6 +21,7 @@ from __future__ import annotations
 
 from contextlib import nullcontext
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -33,7 +34,7 @@ from hiresdiff.ops.frequency import frequency_mix, low_pass
 from hiresdiff.ops.resample import upsample_latent
 from hiresdiff.ops.schedule import start_index
 from hiresdiff.sampler import Run
-from hiresdiff.stages import Phase, doubling_phases
+from hiresdiff.stages import Phase, doubling_phases, source_phase_index
 from hiresdiff.strategies.full import FullCanvas
 
 #: SPEC §6 defaults per model family: (restart ratio ρ, low-pass factor f)
@@ -94,13 +95,16 @@ def defaults(run: Run, params: ScaleDiffParams) -> tuple[float, float]:
     return params.restart_ratio or rho, params.lfm_factor or factor
 
 
-def upscale_stage(run: Run, params: ScaleDiffParams, z: torch.Tensor, phase: Phase, name: str) -> torch.Tensor:
-    """One doubling stage: LFM reference → restart at ``⌊N(1 − ρ)⌋`` → NPA + SG denoising."""
+def upscale_stage(
+    run: Run, params: ScaleDiffParams, z: torch.Tensor, phase: Phase, name: str, pixels: torch.Tensor | None = None
+) -> torch.Tensor:
+    """One doubling stage: LFM reference → restart at ``⌊N(1 − ρ)⌋`` → NPA + SG denoising. ``pixels``: the input
+    picture that ``z`` encodes (``Z_RU`` then comes from it instead of a decode)."""
     ad, s = run.adapter, run.settings
     rho, factor = defaults(run, params)
     size = (phase.height, phase.width)
     latent_hw = run.latent_size(*size)
-    z_ru = run.pixel_upsample(z, size)
+    z_ru = run.pixel_upsample(z, size, pixels)
     reference = frequency_mix(z_ru, upsample_latent(z, latent_hw), factor) if params.lfm else z_ru
     timesteps = run.begin(start_index(s.steps, rho))
     x = run.add_noise(reference, run.noise(*size), timesteps[0])
@@ -111,12 +115,24 @@ def upscale_stage(run: Run, params: ScaleDiffParams, z: torch.Tensor, phase: Pha
         return run.denoise(x, timesteps, FullCanvas(), run.denoiser(size), hooks, name=name)
 
 
+def restart_of(strength: float, settings: GenerationSettings) -> dict[str, Any]:
+    """``strength`` s → ``restart_ratio = s`` (each stage restarts at step ``⌊N·(1 − s)⌋``)."""
+    return {"restart_ratio": strength}
+
+
 def run_scalediff(run: Run, params: ScaleDiffParams) -> MethodOutput:
     s, ad = run.settings, run.adapter
     phases = doubling_phases(s.height, s.width, ad.native_size, ad.pixel_grid)
-    z = run.sample_canvas(phases[0].height, phases[0].width, name=f"stage 1/{len(phases)}")
-    for k, phase in enumerate(phases[1:], start=2):
-        z = upscale_stage(run, params, z, phase, f"stage {k}/{len(phases)} {phase.height}×{phase.width}")
+    first, pixels = 0, None
+    if run.source is None:
+        z = run.sample_canvas(phases[0].height, phases[0].width, name=f"stage 1/{len(phases)}")
+    else:  # upscaling: the input is the result of the largest stage it covers (Z_RU from its pixels)
+        first = source_phase_index(phases, max(run.source.shape[-2:]))
+        pixels = run.source_at(phases[first].height, phases[first].width)
+        z = run.adapter.encode(pixels, s.decode_tile_area)
+    for k, phase in enumerate(phases[first + 1 :], start=first + 2):
+        z = upscale_stage(run, params, z, phase, f"stage {k}/{len(phases)} {phase.height}×{phase.width}", pixels)
+        pixels = None
     return MethodOutput(latents=z)
 
 
@@ -126,4 +142,5 @@ METHOD = Method(
     "https://github.com/KSH00906/ScaleDiff",
     ScaleDiffParams,
     run_scalediff,
+    strength_params=restart_of,
 )

@@ -51,6 +51,7 @@ class Request:
     size: tuple[int, int]  # SDXL original/target size (pixels, h × w)
     samples: list[int] = field(default_factory=list)  # canvas sample of each view (attention capture)
     outputs: list[torch.Tensor] = field(default_factory=list)
+    control: torch.Tensor | None = None  # ControlNet condition per view (n, 3, h·f, w·f) in [0, 1]
 
 
 class ModelAdapter:
@@ -60,6 +61,9 @@ class ModelAdapter:
     _placement: tuple[torch.device, torch.dtype] | None = None
     #: low-VRAM mode: text encoders and VAE wait on the CPU (:meth:`set_offload`)
     offload: bool = False
+    #: ControlNet of the generation in progress and its conditioning scale (:meth:`use_controlnet`)
+    controlnet: torch.nn.Module | None = None
+    control_scale: float = 1.0
 
     def __init__(self, pipe: Any) -> None:
         self.pipe = pipe
@@ -226,11 +230,51 @@ class ModelAdapter:
             for i in range(*sl.indices(len(req.rows)))
         ]
         model_in = torch.cat([x] * len(halves)).to(self.dtype)
+        context = torch.cat(text)
         kwargs: dict[str, Any] = {}
         if self.family == "sdxl":
             kwargs["added_cond_kwargs"] = {"text_embeds": torch.cat(pooled), "time_ids": torch.cat(time_ids)}
-        out = self.unet(model_in, t, encoder_hidden_states=torch.cat(text), return_dict=False, **kwargs)[0]
+        if self.controlnet is not None:
+            kwargs.update(self._control_residuals(model_in, t, context, reqs, len(halves), kwargs))
+        out = self.unet(model_in, t, encoder_hidden_states=context, return_dict=False, **kwargs)[0]
         return out.float()
+
+    def _control_residuals(
+        self,
+        model_in: torch.Tensor,
+        t: torch.Tensor,
+        context: torch.Tensor,
+        reqs: list[tuple[Request, slice]],
+        halves: int,
+        kwargs: dict[str, Any],
+    ) -> dict[str, Any]:
+        """ControlNet residuals for the views of one UNet call: each view's own condition (both guidance halves
+        see it, as diffusers' ControlNet pipelines without guess mode), scaled by :attr:`control_scale`."""
+        missing = [req for req, _ in reqs if req.control is None]
+        if missing:
+            raise RuntimeError("a denoiser request carries no ControlNet condition while a ControlNet is active")
+        cond = torch.cat([req.control[sl] for req, sl in reqs])  # type: ignore[index]
+        cond = torch.cat([cond] * halves).to(self.device, self.controlnet.dtype)  # type: ignore[union-attr]
+        down, mid = self.controlnet(  # type: ignore[misc]
+            model_in,
+            t,
+            encoder_hidden_states=context,
+            controlnet_cond=cond,
+            conditioning_scale=self.control_scale,
+            return_dict=False,
+            **kwargs,
+        )
+        return {"down_block_additional_residuals": down, "mid_block_additional_residual": mid}
+
+    @contextmanager
+    def use_controlnet(self, controlnet: torch.nn.Module | None, scale: float) -> Iterator[None]:
+        """Denoiser calls add ``controlnet``'s residuals (scaled by ``scale``) inside the block."""
+        previous = (self.controlnet, self.control_scale)
+        self.controlnet, self.control_scale = controlnet, float(scale)
+        try:
+            yield
+        finally:
+            self.controlnet, self.control_scale = previous
 
     @torch.no_grad()
     def predict(self, requests: list[Request], t: torch.Tensor, max_batch: int) -> list[torch.Tensor]:

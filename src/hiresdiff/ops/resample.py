@@ -15,6 +15,16 @@ def upsample_latent(z: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     return F.interpolate(z, size=size, mode="bicubic", align_corners=False)
 
 
+def resize_pixels(images: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """Bicubic resize of images in [−1, 1] to ``size`` — antialiased only when shrinking a side — clamped to
+    [−1, 1] (an input picture brought to a stage's size)."""
+    if tuple(images.shape[-2:]) == tuple(size):
+        return images
+    shrink = size[0] < images.shape[-2] or size[1] < images.shape[-1]
+    out = F.interpolate(images, size=size, mode="bicubic", align_corners=False, antialias=shrink)
+    return out.clamp(-1, 1)
+
+
 def upsample_pixels(images: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     """Plain bicubic resampling of decoded images to ``size``, then the clamp to [−1, 1] (SPEC §5, §6).
 

@@ -13,6 +13,7 @@ from typing import Protocol
 
 import torch
 
+from hiresdiff.control import ControlCondition
 from hiresdiff.models.adapter import ModelAdapter, PromptEmbeds, Request
 
 Assembler = Callable[[list[torch.Tensor]], torch.Tensor]
@@ -23,7 +24,8 @@ class Denoiser:
     """The model as a strategy sees it: prompts, guidance, SDXL size conditioning and the batch budget.
 
     ``rows[b]`` is the prompt row of canvas sample ``b``; ``timestep_map`` (optional) changes the timestep the
-    model is given (APT's ``relabel`` mode).
+    model is given (APT's ``relabel`` mode); ``control`` is the ControlNet condition of the run, which the
+    strategies cut per request (:mod:`hiresdiff.control`).
     """
 
     adapter: ModelAdapter
@@ -33,6 +35,7 @@ class Denoiser:
     size: tuple[int, int]
     max_batch: int
     timestep_map: Callable[[torch.Tensor], torch.Tensor] | None = None
+    control: ControlCondition | None = None
 
     def request(
         self,
@@ -43,8 +46,16 @@ class Denoiser:
         embeds: PromptEmbeds | None = None,
         rows: list[int] | None = None,
         guidance: float | None = None,
+        control: Callable[[ControlCondition], torch.Tensor] | None = None,
     ) -> Request:
-        """A request for views ``x`` belonging to canvas samples ``samples`` (crop corners in pixels)."""
+        """A request for views ``x`` belonging to canvas samples ``samples`` (crop corners in pixels).
+
+        ``control`` cuts the views' ControlNet conditions from the run's control image (default: the whole image
+        at the views' own pixel size, right for full canvases and dilated samples); unused without a ControlNet.
+        """
+        cond = None
+        if self.control is not None:
+            cond = control(self.control) if control is not None else self.control.full(x.shape[-2:], x.shape[0])
         return Request(
             x=x,
             rows=rows if rows is not None else [self.rows[b] for b in samples],
@@ -53,6 +64,7 @@ class Denoiser:
             guidance=self.guidance if guidance is None else guidance,
             size=self.size,
             samples=list(samples),
+            control=cond,
         )
 
     def predict(self, requests: list[Request], t: torch.Tensor) -> list[torch.Tensor]:

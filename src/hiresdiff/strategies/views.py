@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
+from hiresdiff.control import ControlCondition
 from hiresdiff.models.adapter import PromptEmbeds, Request
 from hiresdiff.ops.blur import gaussian_blur
 from hiresdiff.ops.dilation import dilated_merge, dilated_pad, dilated_split
@@ -73,12 +74,23 @@ class LocalViews:
                 samples.append(s)
                 crops.append((max(0, v.top) * f, max(0, v.left) * f))
         cond = self.conditioning
+        views = [v for per_sample in self.last_views for v in per_sample]
+
+        def control(c: ControlCondition) -> torch.Tensor:
+            return c.crops((h, w), views, j)  # the control image under each view (SPEC §2.2 geometry)
+
         if cond is None:
-            req = den.request(torch.stack(patches), samples, crops)
+            req = den.request(torch.stack(patches), samples, crops, control=control)
         else:
             rows = [row for per_sample in cond.rows for row in per_sample]
             req = den.request(
-                torch.stack(patches), samples, crops, embeds=cond.embeds, rows=rows, guidance=cond.guidance
+                torch.stack(patches),
+                samples,
+                crops,
+                embeds=cond.embeds,
+                rows=rows,
+                guidance=cond.guidance,
+                control=control,
             )
 
         def assemble(preds: list[torch.Tensor]) -> torch.Tensor:
