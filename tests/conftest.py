@@ -14,56 +14,20 @@ import torch
 torch.set_num_threads(min(2, torch.get_num_threads()))
 
 
-#: attention projections the offline test LoRAs adapt
-LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
-
-
 @pytest.fixture(scope="session")
 def make_lora():
-    """``make(family, seed, folder) → file``: a LoRA for the tiny ``family`` UNet (``tiny-sd``/``tiny-sdxl``) with
-    seeded random (non-zero) matrices, made with peft and saved by diffusers' ``save_lora_weights``."""
-    from pathlib import Path
+    """``make(family, seed, folder) → file``: an offline LoRA for tiny ``family`` (see ``tiny_addons``)."""
+    from hiresdiff.models.tiny_addons import save_tiny_lora
 
-    def make(family: str, seed: int, folder: Path) -> Path:
-        from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
-        from diffusers.utils import convert_state_dict_to_diffusers
-        from peft import LoraConfig
-        from peft.utils import get_peft_model_state_dict
-
-        from hiresdiff.models.tiny import build_builtin_unet
-
-        unet = build_builtin_unet(family)
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)
-            unet.add_adapter(LoraConfig(r=4, lora_alpha=4, target_modules=LORA_TARGETS, init_lora_weights=False))
-        layers = convert_state_dict_to_diffusers(get_peft_model_state_dict(unet))
-        cls = StableDiffusionXLPipeline if family == "tiny-sdxl" else StableDiffusionPipeline
-        folder.mkdir(parents=True, exist_ok=True)
-        cls.save_lora_weights(str(folder), unet_lora_layers=layers, safe_serialization=True)
-        return folder / "pytorch_lora_weights.safetensors"
-
-    return make
+    return lambda family, seed, folder: save_tiny_lora(family, folder, seed)
 
 
 @pytest.fixture(scope="session")
 def make_controlnet():
-    """``make(unet, seed=0) → ControlNetModel`` copied from ``unet`` (``ControlNetModel.from_unet``) with its zero
-    convolutions made non-zero, so that it changes the output."""
+    """``make(unet, seed=0) → ControlNetModel`` with non-zero zero-convolutions (it changes the output)."""
+    from hiresdiff.models.tiny_addons import tiny_controlnet
 
-    def make(unet, seed: int = 0):
-        from diffusers import ControlNetModel
-
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)
-            net = ControlNetModel.from_unet(unet, conditioning_embedding_out_channels=(8, 8, 8, 8))
-        g = torch.Generator().manual_seed(seed + 1)
-        with torch.no_grad():
-            for block in [*net.controlnet_down_blocks, net.controlnet_mid_block]:
-                for p in block.parameters():
-                    p.copy_(torch.randn(p.shape, generator=g) * 0.05)
-        return net.eval()
-
-    return make
+    return tiny_controlnet
 
 
 @pytest.fixture(scope="module")

@@ -180,3 +180,60 @@ def test_low_vram_changes_batching_not_flops():
     assert low.denoiser_calls > plain.denoiser_calls  # two samples per call instead of eight
     assert low.native_samples == plain.native_samples
     assert low.denoiser_flops == pytest.approx(plain.denoiser_flops, rel=1e-9)
+
+
+def test_controlnet_flops_are_their_own_line_and_equal_its_calls():
+    """direct on tiny-sdxl: every UNet call gets one ControlNet call of the same batch; its FLOPs are counted
+    separately (the denoiser's stay as without) and equal the ControlNet's own forward FLOPs per call."""
+    from diffusers import ControlNetModel
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from hiresdiff.models.tiny import build_builtin
+
+    plain = model_cost("direct", "tiny-sdxl", 256, 256, steps=2)
+    with_net = model_cost("direct", "tiny-sdxl", 256, 256, steps=2, controlnet=True)
+    assert with_net.denoiser_flops == plain.denoiser_flops and plain.controlnet_flops == 0
+    assert with_net.controlnet_calls == with_net.denoiser_calls == 2
+    assert with_net.model_flops == pytest.approx(plain.model_flops + with_net.controlnet_flops)
+    pipe = build_builtin("tiny-sdxl", torch.float32, "meta")
+    with torch.device("meta"):
+        net = ControlNetModel.from_unet(pipe.unet, load_weights_from_unet=False)
+        x, cond = torch.zeros(2, 4, 32, 32), torch.zeros(2, 3, 256, 256)
+        text, pooled, ids = torch.zeros(2, 77, 64), torch.zeros(2, 32), torch.zeros(2, 6)
+        with FlopCounterMode(display=False) as counter:
+            net(
+                x,
+                torch.tensor(999),
+                encoder_hidden_states=text,
+                controlnet_cond=cond,
+                return_dict=False,
+                added_cond_kwargs={"text_embeds": pooled, "time_ids": ids},
+            )
+    assert with_net.controlnet_flops == 2 * counter.get_total_flops()
+    data = with_net.to_dict()
+    assert data["controlnet_flops"] == with_net.controlnet_flops
+
+
+def test_cost_cli_controlnet_line(capsys):
+    assert (
+        main(
+            [
+                "cost",
+                "--method",
+                "direct",
+                "--model",
+                "tiny-sdxl",
+                "--width",
+                "256",
+                "--height",
+                "256",
+                "--steps",
+                "2",
+                "--controlnet",
+            ]
+        )
+        == 0
+    )
+    assert "ControlNet" in capsys.readouterr().out
+    assert main(["cost", "--method", "direct", "--model", "tiny-flux", "--steps", "2", "--controlnet"]) == 2
+    assert "no FLUX ControlNet" in capsys.readouterr().err

@@ -23,10 +23,11 @@ from safetensors.torch import save_file
 from hiresdiff.errors import HiresError
 from hiresdiff.models.lora import LoraSpec, applied_loras, parse_lora_arg, resolve_lora
 from hiresdiff.models.tiny import build_builtin, build_builtin_denoiser
+from hiresdiff.models.tiny_addons import LORA_TARGETS
 
 peft = pytest.importorskip("peft")
 
-from conftest import LORA_TARGETS as TARGETS  # noqa: E402
+TARGETS = list(LORA_TARGETS)
 
 
 @pytest.fixture(scope="module")

@@ -85,6 +85,9 @@ def test_python_example_runs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) ->
     first = blocks("python")[0]
     exec(compile(first, "README.md", "exec"), {})
     assert (tmp_path / "lighthouse.png").stat().st_size > 0
+    from PIL import Image
+
+    assert Image.open(tmp_path / "lighthouse-2x.png").size == (1024, 1024)  # the upscaled lighthouse
 
 
 def test_second_python_example_is_valid_code() -> None:

@@ -149,7 +149,7 @@ def test_resize_is_the_plain_resample_of_the_input(tiny_sdxl_pipe, tmp_path, mon
     res = hp("a cat", "resize", image=src, scale=2.5, **_kw())
     want = resize_images(load_source_image(src).pixels, (640, 640), "bicubic")
     assert res.images[0].size == (640, 640)
-    got = torch.from_numpy(np.asarray(res.images[0])).float()
+    got = torch.from_numpy(np.array(res.images[0])).float()
     expected = ((want[0].permute(1, 2, 0) + 1) * 127.5).round()
     assert (got - expected).abs().max() <= 1
 
@@ -331,3 +331,12 @@ def test_cli_lora_round_trip_and_changed_file(tmp_path, make_lora):
     assert (again / png.name).read_bytes() == png.read_bytes()
     lora.write_bytes(lora.read_bytes() + b" ")  # the LoRA file changed since
     assert main(["generate", "--from-png", str(png), "--quiet", "--out", str(again)]) == 2
+
+
+@pytest.mark.parametrize("method", ["direct", "demofusion", "apldm", "scalediff"])
+def test_flux_upscales_an_input(tiny_flux, tmp_path, method):
+    hp = HiresPipeline.from_pipe(tiny_flux, "tiny-flux")
+    res = hp("a cat", method, image=picture(tmp_path / "in.png", 256, 384), **_kw(steps=3))
+    assert res.images[0].size == (768, 512) and res.metadata[0]["image"]["width"] == 384
+    with pytest.raises(HiresError, match="FLUX"):
+        hp("a cat", method, image=tmp_path / "in.png", controlnet="x/y", **_kw())

@@ -193,6 +193,14 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_make_tiny(args: argparse.Namespace) -> int:
+    from hiresdiff.models.tiny_addons import save_tiny_addons
+
+    for path in save_tiny_addons(args.model, Path(args.out), args.seed):
+        print(path)
+    return 0
+
+
 def cmd_methods(args: argparse.Namespace) -> int:
     for m in METHODS.values():
         print(f"{m.name}: {m.summary}" + (f"  [{m.paper}]" if m.paper else ""))
@@ -218,13 +226,22 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--steps", type=int, default=12)
     d.add_argument("--quiet", action="store_true")
     sub.add_parser("methods", help="list methods, their parameters and defaults")
+    t = sub.add_parser("make-tiny", help="write a tiny random ControlNet folder and LoRA file for a tiny model")
+    t.add_argument("--model", default="tiny-sdxl", help="tiny-sdxl or tiny-sd")
+    t.add_argument("--out", default="tiny-addons", help="folder: OUT/controlnet and OUT/lora/…safetensors")
+    t.add_argument("--seed", type=int, default=0)
     for module in SUBCOMMAND_MODULES:
         COMMANDS.update(importlib.import_module(module).register(sub))
     return parser
 
 
 Handler = Callable[[argparse.Namespace], int]
-COMMANDS: dict[str, Handler] = {"generate": cmd_generate, "demo": cmd_demo, "methods": cmd_methods}
+COMMANDS: dict[str, Handler] = {
+    "generate": cmd_generate,
+    "demo": cmd_demo,
+    "methods": cmd_methods,
+    "make-tiny": cmd_make_tiny,
+}
 #: Modules whose ``register(subparsers) -> {name: handler}`` adds further commands (imports kept light:
 #: heavy libraries are imported inside the handlers).
 SUBCOMMAND_MODULES: tuple[str, ...] = ("hiresdiff.cost.cli", "hiresdiff.bench.cli", "hiresdiff.evaluation.cli")

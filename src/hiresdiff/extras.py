@@ -86,6 +86,16 @@ def _loras(loras: Sequence[LoraInput], allow_pickle: bool, expected: Sequence[st
     return tuple(specs)
 
 
+#: the keyword arguments of :func:`~hiresdiff.generate` and :class:`~hiresdiff.HiresPipeline` that are extras
+EXTRA_ARGS = ("image", "scale", "fit", "controlnet", "control_image", "control_scale", "loras", "expected")
+
+
+def split_extras(kwargs: dict[str, Any], **context: Any) -> tuple[Extras, int, int]:
+    """Take the :data:`EXTRA_ARGS` out of ``kwargs`` (in place) and :func:`prepare_extras` them with ``context``
+    (``native``, ``grid``, ``family``, ``width``, ``height``, ``allow_pickle``)."""
+    return prepare_extras(**context, **{k: kwargs.pop(k) for k in EXTRA_ARGS if k in kwargs})
+
+
 def prepare_extras(
     *,
     native: int,

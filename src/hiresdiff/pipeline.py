@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import dataclasses
 import secrets
-from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -21,7 +20,7 @@ from hiresdiff.config import (
 )
 from hiresdiff.control import ControlCondition
 from hiresdiff.errors import HiresError, require
-from hiresdiff.extras import Extras, ImageInput, LoraInput, prepare_extras
+from hiresdiff.extras import Extras, split_extras
 from hiresdiff.images import to_pil
 from hiresdiff.inputs import fit_to_aspect
 from hiresdiff.methods import Method, get_method
@@ -181,13 +180,6 @@ class HiresPipeline:
         width: int | None = None,
         height: int | None = None,
         *,
-        image: ImageInput | None = None,
-        scale: float | None = None,
-        fit: str | None = None,
-        controlnet: str | None = None,
-        control_image: ImageInput | None = None,
-        control_scale: float | None = None,
-        loras: Sequence[LoraInput] = (),
         generator: torch.Generator | list[torch.Generator] | None = None,
         progress: bool = True,
         callback: StepCallback | None = None,
@@ -204,19 +196,13 @@ class HiresPipeline:
         parameters.
         """
         ad = self.adapter
-        extras, width, height = prepare_extras(
+        extras, width, height = split_extras(
+            kwargs,
             native=ad.native_size,
             grid=ad.pixel_grid,
             family=ad.family,
             width=width,
             height=height,
-            image=image,
-            scale=scale,
-            fit=fit,
-            controlnet=controlnet,
-            control_image=control_image,
-            control_scale=control_scale,
-            loras=loras,
             allow_pickle=self.allow_pickle,
         )
         req = build_request(prompt, method, width, height, model_defaults=ad.sampling_defaults, extras=extras, **kwargs)
@@ -344,28 +330,20 @@ def generate(
     width: int | None = None,
     height: int | None = None,
     *,
-    image: ImageInput | None = None,
-    scale: float | None = None,
-    fit: str | None = None,
-    controlnet: str | None = None,
-    control_image: ImageInput | None = None,
-    control_scale: float | None = None,
-    loras: Sequence[LoraInput] = (),
     dtype: str | None = None,
     device: str | None = None,
     allow_pickle: bool = False,
     generator: torch.Generator | list[torch.Generator] | None = None,
     progress: bool = True,
     callback: StepCallback | None = None,
-    expected: dict[str, Any] | None = None,
     **kwargs: Any,
 ) -> GenerationResult:
     """Generate ``prompt`` with ``method`` on ``model`` at ``width × height`` pixels.
 
     Everything is validated before the model is loaded; the last loaded model is kept for the next call.
     ``dtype`` defaults to float16 on CUDA and float32 on CPU. ``image``, ``scale``, ``fit``, ``controlnet``,
-    ``control_image``, ``control_scale`` and ``loras`` as for :meth:`HiresPipeline.__call__`; ``expected`` holds
-    sha256 hashes of the input files a PNG recorded (``--from-png`` refuses changed files).
+    ``control_image``, ``control_scale``, ``loras`` and ``expected`` as for :meth:`HiresPipeline.__call__` (see
+    :func:`~hiresdiff.extras.prepare_extras`).
     """
     from hiresdiff.models.loading import resolve_model
 
@@ -373,21 +351,14 @@ def generate(
     dtype = dtype or ("float16" if dev.startswith("cuda") else "float32")
     resolve_dtype(dtype)
     spec = resolve_model(model, allow_pickle=allow_pickle)
-    extras, width, height = prepare_extras(
+    extras, width, height = split_extras(
+        kwargs,
         native=spec.native_size,
         grid=spec.pixel_grid,
         family=spec.family,
         width=width,
         height=height,
-        image=image,
-        scale=scale,
-        fit=fit,
-        controlnet=controlnet,
-        control_image=control_image,
-        control_scale=control_scale,
-        loras=loras,
         allow_pickle=allow_pickle,
-        expected=expected,
     )
     req = build_request(prompt, method, width, height, model_defaults=spec.sampling_defaults, extras=extras, **kwargs)
     check_for_model(req, spec.native_size, spec.pixel_grid)

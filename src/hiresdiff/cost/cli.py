@@ -26,6 +26,9 @@ def register(sub: argparse._SubParsersAction) -> dict[str, Any]:
     p.add_argument("--preset", default=None, help="named parameter preset of the method (see `hiresdiff methods`)")
     p.add_argument("--batch", type=int, default=None, help="images per prompt")
     add_sampling_options(p, set_help="method parameter (see `hiresdiff methods`)")
+    p.add_argument(
+        "--controlnet", action="store_true", help="add a ControlNet of the model's UNet to every denoiser call"
+    )
     p.add_argument("--peak-tflops", type=float, default=None, help="also print the FLOP-bound time at this rate")
     p.add_argument("--json", action="store_true", help="print the report as JSON")
     return {"cost": cmd_cost}
@@ -36,7 +39,7 @@ def cmd_cost(args: argparse.Namespace) -> int:
     from hiresdiff.errors import require
 
     require(args.peak_tflops is None or args.peak_tflops > 0, f"--peak-tflops must be > 0, got {args.peak_tflops}")
-    options = {"preset": args.preset, "num_images_per_prompt": args.batch}
+    options = {"preset": args.preset, "num_images_per_prompt": args.batch, "controlnet": args.controlnet or None}
     kwargs = {**sampling_settings(args), **{k: v for k, v in options.items() if v is not None}}
     report = model_cost(
         args.method, args.model, args.width, args.height, paper=args.paper, **kwargs, **parse_assignments(args.params)
@@ -55,6 +58,7 @@ def cmd_cost(args: argparse.Namespace) -> int:
         ("denoiser", report.denoiser_flops, f"calls: {report.denoiser_calls}, samples: {report.denoiser_samples}"),
         ("VAE", report.vae_flops, f"calls: {report.vae_calls}"),
         ("text encoders", report.text_encoder_flops, f"calls: {report.text_encoder_calls}"),
+        *([("ControlNet", report.controlnet_flops, f"calls: {report.controlnet_calls}")] if args.controlnet else []),
         ("total", report.model_flops, ""),
     ]
     for name, flops, note in rows:

@@ -13,7 +13,7 @@ from typing import Any
 import torch
 
 from hiresdiff.cost.meta import Ledger, MetaModule
-from hiresdiff.errors import HiresError
+from hiresdiff.errors import HiresError, require
 
 #: Hub ids whose architecture equals a built-in random model's
 ARCHITECTURES = {
@@ -49,10 +49,12 @@ class CostReport:
     native_samples: float
     vae_calls: int
     text_encoder_calls: int
+    controlnet_flops: float = 0.0
+    controlnet_calls: int = 0
 
     @property
     def model_flops(self) -> float:
-        return self.denoiser_flops + self.vae_flops + self.text_encoder_flops
+        return self.denoiser_flops + self.vae_flops + self.text_encoder_flops + self.controlnet_flops
 
     @property
     def native_samples_per_step(self) -> float:
@@ -127,6 +129,8 @@ def _rows(args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[int, float]:
 
 
 _PIPES: dict[str, tuple[Any, Ledger]] = {}
+#: the reference under which the counting pipelines hold their shape-only ControlNet
+COST_CONTROLNET = "controlnet-of-the-architecture"
 
 
 def counting_pipeline(architecture: str) -> tuple[Any, Ledger]:
@@ -150,10 +154,33 @@ def counting_pipeline(architecture: str) -> tuple[Any, Ledger]:
     for name in ("text_encoder", "text_encoder_2"):
         if getattr(pipe, name, None) is not None:
             wrapped[name] = MetaModule(getattr(pipe, name), "text_encoder", ledger, _rows)
+    net = None
+    if info.family != "flux":  # a ControlNet of the UNet's own architecture (encoder copy + zero convolutions)
+        from diffusers import ControlNetModel
+
+        with torch.device("meta"):
+            net = MetaModule(
+                ControlNetModel.from_unet(pipe.unet, load_weights_from_unet=False), "controlnet", ledger, counter
+            )
     for name, module in wrapped.items():
         object.__setattr__(pipe, name, module)  # bypass DiffusionPipeline's config registration
-    _PIPES[architecture] = (HiresPipeline(pipe, architecture), ledger)
+    hp = HiresPipeline(pipe, architecture)
+    if net is not None:
+        hp._controlnets[COST_CONTROLNET] = net
+    _PIPES[architecture] = (hp, ledger)
     return _PIPES[architecture]
+
+
+def _controlnet_extras(hp: Any, info: Any, width: int, height: int) -> Any:
+    """Extras that run the counting pipeline's ControlNet on a blank control image of the target size."""
+    from hiresdiff.extras import Extras
+    from hiresdiff.inputs import SourceImage
+    from hiresdiff.models.controlnet import ControlNetSpec
+
+    require(info.family != "flux", "ControlNet FLOPs are counted for SD/SDXL architectures (no FLUX ControlNet)")
+    config = dict(hp._controlnets[COST_CONTROLNET].config)
+    blank = SourceImage(torch.zeros(1, 3, 8, 8, device="meta"), "<blank control image>", "0" * 64)  # shapes only
+    return Extras(controlnet=ControlNetSpec(COST_CONTROLNET, None, config), control_image=blank)
 
 
 def model_cost(
@@ -168,7 +195,9 @@ def model_cost(
     ``kwargs`` are what :func:`hiresdiff.generate` takes (``steps``, ``guidance``, ``preset``, ``paper``,
     ``num_images_per_prompt``, ``max_batch``, method parameters …). Previews are off unless asked for (they
     decode every phase). Everything is validated exactly as for a generation, before anything is built.
+    ``controlnet=True`` adds a ControlNet of the architecture's UNet to every denoiser call (its own line).
     """
+    controlnet = bool(kwargs.pop("controlnet", False))
     from hiresdiff.config import model_sampling_defaults
     from hiresdiff.models.tiny import BUILTIN_MODELS
     from hiresdiff.pipeline import build_request, check_for_model
@@ -179,14 +208,15 @@ def model_cost(
     kwargs.setdefault("previews", False)
     kwargs.setdefault("prompt", "a photograph of a mountain lake at sunrise")
     kwargs["model_defaults"] = kwargs.get("model_defaults") or model_sampling_defaults(info.family)
-    req = build_request(kwargs.pop("prompt"), method, width, height, **kwargs)
-    check_for_model(req, info.native_size, info.vae_scale_factor * (2 if info.family == "flux" else 1))
     hp, ledger = counting_pipeline(arch)
+    extras = _controlnet_extras(hp, info, width, height) if controlnet else None
+    req = build_request(kwargs.pop("prompt"), method, width, height, extras=extras, **kwargs)
+    check_for_model(req, info.native_size, info.vae_scale_factor * (2 if info.family == "flux" else 1))
     ledger.tallies.clear()
     seed = req.settings.seed if req.settings.seed is not None else 0
     generators = [torch.Generator().manual_seed(seed + i) for i in range(req.settings.batch_size)]
     hp.run(req, generator=generators, progress=False)
-    den, vae, text = ledger.get("denoiser"), ledger.get("vae"), ledger.get("text_encoder")
+    den, vae, text, net = (ledger.get(c) for c in ("denoiser", "vae", "text_encoder", "controlnet"))
     return CostReport(
         method=req.method.name,
         model=model,
@@ -203,4 +233,6 @@ def model_cost(
         native_samples=den.native_samples,
         vae_calls=vae.calls,
         text_encoder_calls=text.calls,
+        controlnet_flops=net.flops,
+        controlnet_calls=net.calls,
     )

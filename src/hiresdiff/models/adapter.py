@@ -254,7 +254,9 @@ class ModelAdapter:
         if missing:
             raise RuntimeError("a denoiser request carries no ControlNet condition while a ControlNet is active")
         cond = torch.cat([req.control[sl] for req, sl in reqs])  # type: ignore[index]
-        cond = torch.cat([cond] * halves).to(self.device, self.controlnet.dtype)  # type: ignore[union-attr]
+        cond = torch.cat([cond] * halves)
+        if not cond.is_meta:  # the cost model's shape-only conditions stay on the meta device
+            cond = cond.to(self.device, self.controlnet.dtype)  # type: ignore[union-attr]
         down, mid = self.controlnet(  # type: ignore[misc]
             model_in,
             t,
