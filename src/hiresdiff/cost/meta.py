@@ -121,7 +121,9 @@ class MetaModule:
 
     Attribute access is forwarded to the wrapped module (``config``, ``dtype``, ``attn_processors``,
     ``set_attn_processor`` …); ``device`` reports the CPU so the orchestration runs there. ``methods`` lists the
-    entry points besides ``__call__`` to count (the VAE's ``encode``/``decode``).
+    entry points besides ``__call__`` to count (the VAE's ``encode``/``decode``). ``answer_on_meta`` returns the
+    shape-only output itself: for modules whose output only feeds another :class:`MetaModule` (the ControlNet's
+    residuals go to the UNet), which saves materialising large zero tensors on every call.
     """
 
     def __init__(
@@ -131,8 +133,10 @@ class MetaModule:
         ledger: Ledger,
         counter: SampleCounter,
         methods: tuple[str, ...] = (),
+        answer_on_meta: bool = False,
     ) -> None:
         self.__dict__.update(_module=module, _component=component, _ledger=ledger, _counter=counter, _cache={})
+        self.__dict__["_answer"] = (lambda out: out) if answer_on_meta else host_zeros
         self.__dict__["_processors"] = processor_signature(module)
         for name in methods:
             self.__dict__[name] = self._counted(getattr(module, name), name)
@@ -163,10 +167,10 @@ class MetaModule:
                 meta_args, meta_kwargs = to_device(args, torch.device("meta")), to_device(kwargs, torch.device("meta"))
                 with torch.no_grad(), FlopCounterMode(display=False) as counter:
                     out = fn(*meta_args, **meta_kwargs)
-                self._cache[key] = (float(counter.get_total_flops()), host_zeros(out))
+                self._cache[key] = (float(counter.get_total_flops()), self._answer(out))
             flops, out = self._cache[key]
             samples, native = self._counter(args, kwargs)
             self._ledger.book(self._component, flops, samples, native)
-            return host_zeros(out)
+            return self._answer(out)
 
         return call

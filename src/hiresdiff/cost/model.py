@@ -159,9 +159,8 @@ def counting_pipeline(architecture: str) -> tuple[Any, Ledger]:
         from diffusers import ControlNetModel
 
         with torch.device("meta"):
-            net = MetaModule(
-                ControlNetModel.from_unet(pipe.unet, load_weights_from_unet=False), "controlnet", ledger, counter
-            )
+            controlnet = ControlNetModel.from_unet(pipe.unet, load_weights_from_unet=False)
+        net = MetaModule(controlnet, "controlnet", ledger, counter, answer_on_meta=True)  # residuals feed the UNet
     for name, module in wrapped.items():
         object.__setattr__(pipe, name, module)  # bypass DiffusionPipeline's config registration
     hp = HiresPipeline(pipe, architecture)
