@@ -66,6 +66,9 @@ def test_every_cli_example_runs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
     assert len(examples) >= 4
     for line in examples:
         argv = shlex.split(line)[1:]
+        if argv[0] == "serve":  # a server: started without blocking on a free port, asked for its page, closed
+            assert _serves(argv), line
+            continue
         model = argv[argv.index("--model") + 1] if "--model" in argv else None
         # `cost` maps hub ids to built-in architectures: it needs no weights
         hub = model is not None and model not in BUILTIN_MODELS and argv[0] != "cost"
@@ -78,6 +81,25 @@ def test_every_cli_example_runs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
             assert code == 2 and "HF_HUB_OFFLINE" in err, line
         else:
             assert code == 0, f"{line}: {err}"
+
+
+def _serves(argv: list[str]) -> bool:
+    import socket
+    import urllib.request
+
+    from hiresdiff.cli import build_parser
+    from hiresdiff.web.cli import start
+
+    args = build_parser().parse_args(argv)
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    page = start(args.model, Path(args.out), host=args.host, port=port, block=False)
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=30) as response:
+            return response.status == 200 and b"hiresdiff" in response.read()
+    finally:
+        page.close()
 
 
 def test_python_example_runs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -118,3 +140,26 @@ def test_gpu_bench_examples_run_on_a_tiny_model(tmp_path: Path) -> None:
         )
         assert done.returncode == 0, done.stderr
     assert len(json.loads(next(tmp_path.glob("*.json")).read_text())) == 2
+
+
+def test_torchrun_example_runs_on_two_cpu_ranks(tmp_path: Path) -> None:
+    """The README's torchrun line with 2 CPU ranks, the tiny model and a small size appended (the last value wins)."""
+    import os
+    import socket
+
+    lines = [line for line in bash_lines() if line.startswith("torchrun ")]
+    assert lines
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    for line in lines:
+        argv = shlex.split(line)
+        argv[argv.index("--nproc_per_node") + 1] = "2"
+        argv[0] = str(Path(sys.executable).parent / "torchrun")
+        argv[1:1] = ["--master_port", str(port)]
+        argv += ["--model", "tiny-sdxl", "--width", "512", "--height", "512", "--steps", "2", "--quiet"]
+        argv += ["--out", str(tmp_path / "out")]
+        env = {**os.environ, "OMP_NUM_THREADS": "1"}
+        done = subprocess.run(argv, capture_output=True, text=True, timeout=300, env=env)
+        assert done.returncode == 0, done.stderr[-2000:]
+    assert len(list((tmp_path / "out").glob("*-demofusion-seed0.png"))) == 1

@@ -9,7 +9,7 @@ per canvas sample. Processors are restored when the context ends.
 from __future__ import annotations
 
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from typing import Any
 
 import torch
@@ -129,7 +129,8 @@ def capture_cross_attention(
     wrapped = {n: CaptureProcessor(p, recorder) if levels.get(n) == target else p for n, p in original.items()}
     unet.set_attn_processor(wrapped)
     try:
-        yield recorder
+        with adapter.parallel.replicated():  # every rank records the same maps (view-parallel runs)
+            yield recorder
     finally:
         unet.set_attn_processor(original)
 
@@ -213,6 +214,16 @@ def neighborhood_attention(
     random query shift. The original processors are restored afterwards. FLUX transformers get
     :func:`hiresdiff.attention_flux.flux_neighborhood_attention` instead.
     """
+    # query shifts are drawn inside the calls: in view-parallel runs every rank must run them all
+    replicate = adapter.parallel.replicated() if generators is not None else nullcontext()
+    with replicate, _installed_npa(adapter, latent_hw, generators) as state:
+        yield state
+
+
+@contextmanager
+def _installed_npa(
+    adapter: ModelAdapter, latent_hw: tuple[int, int], generators: list[torch.Generator] | None
+) -> Iterator[NPAState]:
     if getattr(adapter, "family", None) == "flux":
         from hiresdiff.attention_flux import flux_neighborhood_attention
 

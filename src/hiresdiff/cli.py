@@ -44,6 +44,12 @@ def _add_generate(sub: argparse._SubParsersAction) -> None:
     _add_image_options(p)
     add_sampling_options(p, set_help="method parameter (see `hiresdiff methods`)")
     p.add_argument("--from-png", default=None, metavar="FILE", help="regenerate the image stored in a hiresdiff PNG")
+    p.add_argument(
+        "--parallel",
+        default=None,
+        choices=("views",),
+        help="share each step's denoiser calls over the ranks of torchrun/accelerate (one image, several devices)",
+    )
     p.add_argument("--out", default="out", help="output folder")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
 
@@ -174,14 +180,23 @@ def cmd_generate(args: argparse.Namespace) -> int:
         kwargs = {k: v for k, v in kwargs.items() if v is not None}
     out = Path(args.out)
     require(not out.exists() or out.is_dir(), f"--out {str(out)!r} exists and is not a folder")
+    parallel, device = None, args.device
+    if args.parallel == "views":
+        from hiresdiff.parallel import ViewParallel, rank_device
+
+        parallel = ViewParallel.from_environment()
+        device = device or rank_device()
+    lead = parallel is None or parallel.rank == 0
     res = generate(
-        device=args.device,
+        device=device,
         allow_pickle=args.allow_pickle,
-        progress=not args.quiet,
+        progress=not args.quiet and lead,
         previews=not args.no_previews,
+        parallel=parallel,
         **kwargs,
     )
-    _write(res, out, args.quiet)
+    if lead:  # only rank 0 writes files
+        _write(res, out, args.quiet)
     return 0
 
 
@@ -244,7 +259,12 @@ COMMANDS: dict[str, Handler] = {
 }
 #: Modules whose ``register(subparsers) -> {name: handler}`` adds further commands (imports kept light:
 #: heavy libraries are imported inside the handlers).
-SUBCOMMAND_MODULES: tuple[str, ...] = ("hiresdiff.cost.cli", "hiresdiff.bench.cli", "hiresdiff.evaluation.cli")
+SUBCOMMAND_MODULES: tuple[str, ...] = (
+    "hiresdiff.cost.cli",
+    "hiresdiff.bench.cli",
+    "hiresdiff.evaluation.cli",
+    "hiresdiff.web.cli",
+)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -28,7 +28,8 @@ from hiresdiff.methods.base import Params
 from hiresdiff.models.controlnet import ControlNetSpec, check_controlnet_fits, load_controlnet
 from hiresdiff.models.flux import adapter_for
 from hiresdiff.models.lora import applied_loras
-from hiresdiff.sampler import Run, StepCallback
+from hiresdiff.parallel import Serial, ViewParallel
+from hiresdiff.sampler import PreviewCallback, Run, StepCallback
 from hiresdiff.schedulers import MODEL_DEFAULT, make_scheduler
 from hiresdiff.stages import check_canvas
 
@@ -240,11 +241,15 @@ class HiresPipeline:
         generator: Any = None,
         progress: bool = True,
         callback: StepCallback | None = None,
+        on_preview: PreviewCallback | None = None,
     ) -> GenerationResult:
-        """Run a validated request."""
+        """Run a validated request. ``callback`` follows every step (an exception raised there stops the run and
+        leaves the pipeline as it was); ``on_preview`` receives each phase's preview as soon as it is decoded."""
         import time
 
         s, ad = req.settings, self.adapter
+        if isinstance(ad.parallel, ViewParallel):
+            ad.parallel.check_same_request(describe(req))
         ad.refresh_placement()
         ad.set_offload(s.low_vram)
         if s.scheduler == MODEL_DEFAULT or (ad.family == "flux" and s.scheduler == "euler"):
@@ -257,11 +262,13 @@ class HiresPipeline:
         with applied_loras(ad.pipe, req.extras.loras), ad.use_controlnet(net, req.extras.control_scale):
             embeds = ad.encode_prompt(s.prompt, s.negative_prompt, s.cfg)
             rows = [b // s.num_images_per_prompt for b in range(s.batch_size)]
-            run = Run(ad, s, embeds, rows, gens, progress=progress, callback=callback, source=source, control=control)
+            run = Run(
+                ad, s, embeds, rows, gens, progress, callback, source=source, control=control, on_preview=on_preview
+            )
             out = req.method.run(run, req.params)
             images = out.images if out.images is not None else run.decode(out.latents)
         if s.previews:
-            run.previews.append(images)
+            run.previews.append(images)  # the final image closes the list (not a phase preview: no callback)
         seconds = time.perf_counter() - begin
         meta = [self._metadata(req, b, seeds[b]) for b in range(s.batch_size)]
         return GenerationResult(
@@ -300,6 +307,16 @@ class HiresPipeline:
         }
 
 
+def describe(req: GenerationRequest) -> dict[str, Any]:
+    """What a request generates (method, settings, parameters, inputs): equal on every rank of a parallel run."""
+    return {
+        "method": req.method.name,
+        "settings": dataclasses.asdict(req.settings),
+        "params": dataclasses.asdict(req.params),
+        "extras": req.extras.metadata(),
+    }
+
+
 def resolve_device(device: str | None) -> str:
     """``None`` → CUDA when available, else CPU; an unavailable CUDA request is a one-line error."""
     if device is None:
@@ -336,6 +353,7 @@ def generate(
     generator: torch.Generator | list[torch.Generator] | None = None,
     progress: bool = True,
     callback: StepCallback | None = None,
+    parallel: ViewParallel | None = None,
     **kwargs: Any,
 ) -> GenerationResult:
     """Generate ``prompt`` with ``method`` on ``model`` at ``width × height`` pixels.
@@ -343,7 +361,8 @@ def generate(
     Everything is validated before the model is loaded; the last loaded model is kept for the next call.
     ``dtype`` defaults to float16 on CUDA and float32 on CPU. ``image``, ``scale``, ``fit``, ``controlnet``,
     ``control_image``, ``control_scale``, ``loras`` and ``expected`` as for :meth:`HiresPipeline.__call__` (see
-    :func:`~hiresdiff.extras.prepare_extras`).
+    :func:`~hiresdiff.extras.prepare_extras`). ``parallel`` shares every step's denoiser calls out over the ranks
+    of a process group (:mod:`hiresdiff.parallel`); all ranks must ask for the same image.
     """
     from hiresdiff.models.loading import resolve_model
 
@@ -362,8 +381,12 @@ def generate(
     )
     req = build_request(prompt, method, width, height, model_defaults=spec.sampling_defaults, extras=extras, **kwargs)
     check_for_model(req, spec.native_size, spec.pixel_grid)
+    if parallel is not None:
+        parallel.check_same_request({**describe(req), "model": model, "dtype": dtype})  # before any weights load
     key = (model, dtype, dev, allow_pickle)
     if key not in _CACHE:
         _CACHE.clear()
         _CACHE[key] = HiresPipeline.from_model(model, dtype=dtype, device=dev, allow_pickle=allow_pickle)
-    return _CACHE[key].run(req, generator=generator, progress=progress, callback=callback)
+    hp = _CACHE[key]
+    hp.adapter.parallel = parallel or Serial()
+    return hp.run(req, generator=generator, progress=progress, callback=callback)

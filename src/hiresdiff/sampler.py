@@ -25,8 +25,10 @@ from hiresdiff.ops.schedule import start_index
 from hiresdiff.strategies.base import Denoiser, Strategy
 from hiresdiff.strategies.full import FullCanvas
 
-#: ``callback(phase_name, step, total)`` after every denoising step
+#: ``callback(phase_name, step, total)`` after every denoising step (raising from it stops the run there)
 StepCallback = Callable[[str, int, int], None]
+#: ``on_preview(images)`` the moment a phase's preview (B, 3, H, W in [−1, 1]) is decoded
+PreviewCallback = Callable[[torch.Tensor], None]
 #: SDEdit strength of ``direct``/``multidiffusion`` on an input image when none is given (diffusers'
 #: ``StableDiffusionImg2ImgPipeline`` default)
 SDEDIT_STRENGTH = 0.8
@@ -52,6 +54,7 @@ class Run:
     preview_sizes: list[tuple[int, int]] = field(default_factory=list)
     source: torch.Tensor | None = None
     control: ControlCondition | None = None
+    on_preview: PreviewCallback | None = None
 
     @property
     def scheduler(self) -> Any:
@@ -202,8 +205,7 @@ class Run:
             resized = upsample_pixels(image, size)
         else:
             image, resized = pixels, resize_pixels(pixels, size)
-        if self.settings.previews:
-            self.previews.append(image.clamp(-1, 1))
+        self.keep_preview(image.clamp(-1, 1))
         return self.adapter.encode(resized, self.settings.decode_tile_area)
 
     # --- the caller's input picture (upscaling) ----------------------------------------------------------
@@ -230,4 +232,11 @@ class Run:
     def add_preview(self, latents: torch.Tensor) -> None:
         """Decode and keep a per-phase preview (skipped when previews are off)."""
         if self.settings.previews:
-            self.previews.append(self.decode(latents))
+            self.keep_preview(self.decode(latents))
+
+    def keep_preview(self, images: torch.Tensor) -> None:
+        """Keep decoded ``images`` as a preview (when previews are on) and hand them to :attr:`on_preview`."""
+        if self.settings.previews:
+            self.previews.append(images)
+            if self.on_preview is not None:
+                self.on_preview(images)

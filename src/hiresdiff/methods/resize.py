@@ -30,8 +30,7 @@ def run_resize(run: Run, params: ResizeParams) -> MethodOutput:
     h, w = canvas_at(s.height, s.width, ad.native_size, ad.pixel_grid)
     z = run.sample_canvas(h, w, name=f"native {h}×{w}")
     image = run.decode(z)
-    if s.previews:
-        run.previews.append(image)
+    run.keep_preview(image)
     return MethodOutput(images=resize_images(image, (s.height, s.width), params.filter))
 
 

@@ -7,7 +7,7 @@ predictions to x̂0 and back, and to encode/decode with the tiling of SPEC §2.4
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
@@ -17,6 +17,7 @@ import torch
 from hiresdiff.config import model_sampling_defaults
 from hiresdiff.models.parametrization import alpha_bar, prediction_from_x0, x0_from_prediction
 from hiresdiff.ops.tiling import tiled_apply
+from hiresdiff.parallel import Serial, ViewParallel
 
 
 @dataclass
@@ -61,6 +62,8 @@ class ModelAdapter:
     _placement: tuple[torch.device, torch.dtype] | None = None
     #: low-VRAM mode: text encoders and VAE wait on the CPU (:meth:`set_offload`)
     offload: bool = False
+    #: how the step's denoiser calls are run: here, or shared out over ranks (:mod:`hiresdiff.parallel`)
+    parallel: Serial | ViewParallel = Serial()
     #: ControlNet of the generation in progress and its conditioning scale (:meth:`use_controlnet`)
     controlnet: torch.nn.Module | None = None
     control_scale: float = 1.0
@@ -292,19 +295,37 @@ class ModelAdapter:
             req.outputs = [torch.empty(0)] * req.x.shape[0]
             for i in range(req.x.shape[0]):
                 items.setdefault(tuple(req.x.shape[-2:]), []).append((req, i))
-        for group in items.values():
-            for start in range(0, len(group), per_call):
-                chunk = group[start : start + per_call]
-                x = torch.stack([req.x[i] for req, i in chunk])
-                reqs = [(req, slice(i, i + 1)) for req, i in chunk]
-                out = self._forward(x, t, reqs, cfg)
-                if cfg:
-                    uncond, cond = out.chunk(2)
-                    g = torch.tensor([req.guidance for req, _ in chunk], device=out.device).view(-1, 1, 1, 1)
-                    out = uncond + g * (cond - uncond)
-                for (req, i), pred in zip(chunk, out, strict=True):
-                    req.outputs[i] = pred
+        chunks = [group[s : s + per_call] for group in items.values() for s in range(0, len(group), per_call)]
+
+        def compute(chunk: list[tuple[Request, int]]) -> torch.Tensor:
+            x = torch.stack([req.x[i] for req, i in chunk])
+            out = self._forward(x, t, [(req, slice(i, i + 1)) for req, i in chunk], cfg)
+            if cfg:
+                uncond, cond = out.chunk(2)
+                g = torch.tensor([req.guidance for req, _ in chunk], device=out.device).view(-1, 1, 1, 1)
+                out = uncond + g * (cond - uncond)
+            return out
+
+        self.run_calls(chunks, chunks, compute)
         return [torch.stack(r.outputs) for r in requests]
+
+    def run_calls(
+        self,
+        chunks: list[list[tuple[Request, int]]],
+        calls: list[Any],
+        compute: Callable[[Any], torch.Tensor],
+    ) -> None:
+        """Run the step's denoiser ``calls`` (one per chunk of views) — shared out over the ranks when
+        :attr:`parallel` is a :class:`~hiresdiff.parallel.ViewParallel` — and store each view's prediction."""
+
+        def shape(k: int) -> tuple[int, ...]:
+            req, _ = chunks[k][0]
+            return (len(chunks[k]), *req.x.shape[1:])
+
+        outs = self.parallel.map(list(range(len(calls))), lambda k: compute(calls[k]), shape)
+        for chunk, out in zip(chunks, outs, strict=True):
+            for (req, i), pred in zip(chunk, out, strict=True):
+                req.outputs[i] = pred
 
     # --- parametrisation ---------------------------------------------------------------------------------
     def to_x0(self, pred: torch.Tensor, x_in: torch.Tensor, t: torch.Tensor) -> torch.Tensor:

@@ -349,13 +349,17 @@ class FluxAdapter(ModelAdapter):
             for i in range(req.x.shape[0]):
                 groups.setdefault((h, w, *self.position(req.crops[i])), []).append((req, i))
         per_call = max(1, max_batch)
-        for (_h, _w, top, left), group in groups.items():
-            for start in range(0, len(group), per_call):
-                chunk = group[start : start + per_call]
-                x = torch.stack([req.x[i] for req, i in chunk])
-                out = self._forward_views(x, t, chunk, (top, left))
-                for (req, i), pred in zip(chunk, out, strict=True):
-                    req.outputs[i] = pred
+        calls = [
+            ((top, left), group[start : start + per_call])
+            for (_h, _w, top, left), group in groups.items()
+            for start in range(0, len(group), per_call)
+        ]
+
+        def compute(call: tuple[tuple[float, float], list[tuple[Request, int]]]) -> torch.Tensor:
+            position, chunk = call
+            return self._forward_views(torch.stack([req.x[i] for req, i in chunk]), t, chunk, position)
+
+        self.run_calls([chunk for _, chunk in calls], calls, compute)
         return [torch.stack(r.outputs) for r in requests]
 
     # --- parametrisation ---------------------------------------------------------------------------------

@@ -1,0 +1,1 @@
+"""``hiresdiff serve``: the web page over :class:`~hiresdiff.HiresPipeline` (gradio, the ``[web]`` extra)."""

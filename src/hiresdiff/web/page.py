@@ -1,0 +1,122 @@
+"""The gradio layout of the page and its wiring to :class:`~hiresdiff.web.app.WebApp` (element ids are stable: the
+browser tests and users' scripts address them)."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from hiresdiff.methods import METHODS
+
+if TYPE_CHECKING:
+    from hiresdiff.web.app import WebApp
+
+#: the form inputs, in the order the generate handler receives them
+FORM = (
+    "prompt",
+    "negative",
+    "method",
+    "preset",
+    "width",
+    "height",
+    "image",
+    "scale",
+    "strength",
+    "steps",
+    "guidance",
+    "scheduler",
+    "seed",
+    "random_seed",
+    "batch",
+)
+#: the outputs a run updates
+OUTPUTS = ("status", "error", "previews", "result", "slider", "download", "command", "history")
+
+INTRO = (
+    "**hiresdiff** — high-resolution images from a diffusion model trained at a lower resolution. Type a prompt, "
+    "pick a method and a size (or drop a picture to upscale) and press **Generate**: each phase's preview appears "
+    "as soon as it is ready. Model: `{model}` (native {native} px)."
+)
+
+
+def _presets(method: str) -> list[str]:
+    return ["", *METHODS[method].presets]
+
+
+def build_page(app: WebApp, schedulers: list[str]) -> Any:
+    import gradio as gr
+
+    from hiresdiff.web.app import Session, field_component
+
+    ad = app.pipe.adapter
+    native, default_method = ad.native_size, "demofusion"
+    defaults = ad.sampling_defaults
+    with gr.Blocks(title="hiresdiff") as page:
+        session = gr.State(lambda: Session())  # a fresh one per browser tab
+        gr.Markdown(INTRO.format(model=app.pipe.model_name, native=native))
+        c: dict[str, Any] = {}
+        with gr.Row():
+            with gr.Column(scale=2):
+                c["prompt"] = gr.Textbox(label="Prompt", lines=2, elem_id="prompt", placeholder="a lighthouse at dusk")
+                c["negative"] = gr.Textbox(label="Negative prompt (empty: the method's default)", elem_id="negative")
+                with gr.Row():
+                    c["method"] = gr.Dropdown(list(METHODS), value=default_method, label="Method", elem_id="method")
+                    c["preset"] = gr.Dropdown(_presets(default_method), value="", label="Preset", elem_id="preset")
+                with gr.Row():
+                    c["width"] = gr.Number(2 * native, precision=0, label="Width (px)", elem_id="width")
+                    c["height"] = gr.Number(2 * native, precision=0, label="Height (px)", elem_id="height")
+                with gr.Accordion("Upscale your own picture", open=False, elem_id="upscale"):
+                    c["image"] = gr.Image(type="pil", label="Input picture", elem_id="input-image")
+                    with gr.Row():
+                        c["scale"] = gr.Number(2.0, label="Scale (0 = use width/height)", elem_id="scale")
+                        c["strength"] = gr.Slider(
+                            0.0, 1.0, value=0.0, step=0.05, label="Strength (0: the method's own)", elem_id="strength"
+                        )
+                with gr.Row():
+                    c["steps"] = gr.Number(defaults.get("steps", 50), precision=0, label="Steps", elem_id="steps")
+                    c["guidance"] = gr.Number(defaults.get("guidance", 7.5), label="Guidance", elem_id="guidance")
+                    c["scheduler"] = gr.Dropdown(schedulers, value="euler", label="Scheduler", elem_id="scheduler")
+                with gr.Row():
+                    c["seed"] = gr.Number(0, precision=0, label="Seed", elem_id="seed")
+                    c["random_seed"] = gr.Checkbox(False, label="Random seed", elem_id="random-seed")
+                    c["batch"] = gr.Number(1, precision=0, minimum=1, maximum=4, label="Images", elem_id="batch")
+                groups, params = {}, []
+                with gr.Accordion("Advanced: method parameters", open=False, elem_id="advanced"):
+                    for name, fields in app.fields.items():
+                        with gr.Group(visible=name == default_method, elem_id=f"params-{name}") as group:
+                            params.extend(field_component(gr, spec) for spec in fields)
+                        groups[name] = group
+                with gr.Row():
+                    generate = gr.Button("Generate", variant="primary", elem_id="generate")
+                    stop = gr.Button("Stop", variant="stop", elem_id="stop")
+            with gr.Column(scale=3):
+                c["status"] = gr.Markdown("", elem_id="status")
+                c["error"] = gr.Markdown("", elem_id="error")
+                c["previews"] = gr.Gallery(label="Phases", columns=4, height=220, elem_id="previews")
+                c["result"] = gr.Gallery(label="Result", columns=2, elem_id="result")
+                c["slider"] = gr.ImageSlider(label="Before (phase 1) / after", type="pil", elem_id="slider")
+                c["download"] = gr.File(label="PNG with its settings", file_count="multiple", elem_id="download")
+                c["command"] = gr.Textbox(label="Same image from the command line", elem_id="command", buttons=["copy"])
+                c["history"] = gr.Gallery(label="History", columns=6, height=160, elem_id="history")
+
+        def on_method(method: str) -> list[Any]:
+            return [gr.update(choices=_presets(method), value="")] + [
+                gr.update(visible=name == method) for name in groups
+            ]
+
+        c["method"].change(on_method, c["method"], [c["preset"], *groups.values()], queue=False)
+
+        def run(state: Session, *values: Any) -> Any:
+            form = dict(zip(FORM, values[: len(FORM)], strict=True))
+            for update in app.generate(state, form, list(values[len(FORM) :])):
+                yield {c[key]: value for key, value in update.items()}
+
+        outputs = [c[k] for k in OUTPUTS]
+        generate.click(run, [session, *(c[k] for k in FORM), *params], outputs, concurrency_limit=1)
+
+        def on_stop(state: Session) -> None:
+            """The run ends at its next step and says so itself (one writer of the status: no race)."""
+            if state.running:
+                state.stop.set()
+
+        stop.click(on_stop, session, None, queue=False)
+    return page
