@@ -237,3 +237,15 @@ def test_cost_cli_controlnet_line(capsys):
     assert "ControlNet" in capsys.readouterr().out
     assert main(["cost", "--method", "direct", "--model", "tiny-flux", "--steps", "2", "--controlnet"]) == 2
     assert "no FLUX ControlNet" in capsys.readouterr().err
+
+
+def test_ranks_split_the_denoiser_flops_round_robin_and_count_the_all_reduce():
+    """direct at the native size: one call per step; with 2 ranks the steps alternate between the ranks (the
+    round robin continues across steps) and each step all-reduces one float32 prediction (1 × 4 × 32 × 32)."""
+    one = model_cost("direct", "tiny-sdxl", 256, 256, steps=2)
+    two = model_cost("direct", "tiny-sdxl", 256, 256, steps=2, ranks=2)
+    assert two.denoiser_flops == one.denoiser_flops and one.rank_flops == [one.denoiser_flops]
+    assert two.rank_flops == [one.denoiser_flops / 2] * 2 and two.parallel_speedup == 2.0
+    assert two.allreduce_bytes == 2 * 4 * (1 * 4 * 32 * 32)
+    four = model_cost("demofusion", "tiny-sdxl", 1024, 1024, steps=2, ranks=4)
+    assert sum(four.rank_flops) == pytest.approx(four.denoiser_flops) and 1 < four.parallel_speedup <= 4

@@ -3,7 +3,8 @@
 Every rank runs the same recipe with the same generators, so the views, dilated samples, jitter, permutations and
 noise are drawn identically everywhere. Only the model calls are split: the adapter turns a step's requests into
 a deterministic list of calls (same grouping and batches as on one process), rank ``r`` runs calls
-``r, r + W, r + 2W, …`` (round robin: call counts differ by at most one), and one ``all_reduce`` per step sums
+``r, r + W, r + 2W, …`` (round robin continued from step to step: call counts differ by at most one), and one
+``all_reduce`` per step sums
 the predictions, each call's entries being non-zero on its owner only — so every rank holds exactly the
 single-process predictions (``x + 0 = x``), assembles the same canvas and takes the same ``scheduler.step``.
 
@@ -30,6 +31,13 @@ import torch
 from hiresdiff.errors import HiresError, require
 
 Call = TypeVar("Call")
+
+
+def owners(count: int, world: int, offset: int) -> list[int]:
+    """The rank of each of a step's ``count`` calls: round robin, starting where the previous step stopped (so the
+    extra calls of uneven steps rotate over the ranks instead of always landing on rank 0)."""
+    return [(offset + k) % world for k in range(count)]
+
 
 #: seconds a collective may wait for a peer before the run stops with an error (a dead or stuck rank)
 DEFAULT_TIMEOUT_S = 600
@@ -63,6 +71,7 @@ class ViewParallel:
     #: calls this rank ran, per :meth:`map` (one entry per step): the balance tests read it
     counts: list[int] = field(default_factory=list)
     _replicate: int = 0
+    _offset: int = 0
 
     @classmethod
     def from_environment(cls, timeout_s: float = DEFAULT_TIMEOUT_S) -> ViewParallel:
@@ -85,7 +94,8 @@ class ViewParallel:
         """``compute`` of every call, each run by one rank (all ranks when :meth:`replicated`), summed across."""
         if self._replicate or len(calls) == 0:
             return [compute(c) for c in calls]
-        owned = [k % self.world == self.rank for k in range(len(calls))]
+        owned = [r == self.rank for r in owners(len(calls), self.world, self._offset)]
+        self._offset += len(calls)
         self.counts.append(sum(owned))
         outs = [compute(c) if mine else None for c, mine in zip(calls, owned, strict=True)]
         ref = next((o for o in outs if o is not None), None)

@@ -29,6 +29,9 @@ def register(sub: argparse._SubParsersAction) -> dict[str, Any]:
     p.add_argument(
         "--controlnet", action="store_true", help="add a ControlNet of the model's UNet to every denoiser call"
     )
+    p.add_argument(
+        "--ranks", type=int, default=None, help="view-parallel over N ranks: per-rank FLOPs and all-reduce volume"
+    )
     p.add_argument("--peak-tflops", type=float, default=None, help="also print the FLOP-bound time at this rate")
     p.add_argument("--json", action="store_true", help="print the report as JSON")
     return {"cost": cmd_cost}
@@ -39,7 +42,12 @@ def cmd_cost(args: argparse.Namespace) -> int:
     from hiresdiff.errors import require
 
     require(args.peak_tflops is None or args.peak_tflops > 0, f"--peak-tflops must be > 0, got {args.peak_tflops}")
-    options = {"preset": args.preset, "num_images_per_prompt": args.batch, "controlnet": args.controlnet or None}
+    options = {
+        "preset": args.preset,
+        "num_images_per_prompt": args.batch,
+        "controlnet": args.controlnet or None,
+        "ranks": args.ranks,
+    }
     kwargs = {**sampling_settings(args), **{k: v for k, v in options.items() if v is not None}}
     report = model_cost(
         args.method, args.model, args.width, args.height, paper=args.paper, **kwargs, **parse_assignments(args.params)
@@ -66,4 +74,11 @@ def cmd_cost(args: argparse.Namespace) -> int:
     print(f"  native-size denoiser samples: {report.native_samples:g} ({report.native_samples_per_step:g} per step)")
     if "flop_bound_s" in data:
         print(f"  FLOP bound at {args.peak_tflops:g} TFLOP/s: {data['flop_bound_s']:.1f} s")
+    if report.ranks > 1:
+        per_rank = ", ".join(f"{f / TERA / report.steps:,.1f}" for f in report.rank_flops)
+        print(f"  {report.ranks} ranks, denoiser TFLOP per step per rank: {per_rank}")
+        print(
+            f"  all-reduced per step: {report.allreduce_bytes / report.steps / 2**20:,.1f} MiB; "
+            f"denoiser-bound speed-up {report.parallel_speedup:.2f}×"
+        )
     return 0

@@ -7,13 +7,15 @@ and FLUX.1 generations are computed offline in seconds.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+import math
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import torch
 
 from hiresdiff.cost.meta import Ledger, MetaModule
 from hiresdiff.errors import HiresError, require
+from hiresdiff.parallel import Serial, owners
 
 #: Hub ids whose architecture equals a built-in random model's
 ARCHITECTURES = {
@@ -51,6 +53,16 @@ class CostReport:
     text_encoder_calls: int
     controlnet_flops: float = 0.0
     controlnet_calls: int = 0
+    #: view-parallel runs (``ranks`` > 1): denoiser (+ ControlNet) FLOPs each rank runs, bytes all-reduced
+    ranks: int = 1
+    rank_flops: list[float] = field(default_factory=list)
+    allreduce_bytes: float = 0.0
+
+    @property
+    def parallel_speedup(self) -> float:
+        """Denoiser-bound speed-up over one device: all denoiser FLOPs over the busiest rank's."""
+        busiest = max(self.rank_flops, default=0.0)
+        return (self.denoiser_flops + self.controlnet_flops) / busiest if busiest else 1.0
 
     @property
     def model_flops(self) -> float:
@@ -69,7 +81,60 @@ class CostReport:
             **asdict(self),
             "model_flops": self.model_flops,
             "native_samples_per_step": self.native_samples_per_step,
+            "parallel_speedup": self.parallel_speedup,
         }
+
+
+@dataclass
+class CountingParallel:
+    """Stands in for :class:`~hiresdiff.parallel.ViewParallel` in the cost model: runs every call (shape-only),
+    charges each call's denoiser/ControlNet FLOPs to its round-robin rank and adds up the all-reduce volume
+    (the float32 predictions of a step)."""
+
+    world: int
+    ledger: Ledger
+    rank_flops: list[float] = field(default_factory=list)
+    allreduce_bytes: float = 0.0
+    _replicate: int = 0
+    _offset: int = 0
+
+    def __post_init__(self) -> None:
+        self.rank_flops = [0.0] * self.world
+
+    def _spent(self) -> float:
+        return self.ledger.get("denoiser").flops + self.ledger.get("controlnet").flops
+
+    def map(self, calls: Any, compute: Any, shape: Any) -> list[torch.Tensor]:
+        outs = []
+        ranks = owners(len(calls), self.world, self._offset)
+        for call, rank in zip(calls, ranks, strict=True):
+            before = self._spent()
+            outs.append(compute(call))
+            spent = self._spent() - before
+            if self._replicate:  # every rank runs it
+                self.rank_flops = [f + spent for f in self.rank_flops]
+            else:
+                self.rank_flops[rank] += spent
+        if not self._replicate and calls:
+            self._offset += len(calls)
+            self.allreduce_bytes += 4.0 * sum(math.prod(shape(c)) for c in calls)
+        return outs
+
+    def replicated(self) -> Any:
+        from contextlib import contextmanager
+
+        @contextmanager
+        def block() -> Any:
+            self._replicate += 1
+            try:
+                yield
+            finally:
+                self._replicate -= 1
+
+        return block()
+
+    def sum_(self, tensor: torch.Tensor) -> torch.Tensor:
+        return tensor
 
 
 #: (family, native size) → the built-in full-size architecture that stands in for other checkpoints of it
@@ -197,6 +262,8 @@ def model_cost(
     ``controlnet=True`` adds a ControlNet of the architecture's UNet to every denoiser call (its own line).
     """
     controlnet = bool(kwargs.pop("controlnet", False))
+    ranks = int(kwargs.pop("ranks", 1))
+    require(ranks >= 1, f"--ranks must be ≥ 1, got {ranks}")
     from hiresdiff.config import model_sampling_defaults
     from hiresdiff.models.tiny import BUILTIN_MODELS
     from hiresdiff.pipeline import build_request, check_for_model
@@ -214,7 +281,12 @@ def model_cost(
     ledger.tallies.clear()
     seed = req.settings.seed if req.settings.seed is not None else 0
     generators = [torch.Generator().manual_seed(seed + i) for i in range(req.settings.batch_size)]
-    hp.run(req, generator=generators, progress=False)
+    counting = CountingParallel(ranks, ledger)
+    hp.adapter.parallel = counting
+    try:
+        hp.run(req, generator=generators, progress=False)
+    finally:
+        hp.adapter.parallel = Serial()
     den, vae, text, net = (ledger.get(c) for c in ("denoiser", "vae", "text_encoder", "controlnet"))
     return CostReport(
         method=req.method.name,
@@ -234,4 +306,7 @@ def model_cost(
         text_encoder_calls=text.calls,
         controlnet_flops=net.flops,
         controlnet_calls=net.calls,
+        ranks=ranks,
+        rank_flops=counting.rank_flops,
+        allreduce_bytes=counting.allreduce_bytes,
     )
