@@ -16,7 +16,9 @@ from hiresdiff.errors import HiresError, require
 from hiresdiff.images import read_png_settings, save_png
 from hiresdiff.inputs import FIT_MODES
 from hiresdiff.methods import METHODS
-from hiresdiff.pipeline import AG_SETTINGS, DEFAULT_MODEL, GenerationResult, generate
+from hiresdiff.outputs import check_writable, png_bytes, write_error
+from hiresdiff.pipeline import AG_SETTINGS, DEFAULT_MODEL, GenerationRequest, GenerationResult, generate
+from hiresdiff.plan import describe_plan, plan_phases
 
 
 def _add_generate(sub: argparse._SubParsersAction) -> None:
@@ -44,6 +46,11 @@ def _add_generate(sub: argparse._SubParsersAction) -> None:
     _add_image_options(p)
     add_sampling_options(p, set_help="method parameter (see `hiresdiff methods`)")
     p.add_argument("--from-png", default=None, metavar="FILE", help="regenerate the image stored in a hiresdiff PNG")
+    p.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="print the run plan (stages, sizes, denoiser samples, model TFLOP) and exit without loading weights",
+    )
     p.add_argument(
         "--parallel",
         default=None,
@@ -92,14 +99,24 @@ def _extras_args(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _write(res: GenerationResult, out: Path, quiet: bool) -> list[Path]:
-    """Final images and per-phase previews, written atomically with their settings."""
-    written = []
+    """Final images and per-phase previews, written atomically with their settings (a full disk or an interrupt
+    leaves the files written before it complete and no partial file)."""
+    written: list[Path] = []
     count = len(res.previews)
+    jobs = []
     for i, (img, meta) in enumerate(zip(res.images, res.metadata, strict=True)):
         stem = f"{i:03d}-{meta['method']}-seed{meta['seed']}"
-        written.append(save_png(img, out / f"{stem}.png", meta))
-        for k, phase in enumerate(res.previews[:-1], start=1):
-            written.append(save_png(phase[i], out / f"{stem}-phase{k}of{count}.png", meta))
+        jobs.append((img, out / f"{stem}.png", meta))
+        jobs.extend(
+            (phase[i], out / f"{stem}-phase{k}of{count}.png", meta) for k, phase in enumerate(res.previews[:-1], 1)
+        )
+    for img, path, meta in jobs:
+        try:
+            written.append(save_png(img, path, meta))
+        except OSError as exc:
+            raise write_error(path, exc, len(written)) from None
+        except KeyboardInterrupt:
+            raise KeyboardInterrupt(f"{len(written)} file(s) written before it are complete") from None
     if not quiet:
         for path in written:
             print(path)
@@ -178,8 +195,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
             **parse_assignments(args.params),
         }
         kwargs = {k: v for k, v in kwargs.items() if v is not None}
-    out = Path(args.out)
-    require(not out.exists() or out.is_dir(), f"--out {str(out)!r} exists and is not a folder")
+    out = check_writable(args.out, "--out")
     parallel, device = None, args.device
     if args.parallel == "views":
         from hiresdiff.parallel import ViewParallel, rank_device
@@ -187,17 +203,39 @@ def cmd_generate(args: argparse.Namespace) -> int:
         parallel = ViewParallel.from_environment()
         device = device or rank_device()
     lead = parallel is None or parallel.rank == 0
-    res = generate(
-        device=device,
-        allow_pickle=args.allow_pickle,
-        progress=not args.quiet and lead,
-        previews=not args.no_previews,
-        parallel=parallel,
-        **kwargs,
-    )
+    try:
+        res = generate(
+            device=device,
+            allow_pickle=args.allow_pickle,
+            progress=not args.quiet and lead,
+            previews=not args.no_previews,
+            parallel=parallel,
+            before_model=lambda req, native, grid: _plan(req, native, grid, out, args, lead),
+            **kwargs,
+        )
+    except DryRun:
+        return 0
     if lead:  # only rank 0 writes files
         _write(res, out, args.quiet)
     return 0
+
+
+class DryRun(Exception):
+    """``--dry-run``: the plan is printed, nothing is loaded."""
+
+
+def _plan(req: GenerationRequest, native: int, grid: int, out: Path, args: argparse.Namespace, lead: bool) -> None:
+    """Before any weights load: room for the PNGs, then the run plan (one line; the full plan and stop with
+    ``--dry-run``)."""
+    s = req.settings
+    files = s.batch_size * (1 + len(plan_phases(req, native, grid))) if s.previews else s.batch_size
+    check_writable(out, "--out", png_bytes(s.width, s.height, files))
+    if args.dry_run:
+        for line in describe_plan(req, native, grid, full=True, model=args.model or DEFAULT_MODEL):
+            print(line)
+        raise DryRun
+    if lead and not args.quiet:
+        print(describe_plan(req, native, grid)[0], file=sys.stderr)
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
@@ -274,8 +312,8 @@ def main(argv: list[str] | None = None) -> int:
     except HiresError as exc:
         print(f"hiresdiff: error: {exc}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print("hiresdiff: interrupted", file=sys.stderr)
+    except KeyboardInterrupt as exc:
+        print(f"hiresdiff: interrupted{f'; {exc}' if str(exc) else ''}", file=sys.stderr)
         return 130
 
 

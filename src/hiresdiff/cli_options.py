@@ -30,6 +30,9 @@ def add_sampling_options(p: argparse.ArgumentParser, *, set_help: str) -> None:
     )
     p.add_argument("--max-batch", type=int, default=None, help="most denoiser samples per forward pass (default 8)")
     p.add_argument(
+        "--max-pixels", type=int, default=None, help="largest image area allowed (default: (8 × native side)²)"
+    )
+    p.add_argument(
         "--low-vram",
         action="store_true",
         help="text encoders and VAE wait on the CPU between uses; --max-batch 2 and VAE tiles from 1024² by default",
@@ -47,6 +50,7 @@ def sampling_settings(args: argparse.Namespace) -> dict[str, Any]:
         "scheduler": args.scheduler,
         "negative_prompt": args.negative,
         "max_batch": args.max_batch,
+        "max_pixels": args.max_pixels,
         "low_vram": args.low_vram or None,
     }
     return {k: v for k, v in values.items() if v is not None}

@@ -87,6 +87,7 @@ class GenerationSettings:
     ag_decay: str = "cosine"
     low_vram: bool = False
     strength: float | None = None
+    max_pixels: int | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.prompt, str):
@@ -121,6 +122,10 @@ class GenerationSettings:
         check_finite("ag_exponent", self.ag_exponent, low=0.0)
         require(
             self.ag_decay in AG_DECAYS, f"unknown ag_decay {self.ag_decay!r}; choose one of: {', '.join(AG_DECAYS)}"
+        )
+        require(
+            self.max_pixels is None or (isinstance(self.max_pixels, int) and self.max_pixels > 0),
+            f"--max-pixels must be a positive integer, got {self.max_pixels!r}",
         )
         if self.strength is not None:
             ok = isinstance(self.strength, (int, float)) and math.isfinite(self.strength) and 0 < self.strength <= 1

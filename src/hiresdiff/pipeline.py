@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import secrets
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -34,6 +35,8 @@ from hiresdiff.schedulers import MODEL_DEFAULT, make_scheduler
 from hiresdiff.stages import check_canvas
 
 SETTING_NAMES = {f.name for f in dataclasses.fields(GenerationSettings)} - {"prompt", "width", "height"}
+#: default size limit: (this × the native side)² pixels (8192² for SDXL); ``--max-pixels`` sets another
+MAX_SIDE_FACTOR = 8
 #: attentive-guidance settings (they change pixels, so the metadata records them)
 AG_SETTINGS = ("ag_lambda", "ag_delay", "ag_exponent", "ag_decay")
 DEFAULT_MODEL = "stabilityai/stable-diffusion-xl-base-1.0"
@@ -122,6 +125,14 @@ def _strength_params(m: Method, settings: GenerationSettings, extras: Extras, gi
 
 def check_for_model(req: GenerationRequest, native: int, grid: int) -> None:
     """Checks that need only the model's native size and latent grid (no weights)."""
+    s = req.settings
+    limit = s.max_pixels if s.max_pixels is not None else (MAX_SIDE_FACTOR * native) ** 2
+    require(
+        s.width * s.height <= limit,
+        f"{s.height}×{s.width} is {s.width * s.height:,} pixels, above the limit of {limit:,} "
+        f"({'--max-pixels' if s.max_pixels is not None else f'{MAX_SIDE_FACTOR}× the native side squared'}); "
+        "ask for a smaller size or raise --max-pixels",
+    )
     check_canvas(req.settings.height, req.settings.width, native, grid)
     req.params.check(req.settings, native, grid)
 
@@ -354,6 +365,7 @@ def generate(
     progress: bool = True,
     callback: StepCallback | None = None,
     parallel: ViewParallel | None = None,
+    before_model: Callable[[GenerationRequest, int, int], None] | None = None,
     **kwargs: Any,
 ) -> GenerationResult:
     """Generate ``prompt`` with ``method`` on ``model`` at ``width × height`` pixels.
@@ -363,6 +375,8 @@ def generate(
     ``control_image``, ``control_scale``, ``loras`` and ``expected`` as for :meth:`HiresPipeline.__call__` (see
     :func:`~hiresdiff.extras.prepare_extras`). ``parallel`` shares every step's denoiser calls out over the ranks
     of a process group (:mod:`hiresdiff.parallel`); all ranks must ask for the same image.
+    ``before_model(request, native, grid)`` runs before any weights load (the CLI checks its output folder and
+    prints the plan there).
     """
     from hiresdiff.models.loading import resolve_model
 
@@ -383,6 +397,8 @@ def generate(
     check_for_model(req, spec.native_size, spec.pixel_grid)
     if parallel is not None:
         parallel.check_same_request({**describe(req), "model": model, "dtype": dtype})  # before any weights load
+    if before_model is not None:
+        before_model(req, spec.native_size, spec.pixel_grid)
     key = (model, dtype, dev, allow_pickle)
     if key not in _CACHE:
         _CACHE.clear()

@@ -18,6 +18,7 @@ from hiresdiff.cli_options import add_sampling_options, sampling_settings
 from hiresdiff.config import DTYPES, parse_assignments
 from hiresdiff.errors import require
 from hiresdiff.evaluation.extractors import DEFAULT_CLIP_MODEL
+from hiresdiff.outputs import check_writable
 
 DEFAULT_OUT = "bench-out"
 EXAMPLE = (
@@ -119,7 +120,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     from hiresdiff.bench.report import write_report
     from hiresdiff.bench.scoring import score_groups, scoring_options
 
-    out = Path(args.out)
+    out = Path(args.out) if args.report_only else check_writable(args.out, "--out")
     require(args.sheets >= 0, f"--sheets must be ≥ 0, got {args.sheets}")
     scoring = scoring_options(args)
     if args.report_only:

@@ -9,6 +9,7 @@ from pathlib import Path
 from hiresdiff.errors import require
 from hiresdiff.evaluation.evaluator import EvalResult
 from hiresdiff.images import atomic_write_bytes
+from hiresdiff.outputs import check_writable
 
 
 def _value(v: float | None) -> str:
@@ -34,6 +35,7 @@ def check_json_path(path: str | Path) -> Path:
     """``--json`` target, checked before any work: not a folder."""
     p = Path(path).expanduser()
     require(not p.is_dir(), f"--json {str(path)!r} is a folder; give a file name")
+    check_writable(p.parent, "the --json folder")
     return p
 
 
