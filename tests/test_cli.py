@@ -74,7 +74,7 @@ def test_methods_lists_every_method_and_parameter(capsys: pytest.CaptureFixture[
     text = capsys.readouterr().out
     for name in ("direct", "resize", "multidiffusion", "demofusion"):
         assert f"{name}:" in text
-    for param in ("--set sigma=0.8", "--set alpha1=3.0", "--set stride=None", "--set filter=bicubic"):
+    for param in ("--set sigma=0.8", "--set alpha1=3.0", "--set stride=auto", "--set filter=bicubic"):
         assert param in text
 
 

@@ -104,8 +104,9 @@ def _write(res: GenerationResult, out: Path, quiet: bool) -> list[Path]:
     written: list[Path] = []
     count = len(res.previews)
     jobs = []
+    first = next_free_index(out)  # never overwrite: earlier runs in this folder keep their images and previews
     for i, (img, meta) in enumerate(zip(res.images, res.metadata, strict=True)):
-        stem = f"{i:03d}-{meta['method']}-seed{meta['seed']}"
+        stem = f"{first + i:03d}-{meta['method']}-seed{meta['seed']}"
         jobs.append((img, out / f"{stem}.png", meta))
         jobs.extend(
             (phase[i], out / f"{stem}-phase{k}of{count}.png", meta) for k, phase in enumerate(res.previews[:-1], 1)
@@ -173,8 +174,41 @@ def _from_png_extras(args: argparse.Namespace, s: dict[str, Any]) -> dict[str, A
     return out
 
 
+#: flags ``--from-png`` uses besides the PNG's own settings (where to run and write, the input files)
+FROM_PNG_FLAGS = {
+    "from_png",
+    "model",
+    "out",
+    "quiet",
+    "image",
+    "control_image",
+    "device",
+    "allow_pickle",
+    "no_previews",
+    "dry_run",
+    "parallel",
+    "command",
+}
+
+
+def _ignored_by_from_png(args: argparse.Namespace) -> list[str]:
+    """The flags given with ``--from-png`` that it would not use (they differ from the parser's defaults)."""
+    defaults = vars(build_parser().parse_args(["generate"]))
+    return [
+        "--" + k.replace("_", "-") if k != "prompt" else "a prompt"
+        for k, v in vars(args).items()
+        if k not in FROM_PNG_FLAGS and v != defaults.get(k)
+    ]
+
+
 def cmd_generate(args: argparse.Namespace) -> int:
     if args.from_png:
+        ignored = _ignored_by_from_png(args)
+        require(
+            not ignored,
+            f"--from-png regenerates the image's own settings; drop {', '.join(ignored)} (or generate without "
+            "--from-png to change them)",
+        )
         kwargs = _from_png(args)
     else:
         require(bool(args.prompt), 'give a prompt: hiresdiff generate "a photo of a cat" [options]')
@@ -254,18 +288,34 @@ def cmd_make_tiny(args: argparse.Namespace) -> int:
     return 0
 
 
+def next_free_index(out: Path) -> int:
+    """One past the largest ``NNN-`` index of the PNGs already in ``out`` (0 in an empty folder)."""
+    taken = [int(p.name[:3]) for p in out.glob("[0-9][0-9][0-9]-*.png")]
+    return max(taken, default=-1) + 1
+
+
+def _shown(value: object) -> str:
+    return "auto" if value is None else ",".join(map(str, value)) if isinstance(value, tuple) else str(value)
+
+
 def cmd_methods(args: argparse.Namespace) -> int:
+    from hiresdiff.config import GenerationSettings
+
+    common = [f for f in dataclasses.fields(GenerationSettings) if f.name.startswith("ag_")]
+    print("every method (native-size first phase): " + ", ".join(f"--set {f.name}={f.default}" for f in common))
     for m in METHODS.values():
         print(f"{m.name}: {m.summary}" + (f"  [{m.paper}]" if m.paper else ""))
         if m.default_negative:
             print(f"    default negative prompt: {m.default_negative!r}")
         for name, values in m.presets.items():
-            print(f"    --preset {name}: " + ", ".join(f"{k}={v}" for k, v in values.items()))
+            print(f"    --preset {name}: " + ", ".join(f"{k}={'none' if v is None else v}" for k, v in values.items()))
         fields = dataclasses.fields(m.params)
         if not fields:
             print("    (no parameters)")
         for f in fields:
-            print(f"    --set {f.name}={f.default}")
+            print(f"    --set {f.name}={_shown(f.default)}")
+        for name, value in m.setting_defaults.items():
+            print(f"    --set {name}={_shown(value)} (this method's default)")
     return 0
 
 

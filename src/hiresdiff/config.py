@@ -90,8 +90,13 @@ class GenerationSettings:
     max_pixels: int | None = None
 
     def __post_init__(self) -> None:
+        require(
+            isinstance(self.prompt, (str, list, tuple)),
+            f"the prompt must be a string or a list of strings, got {type(self.prompt).__name__}",
+        )
         if isinstance(self.prompt, str):
             self.prompt = [self.prompt]
+        self.prompt = list(self.prompt)
         require(len(self.prompt) > 0, "give at least one prompt")
         require(all(isinstance(p, str) for p in self.prompt), "prompts must be strings")
         if isinstance(self.negative_prompt, str):
@@ -104,7 +109,8 @@ class GenerationSettings:
             )
         for name in ("width", "height"):
             value = getattr(self, name)
-            require(isinstance(value, int) and value > 0, f"{name} must be a positive integer, got {value!r}")
+            ok = isinstance(value, int) and not isinstance(value, bool) and value > 0
+            require(ok, f"{name} must be a positive number of pixels, got {value!r}")
         require(isinstance(self.steps, int) and self.steps > 0, f"steps must be a positive integer, got {self.steps}")
         check_finite("guidance", self.guidance, low=0.0)
         check_scheduler_name(self.scheduler)

@@ -125,7 +125,8 @@ def prepare_extras(
     if image is None:
         require(scale is None, "--scale needs an input image (--image); without one give --width/--height")
         require(fit is None, "--fit needs an input image (--image)")
-        width, height = width or 2 * native, height or 2 * native
+        width = 2 * native if width is None else width  # 0 is an error (GenerationSettings), not "default"
+        height = 2 * native if height is None else height
     else:
         source = load_source_image(image)
         _same_file("--image", source, exp.get("image"))

@@ -18,6 +18,15 @@ from hiresdiff.errors import HiresError
 PNG_KEY = "hiresdiff"
 
 
+def _current_umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+_UMASK = _current_umask()
+
+
 def to_pil(images: torch.Tensor) -> list[Image.Image]:
     """Images in [−1, 1] (B, 3, H, W) → 8-bit RGB PIL images."""
     arr = ((images.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
@@ -32,6 +41,7 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
+        os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600; written files get the umask's usual mode
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()

@@ -142,6 +142,10 @@ def _generators(settings: GenerationSettings, generator: Any) -> tuple[list[torc
     n = settings.batch_size
     if generator is not None:
         gens = list(generator) if isinstance(generator, (list, tuple)) else [generator] * n
+        require(
+            all(isinstance(g, torch.Generator) for g in gens),
+            "generator must be a torch.Generator or a list of them (or pass seed=…)",
+        )
         require(len(gens) == n, f"got {len(gens)} generators for {n} images; pass one or one per image")
         return gens, [None] * n
     seed = settings.seed if settings.seed is not None else secrets.randbelow(2**62)

@@ -134,6 +134,8 @@ def resolve_model(ref: str, *, allow_pickle: bool = False) -> ModelSpec:
             pickle without ``allow_pickle``, invalid safetensors file, hub id unavailable offline or
             unreachable), in one actionable line.
     """
+    if not isinstance(ref, str):
+        raise HiresError(f"model must be a name, path or hub id (a string), got {type(ref).__name__}")
     if not ref or not ref.strip():
         raise HiresError(
             "empty model reference; pass a built-in name, a diffusers folder, a checkpoint file or a hub id"

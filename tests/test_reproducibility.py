@@ -1,0 +1,167 @@
+"""What a PNG says is what it was: every pixel-changing field round-trips through the metadata; outputs are never
+overwritten; file modes follow the umask; API inputs of the wrong type are one-line errors."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from typing import Any
+
+import pytest
+
+from hiresdiff import HiresPipeline
+from hiresdiff.cli import _from_png, build_parser, main
+from hiresdiff.config import GenerationSettings
+from hiresdiff.errors import HiresError
+from hiresdiff.images import read_png_settings, save_png
+from hiresdiff.methods import METHODS
+from hiresdiff.pipeline import build_request
+
+#: changed values for fields whose generic alternative would not fit (None defaults, names, grids)
+ALTERNATIVES: dict[str, Any] = {
+    "window": 128,
+    "stride": 64,
+    "restart_ratio": 0.5,
+    "lfm_factor": 0.25,
+    "progressive": (0.3,),
+    "shortcut": 0.5,
+    "shortcut_steps": 2,
+    "filter": "lanczos",
+    "host": "accdiffusion",
+    "sas_mode": "relabel",
+    "sas_eta": "2=2.5",
+    "start_step": 1,
+    "prompt_threshold": 0.5,
+    "scheduler": "ddim",
+    "negative_prompt": "blurry",
+    "ag_decay": "linear",
+    "seed": 5,
+}
+#: settings that change pixels (the others place or batch the work: max_batch, low_vram, previews, …)
+PIXEL_SETTINGS = ("steps", "guidance", "scheduler", "negative_prompt", "seed", "ag_lambda", "ag_delay", "ag_exponent")
+
+
+def _alternative(name: str, default: Any) -> Any:
+    if name in ALTERNATIVES:
+        return ALTERNATIVES[name]
+    if isinstance(default, bool):
+        return not default
+    if isinstance(default, int):
+        return default + 1
+    if isinstance(default, float):
+        return default * 0.5 if default else 0.25
+    raise AssertionError(f"no alternative value for {name}={default!r}: add one to ALTERNATIVES")
+
+
+def _cases() -> list[tuple[str, str]]:
+    out = [(m, f.name) for m, method in METHODS.items() for f in dataclasses.fields(method.params)]
+    return out + [("demofusion", name) for name in PIXEL_SETTINGS]
+
+
+@pytest.mark.parametrize(("method", "name"), _cases())
+def test_every_pixel_changing_field_round_trips_through_the_png(tiny_sdxl_pipe, tmp_path, method, name):
+    """Change the field → the metadata differs from the default's → ``--from-png`` rebuilds exactly that request."""
+    hp = HiresPipeline.from_pipe(tiny_sdxl_pipe, "tiny-sdxl")
+    base = {"steps": 6, "seed": 0}
+    fields = {f.name: f.default for f in dataclasses.fields(METHODS[method].params)}
+    settings = {f.name: f.default for f in dataclasses.fields(GenerationSettings)}
+    default = fields[name] if name in fields else {**settings, **base}.get(name)
+    changed = {**base, name: _alternative(name, default)}
+    if name == "window":
+        changed["stride"] = 64
+    try:
+        req = build_request("a red fox", method, 768, 512, **changed)
+        plain = build_request("a red fox", method, 768, 512, **base)
+    except HiresError as exc:
+        pytest.fail(f"{method}.{name}={changed[name]!r} is not a valid alternative: {exc}")
+    meta, meta_plain = hp._metadata(req, 0, req.settings.seed), hp._metadata(plain, 0, plain.settings.seed)
+    assert meta != meta_plain, f"{method}.{name} does not show in the metadata"
+    png = save_png(_blank(), tmp_path / "x.png", meta)
+    kwargs = _from_png(build_parser().parse_args(["generate", "--from-png", str(png)]))
+    for key in ("model", "dtype", "expected", "loras", "prompt", "method", "width", "height"):
+        kwargs.pop(key, None)
+    again = build_request("a red fox", method, 768, 512, **kwargs)
+    assert dataclasses.asdict(again.settings) == dataclasses.asdict(req.settings)
+    assert dataclasses.asdict(again.params) == dataclasses.asdict(req.params)
+
+
+def _blank() -> Any:
+    from PIL import Image
+
+    return Image.new("RGB", (8, 8))
+
+
+def test_attentive_guidance_image_regenerates_from_its_png(tmp_path):
+    argv = ["generate", "a koi pond", "--model", "tiny-sdxl", "--steps", "4", "--quiet", "--no-previews"]
+    assert main([*argv, "--set", "ag_lambda=0.05", "--set", "ag_delay=1", "--out", str(tmp_path / "ag")]) == 0
+    assert main([*argv, "--out", str(tmp_path / "plain")]) == 0
+    png = tmp_path / "ag" / "000-demofusion-seed0.png"
+    assert read_png_settings(png)["ag_lambda"] == 0.05
+    assert main(["generate", "--from-png", str(png), "--quiet", "--no-previews", "--out", str(tmp_path / "re")]) == 0
+    again = (tmp_path / "re" / png.name).read_bytes()
+    assert again == png.read_bytes() and again != (tmp_path / "plain" / png.name).read_bytes()
+
+
+def test_from_png_refuses_flags_it_would_ignore(tmp_path, capsys):
+    out = tmp_path / "o"
+    assert main(["generate", "a", "--model", "tiny-sdxl", "--steps", "2", "--quiet", "--out", str(out)]) == 0
+    png = str(out / "000-demofusion-seed0.png")
+    assert (
+        main(["generate", "another prompt", "--from-png", png, "--steps", "9", "--seed", "4", "--set", "sigma=1"]) == 2
+    )
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and all(flag in err for flag in ("a prompt", "--steps", "--seed", "--params"))
+
+
+def test_generate_never_overwrites_and_keeps_previews_with_their_image(tmp_path):
+    out = tmp_path / "o"
+    argv = ["generate", "a", "--model", "tiny-sdxl", "--steps", "1", "--quiet", "--out", str(out)]
+    assert main([*argv, "--width", "256", "--height", "256"]) == 0
+    first = (out / "000-demofusion-seed0.png").read_bytes()
+    assert main(argv) == 0  # 512², two phases
+    assert (out / "000-demofusion-seed0.png").read_bytes() == first
+    assert sorted(p.name for p in out.iterdir()) == [
+        "000-demofusion-seed0.png",
+        "001-demofusion-seed0-phase1of2.png",
+        "001-demofusion-seed0.png",
+    ]
+
+
+def test_written_files_follow_the_umask(tmp_path):
+    out = tmp_path / "o"
+    assert main(["generate", "a", "--model", "tiny-sdxl", "--steps", "1", "--quiet", "--out", str(out)]) == 0
+    mask = os.umask(0)
+    os.umask(mask)
+    assert {p.stat().st_mode & 0o777 for p in out.iterdir()} == {0o666 & ~mask}
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"width": 0}, "width must be a positive number of pixels, got 0"),
+        ({"height": 0}, "height must be a positive number of pixels, got 0"),
+        ({"width": True}, "width must be a positive number of pixels, got True"),
+        ({"prompt": 123}, "the prompt must be a string or a list of strings, got int"),
+        ({"model": 123}, "model must be a name, path or hub id (a string), got int"),
+        ({"generator": "seed"}, "generator must be a torch.Generator"),
+    ],
+)
+def test_wrong_api_inputs_are_one_line_errors(kwargs, message):
+    import hiresdiff
+
+    call = {"prompt": "a", "method": "direct", "model": "tiny-sdxl", "steps": 1, "progress": False, **kwargs}
+    with pytest.raises(HiresError) as info:
+        hiresdiff.generate(**call)
+    assert message in str(info.value) and "\n" not in str(info.value)
+
+
+def test_cli_width_zero_is_an_error_not_the_default(capsys):
+    assert main(["generate", "a", "--model", "tiny-sdxl", "--width", "0", "--quiet"]) == 2
+    assert "width must be a positive number of pixels" in capsys.readouterr().err
+
+
+def test_methods_listing_shows_the_shared_settings_and_no_none(capsys):
+    assert main(["methods"]) == 0
+    listing = capsys.readouterr().out
+    assert "--set ag_lambda=0.0" in listing and "--set ag_decay=cosine" in listing
+    assert "=None" not in listing and "--set ag_lambda=0.004 (this method's default)" in listing
