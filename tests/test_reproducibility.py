@@ -165,3 +165,8 @@ def test_methods_listing_shows_the_shared_settings_and_no_none(capsys):
     listing = capsys.readouterr().out
     assert "--set ag_lambda=0.0" in listing and "--set ag_decay=cosine" in listing
     assert "=None" not in listing and "--set ag_lambda=0.004 (this method's default)" in listing
+
+
+def test_flux_refuses_a_negative_prompt(capsys):
+    assert main(["generate", "a", "--model", "tiny-flux", "--negative", "blurry", "--quiet"]) == 2
+    assert "has no negative prompt" in capsys.readouterr().err

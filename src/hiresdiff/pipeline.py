@@ -221,6 +221,7 @@ class HiresPipeline:
             height=height,
             allow_pickle=self.allow_pickle,
         )
+        _check_for_family(ad.family, kwargs)
         req = build_request(prompt, method, width, height, model_defaults=ad.sampling_defaults, extras=extras, **kwargs)
         check_for_model(req, ad.native_size, ad.pixel_grid)
         return self.run(req, generator=generator, progress=progress, callback=callback)
@@ -322,6 +323,14 @@ class HiresPipeline:
         }
 
 
+def _check_for_family(family: str, kwargs: dict[str, Any]) -> None:
+    """Settings a model family cannot use are refused, not silently dropped."""
+    require(
+        not (family == "flux" and kwargs.get("negative_prompt")),
+        "FLUX.1 is guidance-distilled and has no negative prompt; drop --negative",
+    )
+
+
 def describe(req: GenerationRequest) -> dict[str, Any]:
     """What a request generates (method, settings, parameters, inputs): equal on every rank of a parallel run."""
     return {
@@ -397,6 +406,7 @@ def generate(
         height=height,
         allow_pickle=allow_pickle,
     )
+    _check_for_family(spec.family, kwargs)
     req = build_request(prompt, method, width, height, model_defaults=spec.sampling_defaults, extras=extras, **kwargs)
     check_for_model(req, spec.native_size, spec.pixel_grid)
     if parallel is not None:
