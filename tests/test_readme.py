@@ -50,13 +50,10 @@ def test_install_command_demo_part(tmp_path: Path, monkeypatch: pytest.MonkeyPat
     monkeypatch.chdir(tmp_path)
     assert main([*demo[1:], "--quiet", "--steps", "3"]) == 0
     assert (tmp_path / "demo-out" / "contact_sheet.png").stat().st_size > 0
-    assert sorted(p.name for p in (tmp_path / "demo-out").glob("*.png")) == [
-        "contact_sheet.png",
-        "demofusion.png",
-        "direct.png",
-        "multidiffusion.png",
-        "resize.png",
-    ]
+    from hiresdiff.methods import METHODS
+
+    names = sorted(p.name for p in (tmp_path / "demo-out").glob("*.png"))
+    assert names == sorted(["contact_sheet.png", *(f"{m}.png" for m in METHODS)])  # every method runs
 
 
 def test_every_cli_example_runs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys) -> None:

@@ -7,24 +7,29 @@ from pathlib import Path
 from PIL import Image, ImageDraw, ImageFont
 
 from hiresdiff.images import save_png
+from hiresdiff.methods import METHODS
 from hiresdiff.pipeline import GenerationResult, generate
 
-DEMO_METHODS = ("direct", "resize", "multidiffusion", "demofusion")
+#: every registered method
+DEMO_METHODS = tuple(METHODS)
 DEMO_PROMPT = "a lighthouse on a cliff at sunset, highly detailed"
 LABEL_HEIGHT = 24
 
 
-def contact_sheet(images: list[Image.Image], labels: list[str]) -> Image.Image:
-    """Images in one row, each with its label above it."""
+def contact_sheet(images: list[Image.Image], labels: list[str], title: str = "") -> Image.Image:
+    """Images in one row, each with its label above it, under an optional title line."""
+    top = LABEL_HEIGHT if title else 0
     width = sum(im.width for im in images)
-    height = max(im.height for im in images) + LABEL_HEIGHT
+    height = max(im.height for im in images) + LABEL_HEIGHT + top
     sheet = Image.new("RGB", (width, height), "white")
     draw = ImageDraw.Draw(sheet)
     font = ImageFont.load_default()
+    if title:
+        draw.text((6, 5), title, fill="black", font=font)
     x = 0
     for im, label in zip(images, labels, strict=True):
-        sheet.paste(im, (x, LABEL_HEIGHT))
-        draw.text((x + 6, 5), label, fill="black", font=font)
+        sheet.paste(im, (x, top + LABEL_HEIGHT))
+        draw.text((x + 6, top + 5), label, fill="black", font=font)
         x += im.width
     return sheet
 
@@ -39,5 +44,7 @@ def run_demo(
         save_png(res.images[0], out / f"{method}.png", res.metadata[0])
         results[method] = res
     labels = [f"{m} ({r.seconds:.1f} s)" for m, r in results.items()]
-    sheet = contact_sheet([r.images[0] for r in results.values()], labels)
+    first = next(iter(results.values())).metadata[0]
+    title = f'"{DEMO_PROMPT}" at {first["width"]}×{first["height"]} on {model} — random weights: noise is expected'
+    sheet = contact_sheet([r.images[0] for r in results.values()], labels, title)
     return save_png(sheet, out / "contact_sheet.png"), results
