@@ -223,3 +223,25 @@ def test_cli_builds_set(src: Path, tmp_path: Path, capsys: pytest.CaptureFixture
     assert main(["dataset", str(src), str(out), "--min-side", "60", "--size", "48", "--quiet"]) == 0
     assert sorted(p.name for p in out.iterdir()) == ["a_big.png", "sub__b.png"]
     assert "2 images written, 0 already there, 3 too small" in capsys.readouterr().out
+
+
+def test_corrupt_images_are_skipped_counted_and_named(src: Path, tmp_path: Path, capsys) -> None:
+    (src / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"\x00" * 40)  # a header and nothing else
+    good = src / "truncated.png"
+    bands(80, 80).save(good)
+    good.write_bytes(good.read_bytes()[:120])  # a readable header, broken pixel data
+    out = tmp_path / "out"
+    assert main(["dataset", str(src), str(out), "--min-side", "60", "--size", "48", "--quiet"]) == 0
+    printed = capsys.readouterr().out
+    assert sorted(p.name for p in out.iterdir()) == ["a_big.png", "sub__b.png"]
+    assert "2 unreadable" in printed and "broken.png" in printed and "truncated.png" in printed
+
+
+def test_a_run_that_keeps_no_image_is_an_error(tmp_path: Path, capsys) -> None:
+    folder = tmp_path / "small"
+    folder.mkdir()
+    bands(20, 20).save(folder / "tiny.png")
+    (folder / "bad.png").write_bytes(b"not an image")
+    assert main(["dataset", str(folder), str(tmp_path / "out"), "--min-side", "60", "--size", "48"]) == 2
+    err = capsys.readouterr().err
+    assert "no image of SRC_DIR" in err and "1 below --min-side 60, 1 unreadable" in err

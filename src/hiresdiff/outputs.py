@@ -29,19 +29,29 @@ def _reason(exc: OSError) -> str:
     return exc.strerror or (errno.errorcode.get(exc.errno or 0) if exc.errno else None) or type(exc).__name__
 
 
-def check_writable(folder: str | os.PathLike[str], what: str, need_bytes: int = 0) -> Path:
-    """``folder`` exists (created if needed), accepts a new file, and has ``need_bytes`` free; else one line."""
+def check_writable(folder: str | os.PathLike[str], what: str, need_bytes: int = 0, *, create: bool = True) -> Path:
+    """``folder`` exists (created if needed), accepts a new file, and has ``need_bytes`` free; else one line.
+
+    With ``create=False`` a missing folder is left uncreated and its nearest existing parent is probed instead.
+    """
     path = Path(folder)
     if path.exists() and not path.is_dir():
         raise HiresError(f"{what} {str(path)!r} exists and is not a folder; choose another path")
+    target = path
+    if not create:
+        while not target.exists() and target != target.parent:
+            target = target.parent
+        if not target.is_dir():
+            raise HiresError(f"{what} {str(path)!r} lies under {str(target)!r}, which is not a folder")
     try:
-        path.mkdir(parents=True, exist_ok=True)
-        probe = path / f".hiresdiff-write-probe-{os.getpid()}"
+        if create:
+            path.mkdir(parents=True, exist_ok=True)
+        probe = target / f".hiresdiff-write-probe-{os.getpid()}"
         probe.write_bytes(b"")
         probe.unlink()
     except OSError as exc:
         raise HiresError(f"cannot write to {what} {str(path)!r}: {_reason(exc)}; choose a writable folder") from None
-    free = shutil.disk_usage(path).free
+    free = shutil.disk_usage(target).free
     if need_bytes > free:
         raise HiresError(
             f"{what} {str(path)!r} has {free / 2**20:,.0f} MiB free but this run writes up to "

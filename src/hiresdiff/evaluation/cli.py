@@ -107,7 +107,7 @@ def cmd_dataset(args: argparse.Namespace) -> int:
     from hiresdiff.evaluation.dataset import build_reference_set
     from hiresdiff.outputs import check_writable
 
-    check_writable(args.out, "the dataset folder")
+    check_writable(args.out, "the dataset folder", create=False)
     report = build_reference_set(
         args.src,
         args.out,
@@ -120,7 +120,10 @@ def cmd_dataset(args: argparse.Namespace) -> int:
         progress=not args.quiet,
     )
     line = f"{len(report.written)} images written, {report.existing} already there"
-    line += f", {report.too_small} too small; {report.captioned} captioned"
+    line += f", {report.too_small} too small, {len(report.unreadable)} unreadable; {report.captioned} captioned"
+    if report.unreadable:
+        line += " (unreadable: " + ", ".join(p.name for p in report.unreadable[:3])
+        line += ", …)" if len(report.unreadable) > 3 else ")"
     print(f"{line} -> {report.out}" + (f" ({report.captions})" if report.captions else ""))
     return 0
 

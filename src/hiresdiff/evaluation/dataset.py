@@ -41,11 +41,13 @@ class DatasetReport:
         too_small: Source images skipped because their shorter side is below ``min_side``.
         captioned: Captions produced by the captioning model in this run.
         captions: The captions CSV, or ``None`` when no captions were asked for.
+        unreadable: Source files that could not be decoded (skipped, counted; the first few named).
     """
 
     out: Path
     written: list[Path] = field(default_factory=list)
     existing: int = 0
+    unreadable: list[Path] = field(default_factory=list)
     too_small: int = 0
     captioned: int = 0
     captions: Path | None = None
@@ -58,12 +60,19 @@ def output_names(root: Path, files: Sequence[Path]) -> dict[Path, str]:
     return {f: (f"{b}-{f.suffix[1:].lower()}" if clashes[b] > 1 else b) + ".png" for f, b in base.items()}
 
 
-def _select(files: Sequence[Path], min_side: int, limit: int | None) -> tuple[list[ImageRecord], int]:
+def _select(
+    files: Sequence[Path], min_side: int, limit: int | None, unreadable: list[Path]
+) -> tuple[list[ImageRecord], int]:
+    """The images to keep (readable, large enough, up to ``limit``); unreadable files are skipped and listed."""
     selected, too_small = [], 0
     for f in files:
         if limit is not None and len(selected) >= limit:
             break
-        record = scan_image(f)
+        try:
+            record = scan_image(f)
+        except HiresError:
+            unreadable.append(f)
+            continue
         if min(record.width, record.height) < min_side:
             too_small += 1
         else:
@@ -112,7 +121,13 @@ def build_reference_set(
     files = [f for f in list_images(src_root, recursive=True, what="SRC_DIR") if not _inside(f, out_root)]
     require(bool(files), f"SRC_DIR {str(src)!r} holds no images outside OUT_DIR")
     table = CaptionTable.read(captions) if captions is not None else None
-    selected, too_small = _select(files, min_side, limit)
+    unreadable: list[Path] = []
+    selected, too_small = _select(files, min_side, limit, unreadable)
+    require(
+        bool(selected),
+        f"no image of SRC_DIR {str(src)!r} can be kept: {too_small} below --min-side {min_side}, "
+        f"{len(unreadable)} unreadable",
+    )
     names = output_names(src_root, files)  # of every source file, so a name never depends on --limit or sizes
     previous = out_root / CAPTIONS_CSV
     prompts = CaptionTable.read(previous).rows if previous.is_file() else {}
@@ -126,7 +141,7 @@ def build_reference_set(
     model: Captioner | None = captioner if not isinstance(captioner, str) else None
     if isinstance(captioner, str) and missing:
         model = load_captioner(captioner, device)  # only when some caption is missing: reruns stay offline
-    report = DatasetReport(out_root, too_small=too_small)
+    report = DatasetReport(out_root, too_small=too_small, unreadable=unreadable)
     want_captions = table is not None or captioner is not None
     try:
         for r in tqdm(selected, desc="dataset", unit="img", disable=not progress):
@@ -151,7 +166,11 @@ def _one(
     if target.is_file():
         report.existing += 1
     else:
-        source = open_rgb(record.path)
+        try:
+            source = open_rgb(record.path)  # the header was fine: the pixel data may still be broken
+        except HiresError:
+            report.unreadable.append(record.path)
+            return
         image = resized(source, center_box(*source.size), size, Image.Resampling.LANCZOS)
         report.written.append(save_png(image, target))
     if target.name not in prompts and captioner is not None:
