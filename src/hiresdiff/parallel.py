@@ -21,7 +21,8 @@ import hashlib
 import json
 import os
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import Any, TypeVar
@@ -54,23 +55,35 @@ class Serial:
         return [compute(c) for c in calls]
 
     def replicated(self) -> Any:
-        from contextlib import nullcontext
-
         return nullcontext()
 
     def sum_(self, tensor: torch.Tensor) -> torch.Tensor:
         return tensor
 
 
+class Replicating:
+    """The :meth:`replicated` switch shared by the call distributors (a depth counter, so blocks nest)."""
+
+    _replicate: int = 0
+
+    @contextmanager
+    def replicated(self) -> Iterator[None]:
+        """Inside the block every rank runs every call (processors that draw random numbers)."""
+        self._replicate += 1
+        try:
+            yield
+        finally:
+            self._replicate -= 1
+
+
 @dataclass
-class ViewParallel:
+class ViewParallel(Replicating):
     """Round-robin split of each step's denoiser calls over the ranks of the default process group."""
 
     rank: int
     world: int
     #: calls this rank ran, per :meth:`map` (one entry per step): the balance tests read it
     counts: list[int] = field(default_factory=list)
-    _replicate: int = 0
     _offset: int = 0
 
     @classmethod
@@ -108,20 +121,6 @@ class ViewParallel:
         flat = self.sum_(torch.cat([o.reshape(-1) for o in filled]))
         pieces = flat.split([o.numel() for o in filled])
         return [p.view_as(o) for p, o in zip(pieces, filled, strict=True)]
-
-    def replicated(self) -> Any:
-        """Inside the block every rank runs every call (processors that draw random numbers)."""
-        from contextlib import contextmanager
-
-        @contextmanager
-        def block() -> Any:
-            self._replicate += 1
-            try:
-                yield
-            finally:
-                self._replicate -= 1
-
-        return block()
 
     def _collective(self, what: str, fn: Callable[[], Any]) -> Any:
         """Run a collective; a peer that died or hangs past the timeout becomes one line, not a traceback."""

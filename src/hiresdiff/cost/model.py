@@ -15,7 +15,7 @@ import torch
 
 from hiresdiff.cost.meta import Ledger, MetaModule
 from hiresdiff.errors import HiresError, require
-from hiresdiff.parallel import Serial, owners
+from hiresdiff.parallel import Replicating, Serial, owners
 
 #: Hub ids whose architecture equals a built-in random model's
 ARCHITECTURES = {
@@ -86,7 +86,7 @@ class CostReport:
 
 
 @dataclass
-class CountingParallel:
+class CountingParallel(Replicating):
     """Stands in for :class:`~hiresdiff.parallel.ViewParallel` in the cost model: runs every call (shape-only),
     charges each call's denoiser/ControlNet FLOPs to its round-robin rank and adds up the all-reduce volume
     (the float32 predictions of a step)."""
@@ -95,7 +95,6 @@ class CountingParallel:
     ledger: Ledger
     rank_flops: list[float] = field(default_factory=list)
     allreduce_bytes: float = 0.0
-    _replicate: int = 0
     _offset: int = 0
 
     def __post_init__(self) -> None:
@@ -119,19 +118,6 @@ class CountingParallel:
             self._offset += len(calls)
             self.allreduce_bytes += 4.0 * sum(math.prod(shape(c)) for c in calls)
         return outs
-
-    def replicated(self) -> Any:
-        from contextlib import contextmanager
-
-        @contextmanager
-        def block() -> Any:
-            self._replicate += 1
-            try:
-                yield
-            finally:
-                self._replicate -= 1
-
-        return block()
 
     def sum_(self, tensor: torch.Tensor) -> torch.Tensor:
         return tensor
