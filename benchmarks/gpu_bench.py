@@ -62,7 +62,8 @@ def record_key(r: dict[str, Any]) -> tuple[Any, ...]:
     """What makes a run distinct (a rerun skips runs whose key is recorded)."""
     params = json.dumps(r.get("params", {}), sort_keys=True)
     size = (r["width"], r["height"])
-    return (r["method"], r["preset"], r["model"], *size, r["dtype"], r["steps"], r.get("max_batch"), params)
+    key = (r["method"], r["preset"], r["model"], *size, r["dtype"], r["steps"], r.get("max_batch"), params)
+    return (*key, r.get("ranks", 1))
 
 
 def method_kwargs(method: str, preset: str | None, params: dict[str, Any], **settings: Any) -> dict[str, Any]:
@@ -90,6 +91,12 @@ def bench(argv: list[str] | None) -> int:
     p.add_argument("--matmul", type=int, default=8192, help="side of the reference matrix product")
     p.add_argument("--out", default=str(Path(__file__).parent / "results"))
     p.add_argument("--set", dest="params", action="append", default=[], metavar="NAME=VALUE")
+    p.add_argument(
+        "--parallel",
+        choices=("views",),
+        default=None,
+        help="under torchrun: one image over all ranks (records the wall time of the view-parallel run)",
+    )
     args = p.parse_args(argv)
     from hiresdiff.config import parse_assignments
     from hiresdiff.models.loading import resolve_model
@@ -112,7 +119,17 @@ def bench(argv: list[str] | None) -> int:
             )
             check_for_model(req, spec.native_size, spec.pixel_grid)  # every run is validated before any work
             runs.append((method, kwargs, w, h, req))
+    parallel = None
+    if args.parallel == "views":
+        from hiresdiff.parallel import ViewParallel, rank_device
+
+        parallel = ViewParallel.from_environment()
+        device = args.device or rank_device()
+    lead = parallel is None or parallel.rank == 0
     pipe = HiresPipeline.from_model(args.model, dtype=args.dtype, device=device)
+    if parallel is not None:
+        pipe.adapter.parallel = parallel
+    ranks = 1 if parallel is None else parallel.world
     native = pipe.native_size
     name = re.sub(r"[^A-Za-z0-9]+", "-", device_name(device)).strip("-").lower()
     path = Path(args.out) / f"{name}-{date.today().isoformat()}.json"
@@ -125,6 +142,7 @@ def bench(argv: list[str] | None) -> int:
         preset = kwargs["preset"]
         base = {"method": method, "preset": preset, "model": args.model, "width": w, "height": h}
         base |= {"dtype": args.dtype, "steps": args.steps, "max_batch": req.settings.max_batch, "params": params}
+        base |= {"ranks": ranks}
         if record_key(base) in done:
             continue
         _, seconds, peak = timed_run(pipe, req)
@@ -139,9 +157,11 @@ def bench(argv: list[str] | None) -> int:
             "model_flops": flops,
             "matmul_tflops": rate,
             "achieved_tflops": flops / seconds / 1e12,
-            "mfu": flops / seconds / 1e12 / rate,
-            "flop_bound_s": flops / (rate * 1e12),
+            "mfu": flops / seconds / 1e12 / (rate * ranks),
+            "flop_bound_s": flops / (rate * ranks * 1e12),
         }
+        if not lead:
+            continue  # every rank runs; rank 0 records
         records.append(record)
         write_json(path, records)
         mem = "n/a" if peak is None else f"{record['peak_mem_gb']:.1f} GB"
@@ -149,7 +169,8 @@ def bench(argv: list[str] | None) -> int:
             f"{method}{':' + preset if preset else ''} {w}×{h}: {seconds:.1f} s, {mem}, MFU {record['mfu']:.0%}",
             flush=True,
         )
-    print(path)
+    if lead:
+        print(path)
     return 0
 
 

@@ -145,3 +145,23 @@ def test_parallel_needs_a_launcher(monkeypatch, capsys):
     monkeypatch.delenv("RANK", raising=False)
     assert main(["generate", "a", "--model", "tiny-sdxl", "--parallel", "views", "--quiet"]) == 2
     assert "torchrun --nproc_per_node" in capsys.readouterr().err
+
+
+def test_gpu_bench_under_torchrun_records_one_view_parallel_run(tmp_path):
+    """benchmarks/gpu_bench.py --parallel views on 2 CPU ranks: rank 0 records each run once, with ``ranks: 2``
+    and the MFU taken over both devices' matmul rate."""
+    import json
+
+    torchrun = str(Path(sys.executable).parent / "torchrun")
+    script = str(Path(__file__).resolve().parents[1] / "benchmarks" / "gpu_bench.py")
+    cmd = [torchrun, "--nproc_per_node", "2", "--master_port", str(_free_port()), script, "--model", "tiny-sd"]
+    cmd += ["--methods", "demofusion", "--sizes", "256x256", "--dtype", "float32", "--steps", "2", "--matmul", "64"]
+    cmd += ["--parallel", "views", "--out", str(tmp_path)]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert done.returncode == 0, done.stderr[-2000:]
+    (path,) = tmp_path.glob("*.json")
+    (record,) = json.loads(path.read_text())
+    assert record["ranks"] == 2 and record["method"] == "demofusion"
+    assert record["mfu"] == pytest.approx(
+        record["model_flops"] / record["wall_s"] / 1e12 / (2 * record["matmul_tflops"])
+    )

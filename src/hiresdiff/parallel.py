@@ -85,6 +85,7 @@ class ViewParallel(Replicating):
     #: calls this rank ran, per :meth:`map` (one entry per step): the balance tests read it
     counts: list[int] = field(default_factory=list)
     _offset: int = 0
+    _warned: bool = False
 
     @classmethod
     def from_environment(cls, timeout_s: float = DEFAULT_TIMEOUT_S) -> ViewParallel:
@@ -107,6 +108,12 @@ class ViewParallel(Replicating):
         """``compute`` of every call, each run by one rank (all ranks when :meth:`replicated`), summed across."""
         if self._replicate or len(calls) == 0:
             return [compute(c) for c in calls]
+        if len(calls) < self.world and not self._warned:
+            self._warned = True
+            warnings.warn(
+                f"{self.world} ranks share {len(calls)} denoiser call(s) in a step: some ranks idle there",
+                stacklevel=2,
+            )
         owned = [r == self.rank for r in owners(len(calls), self.world, self._offset)]
         self._offset += len(calls)
         self.counts.append(sum(owned))
@@ -150,10 +157,6 @@ class ViewParallel(Replicating):
             f"ranks {', '.join(map(str, differing))} were given other settings than rank 0 (prompt, size, seed, "
             "method …); launch every rank with the same arguments",
         )
-
-    def warn_idle(self, calls: int) -> None:
-        if calls < self.world:
-            warnings.warn(f"{self.world} ranks share {calls} denoiser calls per step: some ranks idle", stacklevel=2)
 
 
 def rank_device() -> str:
