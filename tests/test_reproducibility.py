@@ -170,3 +170,26 @@ def test_methods_listing_shows_the_shared_settings_and_no_none(capsys):
 def test_flux_refuses_a_negative_prompt(capsys):
     assert main(["generate", "a", "--model", "tiny-flux", "--negative", "blurry", "--quiet"]) == 2
     assert "has no negative prompt" in capsys.readouterr().err
+
+
+def test_from_png_of_a_batch_image_is_bit_exact(tmp_path):
+    """Image 1 of a 2-prompt batch: --from-png regenerates the batch (same calls, same rounding) and keeps it."""
+    out = tmp_path / "batch"
+    argv = ["generate", "a red fox", "a blue whale", "--model", "tiny-sdxl", "--steps", "3", "--quiet"]
+    assert main([*argv, "--out", str(out)]) == 0
+    png = out / "001-demofusion-seed1.png"
+    meta = read_png_settings(png)
+    assert meta["batch"] == {
+        "index": 1,
+        "prompts": ["a red fox", "a blue whale"],
+        "negative_prompts": meta["batch"]["negative_prompts"],
+        "images_per_prompt": 1,
+        "first_seed": 0,
+    }
+    again = tmp_path / "again"
+    assert main(["generate", "--from-png", str(png), "--quiet", "--out", str(again)]) == 0
+    regenerated = sorted(p.name for p in again.iterdir())
+    assert regenerated == ["000-demofusion-seed1-phase1of2.png", "000-demofusion-seed1.png"]
+    assert (again / "000-demofusion-seed1.png").read_bytes() == png.read_bytes()
+    phase = (out / "001-demofusion-seed1-phase1of2.png").read_bytes()
+    assert (again / "000-demofusion-seed1-phase1of2.png").read_bytes() == phase

@@ -147,7 +147,22 @@ def _from_png(args: argparse.Namespace) -> dict[str, Any]:
     except KeyError as exc:
         raise HiresError(f"--from-png: settings in {args.from_png!r} lack {exc.args[0]!r}") from None
     require(kwargs["seed"] is not None, "--from-png: the image was made with a caller's generator, not a seed")
+    batch = s.get("batch")
+    if batch is not None:  # regenerate its whole batch (same model calls, same rounding), keep this image
+        kwargs.update(
+            prompt=batch["prompts"],
+            negative_prompt=batch["negative_prompts"],
+            num_images_per_prompt=batch["images_per_prompt"],
+            seed=batch["first_seed"],
+        )
     return {**kwargs, **_from_png_extras(args, s)}
+
+
+def _keep_only(res: GenerationResult, index: int) -> GenerationResult:
+    """Image ``index`` of a batch result (with its previews)."""
+    return dataclasses.replace(
+        res, images=[res.images[index]], metadata=[res.metadata[index]], previews=[[p[index]] for p in res.previews]
+    )
 
 
 def _from_png_extras(args: argparse.Namespace, s: dict[str, Any]) -> dict[str, Any]:
@@ -249,6 +264,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
         )
     except DryRun:
         return 0
+    if args.from_png and (batch := read_png_settings(args.from_png).get("batch")) is not None:
+        res = _keep_only(res, batch["index"])
     if lead:  # only rank 0 writes files
         _write(res, out, args.quiet)
     return 0

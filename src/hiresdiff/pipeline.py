@@ -320,6 +320,20 @@ class HiresPipeline:
             **{name: getattr(s, name) for name in AG_SETTINGS},
             "params": dataclasses.asdict(req.params),
             **req.extras.metadata(),
+            **({"batch": self._batch_position(req, index, seed)} if s.batch_size > 1 else {}),
+        }
+
+    @staticmethod
+    def _batch_position(req: GenerationRequest, index: int, seed: int | None) -> dict[str, Any]:
+        """Where image ``index`` sat in its batch: batched model calls round differently from single ones, so
+        ``--from-png`` regenerates the whole batch from this and keeps image ``index`` (bit for bit)."""
+        s = req.settings
+        return {
+            "index": index,
+            "prompts": s.prompt,
+            "negative_prompts": s.negative_prompt,
+            "images_per_prompt": s.num_images_per_prompt,
+            "first_seed": None if seed is None else seed - index,
         }
 
 
