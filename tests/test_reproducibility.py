@@ -193,3 +193,15 @@ def test_from_png_of_a_batch_image_is_bit_exact(tmp_path):
     assert (again / "000-demofusion-seed1.png").read_bytes() == png.read_bytes()
     phase = (out / "001-demofusion-seed1-phase1of2.png").read_bytes()
     assert (again / "000-demofusion-seed1-phase1of2.png").read_bytes() == phase
+
+
+def test_an_over_long_prompt_is_one_warning_line_and_recorded(tmp_path, capsys):
+    prompt = " ".join(["castle"] * 60)  # 6 byte-level tokens each on the tiny tokenizer: far over 75
+    out = tmp_path / "o"
+    argv = ["generate", prompt, "--model", "tiny-sdxl", "--method", "direct", "--width", "256", "--height", "256"]
+    assert main([*argv, "--steps", "1", "--quiet", "--out", str(out)]) == 0
+    err = capsys.readouterr().err
+    assert err.count("hiresdiff: warning:") == 1 and "token(s) too long" in err
+    assert "indexing errors" not in err and "was truncated" not in err  # the libraries' own messages are silenced
+    meta = read_png_settings(out / "000-direct-seed0.png")
+    assert prompt.startswith(meta["prompt_seen"]) and 0 < len(meta["prompt_seen"]) < len(prompt)

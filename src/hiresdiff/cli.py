@@ -6,13 +6,14 @@ import argparse
 import dataclasses
 import importlib
 import sys
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from hiresdiff.cli_options import add_sampling_options, sampling_settings
 from hiresdiff.config import DEFAULT_TILE_AREA, DTYPES, parse_assignments
-from hiresdiff.errors import HiresError, require
+from hiresdiff.errors import HiresError, HiresWarning, require
 from hiresdiff.images import read_png_settings, save_png
 from hiresdiff.inputs import FIT_MODES
 from hiresdiff.methods import METHODS
@@ -372,7 +373,19 @@ SUBCOMMAND_MODULES: tuple[str, ...] = (
 )
 
 
+def _show_warning(message: Any, category: type[Warning], *args: Any, **kwargs: Any) -> None:
+    """hiresdiff's own warnings as one ``hiresdiff: warning:`` line; others as Python prints them."""
+    if issubclass(category, HiresWarning):
+        print(f"hiresdiff: warning: {message}", file=sys.stderr)
+    else:
+        _PYTHON_SHOW_WARNING(message, category, *args, **kwargs)
+
+
+_PYTHON_SHOW_WARNING = warnings.showwarning
+
+
 def main(argv: list[str] | None = None) -> int:
+    warnings.showwarning = _show_warning
     args = build_parser().parse_args(argv)
     try:
         return COMMANDS[args.command](args)

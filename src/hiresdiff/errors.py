@@ -11,6 +11,10 @@ class HiresError(ValueError):
     """Bad input or an unusable environment, explained in one actionable line."""
 
 
+class HiresWarning(UserWarning):
+    """Something the user should know that does not stop the run (the CLI prints it as one line)."""
+
+
 def require(condition: bool, message: str) -> None:
     """Raise :class:`HiresError` with ``message`` unless ``condition`` holds."""
     if not condition:

@@ -1,9 +1,10 @@
 """Output locations checked before any model work, and file-system failures turned into one line.
 
-:func:`check_writable` creates the folder if needed, writes and removes a probe file, and compares the free space
-with what the run will write (an upper bound: uncompressed RGB), so a read-only mount, a file in the way, missing
-permissions or a full disk stop the run in one line before anything is computed — not after an hour of
-denoising. :func:`write_error` words an ``OSError`` met while writing.
+:func:`check_writable` writes and removes a probe file, and compares the free space with what the run will write
+(an upper bound: uncompressed RGB), so a read-only mount, a file in the way, missing permissions or a full disk
+stop the run in one line before anything is computed — not after an hour of denoising. A folder that does not
+exist yet is not created by the check (its nearest existing parent is probed). :func:`write_error` words an
+``OSError`` met while writing.
 """
 
 from __future__ import annotations
@@ -29,10 +30,10 @@ def _reason(exc: OSError) -> str:
     return exc.strerror or (errno.errorcode.get(exc.errno or 0) if exc.errno else None) or type(exc).__name__
 
 
-def check_writable(folder: str | os.PathLike[str], what: str, need_bytes: int = 0, *, create: bool = True) -> Path:
-    """``folder`` exists (created if needed), accepts a new file, and has ``need_bytes`` free; else one line.
-
-    With ``create=False`` a missing folder is left uncreated and its nearest existing parent is probed instead.
+def check_writable(folder: str | os.PathLike[str], what: str, need_bytes: int = 0, *, create: bool = False) -> Path:
+    """``folder`` (or, while it does not exist, its nearest existing parent) accepts a new file and has ``need_bytes``
+    free; else one line. Nothing is left behind: a missing folder is created only with ``create=True`` (the
+    writers create it when they write).
     """
     path = Path(folder)
     if path.exists() and not path.is_dir():

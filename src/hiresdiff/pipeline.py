@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import secrets
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -20,7 +21,7 @@ from hiresdiff.config import (
     parse_fields,
 )
 from hiresdiff.control import ControlCondition
-from hiresdiff.errors import HiresError, require
+from hiresdiff.errors import HiresError, HiresWarning, require
 from hiresdiff.extras import Extras, split_extras
 from hiresdiff.images import to_pil
 from hiresdiff.inputs import fit_to_aspect
@@ -273,6 +274,14 @@ class HiresPipeline:
         else:
             ad.scheduler = make_scheduler(s.scheduler, self._base_scheduler_config)
         gens, seeds = _generators(s, generator)
+        seen = {p: cut for p in dict.fromkeys(s.prompt) if (cut := ad.truncated(p)) is not None}
+        for prompt, (dropped, _) in seen.items():
+            warnings.warn(
+                f"the prompt {prompt[:40]!r}… is {dropped} token(s) too long: the text encoder sees only its start "
+                "(recorded as prompt_seen)",
+                HiresWarning,
+                stacklevel=2,
+            )
         source, control, net = self._conditions(req)
         begin = time.perf_counter()
         with applied_loras(ad.pipe, req.extras.loras), ad.use_controlnet(net, req.extras.control_scale):
@@ -287,6 +296,9 @@ class HiresPipeline:
             run.previews.append(images)  # the final image closes the list (not a phase preview: no callback)
         seconds = time.perf_counter() - begin
         meta = [self._metadata(req, b, seeds[b]) for b in range(s.batch_size)]
+        for m in meta:
+            if m["prompt"] in seen:
+                m["prompt_seen"] = seen[m["prompt"]][1]
         return GenerationResult(
             images=to_pil(images),
             previews=[to_pil(p) for p in run.previews],

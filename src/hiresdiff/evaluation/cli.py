@@ -107,7 +107,7 @@ def cmd_dataset(args: argparse.Namespace) -> int:
     from hiresdiff.evaluation.dataset import build_reference_set
     from hiresdiff.outputs import check_writable
 
-    check_writable(args.out, "the dataset folder", create=False)
+    check_writable(args.out, "the dataset folder")
     report = build_reference_set(
         args.src,
         args.out,

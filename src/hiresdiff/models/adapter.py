@@ -20,6 +20,24 @@ from hiresdiff.ops.tiling import tiled_apply
 from hiresdiff.parallel import Serial, ViewParallel
 
 
+@contextmanager
+def quiet_text_libraries() -> Iterator[None]:
+    """Silence transformers' and diffusers' over-long-prompt messages (they print the whole text, twice):
+    hiresdiff says it once (:meth:`ModelAdapter.truncated`)."""
+    import logging
+
+    names = ("transformers", "diffusers")
+    loggers = [logging.getLogger(n) for n in names]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        for lg, level in zip(loggers, levels, strict=True):
+            lg.setLevel(level)
+
+
 @dataclass
 class PromptEmbeds:
     """Text conditioning, one row per prompt; ``uncond`` rows are absent without classifier-free guidance."""
@@ -191,7 +209,7 @@ class ModelAdapter:
     @torch.no_grad()
     def encode_prompt(self, prompts: list[str], negatives: list[str] | None, cfg: bool) -> PromptEmbeds:
         """Encode prompts (and negatives when ``cfg``) through the pipeline's own ``encode_prompt``."""
-        with self.borrowed(*self.text_encoders()):
+        with self.borrowed(*self.text_encoders()), quiet_text_libraries():
             out = self.pipe.encode_prompt(
                 prompt=prompts,
                 device=self.device,
@@ -207,7 +225,22 @@ class ModelAdapter:
 
     def count_tokens(self, text: str) -> int:
         """Number of tokens of ``text`` without start/end tokens (the first tokenizer's)."""
-        return len(self.pipe.tokenizer(text, add_special_tokens=False).input_ids)
+        with quiet_text_libraries():
+            return len(self.pipe.tokenizer(text, add_special_tokens=False).input_ids)
+
+    def _prompt_limit(self) -> tuple[Any, int]:
+        """The tokenizer that truncates prompts and how many content tokens it keeps (CLIP: 77 − start − end)."""
+        tokenizer = self.pipe.tokenizer
+        return tokenizer, int(tokenizer.model_max_length) - 2
+
+    def truncated(self, prompt: str) -> tuple[int, str] | None:
+        """``(tokens dropped, the text the model sees)`` when ``prompt`` is longer than the text encoder takes."""
+        tokenizer, keep = self._prompt_limit()
+        with quiet_text_libraries():
+            ids = tokenizer(prompt, add_special_tokens=False).input_ids
+        if len(ids) <= keep:
+            return None
+        return len(ids) - keep, tokenizer.decode(ids[:keep]).strip()
 
     # --- denoiser ----------------------------------------------------------------------------------------
     def _time_ids(self, size: tuple[int, int], crops: list[tuple[int, int]]) -> torch.Tensor:

@@ -35,7 +35,7 @@ from diffusers import EulerDiscreteScheduler, FlowMatchEulerDiscreteScheduler
 from diffusers.pipelines.flux.pipeline_flux import calculate_shift
 
 from hiresdiff.errors import HiresError
-from hiresdiff.models.adapter import ModelAdapter, PromptEmbeds, Request
+from hiresdiff.models.adapter import ModelAdapter, PromptEmbeds, Request, quiet_text_libraries
 
 #: FLUX packs ``PATCH × PATCH`` latent cells into one transformer token
 PATCH = 2
@@ -284,12 +284,16 @@ class FluxAdapter(ModelAdapter):
 
     # --- text --------------------------------------------------------------------------------------------
     @torch.no_grad()
+    def _prompt_limit(self) -> tuple[Any, int]:
+        """T5 carries the prompt (CLIP only adds the pooled vector): ``max_sequence_length`` − its end token."""
+        return self.pipe.tokenizer_2, self.max_sequence_length - 1
+
     def encode_prompt(self, prompts: list[str], negatives: list[str] | None, cfg: bool) -> PromptEmbeds:
         """T5 sequence embeddings in ``cond``, pooled CLIP in ``pooled_cond``; no unconditional rows.
 
         FLUX.1 is guidance-distilled (dev) or guidance-free (schnell): ``negatives`` and ``cfg`` are ignored.
         """
-        with self.borrowed(*self.text_encoders()):
+        with self.borrowed(*self.text_encoders()), quiet_text_libraries():
             cond, pooled, _text_ids = self.pipe.encode_prompt(
                 prompt=prompts,
                 prompt_2=None,
