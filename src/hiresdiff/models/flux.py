@@ -283,11 +283,11 @@ class FluxAdapter(ModelAdapter):
         return 1.0
 
     # --- text --------------------------------------------------------------------------------------------
-    @torch.no_grad()
     def _prompt_limit(self) -> tuple[Any, int]:
         """T5 carries the prompt (CLIP only adds the pooled vector): ``max_sequence_length`` − its end token."""
         return self.pipe.tokenizer_2, self.max_sequence_length - 1
 
+    @torch.no_grad()
     def encode_prompt(self, prompts: list[str], negatives: list[str] | None, cfg: bool) -> PromptEmbeds:
         """T5 sequence embeddings in ``cond``, pooled CLIP in ``pooled_cond``; no unconditional rows.
 
