@@ -213,19 +213,14 @@ class HiresPipeline:
         parameters.
         """
         ad = self.adapter
-        extras, width, height = split_extras(
-            kwargs,
-            native=ad.native_size,
-            grid=ad.pixel_grid,
-            family=ad.family,
-            width=width,
-            height=height,
-            allow_pickle=self.allow_pickle,
-        )
-        _check_for_family(ad.family, kwargs)
-        req = build_request(prompt, method, width, height, model_defaults=ad.sampling_defaults, extras=extras, **kwargs)
-        check_for_model(req, ad.native_size, ad.pixel_grid)
+        model = ModelFacts(ad.native_size, ad.pixel_grid, ad.family, ad.sampling_defaults)
+        req = validate_request(prompt, method, width, height, model, allow_pickle=self.allow_pickle, **kwargs)
         return self.run(req, generator=generator, progress=progress, callback=callback)
+
+    def provide_controlnet(self, ref: str, module: Any) -> None:
+        """Use ``module`` (already built) whenever a request names the ControlNet ``ref`` (the cost model's
+        shape-only ControlNet; a ControlNet the caller loaded itself)."""
+        self._controlnets = {ref: module}
 
     def _controlnet(self, spec: ControlNetSpec) -> Any:
         """The ControlNet of ``spec``, loaded once and kept on the denoiser's device and dtype."""
@@ -349,12 +344,44 @@ class HiresPipeline:
         }
 
 
-def _check_for_family(family: str, kwargs: dict[str, Any]) -> None:
-    """Settings a model family cannot use are refused, not silently dropped."""
+@dataclass(frozen=True)
+class ModelFacts:
+    """What validation needs to know of a model without its weights (from a ModelSpec or a loaded adapter)."""
+
+    native: int
+    grid: int
+    family: str
+    sampling_defaults: dict[str, Any]
+
+
+def validate_request(
+    prompt: str | list[str],
+    method: str,
+    width: int | None,
+    height: int | None,
+    model: ModelFacts,
+    *,
+    allow_pickle: bool = False,
+    **kwargs: Any,
+) -> GenerationRequest:
+    """Everything checked before any model work: inputs and target size (:func:`~hiresdiff.extras.split_extras`),
+    what the family cannot use, settings and parameters (:func:`build_request`), and the model's limits."""
+    extras, width, height = split_extras(
+        kwargs,
+        native=model.native,
+        grid=model.grid,
+        family=model.family,
+        width=width,
+        height=height,
+        allow_pickle=allow_pickle,
+    )
     require(
-        not (family == "flux" and kwargs.get("negative_prompt")),
+        not (model.family == "flux" and kwargs.get("negative_prompt")),
         "FLUX.1 is guidance-distilled and has no negative prompt; drop --negative",
     )
+    req = build_request(prompt, method, width, height, model_defaults=model.sampling_defaults, extras=extras, **kwargs)
+    check_for_model(req, model.native, model.grid)
+    return req
 
 
 def describe(req: GenerationRequest) -> dict[str, Any]:
@@ -423,18 +450,8 @@ def generate(
     dtype = dtype or ("float16" if dev.startswith("cuda") else "float32")
     resolve_dtype(dtype)
     spec = resolve_model(model, allow_pickle=allow_pickle)
-    extras, width, height = split_extras(
-        kwargs,
-        native=spec.native_size,
-        grid=spec.pixel_grid,
-        family=spec.family,
-        width=width,
-        height=height,
-        allow_pickle=allow_pickle,
-    )
-    _check_for_family(spec.family, kwargs)
-    req = build_request(prompt, method, width, height, model_defaults=spec.sampling_defaults, extras=extras, **kwargs)
-    check_for_model(req, spec.native_size, spec.pixel_grid)
+    facts = ModelFacts(spec.native_size, spec.pixel_grid, spec.family, spec.sampling_defaults)
+    req = validate_request(prompt, method, width, height, facts, allow_pickle=allow_pickle, **kwargs)
     if parallel is not None:
         parallel.check_same_request({**describe(req), "model": model, "dtype": dtype})  # before any weights load
     if before_model is not None:

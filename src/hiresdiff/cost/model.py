@@ -180,6 +180,8 @@ def _rows(args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[int, float]:
 
 
 _PIPES: dict[str, tuple[Any, Ledger]] = {}
+#: the shape-only ControlNet of each counting pipeline (SD/SDXL architectures)
+_CONTROLNETS: dict[str, Any] = {}
 #: the reference under which the counting pipelines hold their shape-only ControlNet
 COST_CONTROLNET = "controlnet-of-the-architecture"
 
@@ -216,19 +218,20 @@ def counting_pipeline(architecture: str) -> tuple[Any, Ledger]:
         object.__setattr__(pipe, name, module)  # bypass DiffusionPipeline's config registration
     hp = HiresPipeline(pipe, architecture)
     if net is not None:
-        hp._controlnets[COST_CONTROLNET] = net
+        hp.provide_controlnet(COST_CONTROLNET, net)
+        _CONTROLNETS[architecture] = net
     _PIPES[architecture] = (hp, ledger)
     return _PIPES[architecture]
 
 
-def _controlnet_extras(hp: Any, info: Any, width: int, height: int) -> Any:
+def _controlnet_extras(info: Any, net: Any) -> Any:
     """Extras that run the counting pipeline's ControlNet on a blank control image of the target size."""
     from hiresdiff.extras import Extras
     from hiresdiff.inputs import SourceImage
     from hiresdiff.models.controlnet import ControlNetSpec
 
     require(info.family != "flux", "ControlNet FLOPs are counted for SD/SDXL architectures (no FLUX ControlNet)")
-    config = dict(hp._controlnets[COST_CONTROLNET].config)
+    config = dict(net.config)
     blank = SourceImage(torch.zeros(1, 3, 8, 8, device="meta"), "<blank control image>", "0" * 64)  # shapes only
     return Extras(controlnet=ControlNetSpec(COST_CONTROLNET, None, config), control_image=blank)
 
@@ -261,7 +264,7 @@ def model_cost(
     kwargs.setdefault("prompt", "a photograph of a mountain lake at sunrise")
     kwargs["model_defaults"] = kwargs.get("model_defaults") or model_sampling_defaults(info.family)
     hp, ledger = counting_pipeline(arch)
-    extras = _controlnet_extras(hp, info, width, height) if controlnet else None
+    extras = _controlnet_extras(info, _CONTROLNETS.get(arch)) if controlnet else None
     req = build_request(kwargs.pop("prompt"), method, width, height, extras=extras, **kwargs)
     check_for_model(req, info.native_size, info.vae_scale_factor * (2 if info.family == "flux" else 1))
     ledger.tallies.clear()

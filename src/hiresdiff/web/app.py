@@ -23,10 +23,9 @@ import torch
 from PIL import Image
 
 from hiresdiff.errors import HiresError, require
-from hiresdiff.extras import split_extras
 from hiresdiff.images import save_png, to_pil
 from hiresdiff.methods import METHODS
-from hiresdiff.pipeline import HiresPipeline, build_request, check_for_model
+from hiresdiff.pipeline import HiresPipeline, ModelFacts, validate_request
 from hiresdiff.schedulers import scheduler_names
 from hiresdiff.web.fields import FieldSpec, changed_values, method_fields
 
@@ -135,13 +134,10 @@ class WebApp:
         if form["image"] is not None:
             kwargs.update(image=form["image"], scale=form["scale"] or None)
             size = {"width": None, "height": None} if form["scale"] else size
-        extras, width, height = split_extras(
-            kwargs, native=ad.native_size, grid=ad.pixel_grid, family=ad.family, **size, allow_pickle=False
-        )
         prompt = (form["prompt"] or "").strip()
         require(bool(prompt), "type a prompt first")
-        req = build_request(prompt, method, width, height, model_defaults=ad.sampling_defaults, extras=extras, **kwargs)
-        check_for_model(req, ad.native_size, ad.pixel_grid)
+        facts = ModelFacts(ad.native_size, ad.pixel_grid, ad.family, ad.sampling_defaults)
+        req = validate_request(prompt, method, size["width"], size["height"], facts, **kwargs)
         s = req.settings
         self.limits.check(s.width, s.height, s.steps, s.batch_size)
         shown = {**settings, "width": s.width, "height": s.height, "image": form["image"]}
