@@ -11,6 +11,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from hiresdiff.cli_options import add_sampling_options, sampling_settings
 from hiresdiff.config import DEFAULT_TILE_AREA, DTYPES, parse_assignments
 from hiresdiff.errors import HiresError, HiresWarning, require
@@ -19,7 +21,7 @@ from hiresdiff.inputs import FIT_MODES
 from hiresdiff.methods import METHODS
 from hiresdiff.outputs import check_writable, png_bytes, write_error
 from hiresdiff.pipeline import AG_SETTINGS, DEFAULT_MODEL, GenerationRequest, GenerationResult, generate
-from hiresdiff.plan import describe_plan, plan_phases
+from hiresdiff.plan import budget, check_budget, describe_plan, plan_phases
 
 
 def _add_generate(sub: argparse._SubParsersAction) -> None:
@@ -50,7 +52,13 @@ def _add_generate(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--dry-run",
         action="store_true",
-        help="print the run plan (stages, sizes, denoiser samples, model TFLOP) and exit without loading weights",
+        help="print the run plan (stages, sizes, denoiser samples, model TFLOP, peak memory) and exit without "
+        "loading weights",
+    )
+    p.add_argument(
+        "--skip-memory-check",
+        action="store_true",
+        help="run even when the estimated peak memory exceeds the device's free memory",
     )
     p.add_argument(
         "--parallel",
@@ -202,6 +210,7 @@ FROM_PNG_FLAGS = {
     "allow_pickle",
     "no_previews",
     "dry_run",
+    "skip_memory_check",
     "parallel",
     "command",
 }
@@ -260,7 +269,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
             progress=not args.quiet and lead,
             previews=not args.no_previews,
             parallel=parallel,
-            before_model=lambda req, native, grid: _plan(req, native, grid, out, args, lead),
+            before_model=lambda req, native, grid, **target: _plan(req, native, grid, out, args, lead, **target),
             **kwargs,
         )
     except DryRun:
@@ -276,18 +285,33 @@ class DryRun(Exception):
     """``--dry-run``: the plan is printed, nothing is loaded."""
 
 
-def _plan(req: GenerationRequest, native: int, grid: int, out: Path, args: argparse.Namespace, lead: bool) -> None:
-    """Before any weights load: room for the PNGs, then the run plan (one line; the full plan and stop with
-    ``--dry-run``)."""
+def _plan(
+    req: GenerationRequest,
+    native: int,
+    grid: int,
+    out: Path,
+    args: argparse.Namespace,
+    lead: bool,
+    *,
+    device: str,
+    dtype: torch.dtype,
+) -> None:
+    """Before any weights load: room for the PNGs, the run plan with its cost and memory estimate (one line; the
+    full plan and stop with ``--dry-run``), and a stop with what fits when the estimate exceeds free memory."""
     s = req.settings
     files = s.batch_size * (1 + len(plan_phases(req, native, grid))) if s.previews else s.batch_size
     check_writable(out, "--out", png_bytes(s.width, s.height, files))
+    model = args.model or DEFAULT_MODEL
+    b = budget(req, model, device, dtype)
     if args.dry_run:
-        for line in describe_plan(req, native, grid, full=True, model=args.model or DEFAULT_MODEL):
+        for line in describe_plan(req, native, grid, b, full=True):
             print(line)
+    elif lead and not args.quiet:
+        print(describe_plan(req, native, grid, b)[0], file=sys.stderr)
+    if not args.skip_memory_check:
+        check_budget(b, req, model, dtype, grid)
+    if args.dry_run:
         raise DryRun
-    if lead and not args.quiet:
-        print(describe_plan(req, native, grid)[0], file=sys.stderr)
 
 
 def cmd_demo(args: argparse.Namespace) -> int:

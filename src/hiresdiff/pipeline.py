@@ -431,7 +431,7 @@ def generate(
     progress: bool = True,
     callback: StepCallback | None = None,
     parallel: ViewParallel | None = None,
-    before_model: Callable[[GenerationRequest, int, int], None] | None = None,
+    before_model: Callable[..., None] | None = None,
     **kwargs: Any,
 ) -> GenerationResult:
     """Generate ``prompt`` with ``method`` on ``model`` at ``width × height`` pixels.
@@ -441,8 +441,8 @@ def generate(
     ``control_image``, ``control_scale``, ``loras`` and ``expected`` as for :meth:`HiresPipeline.__call__` (see
     :func:`~hiresdiff.extras.prepare_extras`). ``parallel`` shares every step's denoiser calls out over the ranks
     of a process group (:mod:`hiresdiff.parallel`); all ranks must ask for the same image.
-    ``before_model(request, native, grid)`` runs before any weights load (the CLI checks its output folder and
-    prints the plan there).
+    ``before_model(request, native, grid, device=…, dtype=…)`` runs before any weights load (the CLI checks its
+    output folder, prints the plan and checks the memory estimate there).
     """
     from hiresdiff.models.loading import resolve_model
 
@@ -455,7 +455,7 @@ def generate(
     if parallel is not None:
         parallel.check_same_request({**describe(req), "model": model, "dtype": dtype})  # before any weights load
     if before_model is not None:
-        before_model(req, spec.native_size, spec.pixel_grid)
+        before_model(req, spec.native_size, spec.pixel_grid, device=dev, dtype=resolve_dtype(dtype))
     key = (model, dtype, dev, allow_pickle)
     if key not in _CACHE:
         _CACHE.clear()

@@ -1,12 +1,19 @@
-"""The run plan shown before any work: stages and their sizes, steps, images — and with ``--dry-run`` the cost
-model's FLOPs of the same request (:mod:`hiresdiff.cost`), all without loading weights."""
+"""The run plan shown before any work: stages and their sizes, steps, images, the cost model's FLOPs and the
+estimated peak memory of the same request (:mod:`hiresdiff.cost`, :mod:`hiresdiff.memory`) — all without loading
+weights; a request that would not fit stops here with what would."""
 
 from __future__ import annotations
 
 import dataclasses
+from dataclasses import dataclass
 from typing import Any
 
+import torch
+
+from hiresdiff.config import LOW_VRAM_DEFAULTS, GenerationSettings
+from hiresdiff.cost.model import CostReport
 from hiresdiff.errors import HiresError
+from hiresdiff.memory import MemoryEstimate, free_memory, gib, rows_that_fit, side_scale_that_fits
 from hiresdiff.stages import area_steps, canvas_at, doubling_phases, native_area_canvas, progressive_phases
 
 #: how each method plans its canvases: ``(height, width, native, grid) → [(h, w), …]`` in sampling order
@@ -34,37 +41,123 @@ def plan_phases(req: Any, native: int, grid: int) -> list[tuple[int, int]]:
     return stage_sizes(req.method.name, s.height, s.width, native, grid, stages)
 
 
-def describe_plan(req: Any, native: int, grid: int, *, full: bool = False, model: str | None = None) -> list[str]:
-    """One line (``full``: several, with the cost model's FLOPs) describing what the request will do."""
+def request_cost(req: Any, model: str, **overrides: Any) -> CostReport:
+    """The cost model's report (FLOPs, memory) of a validated request on ``model``'s architecture; ``overrides``
+    change settings (e.g. what ``--low-vram`` implies). An input image is left out (a generation from noise)."""
+    from hiresdiff.cost import model_cost
+
+    s = req.settings
+    skip = {"prompt", "width", "height", "max_pixels", "strength", "seed"}
+    settings = {k: v for k, v in dataclasses.asdict(s).items() if k not in skip}
+    width, height = overrides.pop("width", s.width), overrides.pop("height", s.height)
+    return model_cost(
+        req.method.name,
+        model,
+        width,
+        height,
+        prompt=s.prompt,
+        seed=s.seed or 0,
+        controlnet=req.extras.controlnet is not None,
+        **{**settings, **dataclasses.asdict(req.params), **overrides},
+    )
+
+
+def low_vram_overrides(s: GenerationSettings) -> dict[str, Any]:
+    """What ``--low-vram`` changes for these settings (:data:`~hiresdiff.config.LOW_VRAM_DEFAULTS` as upper bounds)."""
+    tile = LOW_VRAM_DEFAULTS["decode_tile_area"]
+    area = tile if s.decode_tile_area is None else min(s.decode_tile_area, tile)
+    return {"low_vram": True, "max_batch": min(s.max_batch, LOW_VRAM_DEFAULTS["max_batch"]), "decode_tile_area": area}
+
+
+@dataclass(frozen=True)
+class Budget:
+    """The cost model's view of a request: its report and memory estimate at the run's dtype, and the device's
+    free memory (``None``: unknown); ``reason`` says why there is no report."""
+
+    report: CostReport | None
+    estimate: MemoryEstimate | None
+    free: int | None
+    device: str
+    reason: str = ""
+
+    def summary(self) -> str:
+        if self.report is None or self.estimate is None:
+            return f"no cost estimate ({self.reason})"
+        free = f", {gib(self.free)} free on {self.device}" if self.free is not None else ""
+        return f"{self.report.model_flops / 1e12:,.4g} TFLOP, est. peak {gib(self.estimate.peak)}{free}"
+
+
+def budget(req: Any, model: str, device: str, dtype: torch.dtype) -> Budget:
+    """Cost and memory of ``req`` on ``device`` at ``dtype``, without loading weights."""
+    free = free_memory(device)
+    try:
+        report = request_cost(req, model)
+    except HiresError as exc:
+        return Budget(None, None, free, device, str(exc))
+    return Budget(report, MemoryEstimate.of(report, dtype, req.settings.low_vram), free, device)
+
+
+def check_budget(b: Budget, req: Any, model: str, dtype: torch.dtype, grid: int) -> None:
+    """Stop with one line when the estimate exceeds the free memory, naming the changes that fit — each priced
+    again by the cost model: fewer rows per denoiser call, ``--low-vram``, always-tiled VAE, no previews, and a
+    smaller size when a whole-canvas denoiser call sets the peak."""
+    est, free = b.estimate, b.free
+    if est is None or free is None or est.peak <= free:
+        return
+    s = req.settings
+
+    def price(change: dict[str, Any]) -> int:
+        report = request_cost(req, model, **change)
+        return MemoryEstimate.of(report, dtype, change.get("low_vram", s.low_vram)).peak
+
+    changes: list[tuple[str, dict[str, Any]]] = []
+    if (rows := rows_that_fit(est, free, s.cfg)) is not None:
+        changes.append((f"--max-batch {rows}", {"max_batch": rows}))
+    if not s.low_vram:
+        changes.append(("--low-vram", low_vram_overrides(s)))
+    if est.largest == "vae" and s.decode_tile_area != 0:
+        changes.append(("--tile-area 0", {"decode_tile_area": 0}))
+    if est.largest == "vae" and s.previews:
+        changes.append(("--no-previews", {"previews": False}))
+    if (f := side_scale_that_fits(est, free, (s.height // grid) * (s.width // grid))) is not None:
+        w, h = (max(grid, int(v * f * 0.95) // grid * grid) for v in (s.width, s.height))
+        changes.append((f"--width {w} --height {h}", {"width": w, "height": h}))
+    fits = [(flag, peak) for flag, change in changes if (peak := price(change)) <= free]
+    if not fits and len(changes) > 1:
+        together = {k: v for _flag, change in changes[:-1] for k, v in change.items()}  # all but the size
+        if (peak := price(together)) <= free:
+            fits = [(" ".join(flag for flag, _c in changes[:-1]), peak)]
+    advice = ", ".join(f"{flag} (≈{gib(peak)})" for flag, peak in fits) or "nothing smaller found (another device)"
+    raise HiresError(
+        f"estimated peak memory {gib(est.peak)} ({est.describe()}) exceeds the {gib(free)} free on {b.device}; "
+        f"what fits: {advice} — or --skip-memory-check to run anyway"
+    )
+
+
+def describe_plan(req: Any, native: int, grid: int, b: Budget | None = None, *, full: bool = False) -> list[str]:
+    """One line (``full``: several, with the cost model's FLOPs and memory) describing what the request will do."""
     s = req.settings
     sizes = plan_phases(req, native, grid)
     chain = " → ".join(f"{h}×{w}" for h, w in sizes)
     lines = [
         f"plan: {req.method.name} {s.height}×{s.width}, {len(sizes)} stage(s) ({chain}), {s.steps} steps, "
-        f"{s.batch_size} image(s)" + (", from an input image" if req.extras.source is not None else "")
+        f"{s.batch_size} image(s)"
+        + (", from an input image" if req.extras.source is not None else "")
+        + (f"; {b.summary()}" if b is not None and not full else "")
     ]
     if not full:
         return lines
     lines.append(f"  scheduler {s.scheduler}, guidance {s.guidance}, seed {s.seed}, max_batch {s.max_batch}")
     lines.append("  parameters: " + ", ".join(f"{k}={v}" for k, v in dataclasses.asdict(req.params).items()))
-    try:
-        from hiresdiff.cost import model_cost
-
-        settings = {"steps": s.steps, "guidance": s.guidance, "scheduler": s.scheduler, "max_batch": s.max_batch}
-        report = model_cost(
-            req.method.name,
-            model or "random-sdxl",
-            s.width,
-            s.height,
-            num_images_per_prompt=s.batch_size,
-            **settings,
-            **dataclasses.asdict(req.params),
-        )
-        lines.append(
-            f"  cost model ({report.architecture}): {report.model_flops / 1e12:,.4g} TFLOP, "
-            f"{report.native_samples_per_step:g} native-size denoiser samples per step"
-            + (" (without the input image)" if req.extras.source is not None else "")
-        )
-    except HiresError as exc:
-        lines.append(f"  cost model: unavailable ({exc})")
+    if b is None or b.report is None or b.estimate is None:
+        lines.append(f"  cost model: unavailable ({b.reason if b else 'not asked'})")
+        return lines
+    report, est = b.report, b.estimate
+    lines.append(
+        f"  cost model ({report.architecture}): {report.model_flops / 1e12:,.4g} TFLOP, "
+        f"{report.native_samples_per_step:g} native-size denoiser samples per step"
+        + (" (without the input image)" if req.extras.source is not None else "")
+    )
+    free = f"{gib(b.free)} free on {b.device}" if b.free is not None else f"free memory of {b.device} unknown"
+    lines.append(f"  memory: est. peak {gib(est.peak)} = {est.describe()}; {free}")
     return lines

@@ -7,15 +7,17 @@ noise — runs for real on the CPU with the actual canvas sizes. Each call of a 
 1. moves its tensor arguments to ``meta`` and runs the real module under :class:`torch.utils.flop_counter.
    FlopCounterMode` (attention processors installed by the method included, so NPA windows or attention capture
    are counted as they run);
-2. books the FLOPs and the number of samples in a :class:`Ledger`;
+2. books the FLOPs, the number of samples and the call's peak memory (:mod:`hiresdiff.cost.memory`: activations
+   on top of the canvas bytes alive on the CPU when the call starts) in a :class:`Ledger`;
 3. returns zeros of the output's shapes and dtypes on the CPU, so the orchestration goes on.
 
 Calls with the same argument shapes and the same installed attention processors cost the same, so the FLOP count
-of a signature is computed once and reused.
+and the activation peak of a signature are computed once and reused.
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -23,6 +25,8 @@ from typing import Any
 
 import torch
 from torch.utils.flop_counter import FlopCounterMode
+
+from hiresdiff.cost.memory import LiveBytes, fused_attention
 
 HOST = torch.device("cpu")
 
@@ -36,6 +40,23 @@ class Tally:
     samples: int = 0
     #: denoiser only: samples weighted by their spatial size relative to a native-size sample
     native_samples: float = 0.0
+    #: the call with the largest footprint: canvas bytes alive when it started + its own activations (float32)
+    peak: CallPeak | None = None
+
+
+@dataclass(frozen=True)
+class CallPeak:
+    """Memory of one shape-only call: ``canvas`` bytes alive around it, its ``activations``, its ``rows`` (batch)
+    and the spatial ``cells`` of its input (latent pixels or tokens)."""
+
+    canvas: int
+    activations: int
+    rows: int
+    cells: int
+
+    @property
+    def total(self) -> int:
+        return self.canvas + self.activations
 
 
 @dataclass
@@ -43,13 +64,23 @@ class Ledger:
     """Per-component tallies of one generation (``denoiser``, ``vae``, ``text_encoder``)."""
 
     tallies: dict[str, Tally] = field(default_factory=dict)
+    #: the live CPU bytes of the orchestration (the canvas state) while a generation is counted
+    host: LiveBytes | None = None
 
-    def book(self, component: str, flops: float, samples: int, native: float = 0.0) -> None:
+    def book(
+        self, component: str, flops: float, samples: int, native: float = 0.0, peak: CallPeak | None = None
+    ) -> None:
         t = self.tallies.setdefault(component, Tally())
         t.flops += flops
         t.calls += 1
         t.samples += samples
         t.native_samples += native
+        if peak is not None and (t.peak is None or peak.total > t.peak.total):
+            t.peak = peak
+
+    def canvas_now(self) -> int:
+        """Bytes of the orchestration's tensors alive now (0 when not tracked)."""
+        return self.host.now() if self.host is not None else 0
 
     def get(self, component: str) -> Tally:
         return self.tallies.get(component, Tally())
@@ -116,6 +147,14 @@ def processor_signature(module: torch.nn.Module) -> tuple[Any, ...] | None:
 SampleCounter = Callable[[tuple[Any, ...], dict[str, Any]], tuple[int, float]]
 
 
+def _cells(args: tuple[Any, ...], kwargs: dict[str, Any]) -> int:
+    """Spatial size of a call's first tensor: ``h·w`` of ``(B, C, h, w)``, the tokens of ``(B, L, …)``."""
+    x = next((v for v in (*args, *kwargs.values()) if isinstance(v, torch.Tensor)), None)
+    if x is None or x.dim() < 2:
+        return 0
+    return int(x.shape[2:].numel()) if x.dim() == 4 else int(x.shape[1])
+
+
 class MetaModule:
     """A shape-only (``meta``) module that books FLOPs per call and answers with CPU zeros.
 
@@ -135,7 +174,8 @@ class MetaModule:
         methods: tuple[str, ...] = (),
         answer_on_meta: bool = False,
     ) -> None:
-        self.__dict__.update(_module=module, _component=component, _ledger=ledger, _counter=counter, _cache={})
+        self.__dict__.update(_module=module, _component=component, _ledger=ledger, _counter=counter)
+        self.__dict__.update(_cache={}, _peaks={})
         self.__dict__["_answer"] = (lambda out: out) if answer_on_meta else host_zeros
         self.__dict__["_processors"] = processor_signature(module)
         for name in methods:
@@ -165,12 +205,17 @@ class MetaModule:
             key = (name, signature(args), signature(kwargs), self._processors)
             if self._processors is None or key not in self._cache:
                 meta_args, meta_kwargs = to_device(args, torch.device("meta")), to_device(kwargs, torch.device("meta"))
-                with torch.no_grad(), FlopCounterMode(display=False) as counter:
+                known = self._peaks.get(key)  # recording processors: the footprint of a signature is still fixed
+                live = contextlib.nullcontext() if known is not None else LiveBytes("meta")
+                with torch.no_grad(), fused_attention(), FlopCounterMode(display=False) as counter, live:
                     out = fn(*meta_args, **meta_kwargs)
-                self._cache[key] = (float(counter.get_total_flops()), self._answer(out))
+                self._peaks[key] = known if known is not None else live.peak  # type: ignore[union-attr]
+                self._cache[key] = (float(counter.get_total_flops()), out)
             flops, out = self._cache[key]
+            activations = self._peaks[key]
             samples, native = self._counter(args, kwargs)
-            self._ledger.book(self._component, flops, samples, native)
+            peak = CallPeak(self._ledger.canvas_now(), activations, samples, _cells(args, kwargs))
+            self._ledger.book(self._component, flops, samples, native, peak)
             return self._answer(out)
 
         return call

@@ -13,7 +13,8 @@ from typing import Any
 
 import torch
 
-from hiresdiff.cost.meta import Ledger, MetaModule
+from hiresdiff.cost.memory import LiveBytes, module_bytes
+from hiresdiff.cost.meta import CallPeak, Ledger, MetaModule
 from hiresdiff.errors import HiresError, require
 from hiresdiff.parallel import Replicating, Serial, owners
 
@@ -34,6 +35,8 @@ class CostReport:
 
     ``native_samples`` counts denoiser samples (guidance halves included) weighted by their spatial size relative
     to a native-size sample; ``native_samples_per_step`` divides it by the number of inference steps N.
+    Memory (float32, the counting pipelines' dtype): ``weights_bytes`` per component, ``peaks`` per component
+    (its largest call: canvas alive + activations), ``canvas_bytes`` the orchestration's own peak.
     """
 
     method: str
@@ -57,6 +60,11 @@ class CostReport:
     ranks: int = 1
     rank_flops: list[float] = field(default_factory=list)
     allreduce_bytes: float = 0.0
+    weights_bytes: dict[str, int] = field(default_factory=dict)
+    peaks: dict[str, CallPeak] = field(default_factory=dict)
+    canvas_bytes: int = 0
+    #: the VAE's config forces float32 when the run is float16 (SDXL)
+    vae_upcast: bool = False
 
     @property
     def parallel_speedup(self) -> float:
@@ -236,6 +244,14 @@ def _controlnet_extras(info: Any, net: Any) -> Any:
     return Extras(controlnet=ControlNetSpec(COST_CONTROLNET, None, config), control_image=blank)
 
 
+def _weights(pipe: Any, controlnet: MetaModule | None) -> dict[str, int]:
+    """float32 bytes of each component's parameters and buffers (text encoders together)."""
+    parts = {"denoiser": ("unet", "transformer"), "vae": ("vae",), "text_encoder": ("text_encoder", "text_encoder_2")}
+    held = {name: [getattr(pipe, a, None) for a in attrs] for name, attrs in parts.items()}
+    held["controlnet"] = [controlnet]
+    return {name: sum(module_bytes(m._module) for m in ms if m is not None) for name, ms in held.items()}
+
+
 def model_cost(
     method: str,
     model: str = "random-sdxl",
@@ -264,6 +280,8 @@ def model_cost(
     kwargs.setdefault("prompt", "a photograph of a mountain lake at sunrise")
     kwargs["model_defaults"] = kwargs.get("model_defaults") or model_sampling_defaults(info.family)
     hp, ledger = counting_pipeline(arch)
+    # attentive guidance (PFSA) is non-model work: it changes no call, and on the CPU it costs more than the rest
+    kwargs["ag_lambda"] = 0.0
     extras = _controlnet_extras(info, _CONTROLNETS.get(arch)) if controlnet else None
     req = build_request(kwargs.pop("prompt"), method, width, height, extras=extras, **kwargs)
     check_for_model(req, info.native_size, info.vae_scale_factor * (2 if info.family == "flux" else 1))
@@ -273,10 +291,13 @@ def model_cost(
     counting = CountingParallel(ranks, ledger)
     hp.adapter.parallel = counting
     try:
-        hp.run(req, generator=generators, progress=False)
+        with LiveBytes("cpu") as host:
+            ledger.host = host
+            hp.run(req, generator=generators, progress=False)
     finally:
-        hp.adapter.parallel = Serial()
+        hp.adapter.parallel, ledger.host = Serial(), None
     den, vae, text, net = (ledger.get(c) for c in ("denoiser", "vae", "text_encoder", "controlnet"))
+    weights = _weights(hp.adapter.pipe, _CONTROLNETS.get(arch) if controlnet else None)
     return CostReport(
         method=req.method.name,
         model=model,
@@ -298,4 +319,8 @@ def model_cost(
         ranks=ranks,
         rank_flops=counting.rank_flops,
         allreduce_bytes=counting.allreduce_bytes,
+        weights_bytes=weights,
+        peaks={name: t.peak for name, t in ledger.tallies.items() if t.peak is not None},
+        canvas_bytes=host.peak,
+        vae_upcast=bool(getattr(hp.adapter.pipe.vae.config, "force_upcast", False)),
     )

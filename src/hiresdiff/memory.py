@@ -1,0 +1,122 @@
+"""Will a request fit in memory? The peak estimated from the cost model's shape-only run, checked against the
+device's free memory before any weights load, with what would fit when it does not (issue: reliability).
+
+The cost model (:mod:`hiresdiff.cost.memory`) measures, in float32, each component's weights and its largest
+call: the canvas bytes alive when it starts plus the call's own activations. The estimate at the run's dtype is
+
+    peak = max( max over components c of  resident(c) + canvas(c) + activations(c) · bytes(dtype_c) / 4,
+                max_c resident(c) + canvas peak between calls )
+
+where ``resident(c)`` is every weight on the device (``low_vram``: the denoiser, the ControlNet and ``c``) and
+``dtype_c`` is the run dtype (the VAE: float32 when its config forces an upcast of float16). It leaves out the
+framework's own workspace and allocator fragmentation, so it is a lower bound that real runs exceed by some
+hundreds of MiB.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from hiresdiff.cost.meta import CallPeak
+from hiresdiff.cost.model import CostReport
+
+GIB = 2**30
+_ALWAYS = ("denoiser", "controlnet")  # stay on the device in low-VRAM mode
+
+
+def gib(n: float) -> str:
+    """Bytes for people: ``12.3 GiB``, ``48 MiB``."""
+    return f"{n / GIB:.1f} GiB" if n >= GIB else f"{n / 2**20:.0f} MiB"
+
+
+@dataclass(frozen=True)
+class MemoryEstimate:
+    """Bytes of one generation at its dtype: ``weights`` and the largest call ``peaks`` per component, and the
+    ``canvas`` peak of the orchestration itself (e.g. blending decoded tiles)."""
+
+    weights: dict[str, int]
+    peaks: dict[str, CallPeak]
+    low_vram: bool
+    canvas: int = 0
+
+    @classmethod
+    def of(cls, report: CostReport, dtype: torch.dtype, low_vram: bool) -> MemoryEstimate:
+        """The report's float32 measurements at ``dtype``."""
+        size = torch.empty((), dtype=dtype).element_size() / 4
+        vae = 1.0 if report.vae_upcast and dtype == torch.float16 else size
+        scale = {name: vae if name == "vae" else size for name in {*report.weights_bytes, *report.peaks}}
+        weights = {name: int(n * scale[name]) for name, n in report.weights_bytes.items() if n}
+        peaks = {n: dataclasses.replace(p, activations=int(p.activations * scale[n])) for n, p in report.peaks.items()}
+        return cls(weights, peaks, low_vram, report.canvas_bytes)
+
+    def resident(self, component: str) -> int:
+        """Weight bytes on the device while ``component`` runs."""
+        if not self.low_vram:
+            return sum(self.weights.values())
+        return sum(n for name, n in self.weights.items() if name in _ALWAYS or name == component)
+
+    def at(self, component: str) -> int:
+        """Bytes while ``component``'s largest call runs (``canvas``: between calls, all weights that may be on
+        the device)."""
+        if component == "canvas":
+            return max((self.resident(c) for c in self.peaks), default=sum(self.weights.values())) + self.canvas
+        return self.resident(component) + self.peaks[component].total
+
+    @property
+    def largest(self) -> str:
+        """The component whose call sets the peak (``canvas`` when it is the work between calls)."""
+        return max([*self.peaks, "canvas"], key=self.at)
+
+    @property
+    def peak(self) -> int:
+        return self.at(self.largest)
+
+    def describe(self) -> str:
+        """``weights + largest call + canvas`` in words."""
+        name = self.largest
+        if name == "canvas":
+            return f"weights {gib(self.at(name) - self.canvas)} + canvas between calls {gib(self.canvas)}"
+        p = self.peaks[name]
+        call = f"{name} call of {p.rows} × {p.cells:,} cells"
+        return f"weights {gib(self.resident(name))} + {call} {gib(p.activations)} + canvas {gib(p.canvas)}"
+
+
+def free_memory(device: str) -> int | None:
+    """Bytes free on ``device``: CUDA's free memory, the CPU's available RAM; ``None`` when unknown."""
+    dev = torch.device(device)
+    if dev.type == "cuda":
+        return int(torch.cuda.mem_get_info(dev)[0])
+    if dev.type == "cpu":
+        try:
+            for line in Path("/proc/meminfo").read_text().splitlines():
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+        except OSError:
+            return None
+    return None
+
+
+def rows_that_fit(est: MemoryEstimate, free: int, cfg: bool) -> int | None:
+    """Denoiser rows per call (``--max-batch``) that would fit when a denoiser call sets the peak (activations ∝
+    rows); ``None`` when fewer rows would not help."""
+    p = est.peaks.get("denoiser")
+    if p is None or est.largest != "denoiser" or p.rows <= 1:
+        return None
+    rows = int((free - est.resident("denoiser") - p.canvas) // (p.activations / p.rows))
+    rows -= rows % 2 if cfg else 0
+    return rows if (2 if cfg else 1) <= rows < p.rows else None
+
+
+def side_scale_that_fits(est: MemoryEstimate, free: int, full_cells: int) -> float | None:
+    """Factor on both sides that would fit when the peak is a denoiser call over the whole canvas (activations ∝
+    area; ``full_cells`` = latent cells or tokens of the target canvas); ``None`` otherwise."""
+    p = est.peaks.get("denoiser")
+    room = free - est.resident("denoiser") - (p.canvas if p else 0)
+    if p is None or est.largest != "denoiser" or p.cells < full_cells or room <= 0:
+        return None
+    return min(1.0, math.sqrt(room / p.activations))
