@@ -54,7 +54,8 @@ def resolve_controlnet(ref: str, *, allow_pickle: bool = False) -> ControlNetSpe
     elif path.exists():
         raise HiresError(f"--controlnet {ref!r} is a file; pass the diffusers ControlNet folder that holds it")
     elif _HUB_ID.match(ref) and not ref.startswith((".", "/", "~")):
-        spec = ControlNetSpec(ref, None, _hub_config(ref, "config.json", hub_offline()))
+        config = _hub_config(ref, "config.json", hub_offline(), instead="pass --controlnet a local ControlNet folder")
+        spec = ControlNetSpec(ref, None, config)
     else:
         raise HiresError(f"--controlnet {ref!r} does not exist; pass a diffusers ControlNet folder or a hub id")
     name = spec.config.get("_class_name")

@@ -11,7 +11,9 @@ Accepted references:
 * a local diffusers folder (with ``model_index.json``, saved by ``save_pretrained``): SD, SDXL or FLUX.1;
 * a single-file SD/SDXL checkpoint: ``.safetensors``, or a pickled ``.ckpt`` / ``.pt`` / ``.bin`` / ``.pth`` with
   ``allow_pickle=True`` (single-file FLUX checkpoints are recognised and rejected with a one-line message);
-* a Hugging Face hub id ``owner/name`` (from the local cache when offline).
+* a Hugging Face hub id ``owner/name`` (from the local cache when offline). Online, a config that is not cached
+  is fetched only after a quick check that the hub answers (:func:`hub_unreachable`), so an unreachable hub
+  stops at once with one line instead of huggingface_hub's retries.
 
 FLUX's transformer config has no sample size. Its native size is the VAE config's ``sample_size`` (1024 in the
 FLUX.1-dev/schnell VAE configs, equal to diffusers' ``FluxPipeline.default_sample_size`` 128 × VAE factor 8), or
@@ -21,16 +23,23 @@ its ``default_sample_size`` to match, so the adapter sees the same native size.
 
 from __future__ import annotations
 
+import inspect
 import io
 import json
+import math
 import os
 import pickletools
 import re
+import socket
+import threading
+import time
+import urllib.request
 import zipfile
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
+from urllib.parse import urlsplit
 
 import torch
 from diffusers import FluxPipeline, StableDiffusionPipeline, StableDiffusionXLPipeline
@@ -62,6 +71,14 @@ _HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9][A-Za-z0-9_.-]*$")
 _MAX_HEADER_BYTES = 100 * 1024 * 1024
 # How much of a legacy (non-zip) pickle checkpoint is scanned for state-dict key names.
 _MAX_PICKLE_SCAN_BYTES = 64 * 1024 * 1024
+#: seconds to wait for the hub to answer (DNS lookup + connect, then each metadata request);
+#: ``HIRESDIFF_HUB_TIMEOUT`` overrides it
+HUB_TIMEOUT = 3.0
+# How long a reachability result is reused (a long-running web server notices a hub that comes back).
+_PROBE_TTL = 60.0
+_PROBES: dict[tuple[str, int], tuple[float, str | None]] = {}
+_DEFAULT_PORTS = {"http": 80, "https": 443, "socks5": 1080, "socks5h": 1080}
+_USE_LOCAL = "pass --model a local folder, .safetensors file or tiny-sdxl"
 
 
 @dataclass(frozen=True)
@@ -106,13 +123,79 @@ def hub_offline() -> bool:
     return value in {"1", "ON", "YES", "TRUE"} or bool(constants.HF_HUB_OFFLINE)
 
 
-def _one_line(error: BaseException) -> str:
-    """The first non-empty line of an exception message, shortened, prefixed with its type when empty."""
+def _one_line(error: BaseException, limit: int = 240) -> str:
+    """The first non-empty line of an exception message, cut to ``limit`` characters; its type when empty."""
     for line in str(error).splitlines():
         line = line.strip()
         if line:
-            return line if len(line) <= 240 else line[:237] + "..."
+            return line if len(line) <= limit else line[: limit - 3] + "..."
     return type(error).__name__
+
+
+def hub_timeout() -> float:
+    """Seconds to wait for the hub: ``HIRESDIFF_HUB_TIMEOUT`` when set, else :data:`HUB_TIMEOUT`."""
+    raw = os.environ.get("HIRESDIFF_HUB_TIMEOUT", "").strip()
+    if not raw:
+        return HUB_TIMEOUT
+    try:
+        value = float(raw)
+    except ValueError:
+        value = math.nan
+    if not (math.isfinite(value) and value > 0):
+        raise HiresError(f"HIRESDIFF_HUB_TIMEOUT must be a positive number of seconds, got {raw!r}")
+    return value
+
+
+def _probe_target(endpoint: str) -> tuple[str, int, str]:
+    """``(host, port, label)`` a hub request connects to first: the endpoint's host, or the proxy set for it."""
+    parts = urlsplit(endpoint)
+    host = parts.hostname or ""
+    proxies = urllib.request.getproxies()
+    proxy = proxies.get(parts.scheme) or proxies.get("all")
+    if proxy and not urllib.request.proxy_bypass(host):
+        via = urlsplit(proxy if "://" in proxy else f"http://{proxy}")
+        return via.hostname or "", via.port or _DEFAULT_PORTS.get(via.scheme, 80), f"the proxy {via.hostname}"
+    return host, parts.port or _DEFAULT_PORTS.get(parts.scheme, 443), host or repr(endpoint)
+
+
+def _connect(host: str, port: int, timeout: float) -> str | None:
+    """``None`` when a TCP connection to ``host:port`` opens within ``timeout`` s (DNS lookup included), else why."""
+    silent = f"no answer within {timeout:g} s"
+    outcome: list[str | None] = []
+
+    def attempt() -> None:
+        try:
+            socket.create_connection((host, port), timeout=timeout).close()
+            outcome.append(None)
+        except socket.gaierror:
+            outcome.append("DNS lookup failed")
+        except TimeoutError:
+            outcome.append(silent)
+        except (OSError, ValueError) as error:  # ValueError: a host name IDNA cannot encode
+            outcome.append(getattr(error, "strerror", None) or _one_line(error, 60))
+
+    # create_connection's timeout does not cover the DNS lookup; waiting on a thread bounds both.
+    thread = threading.Thread(target=attempt, name="hiresdiff-hub-probe", daemon=True)
+    thread.start()
+    thread.join(timeout)
+    return outcome[0] if outcome else silent
+
+
+def hub_unreachable() -> str | None:
+    """Why the hub cannot be reached now (``"<host> is unreachable (<reason>)"``), or ``None`` when it can.
+
+    Opens (and closes) one TCP connection to the host of ``huggingface_hub.constants.ENDPOINT`` (``HF_ENDPOINT``),
+    or to the proxy configured for it, within :func:`hub_timeout`. Results are reused for a minute.
+    """
+    from huggingface_hub import constants
+
+    host, port, label = _probe_target(constants.ENDPOINT)
+    now = time.monotonic()
+    seen = _PROBES.get((host, port))
+    if seen is None or now - seen[0] > _PROBE_TTL:
+        reason = _connect(host, port, hub_timeout())
+        seen = _PROBES[(host, port)] = (now, None if reason is None else f"{label} is unreachable ({reason})")
+    return seen[1]
 
 
 # ------------------------------------------------------------------------------------------- resolving
@@ -244,27 +327,59 @@ def _resolve_folder(ref: str, path: Path) -> ModelSpec:
     return _spec_from_configs(ref, "folder", *configs, path=str(path.resolve()))
 
 
-def _hub_config(ref: str, name: str, offline: bool) -> dict[str, Any]:
-    """One small JSON config of hub model ``ref``: from the local cache when offline, else fetched (and cached)."""
+def _hub_config(ref: str, name: str, offline: bool, *, instead: str = _USE_LOCAL) -> dict[str, Any]:
+    """One small JSON config of hub model ``ref``: from the local cache when offline, else fetched (and cached).
+
+    Online, a file not in the cache is fetched only once the hub answers (:func:`hub_unreachable`, then one HEAD
+    request without retries); ``instead`` is the alternative the unreachable-hub message offers.
+    """
     from huggingface_hub import hf_hub_download, try_to_load_from_cache
 
+    cached = try_to_load_from_cache(ref, name)
     if offline:
-        cached = try_to_load_from_cache(ref, name)
         if not isinstance(cached, str):
             raise HiresError(
                 f"hub model {ref!r} is not in the local cache ({name} missing) and HF_HUB_OFFLINE is set; "
                 "download it once online, or pass a local diffusers folder"
             )
         return _read_json(Path(cached), name)
+    timeout, fresh = hub_timeout(), not isinstance(cached, str)
+    if fresh:
+        _require_hub(ref, name, instead)
     try:
-        file = hf_hub_download(ref, name)
+        if fresh:
+            _head_once(ref, name, timeout)
+        file = hf_hub_download(ref, name, etag_timeout=timeout)
     except Exception as error:
         raise HiresError(
-            f"cannot fetch {name} of hub model {ref!r} ({type(error).__name__}: {_one_line(error)}); "
-            "check the id, your network and access rights (gated models need a token), or set HF_HUB_OFFLINE=1 "
-            "to use only the local cache"
+            f"cannot fetch {name} of hub model {ref!r} ({type(error).__name__}: {_one_line(error, 100)}); check the "
+            "id, network and token (gated models), or set HF_HUB_OFFLINE=1 to use the local cache"
         ) from error
     return _read_json(Path(file), name)
+
+
+def _require_hub(ref: str, name: str, instead: str) -> None:
+    """Raise the one-line unreachable-hub error (naming the default ``--model``) when the hub does not answer."""
+    reason = hub_unreachable()
+    if reason is not None:
+        from hiresdiff.pipeline import DEFAULT_MODEL
+
+        default = " (the default --model)" if ref == DEFAULT_MODEL else ""
+        raise HiresError(
+            f"cannot fetch {name} of hub model {ref!r}{default}: {reason}; {instead}, or set HF_HUB_OFFLINE=1 to "
+            "use the local cache"
+        )
+
+
+def _head_once(ref: str, name: str, timeout: float) -> None:
+    """One metadata request for a hub file, failing fast: when the first request of ``hf_hub_download`` fails and
+    nothing is cached, it retries up to 5 times with backoff and a 60 s timeout."""
+    from huggingface_hub import get_hf_file_metadata, hf_hub_url
+
+    no_retry = (
+        {"retry_on_errors": False} if "retry_on_errors" in inspect.signature(get_hf_file_metadata).parameters else {}
+    )
+    get_hf_file_metadata(hf_hub_url(ref, name), timeout=timeout, **no_retry)
 
 
 def _resolve_hub(ref: str) -> ModelSpec:
