@@ -26,7 +26,7 @@ def png_bytes(width: int, height: int, count: int = 1) -> int:
     return count * (width * height * PNG_BYTES_PER_PIXEL + PNG_OVERHEAD_BYTES)
 
 
-def _reason(exc: OSError) -> str:
+def os_reason(exc: OSError) -> str:
     return exc.strerror or (errno.errorcode.get(exc.errno or 0) if exc.errno else None) or type(exc).__name__
 
 
@@ -51,7 +51,7 @@ def check_writable(folder: str | os.PathLike[str], what: str, need_bytes: int = 
         probe.write_bytes(b"")
         probe.unlink()
     except OSError as exc:
-        raise HiresError(f"cannot write to {what} {str(path)!r}: {_reason(exc)}; choose a writable folder") from None
+        raise HiresError(f"cannot write to {what} {str(path)!r}: {os_reason(exc)}; choose a writable folder") from None
     free = shutil.disk_usage(target).free
     if need_bytes > free:
         raise HiresError(
@@ -64,4 +64,4 @@ def check_writable(folder: str | os.PathLike[str], what: str, need_bytes: int = 
 def write_error(path: Path, exc: OSError, written: int) -> HiresError:
     """The one-line error of a failed write (disk full, permission lost, …) and what was saved before it."""
     saved = f"{written} file(s) written before it are complete" if written else "nothing was written"
-    return HiresError(f"cannot write {str(path)!r}: {_reason(exc)}; {saved}")
+    return HiresError(f"cannot write {str(path)!r}: {os_reason(exc)}; {saved}")

@@ -2,23 +2,31 @@
 
 Every process validates the whole matrix first (cheap, no weights), then the main process writes ``plan.json``;
 all processes list the unfinished images once, then process k of n generates unfinished images k, k + n, … on its
-own device; after all have finished, the main process writes the report.
+own device; after all have finished, the main process writes the report. Each image is claimed before it is made
+(:mod:`~hiresdiff.bench.claims`), so separate runs on one ``--out`` share the images and each is made once.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import sys
 from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from hiresdiff.bench.plan import BenchPlan, build_plan, parse_sweeps
 from hiresdiff.bench.prompts import load_prompts
 from hiresdiff.cli_options import add_sampling_options, sampling_settings
 from hiresdiff.config import DTYPES, parse_assignments
-from hiresdiff.errors import require
+from hiresdiff.errors import HiresError, require
 from hiresdiff.evaluation.extractors import DEFAULT_CLIP_MODEL
-from hiresdiff.outputs import check_writable
+from hiresdiff.outputs import check_writable, os_reason
+
+if TYPE_CHECKING:
+    from accelerate import PartialState
+
+    from hiresdiff.bench.scoring import ScoringOptions
 
 DEFAULT_OUT = "bench-out"
 EXAMPLE = (
@@ -115,24 +123,20 @@ def _print_paths(paths: list[Path], quiet: bool) -> None:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    """Validate, generate this process's share of the unfinished images, then (main process) report."""
-    from hiresdiff.bench.records import load_plan
-    from hiresdiff.bench.report import write_report
-    from hiresdiff.bench.scoring import score_groups, scoring_options
+    """Validate, generate this process's share of the unfinished images, then (main process) report; Ctrl-C
+    says how many items are finished (a rerun resumes)."""
+    from hiresdiff.bench.scoring import scoring_options
 
     out = Path(args.out) if args.report_only else check_writable(args.out, "--out")
     require(args.sheets >= 0, f"--sheets must be ≥ 0, got {args.sheets}")
     scoring = scoring_options(args)
     if args.report_only:
-        if scoring is not None:
-            _print_paths(score_groups(out, load_plan(out), scoring, progress=not args.quiet), args.quiet)
-        _print_paths(write_report(out, args.sheets), args.quiet)
+        _report(out, None, scoring, args)
         return 0
     plan = plan_from_args(args)
     from accelerate import PartialState
 
-    from hiresdiff.bench.records import is_finished, prepare_out
-    from hiresdiff.bench.runner import RunOptions, run_items
+    from hiresdiff.bench.records import prepare_out
 
     state = PartialState(cpu=_use_cpu(args.device))
     world = int(os.environ.get("WORLD_SIZE", "1"))
@@ -142,6 +146,33 @@ def cmd_bench(args: argparse.Namespace) -> int:
         "processes with `accelerate launch -m hiresdiff bench …` (CPU processes: ACCELERATE_USE_CPU=1)",
     )
     prepare_out(out, plan, write=state.is_main_process)
+    from hiresdiff.bench.runner import ItemWriteError
+
+    try:
+        _generate(args, plan, out, scoring, state)
+    except KeyboardInterrupt:
+        raise KeyboardInterrupt(interrupted_line(out, plan)) from None
+    except ItemWriteError as exc:  # disk full, permission lost: the items before it are intact
+        raise HiresError(
+            f"cannot write {str(exc.path)!r}: {os_reason(exc.error)}; {interrupted_line(out, plan)}"
+        ) from None
+    return 0
+
+
+def interrupted_line(out: Path, plan: BenchPlan) -> str:
+    """What an interrupted run leaves: ``N of M item(s) finished; run the same command again to resume``."""
+    from hiresdiff.bench.records import count_finished
+
+    return f"{count_finished(out, plan)} of {len(plan.items)} item(s) finished; run the same command again to resume"
+
+
+def _generate(
+    args: argparse.Namespace, plan: BenchPlan, out: Path, scoring: ScoringOptions | None, state: PartialState
+) -> None:
+    """This process's share of the unfinished items, then (main process) scores and the report."""
+    from hiresdiff.bench.records import is_finished
+    from hiresdiff.bench.runner import RunOptions, run_items
+
     pending = [item for item in plan.items if not is_finished(out, item)]
     state.wait_for_everyone()  # every process has the same list before any image is written
     if state.is_main_process and not args.quiet:
@@ -160,10 +191,24 @@ def cmd_bench(args: argparse.Namespace) -> int:
         process_index=state.process_index,
         num_processes=state.num_processes,
     )
-    run_items(plan, pending[state.process_index :: state.num_processes], out, opts)
+    summary = run_items(plan, pending[state.process_index :: state.num_processes], out, opts)
+    if (line := summary.left_line()) is not None:
+        print(f"hiresdiff bench: {line}", file=sys.stderr)
     state.wait_for_everyone()
     if state.is_main_process:
+        _report(out, plan, scoring, args)
+
+
+def _report(out: Path, plan: BenchPlan | None, scoring: ScoringOptions | None, args: argparse.Namespace) -> None:
+    """Scores (when asked for) and the report of ``out``, under its claim: runs sharing ``out`` write it in turn,
+    the last of them from every record."""
+    from hiresdiff.bench.claims import Owner, holding
+    from hiresdiff.bench.records import REPORT_CLAIM, load_plan
+    from hiresdiff.bench.report import write_report
+    from hiresdiff.bench.scoring import score_groups
+
+    plan = plan or load_plan(out)  # --report-only: no benchmark, one line, nothing written
+    with holding(out / REPORT_CLAIM, Owner.this_process()):
         if scoring is not None:
             _print_paths(score_groups(out, plan, scoring, progress=not args.quiet), args.quiet)
         _print_paths(write_report(out, args.sheets), args.quiet)
-    return 0

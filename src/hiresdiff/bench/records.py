@@ -4,13 +4,15 @@ Layout of ``--out DIR``::
 
     DIR/plan.json                       the matrix (a rerun must match it)
     DIR/images/<group slug>/pNNNN-sS.png  one image, its settings in a PNG text chunk
-    DIR/images/<group slug>/pNNNN-sS.json its record: settings, time, memory, FLOPs, device, versions
+    DIR/images/<group slug>/pNNNN-sS.json its record: settings, time, memory, FLOPs, device, versions, made_by
+    DIR/images/<group slug>/pNNNN-sS.claim  while a process makes it (see :mod:`~hiresdiff.bench.claims`)
     DIR/images/<group slug>/captions.csv  file,prompt of the group's images (a captioned folder, for eval)
     DIR/images/<group slug>/metrics.json  written by ``hiresdiff eval`` on that folder (optional)
-    DIR/report.md, report.csv, sheets/, plots/
+    DIR/report.md, report.csv, sheets/, plots/  (DIR/report.claim while a process writes them)
 
 An image is finished when its PNG and JSON both exist: the PNG is written first, the JSON last, each atomically
-(temporary file + ``os.replace``), so an interrupted run never leaves a record without its image.
+(temporary file + ``os.replace``), so an interrupted run never leaves a record without its image (nor, as the PNG
+is removed when the JSON cannot be written, an image without its record).
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
+from hiresdiff.bench.claims import CLAIM_SUFFIX
 from hiresdiff.bench.plan import BenchPlan, Group, Item
 from hiresdiff.errors import HiresError
 from hiresdiff.images import atomic_write_bytes
@@ -28,6 +31,7 @@ from hiresdiff.images import atomic_write_bytes
 PLAN_FILE = "plan.json"
 IMAGES_DIR = "images"
 METRICS_FILE = "metrics.json"
+REPORT_CLAIM = "report.claim"
 
 
 def group_dir(out: Path, group: Group) -> Path:
@@ -40,8 +44,17 @@ def item_paths(out: Path, item: Item) -> tuple[Path, Path]:
     return folder / f"{item.stem}.png", folder / f"{item.stem}.json"
 
 
+def claim_path(out: Path, item: Item) -> Path:
+    """The claim file of ``item`` (:mod:`~hiresdiff.bench.claims`)."""
+    return group_dir(out, item.group) / f"{item.stem}{CLAIM_SUFFIX}"
+
+
 def is_finished(out: Path, item: Item) -> bool:
     return all(p.is_file() for p in item_paths(out, item))
+
+
+def count_finished(out: Path, plan: BenchPlan) -> int:
+    return sum(is_finished(out, item) for item in plan.items)
 
 
 def write_json(path: Path, data: Any) -> Path:

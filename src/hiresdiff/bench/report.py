@@ -2,9 +2,10 @@
 
 Each row gathers a group's records (images, mean wall time, peak memory, TFLOPs per image) and the metrics that
 ``hiresdiff eval`` wrote to the group's ``metrics.json``, in the papers' column order (:data:`METRICS`; absent
-values are ``—`` in Markdown and empty in CSV). Everything is rebuilt from the files in ``--out``, so
-``hiresdiff bench --report-only --out DIR`` regenerates it at any time, e.g. after scoring each group with
-``hiresdiff eval DIR/images/<group> --reference REF --json DIR/images/<group>/metrics.json``.
+values are ``—`` in Markdown and empty in CSV); the CSV's last column and a header line of ``report.md`` name the
+processes that made the images (``made_by`` of the records: pid, host, rank). Everything is rebuilt from the
+files in ``--out``, so ``hiresdiff bench --report-only --out DIR`` regenerates it at any time, e.g. after scoring
+each group with ``hiresdiff eval DIR/images/<group> --reference REF --json DIR/images/<group>/metrics.json``.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from __future__ import annotations
 import csv
 import io
 import sys
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -104,12 +106,33 @@ class Row:
         """A measured column (``Row`` attribute name) or a metric column."""
         return getattr(self, quantity) if hasattr(self, quantity) else self.metrics.get(quantity)
 
+    @property
+    def makers(self) -> str:
+        """The processes that made the group's images (``; ``-separated), see :func:`maker`."""
+        return "; ".join(dict.fromkeys(m for r in self.records if (m := maker(r)) is not None))
+
     def sweep_value(self, name: str) -> Any:
         """The typed value of swept ``name`` (from a record), else as given, else ``None``."""
         for record in self.records:
             if name in record.get("sweep", {}):
                 return record["sweep"][name]
         return dict(self.group.sweep).get(name)
+
+
+def maker(record: dict[str, Any]) -> str | None:
+    """``pid P on host H`` (and its rank in a launch of several processes) of the process that made ``record``."""
+    made = record.get("made_by")
+    if not isinstance(made, dict):
+        return None
+    n = made.get("num_processes") or 1
+    rank = f" (process {made.get('process_index')} of {n})" if n > 1 else ""
+    return f"pid {made.get('pid')} on host {made.get('host')}{rank}"
+
+
+def _made_by(records: list[dict[str, Any]]) -> str:
+    """``pid 1 on host h (4 images), …`` over ``records``."""
+    counts = Counter(m for r in records if (m := maker(r)) is not None)
+    return ", ".join(f"{m} ({k} images)" for m, k in counts.items()) or MISSING
 
 
 def collect_rows(out: Path, plan: BenchPlan) -> list[Row]:
@@ -142,7 +165,8 @@ class Column:
 
 
 def columns(plan: BenchPlan) -> list[Column]:
-    """Coordinates, swept values, image count, measures, then the metrics in the papers' order."""
+    """Coordinates, swept values, image count, measures, the metrics in the papers' order, then (CSV) the processes
+    that made the images."""
     return [
         Column("group", None, lambda r: r.group.slug),
         Column("method", "Method", lambda r: r.group.method),
@@ -158,6 +182,7 @@ def columns(plan: BenchPlan) -> list[Column]:
         Column(None, "Images", lambda r: f"{len(r.records)}/{r.planned}"),
         *(Column(name, header, lambda r, a=attr: r.value(a)) for name, header, attr in MEASURES),
         *(Column(m, m, lambda r, m=m: r.metrics.get(m)) for m in METRICS),
+        Column("made_by", None, lambda r: r.makers),
     ]
 
 
@@ -186,6 +211,7 @@ def report_markdown(plan: BenchPlan, rows: list[Row], links: list[str]) -> str:
         f"- model: `{plan.model}`, dtype: {', '.join(sorted({r['dtype'] for r in records})) or MISSING}",
         f"- device: {', '.join(sorted({r['device'] for r in records})) or MISSING}",
         f"- images: {len(records)} of {sum(row.planned for row in rows)}",
+        f"- made by: {_made_by(records)}",
         "- settings: "
         + (", ".join(f"{k}={v}" for k, v in {**plan.settings, **plan.fixed}.items()) or "defaults")
         + (" (--paper)" if plan.paper else ""),

@@ -1,5 +1,8 @@
 """Generate one process's share of a benchmark: load the model once, then time and record each image.
 
+Each image is made under its claim (:mod:`~hiresdiff.bench.claims`), so other runs on the same ``--out`` make the
+others; its record names the process that made it (``made_by``: pid, host, rank).
+
 Per image the record holds wall time (seconds, the accelerator synchronised before and after), peak accelerator
 memory (``torch.cuda.max_memory_allocated`` after a reset, GB = 2³⁰ bytes as nvidia-smi and the papers count;
 ``None`` off CUDA) and the model FLOPs of :func:`hiresdiff.cost.model_cost`, counted once per group because they
@@ -11,15 +14,16 @@ from __future__ import annotations
 import dataclasses
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from hiresdiff.bench.claims import Claim, Owner, claim, release
 from hiresdiff.bench.plan import BenchPlan, Group, Item
-from hiresdiff.bench.records import device_name, is_finished, item_paths, versions, write_json
+from hiresdiff.bench.records import claim_path, device_name, is_finished, item_paths, versions, write_json
 from hiresdiff.cost import model_cost
 from hiresdiff.errors import HiresError
 from hiresdiff.images import save_png
@@ -70,6 +74,10 @@ class Progress:
     def __init__(self, total: int, enabled: bool, prefix: str = "") -> None:
         self.total, self.enabled, self.prefix = total, enabled, prefix
         self.done, self.start = 0, time.perf_counter()
+
+    def skip(self) -> None:
+        """An item that will not be made here."""
+        self.total -= 1
 
     def step(self, item: Item, seconds: float) -> None:
         self.done += 1
@@ -138,46 +146,123 @@ def make_record(
     }
 
 
-def run_items(plan: BenchPlan, items: list[Item], out: Path, opts: RunOptions) -> int:
-    """Generate the unfinished ``items`` (this process's share); returns how many were generated."""
-    prefix = f"[process {opts.process_index}] " if opts.num_processes > 1 else ""
-    progress = Progress(len(items), opts.progress, prefix)
-    costs = CostCache(plan, opts.flops)
-    pipe: HiresPipeline | None = None
-    env: dict[str, Any] = {}
-    generated = 0
-    for item in items:
-        if is_finished(out, item):  # finished meanwhile (another run on the same folder): never overwrite
-            continue
-        if pipe is None:
-            pipe = load(plan, opts)
-            env = {
-                "device": device_name(pipe.adapter.device),
-                "dtype": str(pipe.adapter.dtype).removeprefix("torch."),
-                "process_index": opts.process_index,
-                "num_processes": opts.num_processes,
+@dataclass
+class RunSummary:
+    """What :func:`run_items` did: images made here, and the items left to other live runs with their holder."""
+
+    generated: int = 0
+    left: list[tuple[Item, Owner]] = field(default_factory=list)
+
+    def left_line(self) -> str | None:
+        """``N item(s) left to another run (pid P on host H)``, ``None`` when none was."""
+        if not self.left:
+            return None
+        holders = "; ".join(dict.fromkeys(str(owner) for _, owner in self.left))
+        return f"{len(self.left)} item(s) left to another run ({holders})"
+
+
+class Maker:
+    """Makes items: loads the model at the first one, then generates, times and records each."""
+
+    def __init__(self, plan: BenchPlan, out: Path, opts: RunOptions) -> None:
+        self.plan, self.out, self.opts = plan, out, opts
+        self.me = Owner.this_process(opts.process_index, opts.num_processes)
+        self.costs = CostCache(plan, opts.flops)
+        self.pipe: HiresPipeline | None = None
+        self.env: dict[str, Any] = {}
+
+    def _ready(self, item: Item) -> HiresPipeline:
+        if self.pipe is None:
+            self.pipe = load(self.plan, self.opts)
+            self.env = {
+                "device": device_name(self.pipe.adapter.device),
+                "dtype": str(self.pipe.adapter.dtype).removeprefix("torch."),
+                "process_index": self.opts.process_index,
+                "num_processes": self.opts.num_processes,
                 "versions": versions(),
+                "made_by": self.me.made_by(),
             }
-            if opts.warmup:
-                pipe.run(item_request(plan, item), progress=False)
-        cost = costs.get(item.group)
-        req = item_request(plan, item)
+            if self.opts.warmup:
+                self.pipe.run(item_request(self.plan, item), progress=False)
+        return self.pipe
+
+    def make(self, item: Item) -> float:
+        """Generate, time and record ``item``; its wall time."""
+        pipe = self._ready(item)
+        cost = self.costs.get(item.group)
+        req = item_request(self.plan, item)
         res, seconds, peak = timed_run(pipe, req)
-        png, record = item_paths(out, item)
         measured = {
-            "image": png.name,
+            "image": item_paths(self.out, item)[0].name,
             "seconds": seconds,
             "peak_memory_gb": None if peak is None else peak / GIB,
             "peak_memory_bytes": peak,
             "flops": None if cost is None else cost["model_flops"],
             "cost": cost,
-            **env,
+            **self.env,
         }
+        write_item(self.out, item, res, make_record(self.plan, item, req, res, measured))
+        return seconds
+
+
+class ItemWriteError(Exception):
+    """An item's PNG or record could not be written (``error``: the ``OSError``, e.g. a full disk)."""
+
+    def __init__(self, path: Path, error: OSError) -> None:
+        super().__init__(f"{path}: {error}")
+        self.path, self.error = path, error
+
+
+def write_item(out: Path, item: Item, res: GenerationResult, record: dict[str, Any]) -> None:
+    """The PNG, then the JSON record (each atomic); the PNG is removed when the record cannot be written."""
+    png, path = item_paths(out, item)
+    try:
         save_png(res.images[0], png, res.metadata[0])
-        write_json(record, make_record(plan, item, req, res, measured))
-        generated += 1
-        progress.step(item, seconds)
-    return generated
+    except OSError as error:
+        raise ItemWriteError(png, error) from error
+    try:
+        write_json(path, record)
+    except BaseException as error:
+        png.unlink(missing_ok=True)
+        if isinstance(error, OSError):
+            raise ItemWriteError(path, error) from error
+        raise
+
+
+def make_claimed(maker: Maker, item: Item) -> float | Owner | None:
+    """Make ``item`` under its claim: its wall time; the :class:`Owner` of a live claim in the way (left to it);
+    ``None`` when it is finished (perhaps by another run meanwhile; it is never overwritten)."""
+    if is_finished(maker.out, item):
+        return None
+    held: list[Claim] = []
+    try:
+        got = claim(claim_path(maker.out, item), maker.me, held)
+        if isinstance(got, Owner):
+            return got
+        return None if is_finished(maker.out, item) else maker.make(item)
+    finally:
+        release(held)  # finished, failed or interrupted
+
+
+def run_items(plan: BenchPlan, items: list[Item], out: Path, opts: RunOptions) -> RunSummary:
+    """Make the unfinished ``items`` (this process's share) that no other live run holds; the items held are
+    looked at once more at the end (finished by then, or their run gone)."""
+    prefix = f"[process {opts.process_index}] " if opts.num_processes > 1 else ""
+    progress = Progress(len(items), opts.progress, prefix)
+    maker, summary = Maker(plan, out, opts), RunSummary()
+    for second in (False, True):
+        queue = [item for item, _ in summary.left] if second else items
+        summary.left = []
+        for item in queue:
+            done = make_claimed(maker, item)
+            if isinstance(done, float):
+                summary.generated += 1
+                progress.step(item, done)
+            elif done is None or second:  # held items stay in the total until the second look
+                progress.skip()
+            if isinstance(done, Owner):
+                summary.left.append((item, done))
+    return summary
 
 
 def load(plan: BenchPlan, opts: RunOptions) -> HiresPipeline:

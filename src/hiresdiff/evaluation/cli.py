@@ -5,9 +5,14 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Callable
+from pathlib import Path
+from typing import TYPE_CHECKING
 
 from hiresdiff.evaluation.captioner import DEFAULT_CAPTIONER
 from hiresdiff.evaluation.extractors import DEFAULT_CLIP_MODEL, Extractors
+
+if TYPE_CHECKING:
+    from hiresdiff.evaluation.evaluator import EvalResult
 
 Handler = Callable[[argparse.Namespace], int]
 
@@ -70,12 +75,36 @@ def _add_dataset(sub: argparse._SubParsersAction) -> None:
 
 def run_eval(args: argparse.Namespace, extractors: Extractors | None = None) -> int:
     """``hiresdiff eval`` with optional injected networks (the handler passes none; tests pass tiny ones)."""
-    from hiresdiff.evaluation.evaluator import evaluate
     from hiresdiff.evaluation.report import check_json_path, format_table, write_json
 
     if args.json is not None:
         check_json_path(args.json)
-    result = evaluate(
+    try:
+        result = _evaluate(args, extractors)
+    except KeyboardInterrupt:
+        raise KeyboardInterrupt(_interrupted_line(args.json, "nothing written")) from None
+    for note in result.notes:
+        print(f"hiresdiff: note: {note}", file=sys.stderr)
+    print(format_table(result))
+    if args.json is not None:
+        try:
+            print(write_json(result, args.json))  # atomic: an interrupt leaves the old file or the new one
+        except KeyboardInterrupt:
+            raise KeyboardInterrupt(_interrupted_line(args.json, "scores printed above, not written")) from None
+    return 0
+
+
+def _interrupted_line(json_path: str | None, done: str) -> str:
+    """What an interrupted evaluation leaves: ``done``, and an earlier ``--json`` file as it was."""
+    if json_path is not None and Path(json_path).expanduser().is_file():
+        done += f"; {json_path!r} is as it was"
+    return f"{done}; run the same command again to score"
+
+
+def _evaluate(args: argparse.Namespace, extractors: Extractors | None) -> EvalResult:
+    from hiresdiff.evaluation.evaluator import evaluate
+
+    return evaluate(
         args.images,
         reference=args.reference,
         prompts=args.prompts,
@@ -91,12 +120,6 @@ def run_eval(args: argparse.Namespace, extractors: Extractors | None = None) -> 
         workers=args.workers,
         progress=not args.quiet,
     )
-    for note in result.notes:
-        print(f"hiresdiff: note: {note}", file=sys.stderr)
-    print(format_table(result))
-    if args.json is not None:
-        print(write_json(result, args.json))
-    return 0
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
