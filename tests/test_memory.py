@@ -219,3 +219,33 @@ def test_default_plan_line_has_flops_and_memory(tmp_path, capsys):
     assert main(argv) == 0
     line = capsys.readouterr().err.splitlines()[0]
     assert line.startswith("plan: demofusion 512×512") and " TFLOP, est. peak " in line and "free on cpu" in line
+
+
+def _bench(tmp_path, *extra: str) -> list[str]:
+    argv = ["bench", "--model", "tiny-sd", "--steps", "1", "--methods", "direct,demofusion", "--sizes", "2x,4x"]
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a red fox\n")
+    return [*argv, "--prompts", str(prompts), "--seeds", "0", "--sheets", "0", "--quiet", *extra]
+
+
+def test_bench_stops_before_the_model_when_a_group_does_not_fit(tmp_path, capsys, monkeypatch, no_model):
+    import hiresdiff.bench.runner as runner_mod
+
+    monkeypatch.setattr(runner_mod, "free_memory", lambda device: 20 * MIB)
+    out = tmp_path / "b"
+    assert main([*_bench(tmp_path), "--out", str(out)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("hiresdiff: ") and "\n" not in err
+    assert "demofusion_512x512: estimated peak memory 50 MiB" in err  # the largest group is named
+    assert "what fits: --set decode_tile_area=0 (≈11 MiB)" in err  # spelled as bench takes it
+    assert not list(out.glob("images/*/*.png"))
+
+
+@pytest.mark.parametrize("fix", [["--set", "decode_tile_area=0"], ["--skip-memory-check"]])
+def test_bench_runs_with_the_advice_or_the_skip(tmp_path, monkeypatch, fix):
+    import hiresdiff.bench.runner as runner_mod
+
+    monkeypatch.setattr(runner_mod, "free_memory", lambda device: 20 * MIB)
+    out = tmp_path / "b"
+    assert main([*_bench(tmp_path, *fix, "--no-flops"), "--out", str(out)]) == 0
+    assert len(list(out.glob("images/*/*.png"))) == 4

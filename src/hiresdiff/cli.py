@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-from hiresdiff.cli_options import add_sampling_options, sampling_settings
+from hiresdiff.cli_options import add_memory_check_option, add_sampling_options, sampling_settings
 from hiresdiff.config import DEFAULT_TILE_AREA, DTYPES, parse_assignments
 from hiresdiff.errors import HiresError, HiresWarning, require
 from hiresdiff.images import read_png_settings, save_png
@@ -55,11 +55,7 @@ def _add_generate(sub: argparse._SubParsersAction) -> None:
         help="print the run plan (stages, sizes, denoiser samples, model TFLOP, peak memory) and exit without "
         "loading weights",
     )
-    p.add_argument(
-        "--skip-memory-check",
-        action="store_true",
-        help="run even when the estimated peak memory exceeds the device's free memory",
-    )
+    add_memory_check_option(p)
     p.add_argument(
         "--parallel",
         default=None,

@@ -42,6 +42,15 @@ def add_sampling_options(p: argparse.ArgumentParser, *, set_help: str) -> None:
     )
 
 
+def add_memory_check_option(p: argparse.ArgumentParser) -> None:
+    """``--skip-memory-check``: run even when the estimated peak memory (:mod:`hiresdiff.memory`) does not fit."""
+    p.add_argument(
+        "--skip-memory-check",
+        action="store_true",
+        help="run even when the estimated peak memory exceeds the device's free memory",
+    )
+
+
 def sampling_settings(args: argparse.Namespace) -> dict[str, Any]:
     """The sampling settings given on the command line (unset ones left out)."""
     values = {

@@ -97,10 +97,31 @@ def budget(req: Any, model: str, device: str, dtype: torch.dtype) -> Budget:
     return Budget(report, MemoryEstimate.of(report, dtype, req.settings.low_vram), free, device)
 
 
-def check_budget(b: Budget, req: Any, model: str, dtype: torch.dtype, grid: int) -> None:
-    """Stop with one line when the estimate exceeds the free memory, naming the changes that fit — each priced
-    again by the cost model: fewer rows per denoiser call, ``--low-vram``, always-tiled VAE, no previews, and a
-    smaller size when a whole-canvas denoiser call sets the peak."""
+#: how a change of settings is spelled on a command line (``hiresdiff generate``; :data:`BENCH_FLAGS`)
+GENERATE_FLAGS = {
+    "low_vram": "--low-vram",
+    "max_batch": "--max-batch {v}",
+    "decode_tile_area": "--tile-area {v}",
+    "previews": "--no-previews",
+    "size": "--width {width} --height {height}",
+}
+BENCH_FLAGS = {**GENERATE_FLAGS, "decode_tile_area": "--set decode_tile_area={v}", "size": "--sizes {width}x{height}"}
+
+
+def _spell(change: dict[str, Any], flags: dict[str, str]) -> str:
+    if change.get("low_vram"):  # its batch and tile sizes come with it
+        return flags["low_vram"]
+    if "width" in change:
+        return flags["size"].format(**change)
+    return " ".join(flags[k].format(v=v) for k, v in change.items())
+
+
+def check_budget(
+    b: Budget, req: Any, model: str, dtype: torch.dtype, grid: int, flags: dict[str, str] = GENERATE_FLAGS
+) -> None:
+    """Stop with one line when the estimate exceeds the free memory, naming the changes that fit (spelled with
+    ``flags``) — each priced again by the cost model: fewer rows per denoiser call, ``--low-vram``, an always-tiled
+    VAE, no previews, and a smaller size when a whole-canvas denoiser call sets the peak."""
     est, free = b.estimate, b.free
     if est is None or free is None or est.peak <= free:
         return
@@ -110,23 +131,24 @@ def check_budget(b: Budget, req: Any, model: str, dtype: torch.dtype, grid: int)
         report = request_cost(req, model, **change)
         return MemoryEstimate.of(report, dtype, change.get("low_vram", s.low_vram)).peak
 
-    changes: list[tuple[str, dict[str, Any]]] = []
+    changes: list[dict[str, Any]] = []
     if (rows := rows_that_fit(est, free, s.cfg)) is not None:
-        changes.append((f"--max-batch {rows}", {"max_batch": rows}))
+        changes.append({"max_batch": rows})
     if not s.low_vram:
-        changes.append(("--low-vram", low_vram_overrides(s)))
+        changes.append(low_vram_overrides(s))
     if est.largest == "vae" and s.decode_tile_area != 0:
-        changes.append(("--tile-area 0", {"decode_tile_area": 0}))
+        changes.append({"decode_tile_area": 0})
     if est.largest == "vae" and s.previews:
-        changes.append(("--no-previews", {"previews": False}))
+        changes.append({"previews": False})
     if (f := side_scale_that_fits(est, free, (s.height // grid) * (s.width // grid))) is not None:
         w, h = (max(grid, int(v * f * 0.95) // grid * grid) for v in (s.width, s.height))
-        changes.append((f"--width {w} --height {h}", {"width": w, "height": h}))
-    fits = [(flag, peak) for flag, change in changes if (peak := price(change)) <= free]
-    if not fits and len(changes) > 1:
-        together = {k: v for _flag, change in changes[:-1] for k, v in change.items()}  # all but the size
+        changes.append({"width": w, "height": h})
+    fits = [(_spell(change, flags), peak) for change in changes if (peak := price(change)) <= free]
+    settings_only = [change for change in changes if "width" not in change]
+    if not fits and len(settings_only) > 1:  # all of them together
+        together = {k: v for change in settings_only for k, v in change.items()}
         if (peak := price(together)) <= free:
-            fits = [(" ".join(flag for flag, _c in changes[:-1]), peak)]
+            fits = [(" ".join(_spell(change, flags) for change in settings_only), peak)]
     advice = ", ".join(f"{flag} (≈{gib(peak)})" for flag, peak in fits) or "nothing smaller found (another device)"
     raise HiresError(
         f"estimated peak memory {gib(est.peak)} ({est.describe()}) exceeds the {gib(free)} free on {b.device}; "

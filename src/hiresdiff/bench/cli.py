@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING
 
 from hiresdiff.bench.plan import BenchPlan, build_plan, parse_sweeps
 from hiresdiff.bench.prompts import load_prompts
-from hiresdiff.cli_options import add_sampling_options, sampling_settings
+from hiresdiff.cli_options import add_memory_check_option, add_sampling_options, sampling_settings
 from hiresdiff.config import DTYPES, parse_assignments
 from hiresdiff.errors import HiresError, require
 from hiresdiff.evaluation.extractors import DEFAULT_CLIP_MODEL
@@ -69,6 +69,7 @@ def register(sub: argparse._SubParsersAction) -> dict[str, Callable[[argparse.Na
     p.add_argument("--allow-pickle", action="store_true", help="allow loading pickled (.ckpt/.bin) weights")
     p.add_argument("--warmup", action="store_true", help="one untimed generation per process before timing")
     p.add_argument("--no-flops", action="store_true", help="do not count model FLOPs")
+    add_memory_check_option(p)
     p.add_argument("--sheets", type=int, default=8, help="contact sheets for the first N prompts (default 8)")
     p.add_argument("--out", default=DEFAULT_OUT, help=f"benchmark folder (default {DEFAULT_OUT}); rerun to resume")
     p.add_argument("--reference", default=None, metavar="DIR", help="real images: score each group (FID, KID)")
@@ -186,6 +187,7 @@ def _generate(
         dtype=args.dtype,
         allow_pickle=args.allow_pickle,
         flops=not args.no_flops,
+        memory_check=not args.skip_memory_check,
         warmup=args.warmup,
         progress=not args.quiet,
         process_index=state.process_index,

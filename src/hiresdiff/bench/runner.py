@@ -24,10 +24,18 @@ import torch
 from hiresdiff.bench.claims import Claim, Owner, claim, release
 from hiresdiff.bench.plan import BenchPlan, Group, Item
 from hiresdiff.bench.records import claim_path, device_name, is_finished, item_paths, versions, write_json
-from hiresdiff.cost import model_cost
+from hiresdiff.cost import CostReport, model_cost
 from hiresdiff.errors import HiresError
 from hiresdiff.images import save_png
-from hiresdiff.pipeline import GenerationRequest, GenerationResult, HiresPipeline, build_request, resolve_device
+from hiresdiff.memory import MemoryEstimate, free_memory
+from hiresdiff.pipeline import (
+    GenerationRequest,
+    GenerationResult,
+    HiresPipeline,
+    build_request,
+    resolve_device,
+    resolve_dtype,
+)
 
 GIB = 2**30
 
@@ -41,6 +49,7 @@ class RunOptions:
     dtype: str | None = None
     allow_pickle: bool = False
     flops: bool = True
+    memory_check: bool = True
     warmup: bool = False
     progress: bool = True
     process_index: int = 0
@@ -48,24 +57,47 @@ class RunOptions:
 
 
 class CostCache:
-    """Model FLOPs per group (``None`` when off or when the cost model cannot count this model)."""
+    """The cost model's report per group, computed once (``None`` when the cost model cannot count this model);
+    FLOPs go into the records when ``enabled``."""
 
     def __init__(self, plan: BenchPlan, enabled: bool) -> None:
         self.plan, self.enabled = plan, enabled
-        self._costs: dict[Group, dict[str, Any] | None] = {}
+        self._reports: dict[Group, CostReport | None] = {}
 
-    def get(self, group: Group) -> dict[str, Any] | None:
-        if not self.enabled:
-            return None
-        if group not in self._costs:
+    def report(self, group: Group) -> CostReport | None:
+        if group not in self._reports:
             size, kwargs = group.size, self.plan.request_kwargs(group)
             try:
-                report = model_cost(group.method, self.plan.model, size.width, size.height, **kwargs)
-                self._costs[group] = report.to_dict()
+                self._reports[group] = model_cost(group.method, self.plan.model, size.width, size.height, **kwargs)
             except HiresError as exc:
-                print(f"hiresdiff: warning: no FLOP count for {group.slug}: {exc}", file=sys.stderr)
-                self._costs[group] = None
-        return self._costs[group]
+                print(f"hiresdiff: warning: no cost estimate for {group.slug}: {exc}", file=sys.stderr)
+                self._reports[group] = None
+        return self._reports[group]
+
+    def get(self, group: Group) -> dict[str, Any] | None:
+        """The report as recorded (``None`` when FLOPs are off)."""
+        report = self.report(group) if self.enabled else None
+        return None if report is None else report.to_dict()
+
+
+def check_memory(plan: BenchPlan, items: list[Item], opts: RunOptions, costs: CostCache) -> None:
+    """Before the model loads: every group among ``items`` fits the device's free memory by the cost model's
+    estimate, else one line naming the group and what fits (:func:`hiresdiff.plan.check_budget`)."""
+    from hiresdiff.models.loading import resolve_model
+    from hiresdiff.plan import BENCH_FLAGS, Budget, check_budget
+
+    device = resolve_device(opts.device)
+    dtype = resolve_dtype(opts.dtype or ("float16" if device.startswith("cuda") else "float32"))
+    grid, free = resolve_model(plan.model, allow_pickle=opts.allow_pickle).pixel_grid, free_memory(device)
+    for item in {item.group: item for item in reversed(items)}.values():
+        if (report := costs.report(item.group)) is None:
+            continue
+        req = item_request(plan, item)
+        b = Budget(report, MemoryEstimate.of(report, dtype, req.settings.low_vram), free, device)
+        try:
+            check_budget(b, req, plan.model, dtype, grid, BENCH_FLAGS)
+        except HiresError as exc:
+            raise HiresError(f"{item.group.slug}: {exc}") from None
 
 
 class Progress:
@@ -250,6 +282,8 @@ def run_items(plan: BenchPlan, items: list[Item], out: Path, opts: RunOptions) -
     prefix = f"[process {opts.process_index}] " if opts.num_processes > 1 else ""
     progress = Progress(len(items), opts.progress, prefix)
     maker, summary = Maker(plan, out, opts), RunSummary()
+    if opts.memory_check and items:
+        check_memory(plan, items, opts, maker.costs)
     for second in (False, True):
         queue = [item for item, _ in summary.left] if second else items
         summary.left = []
