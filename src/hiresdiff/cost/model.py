@@ -8,6 +8,7 @@ and FLUX.1 generations are computed offline in seconds.
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -15,7 +16,7 @@ import torch
 
 from hiresdiff.cost.memory import LiveBytes, module_bytes
 from hiresdiff.cost.meta import CallPeak, Ledger, MetaModule
-from hiresdiff.errors import HiresError, require
+from hiresdiff.errors import HiresError, HiresWarning, require
 from hiresdiff.parallel import Replicating, Serial, owners
 
 #: Hub ids whose architecture equals a built-in random model's
@@ -291,7 +292,8 @@ def model_cost(
     counting = CountingParallel(ranks, ledger)
     hp.adapter.parallel = counting
     try:
-        with LiveBytes("cpu") as host:
+        with LiveBytes("cpu") as host, warnings.catch_warnings():
+            warnings.simplefilter("ignore", HiresWarning)  # the generation itself says what it has to say
             ledger.host = host
             hp.run(req, generator=generators, progress=False)
     finally:
