@@ -67,12 +67,17 @@ def test_fused_attention_same_flops_no_score_matrix():
 def test_fused_attention_masks_and_three_dim_inputs(mask_dtype):
     q, k = torch.empty(2, 3, 64, 16, device="meta"), torch.empty(2, 3, 77, 16, device="meta")
     mask = None if mask_dtype is None else torch.zeros(2, 1, 64, 77, dtype=mask_dtype, device="meta")
+    original = F.scaled_dot_product_attention
+    cpu = torch.randn(1, 2, 8, 4, generator=torch.Generator().manual_seed(0))
     with fused_attention():
+        assert F.scaled_dot_product_attention is not original
         assert F.scaled_dot_product_attention(q, k, k, attn_mask=mask).shape == (2, 3, 64, 16)
         assert F.scaled_dot_product_attention(q[:, 0], k[:, 0], k[:, 0], scale=0.5).shape == (2, 64, 16)
-        cpu = torch.randn(1, 2, 8, 4)
-        assert torch.equal(F.scaled_dot_product_attention(cpu, cpu, cpu), F.scaled_dot_product_attention(cpu, cpu, cpu))
-    assert F.scaled_dot_product_attention.__name__ == "scaled_dot_product_attention"  # restored
+        patched = F.scaled_dot_product_attention
+        with fused_attention():  # nested: patched once
+            assert F.scaled_dot_product_attention is patched
+        assert torch.equal(patched(cpu, cpu, cpu, None, 0.0, True), original(cpu, cpu, cpu, None, 0.0, True))
+    assert F.scaled_dot_product_attention is original  # restored
 
 
 def test_report_weights_and_largest_calls():
@@ -249,3 +254,25 @@ def test_bench_runs_with_the_advice_or_the_skip(tmp_path, monkeypatch, fix):
     out = tmp_path / "b"
     assert main([*_bench(tmp_path, *fix, "--no-flops"), "--out", str(out)]) == 0
     assert len(list(out.glob("images/*/*.png"))) == 4
+
+
+def test_low_vram_advice_spells_the_sizes_a_request_set_itself():
+    from hiresdiff.plan import GENERATE_FLAGS, _spell, low_vram_overrides
+
+    default = build_request("a", "direct", 512, 512).settings
+    assert _spell(low_vram_overrides(default), GENERATE_FLAGS, default) == "--low-vram"
+    explicit = build_request("a", "direct", 512, 512, max_batch=6, decode_tile_area=4096 * 4096).settings
+    spelled = _spell(low_vram_overrides(explicit), GENERATE_FLAGS, explicit)
+    assert spelled == "--low-vram --max-batch 2 --tile-area 1048576"
+
+
+def test_a_failing_cost_model_does_not_stop_the_generation(tmp_path, capsys, monkeypatch):
+    def broken(*args, **kwargs):
+        raise RuntimeError("no meta kernel for some op")
+
+    monkeypatch.setattr(plan_mod, "request_cost", broken)
+    argv = ["generate", "a", "--model", "tiny-sdxl", "--steps", "1", "--no-previews", "--out", str(tmp_path)]
+    assert main(argv) == 0
+    line = capsys.readouterr().err.splitlines()[0]
+    assert "no cost estimate (cost model failed: RuntimeError: no meta kernel for some op)" in line
+    assert len(list(tmp_path.glob("*.png"))) == 1

@@ -94,6 +94,8 @@ def budget(req: Any, model: str, device: str, dtype: torch.dtype) -> Budget:
         report = request_cost(req, model)
     except HiresError as exc:
         return Budget(None, None, free, device, str(exc))
+    except Exception as exc:  # the estimate is advice: a cost-model failure must not stop a generation
+        return Budget(None, None, free, device, f"cost model failed: {type(exc).__name__}: {exc}"[:200])
     return Budget(report, MemoryEstimate.of(report, dtype, req.settings.low_vram), free, device)
 
 
@@ -108,11 +110,18 @@ GENERATE_FLAGS = {
 BENCH_FLAGS = {**GENERATE_FLAGS, "decode_tile_area": "--set decode_tile_area={v}", "size": "--sizes {width}x{height}"}
 
 
-def _spell(change: dict[str, Any], flags: dict[str, str]) -> str:
-    if change.get("low_vram"):  # its batch and tile sizes come with it
-        return flags["low_vram"]
+_DEFAULTS = {f.name: f.default for f in dataclasses.fields(GenerationSettings)}
+
+
+def _spell(change: dict[str, Any], flags: dict[str, str], s: GenerationSettings) -> str:
+    """The flags of ``change``. ``--low-vram`` brings its batch and tile sizes only where the request kept the
+    defaults, so sizes given explicitly that it lowers are spelled too."""
     if "width" in change:
         return flags["size"].format(**change)
+    if change.get("low_vram"):
+        kept = [k for k in ("max_batch", "decode_tile_area") if getattr(s, k) != _DEFAULTS[k]]
+        extra = [flags[k].format(v=change[k]) for k in kept if change[k] != getattr(s, k)]
+        return " ".join([flags["low_vram"], *extra])
     return " ".join(flags[k].format(v=v) for k, v in change.items())
 
 
@@ -143,12 +152,12 @@ def check_budget(
     if (f := side_scale_that_fits(est, free, (s.height // grid) * (s.width // grid))) is not None:
         w, h = (max(grid, int(v * f * 0.95) // grid * grid) for v in (s.width, s.height))
         changes.append({"width": w, "height": h})
-    fits = [(_spell(change, flags), peak) for change in changes if (peak := price(change)) <= free]
+    fits = [(_spell(change, flags, s), peak) for change in changes if (peak := price(change)) <= free]
     settings_only = [change for change in changes if "width" not in change]
     if not fits and len(settings_only) > 1:  # all of them together
         together = {k: v for change in settings_only for k, v in change.items()}
         if (peak := price(together)) <= free:
-            fits = [(" ".join(_spell(change, flags) for change in settings_only), peak)]
+            fits = [(" ".join(_spell(change, flags, s) for change in settings_only), peak)]
     advice = ", ".join(f"{flag} (≈{gib(peak)})" for flag, peak in fits) or "nothing smaller found (another device)"
     raise HiresError(
         f"estimated peak memory {gib(est.peak)} ({est.describe()}) exceeds the {gib(free)} free on {b.device}; "

@@ -89,7 +89,8 @@ def check_memory(plan: BenchPlan, items: list[Item], opts: RunOptions, costs: Co
     device = resolve_device(opts.device)
     dtype = resolve_dtype(opts.dtype or ("float16" if device.startswith("cuda") else "float32"))
     grid, free = resolve_model(plan.model, allow_pickle=opts.allow_pickle).pixel_grid, free_memory(device)
-    for item in {item.group: item for item in reversed(items)}.values():
+    first_of_group = {item.group: item for item in reversed(items)}  # reversed: the first item of each wins
+    for item in first_of_group.values():
         if (report := costs.report(item.group)) is None:
             continue
         req = item_request(plan, item)

@@ -67,7 +67,8 @@ def _fused_sdpa(original: Any) -> Any:
         dropout = args[0] if args else kwargs.get("dropout_p", 0.0)
         causal = args[1] if len(args) > 1 else kwargs.get("is_causal", False)
         scale = args[2] if len(args) > 2 else kwargs.get("scale")
-        if query.device.type != "meta" or kwargs.get("enable_gqa") or query.dim() not in (3, 4):
+        gqa = args[3] if len(args) > 3 else kwargs.get("enable_gqa", False)
+        if query.device.type != "meta" or gqa or query.dim() not in (3, 4):
             return original(query, key, value, attn_mask, *args, **kwargs)
         flat = query.dim() == 3  # (B, L, E): one head
         q, k, v = (t.unsqueeze(1) if flat else t for t in (query, key, value))
@@ -79,14 +80,18 @@ def _fused_sdpa(original: Any) -> Any:
         out = torch.ops.aten._scaled_dot_product_efficient_attention(q, k, v, bias, False, dropout, causal, scale=scale)
         return out[0].squeeze(1) if flat else out[0]
 
+    sdpa.hiresdiff_fused = True  # type: ignore[attr-defined]
     return sdpa
 
 
 @contextlib.contextmanager
 def fused_attention() -> Iterator[None]:
     """While active, :func:`torch.nn.functional.scaled_dot_product_attention` on ``meta`` tensors has the memory of
-    a fused kernel (module docstring); other devices are untouched."""
+    a fused kernel (module docstring); other devices go to the original function. Nested use patches once."""
     original = F.scaled_dot_product_attention
+    if getattr(original, "hiresdiff_fused", False):
+        yield
+        return
     F.scaled_dot_product_attention = _fused_sdpa(original)
     try:
         yield
