@@ -16,10 +16,10 @@ import torch
 from hiresdiff.cli_options import add_memory_check_option, add_sampling_options, sampling_settings
 from hiresdiff.config import DEFAULT_TILE_AREA, DTYPES, parse_assignments
 from hiresdiff.errors import HiresError, HiresWarning, require
-from hiresdiff.images import read_png_settings, save_png
+from hiresdiff.images import read_png_settings
 from hiresdiff.inputs import FIT_MODES
 from hiresdiff.methods import METHODS
-from hiresdiff.outputs import check_writable, png_bytes, write_error
+from hiresdiff.outputs import NumberedImage, check_writable, png_bytes, save_numbered
 from hiresdiff.pipeline import AG_SETTINGS, DEFAULT_MODEL, GenerationRequest, GenerationResult, generate
 from hiresdiff.plan import budget, check_budget, describe_plan, plan_phases
 
@@ -104,25 +104,20 @@ def _extras_args(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _write(res: GenerationResult, out: Path, quiet: bool) -> list[Path]:
-    """Final images and per-phase previews, written atomically with their settings (a full disk or an interrupt
-    leaves the files written before it complete and no partial file)."""
-    written: list[Path] = []
+    """Final images and per-phase previews, each image under its own fresh ``NNN-`` index (claimed race-free, so
+    concurrent runs into one folder never overwrite each other), written atomically with their settings (a full
+    disk or an interrupt leaves the files written before it complete and no partial file)."""
     count = len(res.previews)
-    jobs = []
-    first = next_free_index(out)  # never overwrite: earlier runs in this folder keep their images and previews
-    for i, (img, meta) in enumerate(zip(res.images, res.metadata, strict=True)):
-        stem = f"{first + i:03d}-{meta['method']}-seed{meta['seed']}"
-        jobs.append((img, out / f"{stem}.png", meta))
-        jobs.extend(
-            (phase[i], out / f"{stem}-phase{k}of{count}.png", meta) for k, phase in enumerate(res.previews[:-1], 1)
+    items = [
+        NumberedImage(
+            f"{meta['method']}-seed{meta['seed']}",
+            img,
+            meta,
+            tuple((f"phase{k}of{count}", phase[i]) for k, phase in enumerate(res.previews[:-1], 1)),
         )
-    for img, path, meta in jobs:
-        try:
-            written.append(save_png(img, path, meta))
-        except OSError as exc:
-            raise write_error(path, exc, len(written)) from None
-        except KeyboardInterrupt:
-            raise KeyboardInterrupt(f"{len(written)} file(s) written before it are complete") from None
+        for i, (img, meta) in enumerate(zip(res.images, res.metadata, strict=True))
+    ]
+    written = save_numbered(out, items)
     if not quiet:
         for path in written:
             print(path)
@@ -324,12 +319,6 @@ def cmd_make_tiny(args: argparse.Namespace) -> int:
     for path in save_tiny_addons(args.model, Path(args.out), args.seed):
         print(path)
     return 0
-
-
-def next_free_index(out: Path) -> int:
-    """One past the largest ``NNN-`` index of the PNGs already in ``out`` (0 in an empty folder)."""
-    taken = [int(p.name[:3]) for p in out.glob("[0-9][0-9][0-9]-*.png")]
-    return max(taken, default=-1) + 1
 
 
 def _shown(value: object) -> str:

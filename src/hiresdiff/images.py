@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import tempfile
@@ -33,10 +34,12 @@ def to_pil(images: torch.Tensor) -> list[Image.Image]:
     return [Image.fromarray(np.ascontiguousarray(a)) for a in arr]
 
 
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` through a temporary file in the same folder and ``os.replace``.
+def atomic_write_bytes(path: Path, data: bytes, *, exclusive: bool = False) -> None:
+    """Write ``data`` to ``path`` through a temporary file in the same folder, then move it into place.
 
-    An interrupt leaves either the old file or the new one, never a half-written file.
+    An interrupt leaves either the old file or the new one, never a half-written file. ``exclusive=True`` never
+    replaces an existing file: the complete temporary file is hard-linked to ``path`` (atomic, fails when the name
+    exists) and :class:`FileExistsError` is raised when another writer holds the name.
     """
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
@@ -46,14 +49,38 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
+        if exclusive:
+            _link_new(tmp, path)
+        else:
+            os.replace(tmp, path)
+    finally:
+        Path(tmp).unlink(missing_ok=True)
+
+
+def _link_new(tmp: str, path: Path) -> None:
+    """Give the complete file ``tmp`` the new name ``path``; :class:`FileExistsError` if the name is taken.
+
+    File systems without hard links (some network and FUSE mounts) fall back to an exclusive rename: the name is
+    checked and taken by one ``os.open(O_EXCL)``, then the complete file replaces that empty placeholder.
+    """
+    try:
+        os.link(tmp, path)
+        return
+    except FileExistsError:
+        raise
+    except OSError as exc:
+        if exc.errno not in (errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EXDEV, errno.EMLINK):
+            raise
+    os.close(os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666 & ~_UMASK))
+    try:
         os.replace(tmp, path)
     except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+        path.unlink(missing_ok=True)
         raise
 
 
-def save_png(image: Image.Image, path: Path, settings: dict[str, Any] | None = None) -> Path:
-    """Save ``image`` atomically as PNG, with ``settings`` as JSON in a text chunk."""
+def png_bytes_of(image: Image.Image, settings: dict[str, Any] | None = None) -> bytes:
+    """``image`` encoded as PNG, with ``settings`` as JSON in the :data:`PNG_KEY` text chunk."""
     import io
 
     info = PngImagePlugin.PngInfo()
@@ -61,7 +88,15 @@ def save_png(image: Image.Image, path: Path, settings: dict[str, Any] | None = N
         info.add_text(PNG_KEY, json.dumps(settings, sort_keys=True))
     buf = io.BytesIO()
     image.save(buf, format="PNG", pnginfo=info)
-    atomic_write_bytes(path, buf.getvalue())
+    return buf.getvalue()
+
+
+def save_png(
+    image: Image.Image, path: Path, settings: dict[str, Any] | None = None, *, exclusive: bool = False
+) -> Path:
+    """Save ``image`` atomically as PNG, with ``settings`` as JSON in a text chunk (``exclusive``: never replace an
+    existing file, see :func:`atomic_write_bytes`)."""
+    atomic_write_bytes(path, png_bytes_of(image, settings), exclusive=exclusive)
     return path
 
 

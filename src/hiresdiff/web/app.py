@@ -23,8 +23,9 @@ import torch
 from PIL import Image
 
 from hiresdiff.errors import HiresError, require
-from hiresdiff.images import save_png, to_pil
+from hiresdiff.images import to_pil
 from hiresdiff.methods import METHODS
+from hiresdiff.outputs import NumberedImage, save_numbered
 from hiresdiff.pipeline import HiresPipeline, ModelFacts, validate_request
 from hiresdiff.schedulers import scheduler_names
 from hiresdiff.web.fields import FieldSpec, changed_values, method_fields
@@ -105,7 +106,6 @@ class WebApp:
     def __init__(self, pipe: HiresPipeline, out: Path, limits: Limits) -> None:
         self.pipe, self.out, self.limits = pipe, out, limits
         self.lock = threading.Lock()  # one generation at a time on the model
-        self.names = threading.Lock()  # output file names are picked one at a time
         self.fields = {name: method_fields(m) for name, m in METHODS.items()}
 
     # --- request ------------------------------------------------------------------------------------------
@@ -176,17 +176,13 @@ class WebApp:
             job.events.put(("error", f"{type(exc).__name__}: {first}"))
 
     def _save(self, result: Any) -> list[Path]:
-        """Each final image as a PNG carrying the CLI's metadata, under the output folder."""
-        self.out.mkdir(parents=True, exist_ok=True)
-        stamp = time.strftime("%Y%m%d-%H%M%S")
-        paths = []
-        with self.names:  # two tabs finishing in the same second never share a file name
-            for i, (img, meta) in enumerate(zip(result.images, result.metadata, strict=True)):
-                stem, n = f"{stamp}-{i:02d}-{meta['method']}-seed{meta['seed']}", 0
-                while (self.out / f"{stem}{f'-{n}' if n else ''}.png").exists():
-                    n += 1
-                paths.append(save_png(img, self.out / f"{stem}{f'-{n}' if n else ''}.png", meta))
-        return paths
+        """Each final image as a PNG carrying the CLI's metadata, under the output folder's next free ``NNN-``
+        index (claimed race-free: tabs, API clients and CLI runs sharing the folder never overwrite each other)."""
+        items = [
+            NumberedImage(f"{meta['method']}-seed{meta['seed']}", img, meta)
+            for img, meta in zip(result.images, result.metadata, strict=True)
+        ]
+        return save_numbered(self.out, items)
 
     def generate(self, session: Session, form: dict[str, Any], values: list[Any]) -> Iterator[dict[str, Any]]:
         """Validate, run, and stream ``{status, previews, result, …}`` updates (a generator for gradio)."""
