@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 
 import pytest
@@ -249,3 +250,82 @@ def test_ranks_split_the_denoiser_flops_round_robin_and_count_the_all_reduce():
     assert two.allreduce_bytes == 2 * 4 * (1 * 4 * 32 * 32)
     four = model_cost("demofusion", "tiny-sdxl", 1024, 1024, steps=2, ranks=4)
     assert sum(four.rank_flops) == pytest.approx(four.denoiser_flops) and 1 < four.parallel_speedup <= 4
+
+
+#: (method, model, side, settings): every method, the three tiny architectures, schedulers whose steps differ
+#: (multistep warm-up, Heun's alternating predictor/corrector), batches, ranks, ControlNet, low VRAM, previews
+REPLAY_CASES = [
+    ("direct", "tiny-sd", 256, {"steps": 7}),
+    ("resize", "tiny-sdxl", 512, {"steps": 7, "previews": True}),
+    ("multidiffusion", "tiny-sdxl", 512, {"steps": 7, "num_images_per_prompt": 2}),
+    ("demofusion", "tiny-sd", 512, {"steps": 7, "scheduler": "dpmpp-2m", "controlnet": True, "low_vram": True}),
+    ("demofusion", "tiny-sd", 512, {"steps": 8, "scheduler": "heun"}),
+    ("demofusion", "tiny-flux", 512, {"steps": 7}),
+    ("accdiffusion", "tiny-sdxl", 768, {"steps": 7, "ranks": 2, "previews": True}),
+    ("apt", "tiny-sdxl", 768, {"steps": 8, "preset": "apt-sas"}),
+    ("apldm", "tiny-sdxl", 768, {"steps": 7}),
+    ("scalediff", "tiny-sdxl", 768, {"steps": 7}),
+    ("scalediff", "tiny-flux", 512, {"steps": 7}),
+    *[(m, "random-sdxl", 2048, {"steps": 6}) for m in ("direct", "demofusion", "accdiffusion", "apt", "apldm")],
+    *[(m, "random-sdxl", 2048, {"steps": 6}) for m in ("scalediff", "multidiffusion", "resize")],
+]
+
+
+@pytest.mark.parametrize(("method", "model", "side", "settings"), REPLAY_CASES)
+def test_replayed_steps_equal_the_full_trace(method, model, side, settings, monkeypatch):
+    """The fast estimate (settled steps booked again, :mod:`hiresdiff.cost.replay`) equals running every step:
+    FLOPs, calls, samples, per-rank FLOPs, weights and every peak to the byte — and it did skip steps."""
+    import hiresdiff.cost.model as model_mod
+    from hiresdiff.cost.replay import replaying
+
+    used = []
+
+    @contextlib.contextmanager
+    def spy(*args):
+        with replaying(*args) as replay:
+            used.append(replay)
+            yield replay
+
+    monkeypatch.setattr(model_mod, "replaying", spy)
+    fast = model_cost(method, model, side, side, **settings)
+    full = model_cost(method, model, side, side, exact=True, **settings)
+    assert len(used) == 1 and used[0].replayed > 0  # the fast run skipped steps, the exact one ran them all
+    assert fast.to_dict() == full.to_dict()
+    assert fast.peaks == full.peaks and fast.canvas_bytes == full.canvas_bytes > 0
+
+
+def test_replay_books_settled_steps_without_running_them():
+    """A loop of 50 alike steps runs two (to see them settle) and the last two; the 46 between are booked again,
+    and a new loop starts over."""
+    from hiresdiff.cost.memory import LiveBytes
+    from hiresdiff.cost.replay import StepReplay
+
+    ledger, host = Ledger(), LiveBytes("cpu")
+    replay = StepReplay(ledger, host, lambda *a: None)
+    replay.begin(50)
+    ran = []
+    for step in range(50):
+        if not replay.repeats(step):
+            ran.append(step)
+            ledger.book("denoiser", 10.0, 2, 2.0)
+    replay.finish()
+    assert ran == [0, 1, 48, 49] and replay.replayed == 46
+    tally = ledger.get("denoiser")
+    assert (tally.calls, tally.flops, tally.samples) == (50, 500.0, 100)
+    replay.begin(3)  # too short to replay anything
+    assert [replay.repeats(step) for step in range(3)] == [False] * 3
+
+
+def test_alternating_steps_replay_as_pairs():
+    """Heun-like loops alternate two kinds of step: the pair is booked again, in order."""
+    from hiresdiff.cost.memory import LiveBytes
+    from hiresdiff.cost.replay import StepReplay
+
+    ledger = Ledger()
+    replay = StepReplay(ledger, LiveBytes("cpu"), lambda *a: None)
+    replay.begin(12)
+    for step in range(12):
+        if not replay.repeats(step):
+            ledger.book("denoiser", 1.0 if step % 2 else 3.0, 1)
+    replay.finish()
+    assert replay.replayed == 6 and ledger.get("denoiser").flops == 6 * 1.0 + 6 * 3.0

@@ -26,7 +26,8 @@ from torch.utils._pytree import tree_leaves
 
 
 class LiveBytes(TorchDispatchMode):
-    """Bytes of the live storages created under this mode on ``device_type`` tensors: ``current`` and ``peak``."""
+    """Bytes of the live storages created under this mode on ``device_type`` tensors: ``current`` and ``peak``;
+    ``window_peak`` is the peak since the last :meth:`mark` (one denoising step, :mod:`hiresdiff.cost.replay`)."""
 
     def __init__(self, device_type: str) -> None:
         super().__init__()
@@ -34,6 +35,31 @@ class LiveBytes(TorchDispatchMode):
         self.live: set[int] = set()
         self.current = 0
         self.peak = 0
+        self.window_peak = 0
+
+    def mark(self) -> int:
+        """Start a new window (its peak starts at the bytes alive now) and return those bytes."""
+        self.window_peak = self.current
+        return self.current
+
+    @contextlib.contextmanager
+    def rise(self) -> Iterator[list[int]]:
+        """Measure how far the live bytes rise, while the block runs, above the level they end at (a one-item
+        list, filled on exit): the transient footprint of a call, whatever it keeps (a recorder's first sums)
+        aside. The enclosing window keeps its own peak."""
+        outer = self.window_peak
+        self.mark()
+        rise = [0]
+        try:
+            yield rise
+        finally:
+            rise[0] = self.window_peak - self.current
+            self.window_peak = max(outer, self.window_peak)
+
+    def bump(self, rise: int) -> None:
+        """Count a transient rise of ``rise`` bytes above the live bytes now (a call measured once, not rerun)."""
+        self.peak = max(self.peak, self.current + rise)
+        self.window_peak = max(self.window_peak, self.current + rise)
 
     def _free(self, key: int, nbytes: int) -> None:
         self.live.discard(key)
@@ -54,6 +80,7 @@ class LiveBytes(TorchDispatchMode):
                 # storages keep their Python object while alive: the finaliser runs when the memory is released
                 weakref.finalize(storage, self._free, key, nbytes).atexit = False
             self.peak = max(self.peak, self.current)
+            self.window_peak = max(self.window_peak, self.current)
         return out
 
     def now(self) -> int:

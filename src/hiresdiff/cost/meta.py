@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import itertools
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -66,10 +67,15 @@ class Ledger:
     tallies: dict[str, Tally] = field(default_factory=dict)
     #: the live CPU bytes of the orchestration (the canvas state) while a generation is counted
     host: LiveBytes | None = None
+    #: while set, every booking (and the view-parallel accounting, :class:`~hiresdiff.cost.model.CountingParallel`)
+    #: is also appended here, so a denoising step can be recorded and booked again (:mod:`hiresdiff.cost.replay`)
+    journal: list[tuple[Any, ...]] | None = None
 
     def book(
         self, component: str, flops: float, samples: int, native: float = 0.0, peak: CallPeak | None = None
     ) -> None:
+        if self.journal is not None:
+            self.journal.append(("book", component, flops, samples, native, peak))
         t = self.tallies.setdefault(component, Tally())
         t.flops += flops
         t.calls += 1
@@ -129,6 +135,14 @@ def signature(obj: Any) -> Any:
     return obj if isinstance(obj, (int, float, str, bool, type(None))) else type(obj).__name__
 
 
+#: one token per installation of recording processors (:meth:`MetaModule._note_processors`)
+_INSTALLS = itertools.count()
+
+
+def _recording(processors: Any) -> bool:
+    return isinstance(processors, tuple) and len(processors) == 2 and processors[0] == "recording"
+
+
 def processor_signature(module: torch.nn.Module) -> tuple[Any, ...] | None:
     """What the installed attention processors do: their types and the canvas size they were set up for.
 
@@ -175,9 +189,9 @@ class MetaModule:
         answer_on_meta: bool = False,
     ) -> None:
         self.__dict__.update(_module=module, _component=component, _ledger=ledger, _counter=counter)
-        self.__dict__.update(_cache={}, _peaks={})
+        self.__dict__.update(_cache={}, _peaks={}, _rises={})
         self.__dict__["_answer"] = (lambda out: out) if answer_on_meta else host_zeros
-        self.__dict__["_processors"] = processor_signature(module)
+        self._note_processors()
         for name in methods:
             self.__dict__[name] = self._counted(getattr(module, name), name)
 
@@ -195,7 +209,19 @@ class MetaModule:
     def set_attn_processor(self, processor: Any) -> None:
         """Install processors on the wrapped module and remember what they are (part of the call signature)."""
         self._module.set_attn_processor(processor)
-        self.__dict__["_processors"] = processor_signature(self._module)
+        self._note_processors()
+
+    def _note_processors(self) -> None:
+        """Remember the installed processors' signature. Recording processors (AccDiffusion's capture) get a new
+        token per installation: the first call of each argument signature runs for real and records, later ones
+        reuse its count (their records would be zeros again); counts of earlier installations are dropped."""
+        found = processor_signature(self._module)
+        if found is None:
+            found = ("recording", next(_INSTALLS))
+            for table in (self._cache, self._peaks, self._rises):
+                for key in [k for k in table if _recording(k[-1])]:
+                    del table[key]
+        self.__dict__["_processors"] = found
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         return self._counted(self._module, "__call__")(*args, **kwargs)
@@ -203,14 +229,17 @@ class MetaModule:
     def _counted(self, fn: Callable[..., Any], name: str) -> Callable[..., Any]:
         def call(*args: Any, **kwargs: Any) -> Any:
             key = (name, signature(args), signature(kwargs), self._processors)
-            if self._processors is None or key not in self._cache:
+            host = self._ledger.host
+            if key not in self._cache:
                 meta_args, meta_kwargs = to_device(args, torch.device("meta")), to_device(kwargs, torch.device("meta"))
-                known = self._peaks.get(key)  # recording processors: the footprint of a signature is still fixed
-                live = contextlib.nullcontext() if known is not None else LiveBytes("meta")
-                with torch.no_grad(), fused_attention(), FlopCounterMode(display=False) as counter, live:
+                live = LiveBytes("meta")
+                rise = host.rise() if host is not None else contextlib.nullcontext([0])
+                with torch.no_grad(), fused_attention(), FlopCounterMode(display=False) as counter, live, rise as up:
                     out = fn(*meta_args, **meta_kwargs)
-                self._peaks[key] = known if known is not None else live.peak  # type: ignore[union-attr]
+                self._peaks[key], self._rises[key] = live.peak, up[0]
                 self._cache[key] = (float(counter.get_total_flops()), out)
+            elif host is not None:  # what the call allocates on the CPU (a recorder's maps) while it runs
+                host.bump(self._rises[key])
             flops, out = self._cache[key]
             activations = self._peaks[key]
             samples, native = self._counter(args, kwargs)

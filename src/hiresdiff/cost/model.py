@@ -7,6 +7,7 @@ and FLUX.1 generations are computed offline in seconds.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import warnings
 from dataclasses import asdict, dataclass, field
@@ -16,6 +17,7 @@ import torch
 
 from hiresdiff.cost.memory import LiveBytes, module_bytes
 from hiresdiff.cost.meta import CallPeak, Ledger, MetaModule
+from hiresdiff.cost.replay import replaying
 from hiresdiff.errors import HiresError, HiresWarning, require
 from hiresdiff.parallel import Replicating, Serial, owners
 
@@ -113,20 +115,29 @@ class CountingParallel(Replicating):
         return self.ledger.get("denoiser").flops + self.ledger.get("controlnet").flops
 
     def map(self, calls: Any, compute: Any, shape: Any) -> list[torch.Tensor]:
-        outs = []
-        ranks = owners(len(calls), self.world, self._offset)
-        for call, rank in zip(calls, ranks, strict=True):
+        outs, spent = [], []
+        for call in calls:
             before = self._spent()
             outs.append(compute(call))
-            spent = self._spent() - before
-            if self._replicate:  # every rank runs it
-                self.rank_flops = [f + spent for f in self.rank_flops]
-            else:
-                self.rank_flops[rank] += spent
-        if not self._replicate and calls:
-            self._offset += len(calls)
-            self.allreduce_bytes += 4.0 * sum(math.prod(shape(c)) for c in calls)
+            spent.append(self._spent() - before)
+        reduced = 4.0 * sum(math.prod(shape(c)) for c in calls)
+        self.charge(tuple(spent), self._replicate, reduced)
+        if self.ledger.journal is not None:
+            self.ledger.journal.append(("charge", tuple(spent), self._replicate, reduced))
         return outs
+
+    def charge(self, spent: tuple[float, ...], replicate: bool, reduced: float) -> None:
+        """Charge one step's calls (their FLOPs ``spent``) to their round-robin ranks, or to every rank when
+        ``replicate``; ``reduced`` bytes are all-reduced after distributed calls."""
+        if replicate:  # every rank runs them
+            for flops in spent:
+                self.rank_flops = [f + flops for f in self.rank_flops]
+            return
+        for flops, rank in zip(spent, owners(len(spent), self.world, self._offset), strict=True):
+            self.rank_flops[rank] += flops
+        if spent:
+            self._offset += len(spent)
+            self.allreduce_bytes += reduced
 
     def sum_(self, tensor: torch.Tensor) -> torch.Tensor:
         return tensor
@@ -266,8 +277,11 @@ def model_cost(
     ``num_images_per_prompt``, ``max_batch``, method parameters …). Previews are off unless asked for (they
     decode every phase). Everything is validated exactly as for a generation, before anything is built.
     ``controlnet=True`` adds a ControlNet of the architecture's UNet to every denoiser call (its own line).
+    The settled steps of each denoising loop are booked again rather than run (:mod:`hiresdiff.cost.replay`);
+    ``exact=True`` runs every step (the full trace the replay is tested against).
     """
     controlnet = bool(kwargs.pop("controlnet", False))
+    exact = bool(kwargs.pop("exact", False))
     ranks = int(kwargs.pop("ranks", 1))
     require(ranks >= 1, f"--ranks must be ≥ 1, got {ranks}")
     from hiresdiff.config import model_sampling_defaults
@@ -292,12 +306,14 @@ def model_cost(
     counting = CountingParallel(ranks, ledger)
     hp.adapter.parallel = counting
     try:
-        with LiveBytes("cpu") as host, warnings.catch_warnings():
+        with LiveBytes("cpu") as host, warnings.catch_warnings(), contextlib.ExitStack() as stack:
             warnings.simplefilter("ignore", HiresWarning)  # the generation itself says what it has to say
             ledger.host = host
+            if not exact:
+                stack.enter_context(replaying(ledger, host, counting.charge))
             hp.run(req, generator=generators, progress=False)
     finally:
-        hp.adapter.parallel, ledger.host = Serial(), None
+        hp.adapter.parallel, ledger.host, ledger.journal = Serial(), None, None
     den, vae, text, net = (ledger.get(c) for c in ("denoiser", "vae", "text_encoder", "controlnet"))
     weights = _weights(hp.adapter.pipe, _CONTROLNETS.get(arch) if controlnet else None)
     return CostReport(

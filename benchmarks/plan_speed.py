@@ -1,0 +1,76 @@
+"""How long the plan's estimate (FLOPs and peak memory, :func:`hiresdiff.cost.model_cost`) takes per method and size.
+
+A benchmark, not a test: CPU seconds of one estimate at the method's default settings (previews on, as a plain
+``hiresdiff generate`` plans it), first in the process (``cold``: shape-only traces of each new call signature
+included, the counting pipeline already built) and again (``warm``: every signature known). Prints a Markdown
+table (the README's) and writes JSON with ``--out``.
+
+    python benchmarks/plan_speed.py --models random-sdxl,random-flux --sizes 1024,2048,4096,8192
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from typing import Any
+
+from hiresdiff.cost.model import architecture_of, counting_pipeline, model_cost
+from hiresdiff.errors import HiresError
+from hiresdiff.methods import METHODS
+
+
+def _seconds(method: str, model: str, side: int) -> float:
+    begin = time.process_time()
+    model_cost(method, model, side, side, previews=True, max_pixels=side * side)
+    return time.process_time() - begin
+
+
+def measure(models: list[str], methods: list[str], sizes: list[int]) -> list[dict[str, Any]]:
+    """One row per (model, method, size): cold and warm CPU seconds, or why there is no estimate."""
+    rows = []
+    for model in models:
+        counting_pipeline(architecture_of(model))  # built once per architecture, before any timing
+        for method in methods:
+            for side in sizes:
+                row: dict[str, Any] = {"model": model, "method": method, "size": side}
+                try:
+                    row["cold_s"] = _seconds(method, model, side)
+                    row["warm_s"] = _seconds(method, model, side)
+                except HiresError as exc:
+                    row["skipped"] = str(exc)
+                rows.append(row)
+                print(json.dumps(row), flush=True)
+    return rows
+
+
+def table(rows: list[dict[str, Any]], sizes: list[int]) -> str:
+    """Markdown: one line per model and method, ``cold / warm`` CPU seconds per size."""
+    lines = ["| model | method | " + " | ".join(f"{s}²" for s in sizes) + " |", "|---|---|" + "---|" * len(sizes)]
+    keys = dict.fromkeys((r["model"], r["method"]) for r in rows)
+    for model, method in keys:
+        cells = []
+        for side in sizes:
+            r = next(r for r in rows if (r["model"], r["method"], r["size"]) == (model, method, side))
+            cells.append("—" if "skipped" in r else f"{r['cold_s']:.1f} / {r['warm_s']:.2f}")
+        lines.append(f"| {model} | {method} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--models", default="random-sdxl,random-flux")
+    p.add_argument("--methods", default=",".join(METHODS))
+    p.add_argument("--sizes", default="1024,2048,4096,8192")
+    p.add_argument("--out", default=None, help="write the rows as JSON here")
+    args = p.parse_args()
+    sizes = [int(s) for s in args.sizes.split(",")]
+    rows = measure(args.models.split(","), args.methods.split(","), sizes)
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump(rows, f, indent=2)
+    print(table(rows, sizes))
+
+
+if __name__ == "__main__":
+    main()

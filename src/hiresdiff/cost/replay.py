@@ -1,0 +1,114 @@
+"""Step replay: the cost of a denoising loop from the few steps that differ, the rest booked again.
+
+The steps of one denoising loop (a phase) repeat the same work: the same denoiser calls with the same argument
+shapes, the same canvas tensors allocated and freed in the same order; only values change. The cost model
+(:func:`hiresdiff.cost.model.model_cost`) therefore runs a step for real only while the loop has not settled:
+
+* every step until two consecutive steps (or two consecutive pairs of steps: second-order solvers alternate a
+  predictor and a corrector) left the same **record** — the ledger's bookings (component, FLOPs,
+  samples, the call's :class:`~hiresdiff.cost.meta.CallPeak` with the canvas bytes alive when it started), the
+  view-parallel charges, and the orchestration's live bytes at the step's start, its peak within the step and at
+  its end. The first step differs (nothing of a previous step is alive yet), so do a multistep solver's warm-up
+  steps (their history fills up);
+* the last :data:`TAIL` steps, where schedulers and strategies may differ (a lower-order final step, a blend
+  weight of exactly 0 at ``t = 0``).
+
+Every step in between is *replayed*: the settled record is booked again (the same FLOPs, samples and peaks; the
+peak memory within it equals the recorded one, which the live-bytes mode has already seen), and the loop only
+advances the scheduler with the last prediction (:data:`hiresdiff.sampler.STEP_REPLAY`). The result equals the
+full trace (``model_cost(..., exact=True)``), which the tests check for every method.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any
+
+from hiresdiff.cost.memory import LiveBytes
+from hiresdiff.cost.meta import Ledger
+
+#: steps at the end of every loop that always run (lower-order final steps, the weight at t = 0)
+TAIL = 2
+#: the cycles of settled steps recognised: every step alike, or two alternating kinds of step
+PERIODS = (1, 2)
+
+
+@dataclass
+class StepReplay:
+    """Records the steps of each denoising loop and books settled ones again instead of running them.
+
+    ``charge`` re-applies a recorded view-parallel charge (:meth:`hiresdiff.cost.model.CountingParallel.charge`).
+    ``replayed`` counts the steps booked without running (a measure of the saving, and a test handle).
+    """
+
+    ledger: Ledger
+    host: LiveBytes
+    charge: Any
+    replayed: int = 0
+    _total: int = 0
+    _records: list[tuple[Any, ...]] = field(default_factory=list)
+    _start: int = 0
+    _running: bool = False
+
+    def begin(self, total: int) -> None:
+        """A denoising loop of ``total`` steps starts: nothing of an earlier loop is replayed in it."""
+        self._close()
+        self._total, self._records = total, []
+
+    def repeats(self, step: int) -> bool:
+        """Whether step ``step`` is booked as a copy of the settled record (the loop then only advances the
+        scheduler); otherwise the step is recorded while it runs."""
+        self._close()
+        period = self._period()
+        if period and step < self._total - TAIL:
+            record = self._records[-period]
+            self._records.append(record)  # the cycle goes on
+            self._book(record[0])
+            self.replayed += 1
+            return True
+        self.ledger.journal = []
+        self._start, self._running = self.host.mark(), True
+        return False
+
+    def _period(self) -> int:
+        """The cycle the last records settled into: 1 (every step alike), 2 (alternating steps, e.g. Heun's
+        predictor and corrector), 0 (not settled)."""
+        r = self._records
+        for period in PERIODS:
+            if len(r) >= 2 * period and r[-period:] == r[-2 * period : -period]:
+                return period
+        return 0
+
+    def _close(self) -> None:
+        """End the record of the step that ran last (when one did)."""
+        if not self._running:
+            return
+        journal, self.ledger.journal, self._running = self.ledger.journal or [], None, False
+        self._records.append((tuple(journal), self._start, self.host.window_peak, self.host.now()))
+
+    def _book(self, journal: tuple[tuple[Any, ...], ...]) -> None:
+        for kind, *entry in journal:
+            if kind == "book":
+                self.ledger.book(*entry)
+            else:
+                self.charge(*entry)
+
+    def finish(self) -> None:
+        """Stop recording (the generation is over)."""
+        self._close()
+
+
+@contextmanager
+def replaying(ledger: Ledger, host: LiveBytes, charge: Any) -> Iterator[StepReplay]:
+    """Denoising loops run inside replay their settled steps (:data:`hiresdiff.sampler.STEP_REPLAY`)."""
+    from hiresdiff.sampler import STEP_REPLAY
+
+    replay = StepReplay(ledger, host, charge)
+    token = STEP_REPLAY.set(replay)
+    try:
+        yield replay
+    finally:
+        STEP_REPLAY.reset(token)
+        replay.finish()
