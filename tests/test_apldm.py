@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from hiresdiff import HiresPipeline
 from hiresdiff.errors import HiresError
 from hiresdiff.hooks import AttentiveGuidance, attentive_guidance
-from hiresdiff.methods.apldm import APLDMParams, start_index
+from hiresdiff.methods.apldm import APLDMParams, stage_one_conditioning, start_index
 from hiresdiff.ops.pfsa import pfsa
 from hiresdiff.ops.resample import upsample_pixels
 from hiresdiff.ops.schedule import attentive_lambdas, steps_of_fraction
@@ -231,6 +231,42 @@ def test_apldm_end_to_end(fixture: str, request: pytest.FixtureRequest) -> None:
     assert res.metadata[0]["method"] == "apldm"
     again = hp(["a", "b"], "apldm", 3 * n, 2 * n, steps=6, progress=False, seed=1, ag_lambda=0.0)
     assert not torch.equal(res.latents, again.latents)  # attentive guidance changed stage 1
+
+
+@pytest.mark.parametrize(
+    ("height", "width", "native", "expected"),
+    [
+        (512, 768, 256, (209, 313)),  # the official's int(n·√(H/W)), int(n/√(H/W)); the canvas is 208×312
+        (768, 512, 256, (313, 209)),
+        (2048, 3072, 1024, (836, 1254)),
+        (4096, 4096, 1024, (1024, 1024)),
+    ],
+)
+def test_stage_one_conditioning_is_the_official_unrounded_size(
+    height: int, width: int, native: int, expected: tuple[int, int]
+) -> None:
+    assert stage_one_conditioning(height, width, native) == expected
+
+
+def test_stage_one_unet_sees_the_official_size_conditioning(tiny_sdxl_pipe, monkeypatch: pytest.MonkeyPatch) -> None:
+    """512×768 on tiny-sdxl (n = 256): stage 1 samples a 208×312 canvas conditioned on 209×313 (original and target
+    size, both guidance halves), the sub-stage its own 512×768 (kmittle/AP-LDM ``pipeline_apldm_sdxl.py``)."""
+    hp = HiresPipeline.from_pipe(tiny_sdxl_pipe, "tiny-sdxl")
+    ad = hp.adapter
+    real = ad._time_ids
+    seen: list[tuple[tuple[int, int], tuple[int, ...]]] = []
+
+    def time_ids(size: tuple[int, int], crops: list[tuple[int, int]]) -> torch.Tensor:
+        ids = real(size, crops)
+        seen.append((size, tuple(int(v) for v in ids[0])))
+        return ids
+
+    monkeypatch.setattr(ad, "_time_ids", time_ids)
+    hp("a cat", "apldm", 768, 512, steps=2, progress=False, previews=False)
+    assert native_area_canvas(512, 768, 256, 8) == (208, 312)
+    stage_one = [ids for size, ids in seen if size != (512, 768)]
+    assert stage_one and set(stage_one) == {(209, 313, 0, 0, 209, 313)}
+    assert (512, 768) in {size for size, _ in seen}
 
 
 def test_attentive_guidance_in_other_methods_phase_one(tiny_sdxl_pipe) -> None:

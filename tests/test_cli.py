@@ -99,6 +99,43 @@ def test_cli_errors_exit_2_with_one_line(
     assert message in err
 
 
+@pytest.mark.parametrize(
+    ("argv", "prog", "message"),
+    [
+        ([], "hiresdiff", "the following arguments are required: command"),
+        (["nope"], "hiresdiff", "argument command: invalid choice: 'nope'"),
+        (["generate", "x", "--wdith", "512"], "hiresdiff generate", "unrecognized arguments: --wdith 512"),
+        (["generate", "x", "--width", "abc"], "hiresdiff generate", "argument --width: invalid int value: 'abc'"),
+        (["generate", "x", "--dtype", "float8"], "hiresdiff generate", "argument --dtype: invalid choice: 'float8'"),
+        (["generate", "x", "--seed"], "hiresdiff generate", "argument --seed: expected one argument"),
+        (["demo", "--steps", "many"], "hiresdiff demo", "argument --steps: invalid int value: 'many'"),
+        (["demo", "--bogus"], "hiresdiff demo", "unrecognized arguments: --bogus"),
+        (["make-tiny", "--seed", "x"], "hiresdiff make-tiny", "argument --seed: invalid int value: 'x'"),
+        (["methods", "extra"], "hiresdiff methods", "unrecognized arguments: extra"),
+        (["cost", "--width", "2k"], "hiresdiff cost", "argument --width: invalid int value: '2k'"),
+        (["cost", "--set"], "hiresdiff cost", "argument --set: expected one argument"),
+        (["bench", "--dtype", "int8"], "hiresdiff bench", "argument --dtype: invalid choice: 'int8'"),
+        (["bench", "--limit", "all"], "hiresdiff bench", "argument --limit: invalid int value: 'all'"),
+        (["eval", "imgs", "--batch-size", "big"], "hiresdiff eval", "argument --batch-size: invalid int value"),
+        (["eval", "imgs", "--bogus"], "hiresdiff eval", "unrecognized arguments: --bogus"),
+        (["dataset", "src", "dst", "--size"], "hiresdiff dataset", "argument --size: expected one argument"),
+        (["serve", "--port", "http"], "hiresdiff serve", "argument --port: invalid int value: 'http'"),
+        (["serve", "--dtype", "half"], "hiresdiff serve", "argument --dtype: invalid choice: 'half'"),
+    ],
+)
+def test_argument_errors_are_one_line_naming_the_subcommand(
+    argv: list[str], prog: str, message: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """argparse's usage block is not printed: one ``PROG: error: …`` line with a pointer to ``PROG --help``."""
+    with pytest.raises(SystemExit) as exited:
+        main(argv)
+    assert exited.value.code == 2
+    captured = capsys.readouterr()
+    err = captured.err
+    assert captured.out == "" and err.endswith("\n") and err.count("\n") == 1, err
+    assert err.startswith(f"{prog}: error: {message}") and err.rstrip().endswith(f"(see {prog} --help)"), err
+
+
 def test_from_png_without_settings_and_out_is_a_file(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     plain = tmp_path / "plain.png"
     Image.new("RGB", (8, 8)).save(plain)

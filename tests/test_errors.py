@@ -56,6 +56,11 @@ CASES: list[tuple[str, dict[str, object], str]] = [
     ("unknown dtype", {"dtype": "float8"}, "unknown dtype 'float8'"),
     ("unknown device", {"device": "tpu"}, "unknown device 'tpu'"),
     ("negative tile area", {"decode_tile_area": -1}, "decode_tile_area must be ≥ 0"),
+    ("steps given as a bool", {"steps": True}, "steps must be an integer, got True (bool)"),
+    ("steps above the scheduler's timesteps", {"steps": 1001}, "above the 1000 timesteps"),
+    ("method the family cannot run", {"method": "accdiffusion", "model": "tiny-flux"}, "not FLUX"),
+    ("device without storage", {"device": "meta"}, "device 'meta' cannot run a generation"),
+    ("prompt not UTF-8", {"prompt": "caf\udce9"}, "the prompt is not valid UTF-8 text: byte 0xe9"),
 ]
 
 

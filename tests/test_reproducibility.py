@@ -10,9 +10,10 @@ from typing import Any
 import pytest
 
 from hiresdiff import HiresPipeline
-from hiresdiff.cli import _from_png, build_parser, main
+from hiresdiff.cli import main
 from hiresdiff.config import GenerationSettings
 from hiresdiff.errors import HiresError
+from hiresdiff.from_png import read_request
 from hiresdiff.images import read_png_settings, save_png
 from hiresdiff.methods import METHODS
 from hiresdiff.pipeline import build_request
@@ -77,7 +78,7 @@ def test_every_pixel_changing_field_round_trips_through_the_png(tiny_sdxl_pipe, 
     meta, meta_plain = hp._metadata(req, 0, req.settings.seed), hp._metadata(plain, 0, plain.settings.seed)
     assert meta != meta_plain, f"{method}.{name} does not show in the metadata"
     png = save_png(_blank(), tmp_path / "x.png", meta)
-    kwargs = _from_png(build_parser().parse_args(["generate", "--from-png", str(png)]))
+    kwargs = read_request(str(png)).kwargs
     for key in ("model", "dtype", "expected", "loras", "prompt", "method", "width", "height"):
         kwargs.pop(key, None)
     again = build_request("a red fox", method, 768, 512, **kwargs)
@@ -140,9 +141,9 @@ def test_written_files_follow_the_umask(tmp_path):
     [
         ({"width": 0}, "width must be a positive number of pixels, got 0"),
         ({"height": 0}, "height must be a positive number of pixels, got 0"),
-        ({"width": True}, "width must be a positive number of pixels, got True"),
-        ({"prompt": 123}, "the prompt must be a string or a list of strings, got int"),
-        ({"model": 123}, "model must be a name, path or hub id (a string), got int"),
+        ({"width": True}, "width must be an integer, got True (bool)"),
+        ({"prompt": 123}, "the prompt must be a string or a list of strings, got 123 (int)"),
+        ({"model": 123}, "model must be a name, path or hub id (a string), got 123 (int)"),
         ({"generator": "seed"}, "generator must be a torch.Generator"),
     ],
 )

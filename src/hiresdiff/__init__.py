@@ -7,7 +7,9 @@ from __future__ import annotations
 
 __version__ = "0.1.0"
 
+import importlib
 import logging
+from typing import TYPE_CHECKING, Any
 
 
 class _NoImageProcessorFallbackNotice(logging.Filter):
@@ -22,7 +24,19 @@ logging.getLogger("transformers.utils.import_utils").addFilter(_NoImageProcessor
 
 from hiresdiff.errors import HiresError  # noqa: E402
 from hiresdiff.methods import METHODS  # noqa: E402
-from hiresdiff.pipeline import GenerationResult, HiresPipeline, generate  # noqa: E402
+
+if TYPE_CHECKING:
+    from hiresdiff.pipeline import GenerationResult, HiresPipeline, generate
+
+#: public names of :mod:`hiresdiff.pipeline`, imported on first access (PEP 562): ``import hiresdiff`` and the
+#: command line's start stay free of torch and diffusers
+_PIPELINE_NAMES = ("GenerationResult", "HiresPipeline", "generate")
+
+
+def __getattr__(name: str) -> Any:
+    if name in _PIPELINE_NAMES:
+        return getattr(importlib.import_module("hiresdiff.pipeline"), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def available_methods() -> list[str]:

@@ -1,27 +1,35 @@
-"""Command line: ``hiresdiff generate | demo | methods`` and the measuring commands of :data:`SUBCOMMAND_MODULES`."""
+"""Command line: ``hiresdiff generate | demo | methods`` and the measuring commands of :data:`SUBCOMMAND_MODULES`.
+
+Building the parser imports no torch, diffusers or transformers (the method registry, settings and option tables
+are torch-free), so ``--help``, ``methods`` and argument errors answer at once; each command imports what its work
+needs. Argument errors are one line (:class:`Parser`); Ctrl-C at any point of :func:`main`, the heavy imports
+included, is one ``hiresdiff: interrupted`` line and exit status 130.
+"""
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
 import importlib
+import os
 import sys
 import warnings
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
-
-from hiresdiff.cli_options import add_memory_check_option, add_sampling_options, sampling_settings
-from hiresdiff.config import DEFAULT_TILE_AREA, DTYPES, parse_assignments
+from hiresdiff.cli_options import Parser, add_memory_check_option, add_sampling_options, sampling_settings
+from hiresdiff.config import DEFAULT_MODEL, DEFAULT_TILE_AREA, DTYPES, FIT_MODES, parse_assignments
 from hiresdiff.errors import HiresError, HiresWarning, require
-from hiresdiff.images import read_png_settings
-from hiresdiff.inputs import FIT_MODES
 from hiresdiff.methods import METHODS
+from hiresdiff.methods.base import FAMILY_NAMES
 from hiresdiff.outputs import NumberedImage, check_writable, png_bytes, save_numbered
-from hiresdiff.pipeline import AG_SETTINGS, DEFAULT_MODEL, GenerationRequest, GenerationResult, generate
-from hiresdiff.plan import budget, check_budget, describe_plan, plan_phases
+
+if TYPE_CHECKING:  # the generation stack (torch, PIL, the pipeline) is imported by the commands that run it
+    import torch
+
+    from hiresdiff.from_png import PngRequest
+    from hiresdiff.pipeline import GenerationRequest, GenerationResult
 
 
 def _add_generate(sub: argparse._SubParsersAction) -> None:
@@ -124,108 +132,21 @@ def _write(res: GenerationResult, out: Path, quiet: bool) -> list[Path]:
     return written
 
 
-def _from_png(args: argparse.Namespace) -> dict[str, Any]:
-    s = read_png_settings(args.from_png)
-    try:
-        kwargs = {
-            "prompt": s["prompt"],
-            "method": s["method"],
-            "model": args.model or s["model"],
-            "dtype": s.get("dtype"),
-            "width": s["width"],
-            "height": s["height"],
-            "steps": s["steps"],
-            "guidance": s["guidance"],
-            "negative_prompt": s["negative_prompt"],
-            "scheduler": s["scheduler"],
-            "seed": s["seed"],
-            "max_batch": s["max_batch"],
-            "decode_tile_area": s["decode_tile_area"],
-            **{k: s[k] for k in ("strength", *AG_SETTINGS) if s.get(k) is not None},
-            **s["params"],
-        }
-    except KeyError as exc:
-        raise HiresError(f"--from-png: settings in {args.from_png!r} lack {exc.args[0]!r}") from None
-    require(kwargs["seed"] is not None, "--from-png: the image was made with a caller's generator, not a seed")
-    batch = s.get("batch")
-    if batch is not None:  # regenerate its whole batch (same model calls, same rounding), keep this image
-        kwargs.update(
-            prompt=batch["prompts"],
-            negative_prompt=batch["negative_prompts"],
-            num_images_per_prompt=batch["images_per_prompt"],
-            seed=batch["first_seed"],
-        )
-    return {**kwargs, **_from_png_extras(args, s)}
-
-
-def _keep_only(res: GenerationResult, index: int) -> GenerationResult:
-    """Image ``index`` of a batch result (with its previews)."""
-    return dataclasses.replace(
-        res, images=[res.images[index]], metadata=[res.metadata[index]], previews=[[p[index]] for p in res.previews]
-    )
-
-
-def _from_png_extras(args: argparse.Namespace, s: dict[str, Any]) -> dict[str, Any]:
-    """The input picture, ControlNet and LoRAs a PNG records; the files must be passed again (and be the same)."""
-    out: dict[str, Any] = {"expected": {}}
-    for key, flag in (("image", "--image"), ("control_image", "--control-image")):
-        recorded = s.get(key)
-        if recorded is None:
-            continue
-        given = getattr(args, key)
-        require(
-            given is not None,
-            f"--from-png: this image was made from {recorded['name']!r} ({recorded['width']}×{recorded['height']}); "
-            f"pass that file again with {flag}",
-        )
-        out[key], out["expected"][key] = given, recorded["sha256"]
-    if s.get("fit") is not None:
-        out["fit"] = s["fit"]
-    if s.get("controlnet") is not None:
-        out["controlnet"], out["control_scale"] = s["controlnet"], s["control_scale"]
-    loras = s.get("loras") or []
-    out["loras"] = [(lora["path"], lora["scale"]) for lora in loras]
-    out["expected"]["loras"] = [lora["sha256"] for lora in loras]
-    return out
-
-
-#: flags ``--from-png`` uses besides the PNG's own settings (where to run and write, the input files)
-FROM_PNG_FLAGS = {
-    "from_png",
-    "model",
-    "out",
-    "quiet",
-    "image",
-    "control_image",
-    "device",
-    "allow_pickle",
-    "no_previews",
-    "dry_run",
-    "skip_memory_check",
-    "parallel",
-    "command",
-}
-
-
-def _ignored_by_from_png(args: argparse.Namespace) -> list[str]:
-    """The flags given with ``--from-png`` that it would not use (they differ from the parser's defaults)."""
-    defaults = vars(build_parser().parse_args(["generate"]))
-    return [
-        "--" + k.replace("_", "-") if k != "prompt" else "a prompt"
-        for k, v in vars(args).items()
-        if k not in FROM_PNG_FLAGS and v != defaults.get(k)
-    ]
-
-
 def cmd_generate(args: argparse.Namespace) -> int:
+    from hiresdiff.from_png import check_flags, read_request
+    from hiresdiff.pipeline import generate
+
+    png: PngRequest | None = None
     if args.from_png:
-        ignored = _ignored_by_from_png(args)
-        require(
-            not ignored,
-            f"--from-png regenerates the image's own settings; drop {', '.join(ignored)} (or generate without "
-            "--from-png to change them)",
+        check_flags(vars(args), vars(build_parser().parse_args(["generate"])))
+        png = read_request(
+            args.from_png,
+            model=args.model,
+            image=args.image,
+            control_image=args.control_image,
+            allow_pickle=args.allow_pickle,
         )
-        kwargs = _from_png(args)
+        kwargs = png.kwargs
     else:
         require(bool(args.prompt), 'give a prompt: hiresdiff generate "a photo of a cat" [options]')
         kwargs = {
@@ -260,13 +181,15 @@ def cmd_generate(args: argparse.Namespace) -> int:
             progress=not args.quiet and lead,
             previews=not args.no_previews,
             parallel=parallel,
-            before_model=lambda req, native, grid, **target: _plan(req, native, grid, out, args, lead, **target),
+            before_model=lambda req, native, grid, **target: _plan(
+                req, native, grid, out, args, lead, model=kwargs["model"], **target
+            ),
             **kwargs,
         )
     except DryRun:
         return 0
-    if args.from_png and (batch := read_png_settings(args.from_png).get("batch")) is not None:
-        res = _keep_only(res, batch["index"])
+    if png is not None:
+        res = png.pick(res)
     if lead:  # only rank 0 writes files
         _write(res, out, args.quiet)
     return 0
@@ -284,15 +207,18 @@ def _plan(
     args: argparse.Namespace,
     lead: bool,
     *,
+    model: str,
     device: str,
     dtype: torch.dtype,
 ) -> None:
-    """Before any weights load: room for the PNGs, the run plan with its cost and memory estimate (one line; the
-    full plan and stop with ``--dry-run``), and a stop with what fits when the estimate exceeds free memory."""
+    """Before any weights load: room for the PNGs, the run plan with its cost and memory estimate on ``model`` (the
+    one being generated; one line; the full plan and stop with ``--dry-run``), and a stop with what fits when the
+    estimate exceeds free memory."""
+    from hiresdiff.plan import budget, check_budget, describe_plan, plan_phases
+
     s = req.settings
     files = s.batch_size * (1 + len(plan_phases(req, native, grid))) if s.previews else s.batch_size
     check_writable(out, "--out", png_bytes(s.width, s.height, files))
-    model = args.model or DEFAULT_MODEL
     b = budget(req, model, device, dtype)
     if args.dry_run:
         for line in describe_plan(req, native, grid, b, full=True):
@@ -332,6 +258,7 @@ def cmd_methods(args: argparse.Namespace) -> int:
     print("every method (native-size first phase): " + ", ".join(f"--set {f.name}={f.default}" for f in common))
     for m in METHODS.values():
         print(f"{m.name}: {m.summary}" + (f"  [{m.paper}]" if m.paper else ""))
+        print("    models: " + ", ".join(FAMILY_NAMES[f] for f in m.families))
         if m.default_negative:
             print(f"    default negative prompt: {m.default_negative!r}")
         for name, values in m.presets.items():
@@ -347,8 +274,8 @@ def cmd_methods(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="hiresdiff", description="Training-free high-resolution diffusion.")
-    sub = parser.add_subparsers(dest="command", required=True)
+    parser = Parser(prog="hiresdiff", description="Training-free high-resolution diffusion.")
+    sub = parser.add_subparsers(dest="command", required=True)  # subcommand parsers are Parsers too
     _add_generate(sub)
     d = sub.add_parser("demo", help="offline demo on a tiny random model: contact sheet of the methods")
     d.add_argument("--out", default="demo-out")
@@ -394,9 +321,11 @@ _PYTHON_SHOW_WARNING = warnings.showwarning
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run one command; its errors are one ``hiresdiff: error:`` line (exit 2) and Ctrl-C — also while the parser
+    is built or a command imports its libraries — one ``hiresdiff: interrupted`` line (exit 130)."""
     warnings.showwarning = _show_warning
-    args = build_parser().parse_args(argv)
     try:
+        args = build_parser().parse_args(argv)
         return COMMANDS[args.command](args)
     except HiresError as exc:
         print(f"hiresdiff: error: {exc}", file=sys.stderr)
@@ -404,6 +333,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt as exc:
         print(f"hiresdiff: interrupted{f'; {exc}' if str(exc) else ''}", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # the reader of our output went away (`hiresdiff methods | head`): nothing to say
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error when Python flushes
+        return 0
 
 
 if __name__ == "__main__":

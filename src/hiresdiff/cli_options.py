@@ -1,11 +1,40 @@
-"""Command-line options shared by ``generate``, ``bench`` and ``cost``: the sampling settings and ``--set``."""
+"""Command-line pieces shared by every subcommand: the one-line-error :class:`Parser`, and the sampling settings
+and ``--set`` options of ``generate``, ``bench`` and ``cost``. Torch-free (``--help`` imports it)."""
 
 from __future__ import annotations
 
 import argparse
-from typing import Any
+from collections.abc import Sequence
+from typing import Any, NoReturn
 
 from hiresdiff.schedulers import scheduler_names
+
+
+class Parser(argparse.ArgumentParser):
+    """An argument parser whose errors are one line, ``PROG: error: MESSAGE (see PROG --help)``, with exit status 2
+    (argparse prints its usage block, up to ~20 lines, before the message). Arguments no parser knows are reported
+    by the subcommand that was given them (``hiresdiff generate: error: unrecognized arguments: --wdith``), not by
+    the top-level parser. Subcommand parsers made by ``add_subparsers().add_parser`` are of the same class."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {' '.join(message.split())} (see {self.prog} --help)\n")
+
+    def parse_args(  # type: ignore[override]
+        self, args: Sequence[str] | None = None, namespace: argparse.Namespace | None = None
+    ) -> argparse.Namespace:
+        parsed, extras = self.parse_known_args(args, namespace)
+        if extras:
+            self.chosen(parsed).error(f"unrecognized arguments: {' '.join(extras)}")
+        return parsed
+
+    def chosen(self, parsed: argparse.Namespace) -> Parser:
+        """The innermost subcommand parser ``parsed`` went through (this parser when it has no subcommands)."""
+        for action in self._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                sub = action.choices.get(getattr(parsed, action.dest, None))
+                if isinstance(sub, Parser):
+                    return sub.chosen(parsed)
+        return self
 
 
 def add_sampling_options(p: argparse.ArgumentParser, *, set_help: str) -> None:

@@ -7,9 +7,12 @@ turns ``--set name=value`` strings into them with the field's type.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
+import numbers
 import types
 import typing
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -44,11 +47,148 @@ def model_sampling_defaults(family: str, guidance_distilled: bool = True) -> dic
 #: decode/encode in tiles above this many pixels (SPEC §2.4: more than 2048²)
 DEFAULT_TILE_AREA = 2048 * 2048
 DTYPES = ("float32", "float16", "bfloat16")
+#: most inference steps any request may ask for: schedules have 1000 training timesteps (the model's own scheduler
+#: sets the exact limit, :func:`~hiresdiff.pipeline.check_steps`); this bound answers a huge count before any model
+MAX_STEPS = 10_000
+#: the model ``generate`` loads when none is named
+DEFAULT_MODEL = "stabilityai/stable-diffusion-xl-base-1.0"
+#: the ways to reconcile a target whose aspect ratio differs from the input's (``--fit``)
+FIT_MODES = ("crop", "pad")
+#: pixel-space upscalers (the ``resize`` method, :func:`hiresdiff.ops.resample.resize_images`)
+PIXEL_FILTERS = ("bicubic", "lanczos")
+
+
+def got(value: Any) -> str:
+    """How messages show a received value: its repr and type, e.g. ``True (bool)``, ``'5' (str)``."""
+    text = repr(value)
+    return f"{text if len(text) <= 60 else text[:57] + '...'} ({type(value).__name__})"
+
+
+def _is_bool(value: Any) -> bool:
+    """Python and numpy booleans (``np.bool_``, named ``numpy.bool`` since numpy 2; numpy is not imported here)."""
+    kind = type(value)
+    return isinstance(value, bool) or (kind.__module__ == "numpy" and kind.__name__ in ("bool", "bool_"))
+
+
+def _is_number(value: Any) -> bool:
+    """Python and numpy numbers (``numbers.Real``: int, float, ``np.int64``, ``np.float32``…), never booleans."""
+    return isinstance(value, numbers.Real) and not _is_bool(value)
+
+
+def as_int(name: str, value: Any) -> int:
+    """``value`` as a plain ``int``: integers of any kind, or a float with an integral value (``256.0``);
+    booleans, fractions and non-numbers are a one-line error naming ``name`` and the type received."""
+    if _is_number(value):
+        if isinstance(value, numbers.Integral):
+            return int(value)
+        number = float(value)
+        if math.isfinite(number) and number.is_integer():
+            return int(number)
+    raise HiresError(f"{name} must be an integer, got {got(value)}")
+
+
+def as_float(name: str, value: Any) -> float:
+    """``value`` as a plain ``float`` (Python or numpy numbers); booleans and non-numbers are a one-line error."""
+    require(_is_number(value), f"{name} must be a number, got {got(value)}")
+    return float(value)
+
+
+def as_bool(name: str, value: Any) -> bool:
+    """``value`` as a plain ``bool`` (Python or numpy booleans only: ``1`` or ``"yes"`` are refused)."""
+    require(_is_bool(value), f"{name} must be true or false, got {got(value)}")
+    return bool(value)
+
+
+def as_str(name: str, value: Any) -> str:
+    """``value`` as a plain ``str`` (also numpy strings), with no byte that is not UTF-8 (:func:`check_text`)."""
+    require(isinstance(value, str), f"{name} must be a string, got {got(value)}")
+    return check_text(name, str(value))
+
+
+def check_text(name: str, text: str) -> str:
+    """``text`` unchanged when it is valid Unicode; else one line naming the field and the first bad byte.
+
+    Bytes that are not UTF-8 reach Python as lone surrogates: the command line and ``os.environ`` decode them with
+    ``surrogateescape`` (byte ``0xB5`` → ``'\\udcb5'``). Such text cannot be encoded for the tokenizer or the metadata.
+    """
+    for index, char in enumerate(text):
+        code = ord(char)
+        if 0xD800 <= code <= 0xDFFF:
+            what = f"byte 0x{code - 0xDC00:02x}" if code >= 0xDC80 and code <= 0xDCFF else f"code point U+{code:04X}"
+            raise HiresError(
+                f"the {name} is not valid UTF-8 text: {what} at character {index + 1} ({text[:index]!r} comes before "
+                "it); save the text as UTF-8 or remove that character"
+            )
+    return text
+
+
+def as_text(name: str, value: Any) -> str:
+    """A prompt: a ``str``, or ``bytes`` that decode as UTF-8; one line naming the field and the first bad byte."""
+    if isinstance(value, (bytes, bytearray)):
+        try:
+            return bytes(value).decode("utf-8")
+        except UnicodeDecodeError as error:
+            before = bytes(value)[: error.start].decode("utf-8", "replace")
+            raise HiresError(
+                f"the {name} is not valid UTF-8 text: byte 0x{value[error.start]:02x} at byte {error.start + 1} "
+                f"({before!r} comes before it); save the text as UTF-8 or remove that byte"
+            ) from None
+    require(isinstance(value, str), f"the {name} must be a string, got {got(value)}")
+    return check_text(name, str(value))
+
+
+def as_texts(name: str, value: Any) -> list[str]:
+    """One text or a list/tuple of texts (:func:`as_text` each, numbered in messages when there are several)."""
+    if isinstance(value, (str, bytes, bytearray)):
+        return [as_text(name, value)]
+    require(isinstance(value, (list, tuple)), f"the {name} must be a string or a list of strings, got {got(value)}")
+    return [as_text(f"{name} {i + 1}" if len(value) > 1 else name, v) for i, v in enumerate(value)]
+
+
+def _as_floats(name: str, value: Any) -> tuple[float, ...]:
+    """A sequence of numbers (or one number) as a tuple of plain floats."""
+    if _is_number(value):
+        return (float(value),)
+    ok = (isinstance(value, Sequence) and not isinstance(value, str)) or hasattr(value, "tolist")
+    require(ok, f"{name} must be a list of numbers, got {got(value)}")
+    items = value.tolist() if hasattr(value, "tolist") else value
+    return tuple(as_float(name, v) for v in (items if isinstance(items, list | tuple) else [items]))
+
+
+def normalise(name: str, value: Any, annotation: Any) -> Any:
+    """``value`` checked against the dataclass field type ``annotation`` and converted to plain Python.
+
+    The one place where API values become typed settings: ``int``/``float``/``bool``/``str`` fields accept Python
+    and numpy values of that kind (converted, so the metadata JSON stays plain) and refuse everything else in one
+    line naming the field and the type received; ``X | None`` also takes ``None``; ``tuple[float, ...]`` takes a
+    list, tuple, array or single number. Other annotations pass values through unchanged.
+    """
+    base, optional = _field_type(annotation)
+    if value is None:
+        require(optional, f"{name} must not be None")
+        return None
+    if base is bool:
+        return as_bool(name, value)
+    if base is int:
+        return as_int(name, value)
+    if base is float:
+        return as_float(name, value)
+    if base is str:
+        return as_str(name, value)
+    if base is tuple or typing.get_origin(base) is tuple:
+        return _as_floats(name, value)
+    return value
+
+
+@functools.cache
+def field_types(cls: type) -> dict[str, Any]:
+    """The resolved annotations of a dataclass's fields (cached: ``get_type_hints`` evaluates strings)."""
+    return {f.name: typing.get_type_hints(cls)[f.name] for f in dataclasses.fields(cls)}
 
 
 def check_finite(name: str, value: float, *, low: float | None = None, strict: bool = False) -> None:
     """One-line error unless ``value`` is a finite number (and ``> low`` / ``≥ low``)."""
-    require(isinstance(value, (int, float)) and math.isfinite(value), f"{name} must be a finite number, got {value}")
+    require(_is_number(value) and math.isfinite(value), f"{name} must be a finite number, got {value}")
     if low is not None:
         ok = value > low if strict else value >= low
         require(ok, f"{name} must be {'>' if strict else '≥'} {low}, got {value}")
@@ -67,6 +207,10 @@ class GenerationSettings:
     uses (see :func:`low_vram_defaults` for the batch and tile sizes it implies). ``strength`` (input images only,
     in (0, 1]): later phases start at step index ``⌊N·(1 − strength)⌋``, mapped onto each method's own start
     parameter (``None``: the method's default).
+
+    Construction checks every field with :func:`normalise`: numpy numbers become plain ``int``/``float``/``bool``
+    (so the metadata JSON stays plain), booleans where numbers belong and other types are one line naming the
+    field; prompts may be ``bytes`` that decode as UTF-8, and text that is not UTF-8 is refused saying where.
     """
 
     prompt: list[str]
@@ -90,51 +234,50 @@ class GenerationSettings:
     max_pixels: int | None = None
 
     def __post_init__(self) -> None:
-        require(
-            isinstance(self.prompt, (str, list, tuple)),
-            f"the prompt must be a string or a list of strings, got {type(self.prompt).__name__}",
-        )
-        if isinstance(self.prompt, str):
-            self.prompt = [self.prompt]
-        self.prompt = list(self.prompt)
+        self.prompt = as_texts("prompt", self.prompt)
         require(len(self.prompt) > 0, "give at least one prompt")
-        require(all(isinstance(p, str) for p in self.prompt), "prompts must be strings")
-        if isinstance(self.negative_prompt, str):
-            self.negative_prompt = [self.negative_prompt] * len(self.prompt)
         if self.negative_prompt is not None:
+            negatives = as_texts("negative prompt", self.negative_prompt)
+            one = isinstance(self.negative_prompt, (str, bytes, bytearray))
+            self.negative_prompt = negatives * len(self.prompt) if one else negatives
             require(
                 len(self.negative_prompt) == len(self.prompt),
                 f"got {len(self.negative_prompt)} negative prompts for {len(self.prompt)} prompts; give one or "
                 "one per prompt",
             )
+        types_ = field_types(GenerationSettings)
+        for f in dataclasses.fields(self):
+            if f.name not in ("prompt", "negative_prompt"):
+                setattr(self, f.name, normalise(f.name, getattr(self, f.name), types_[f.name]))
         for name in ("width", "height"):
             value = getattr(self, name)
-            ok = isinstance(value, int) and not isinstance(value, bool) and value > 0
-            require(ok, f"{name} must be a positive number of pixels, got {value!r}")
-        require(isinstance(self.steps, int) and self.steps > 0, f"steps must be a positive integer, got {self.steps}")
+            require(value > 0, f"{name} must be a positive number of pixels, got {value!r}")
+        require(self.steps > 0, f"steps must be a positive integer, got {self.steps}")
+        require(
+            self.steps <= MAX_STEPS,
+            f"steps {self.steps:,} is above the limit of {MAX_STEPS:,} (schedules have 1000 training timesteps; "
+            "50 is typical)",
+        )
         check_finite("guidance", self.guidance, low=0.0)
         check_scheduler_name(self.scheduler)
         require(
-            isinstance(self.num_images_per_prompt, int) and self.num_images_per_prompt >= 1,
+            self.num_images_per_prompt >= 1,
             f"num_images_per_prompt (--batch) must be ≥ 1, got {self.num_images_per_prompt}",
         )
-        require(
-            self.seed is None or (isinstance(self.seed, int) and 0 <= self.seed < 2**63),
-            f"seed must be an integer in [0, 2^63), got {self.seed!r}",
-        )
-        require(isinstance(self.max_batch, int) and self.max_batch >= 1, f"max_batch must be ≥ 1, got {self.max_batch}")
+        require(self.seed is None or 0 <= self.seed < 2**63, f"seed must be an integer in [0, 2^63), got {self.seed!r}")
+        require(self.max_batch >= 1, f"max_batch must be ≥ 1, got {self.max_batch}")
         check_finite("ag_lambda", self.ag_lambda, low=0.0)
-        require(isinstance(self.ag_delay, int) and self.ag_delay >= 0, f"ag_delay must be ≥ 0, got {self.ag_delay}")
+        require(self.ag_delay >= 0, f"ag_delay must be ≥ 0, got {self.ag_delay}")
         check_finite("ag_exponent", self.ag_exponent, low=0.0)
         require(
             self.ag_decay in AG_DECAYS, f"unknown ag_decay {self.ag_decay!r}; choose one of: {', '.join(AG_DECAYS)}"
         )
         require(
-            self.max_pixels is None or (isinstance(self.max_pixels, int) and self.max_pixels > 0),
+            self.max_pixels is None or self.max_pixels > 0,
             f"--max-pixels must be a positive integer, got {self.max_pixels!r}",
         )
         if self.strength is not None:
-            ok = isinstance(self.strength, (int, float)) and math.isfinite(self.strength) and 0 < self.strength <= 1
+            ok = math.isfinite(self.strength) and 0 < self.strength <= 1
             require(ok, f"--strength must be in (0, 1] (the fraction of the steps that redraws), got {self.strength}")
         require(
             self.decode_tile_area is None or self.decode_tile_area >= 0,
@@ -192,9 +335,18 @@ def coerce_params(cls: type, values: dict[str, Any], method: str) -> Any:
 
 
 def parse_fields(cls: type, values: dict[str, Any]) -> dict[str, Any]:
-    """Values given as strings (``--set``) parsed with the dataclass field's type; others unchanged."""
-    hints = typing.get_type_hints(cls)
-    return {k: _parse(k, v, hints[k]) if isinstance(v, str) and hints[k] is not str else v for k, v in values.items()}
+    """``values`` typed by the dataclass's fields: strings (``--set``, ``--from-png``) parsed with the field's
+    type, then every value :func:`normalise`-d (numpy numbers → plain ones, wrong types refused in one line).
+    Names that are not fields pass through unchanged (the caller reports them)."""
+    hints = field_types(cls)
+    out: dict[str, Any] = {}
+    for k, v in values.items():
+        if k not in hints:
+            out[k] = v
+            continue
+        parsed = _parse(k, v, hints[k]) if isinstance(v, str) and hints[k] is not str else v
+        out[k] = normalise(k, parsed, hints[k])
+    return out
 
 
 def parse_assignments(items: list[str]) -> dict[str, str]:

@@ -15,10 +15,11 @@ from typing import Any
 
 from PIL import Image
 
+from hiresdiff.config import as_float, as_int, as_str, got
 from hiresdiff.errors import require
 from hiresdiff.inputs import SourceImage, check_aspect, check_min_size, load_source_image, target_size
-from hiresdiff.models.controlnet import ControlNetSpec, resolve_controlnet
-from hiresdiff.models.lora import LoraSpec, parse_lora_arg, resolve_lora
+from hiresdiff.models.controlnet import ControlNetSpec, check_controlnet_fits, resolve_controlnet
+from hiresdiff.models.lora import LoraSpec, check_lora_fits, parse_lora_arg, resolve_lora
 
 #: ControlNet conditioning scale when none is given (diffusers' ControlNet pipelines default to 1.0)
 DEFAULT_CONTROL_SCALE = 1.0
@@ -88,11 +89,67 @@ def _loras(loras: Sequence[LoraInput], allow_pickle: bool, expected: Sequence[st
 
 #: the keyword arguments of :func:`~hiresdiff.generate` and :class:`~hiresdiff.HiresPipeline` that are extras
 EXTRA_ARGS = ("image", "scale", "fit", "controlnet", "control_image", "control_scale", "loras", "expected")
+_LORA_FORMS = "a list of LoRA files, 'file:scale' strings or (file, scale) pairs"
+
+
+def _image_arg(name: str, value: Any) -> Any:
+    require(
+        value is None or isinstance(value, (str, os.PathLike, Image.Image)),
+        f"{name} must be an image file path or a PIL image, got {got(value)}",
+    )
+    return value
+
+
+def _lora_item(item: Any) -> LoraInput:
+    """One ``loras`` entry checked for its form (the file itself is checked by :func:`resolve_lora`)."""
+    if isinstance(item, (str, LoraSpec)):
+        return item
+    if isinstance(item, os.PathLike):
+        return os.fspath(item)
+    pair = isinstance(item, (tuple, list)) and len(item) == 2 and isinstance(item[0], (str, os.PathLike))
+    require(pair, f"loras must be {_LORA_FORMS}; got the item {got(item)}")
+    return os.fspath(item[0]), as_float(f"the scale of LoRA {os.fspath(item[0])!r}", item[1])
+
+
+def _lora_list(value: Any) -> tuple[LoraInput, ...]:
+    """``loras`` as a tuple of entries; one file (a string, path or LoraSpec) is a list of one, never a sequence
+    of characters."""
+    if value is None:
+        return ()
+    if isinstance(value, (str, os.PathLike, LoraSpec)):
+        value = [value]
+    require(isinstance(value, (list, tuple)), f"loras must be {_LORA_FORMS}, got {got(value)}")
+    return tuple(_lora_item(item) for item in value)
+
+
+def typed_extras(args: dict[str, Any]) -> dict[str, Any]:
+    """The :data:`EXTRA_ARGS` in ``args`` checked for their types (no file read, no model needed) and converted to
+    plain values: numbers of any kind for ``scale``/``control_scale``, paths or PIL images for pictures, a list
+    for ``loras``. One line naming the argument and the type received when one does not fit."""
+    out = dict(args)
+    for name in ("image", "control_image"):
+        if name in out:
+            out[name] = _image_arg(name, out[name])
+    for name in ("scale", "control_scale"):
+        if out.get(name) is not None:
+            out[name] = as_float(name, out[name])
+    if out.get("fit") is not None:
+        out["fit"] = as_str("fit", out["fit"])
+    if out.get("controlnet") is not None:
+        net = out["controlnet"]
+        ok = isinstance(net, (str, os.PathLike))
+        require(ok, f"controlnet must be a ControlNet folder or hub id (a string), got {got(net)}")
+        out["controlnet"] = os.fspath(net)
+    if "loras" in out:
+        out["loras"] = _lora_list(out["loras"])
+    expected = out.get("expected")
+    require(expected is None or isinstance(expected, dict), f"expected must be a dict or None, got {got(expected)}")
+    return out
 
 
 def split_extras(kwargs: dict[str, Any], **context: Any) -> tuple[Extras, int, int]:
     """Take the :data:`EXTRA_ARGS` out of ``kwargs`` (in place) and :func:`prepare_extras` them with ``context``
-    (``native``, ``grid``, ``family``, ``width``, ``height``, ``allow_pickle``)."""
+    (``native``, ``grid``, ``family``, ``text_width``, ``width``, ``height``, ``allow_pickle``)."""
     return prepare_extras(**context, **{k: kwargs.pop(k) for k in EXTRA_ARGS if k in kwargs})
 
 
@@ -101,6 +158,7 @@ def prepare_extras(
     native: int,
     grid: int,
     family: str,
+    text_width: int | None = None,
     width: int | None = None,
     height: int | None = None,
     image: ImageInput | None = None,
@@ -118,8 +176,17 @@ def prepare_extras(
     With ``image`` the target keeps the picture's aspect (``scale``, or one of ``width``/``height``; default twice
     its size); a target of another aspect needs ``fit``. Without it the target is ``width × height`` (default
     twice the native size). ``expected`` holds sha256 hashes recorded in a PNG (``image``, ``control_image``,
-    ``loras``): a file that differs is refused.
+    ``loras``): a file that differs is refused. A ControlNet or LoRA made for another family than ``family``
+    (ControlNet: also another text width than ``text_width``, the denoiser's ``cross_attention_dim``) is refused
+    from its config or tensor names, before any weights load.
     """
+    given = (image, scale, fit, controlnet, control_image, control_scale, loras, expected)
+    typed = typed_extras(dict(zip(EXTRA_ARGS, given, strict=True)))
+    image, scale, fit, controlnet, control_image, control_scale, loras, expected = (typed[k] for k in EXTRA_ARGS)
+    if width is not None:
+        width = as_int("width", width)
+    if height is not None:
+        height = as_int("height", height)
     exp = expected or {}
     source = None
     if image is None:
@@ -139,6 +206,7 @@ def prepare_extras(
     if controlnet is not None:
         require(family != "flux", "ControlNet works with SD 1.x/2.x and SDXL models here; FLUX is not supported")
         net = resolve_controlnet(controlnet, allow_pickle=allow_pickle)
+        check_controlnet_fits(net, text_width, family)
         if control_image is not None:
             cond = load_source_image(control_image)
             _same_file("--control-image", cond, exp.get("control_image"))
@@ -156,5 +224,7 @@ def prepare_extras(
         f"--control-scale must be a finite number ≥ 0, got {c_scale}",
     )
     specs = _loras(loras, allow_pickle, exp.get("loras"))
+    for spec in specs:
+        check_lora_fits(spec, family)
     extras = Extras(source, fit, net, cond, float(c_scale), specs)
     return extras, width, height

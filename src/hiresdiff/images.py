@@ -101,21 +101,23 @@ def save_png(
 
 
 def read_png_settings(path: str | Path) -> dict[str, Any]:
-    """The generation settings stored in a hiresdiff PNG, or a one-line error."""
+    """The generation settings stored in a hiresdiff PNG (a JSON object, not yet checked: see
+    :mod:`hiresdiff.from_png`), or a one-line error naming the file."""
     p = Path(path)
+    where = f"--from-png {str(p)!r}"
     if not p.is_file():
-        raise HiresError(f"--from-png: no such file {str(p)!r}")
+        raise HiresError(f"{where}: no such file")
     try:
         with Image.open(p) as img:
             text = getattr(img, "text", {}).get(PNG_KEY)
-    except (OSError, ValueError) as exc:
-        raise HiresError(f"--from-png: {str(p)!r} is not a readable PNG ({exc})") from None
+    except (OSError, ValueError, Image.DecompressionBombError) as exc:
+        raise HiresError(f"{where}: not a readable PNG ({exc})") from None
     if text is None:
-        raise HiresError(f"--from-png: {str(p)!r} carries no hiresdiff settings (was it written by hiresdiff?)")
+        raise HiresError(f"{where}: carries no hiresdiff settings (was it written by hiresdiff?)")
     try:
         data = json.loads(text)
-    except json.JSONDecodeError:
-        raise HiresError(f"--from-png: the settings chunk of {str(p)!r} is not valid JSON") from None
+    except (json.JSONDecodeError, RecursionError):
+        raise HiresError(f"{where}: the settings chunk is not valid JSON") from None
     if not isinstance(data, dict):
-        raise HiresError(f"--from-png: the settings chunk of {str(p)!r} is not a JSON object")
+        raise HiresError(f"{where}: the settings chunk is not a JSON object")
     return data

@@ -22,11 +22,9 @@ import torch
 import torch.nn.functional as F
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from hiresdiff.config import FIT_MODES
 from hiresdiff.errors import HiresError, require
 from hiresdiff.stages import round_to_grid
-
-#: the ways to reconcile a target whose aspect ratio differs from the input's (``--fit``)
-FIT_MODES = ("crop", "pad")
 
 #: name recorded for images handed over as PIL objects rather than files
 PIL_IMAGE_NAME = "<PIL image>"
@@ -225,6 +223,10 @@ def load_source_image(source: str | os.PathLike[str] | Image.Image) -> SourceIma
     PIL's decompression-bomb warning is treated like its error, because an image that large would exhaust memory
     long before the upscale finished.
     """
+    require(
+        isinstance(source, (str, os.PathLike, Image.Image)),
+        f"an input image must be a file path or a PIL image, got {source!r:.60} ({type(source).__name__})",
+    )
     notes: list[str] = []
     if isinstance(source, Image.Image):
         label = PIL_IMAGE_NAME

@@ -13,16 +13,19 @@ import torch
 from PIL import Image
 
 from hiresdiff.config import (
+    DEFAULT_MODEL,
     DTYPES,
     PAPER_SETTING,
     GenerationSettings,
+    as_bool,
     coerce_params,
+    got,
     low_vram_defaults,
     parse_fields,
 )
 from hiresdiff.control import ControlCondition
 from hiresdiff.errors import HiresError, HiresWarning, require
-from hiresdiff.extras import Extras, split_extras
+from hiresdiff.extras import EXTRA_ARGS, Extras, split_extras, typed_extras
 from hiresdiff.images import to_pil
 from hiresdiff.inputs import fit_to_aspect
 from hiresdiff.methods import Method, get_method
@@ -40,7 +43,6 @@ SETTING_NAMES = {f.name for f in dataclasses.fields(GenerationSettings)} - {"pro
 MAX_SIDE_FACTOR = 8
 #: attentive-guidance settings (they change pixels, so the metadata records them)
 AG_SETTINGS = ("ag_lambda", "ag_delay", "ag_exponent", "ag_decay")
-DEFAULT_MODEL = "stabilityai/stable-diffusion-xl-base-1.0"
 
 
 @dataclass
@@ -86,14 +88,34 @@ def build_request(
     (:attr:`~hiresdiff.methods.base.Method.strength_params`).
     """
     extras = extras or Extras()
+    m, settings, specific = _settings(prompt, method, width, height, preset, paper, model_defaults, kwargs)
+    specific = {**specific, **_strength_params(m, settings, extras.source is not None, specific)}
+    params = coerce_params(m.params, specific, m.name)
+    return GenerationRequest(m, settings, params, extras)
+
+
+def _settings(
+    prompt: Any,
+    method: Any,
+    width: Any,
+    height: Any,
+    preset: Any,
+    paper: Any,
+    model_defaults: dict[str, Any] | None,
+    kwargs: dict[str, Any],
+) -> tuple[Method, GenerationSettings, dict[str, Any]]:
+    """The method, the typed :class:`GenerationSettings` and the method-specific values (not yet typed) of a
+    request: presets, ``--paper``, low-VRAM, model and method defaults merged under the explicit values."""
+    require(isinstance(method, str), f"method must be a method name (a string), got {got(method)}")
     m = get_method(method)
     if preset is not None:
+        require(isinstance(preset, str), f"preset must be a preset name (a string), got {got(preset)}")
         require(
             preset in m.presets,
             f"method {m.name!r} has no preset {preset!r}; presets: {', '.join(m.presets) or 'none'}",
         )
         kwargs = {**m.presets[preset], **kwargs}
-    if paper:
+    if as_bool("paper", paper):
         kwargs = {**PAPER_SETTING, **kwargs}
     kwargs = low_vram_defaults(kwargs)
     kwargs = {**(model_defaults or {}), **m.setting_defaults, **kwargs}
@@ -102,17 +124,24 @@ def build_request(
     settings = GenerationSettings(prompt=prompt, width=width, height=height, **common)
     if settings.negative_prompt is None and m.default_negative is not None and settings.cfg:
         settings.negative_prompt = [m.default_negative] * len(settings.prompt)
-    specific = {**specific, **_strength_params(m, settings, extras, specific)}
-    params = coerce_params(m.params, specific, m.name)
-    return GenerationRequest(m, settings, params, extras)
+    return m, settings, specific
 
 
-def _strength_params(m: Method, settings: GenerationSettings, extras: Extras, given: dict[str, Any]) -> dict[str, Any]:
-    """The method parameters ``strength`` stands for (input pictures only); a one-line error where it cannot."""
+def _check_strength(m: Method, settings: GenerationSettings, has_source: bool) -> bool:
+    """Whether ``strength`` is set; a one-line error where it cannot be (no input picture, method without one)."""
     if settings.strength is None:
-        return {}
-    require(extras.source is not None, "--strength sets how much of an input image is redrawn: it needs --image")
+        return False
+    require(has_source, "--strength sets how much of an input image is redrawn: it needs --image")
     require(m.strength_params is not None, f"method {m.name!r} does not denoise an input image; drop --strength")
+    return True
+
+
+def _strength_params(
+    m: Method, settings: GenerationSettings, has_source: bool, given: dict[str, Any]
+) -> dict[str, Any]:
+    """The method parameters ``strength`` stands for (input pictures only); a one-line error where it cannot."""
+    if not _check_strength(m, settings, has_source):
+        return {}
     mapped = m.strength_params(settings.strength, settings)  # type: ignore[misc]
     typed = parse_fields(m.params, {k: given[k] for k in mapped if k in given})
 
@@ -138,16 +167,27 @@ def check_for_model(req: GenerationRequest, native: int, grid: int) -> None:
     req.params.check(req.settings, native, grid)
 
 
+def check_generators(settings: GenerationSettings, generator: Any) -> list[torch.Generator] | None:
+    """The caller's generator(s), one per image (one generator serves every image), or ``None``; a one-line error
+    for another type or another count. Needs no model, so it runs with the other request checks."""
+    if generator is None:
+        return None
+    n = settings.batch_size
+    if isinstance(generator, torch.Generator):
+        return [generator] * n
+    require(
+        isinstance(generator, (list, tuple)) and all(isinstance(g, torch.Generator) for g in generator),
+        f"generator must be a torch.Generator or a list of them (or pass seed=…), got {got(generator)}",
+    )
+    require(len(generator) == n, f"got {len(generator)} generators for {n} images; pass one or one per image")
+    return list(generator)
+
+
 def _generators(settings: GenerationSettings, generator: Any) -> tuple[list[torch.Generator], list[int | None]]:
     """One generator per image: ``seed + i`` (recorded, reproducible) or the caller's generator(s)."""
     n = settings.batch_size
-    if generator is not None:
-        gens = list(generator) if isinstance(generator, (list, tuple)) else [generator] * n
-        require(
-            all(isinstance(g, torch.Generator) for g in gens),
-            "generator must be a torch.Generator or a list of them (or pass seed=…)",
-        )
-        require(len(gens) == n, f"got {len(gens)} generators for {n} images; pass one or one per image")
+    gens = check_generators(settings, generator)
+    if gens is not None:
         return gens, [None] * n
     seed = settings.seed if settings.seed is not None else secrets.randbelow(2**62)
     seeds = [seed + i for i in range(n)]
@@ -212,9 +252,11 @@ class HiresPipeline:
         scheduler, seed, num_images_per_prompt, max_batch, decode_tile_area, previews, strength, …) and the method's
         parameters.
         """
-        ad = self.adapter
-        model = ModelFacts(ad.native_size, ad.pixel_grid, ad.family, ad.sampling_defaults)
-        req = validate_request(prompt, method, width, height, model, allow_pickle=self.allow_pickle, **kwargs)
+        _check_callables(progress=progress, callback=callback)
+        model = ModelFacts.of_pipeline(self)
+        req = validate_request(
+            prompt, method, width, height, model, allow_pickle=self.allow_pickle, generator=generator, **kwargs
+        )
         return self.run(req, generator=generator, progress=progress, callback=callback)
 
     def provide_controlnet(self, ref: str, module: Any) -> None:
@@ -225,7 +267,7 @@ class HiresPipeline:
     def _controlnet(self, spec: ControlNetSpec) -> Any:
         """The ControlNet of ``spec``, loaded once and kept on the denoiser's device and dtype."""
         ad = self.adapter
-        check_controlnet_fits(spec, ad.unet, ad.family)
+        check_controlnet_fits(spec, None if ad.family == "flux" else int(ad.unet.config.cross_attention_dim), ad.family)
         net = self._controlnets.get(spec.ref)
         if net is None:
             self._controlnets.clear()
@@ -346,12 +388,120 @@ class HiresPipeline:
 
 @dataclass(frozen=True)
 class ModelFacts:
-    """What validation needs to know of a model without its weights (from a ModelSpec or a loaded adapter)."""
+    """What validation needs to know of a model without its weights (from a ModelSpec or a loaded adapter).
+
+    ``scheduler_config``: the model's scheduler config (``None``: unknown before loading, :data:`TYPICAL_SCHEDULER`
+    is assumed); ``text_width``: the denoiser's ``cross_attention_dim`` a ControlNet must match (``None``: unknown).
+    """
 
     native: int
     grid: int
     family: str
     sampling_defaults: dict[str, Any]
+    scheduler_config: dict[str, Any] | None = None
+    text_width: int | None = None
+
+    @classmethod
+    def of_spec(cls, spec: Any) -> ModelFacts:
+        """The facts of a resolved :class:`~hiresdiff.models.loading.ModelSpec` (configs only)."""
+        return cls(
+            spec.native_size,
+            spec.pixel_grid,
+            spec.family,
+            spec.sampling_defaults,
+            spec.scheduler_config,
+            spec.cross_attention_dim,
+        )
+
+    @classmethod
+    def of_pipeline(cls, hp: HiresPipeline) -> ModelFacts:
+        """The facts of a loaded pipeline (its base scheduler's config, its UNet's text width)."""
+        ad = hp.adapter
+        width = None if ad.family == "flux" else int(ad.unet.config.cross_attention_dim)
+        return cls(ad.native_size, ad.pixel_grid, ad.family, ad.sampling_defaults, hp._base_scheduler_config, width)
+
+
+#: the scheduler settings of the SD/SDXL releases (and the built-in models), assumed where a model's own scheduler
+#: config is not known before loading (built-in models, single files, hub models not in the cache)
+TYPICAL_SCHEDULER: dict[str, Any] = {"num_train_timesteps": 1000, "timestep_spacing": "leading", "steps_offset": 1}
+
+
+def _scheduler_for(name: str, family: str, config: dict[str, Any]) -> Any:
+    """The scheduler :meth:`HiresPipeline.run` would build for ``name`` from ``config`` (no weights), or ``None``
+    where its class is not known before loading."""
+    if name == MODEL_DEFAULT or (family == "flux" and name == "euler"):
+        import diffusers
+
+        cls = getattr(diffusers, str(config.get("_class_name")), None)
+        return None if cls is None else cls.from_config(config)
+    return make_scheduler(name, config)
+
+
+def check_steps(settings: GenerationSettings, family: str, scheduler_config: dict[str, Any] | None) -> None:
+    """Refuse step counts the model's scheduler cannot run, in one line, before any weights load.
+
+    Above ``num_train_timesteps`` diffusers' DDIM/DDPM raise, and the others (Euler, Heun, DPM-Solver, UniPC with
+    "leading" spacing) silently put every step on the same timestep; DPM-Solver and UniPC do so already at
+    ``num_train_timesteps`` itself. The scheduler that will run is built from its config and asked for its
+    timesteps, so every such collapse is caught (flow-matching FLUX schedules have continuous σ: no collapse).
+    """
+    config = {**TYPICAL_SCHEDULER, **(scheduler_config or {})}
+    limit, steps = int(config["num_train_timesteps"]), settings.steps
+    require(
+        steps <= limit,
+        f"steps {steps:,} is above the {limit} timesteps the model's scheduler has (num_train_timesteps); use at "
+        f"most {limit} (50 is typical)",
+    )
+    if family == "flux" or steps == 1:
+        return
+    scheduler = _scheduler_for(settings.scheduler, family, config)
+    if scheduler is None:
+        return
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            scheduler.set_timesteps(steps)
+    except (ValueError, TypeError, RuntimeError) as error:
+        first = next((line.strip() for line in str(error).splitlines() if line.strip()), type(error).__name__)
+        raise HiresError(f"the {settings.scheduler} scheduler cannot run {steps} steps: {first[:200]}") from None
+    distinct = len(set(scheduler.timesteps.tolist()))
+    require(
+        distinct > 1,
+        f"steps {steps} collapses the {settings.scheduler} schedule of this model: every step lands on the same "
+        f"timestep ({limit} training timesteps, {config.get('timestep_spacing')!r} spacing); use fewer steps",
+    )
+
+
+def check_arguments(
+    prompt: Any,
+    method: Any,
+    width: Any,
+    height: Any,
+    *,
+    generator: Any = None,
+    preset: Any = None,
+    paper: Any = False,
+    **kwargs: Any,
+) -> None:
+    """Every check that needs no model, run before the model is even resolved: names, types and numbers of the
+    prompts, settings, method parameters, extras (types only: files are read once the model is known) and the
+    generators. A width/height left to the model's default is checked later (:func:`validate_request`)."""
+    extras = typed_extras({k: kwargs.pop(k) for k in EXTRA_ARGS if k in kwargs})
+    stand_in = 1  # a missing side defaults from the model or the input picture: any positive value checks the rest
+    w, h = (stand_in if v is None else v for v in (width, height))
+    m, settings, specific = _settings(prompt, method, w, h, preset, paper, None, kwargs)
+    _check_strength(m, settings, extras.get("image") is not None)
+    coerce_params(m.params, specific, m.name)
+    check_generators(settings, generator)
+
+
+def _check_callables(**given: Any) -> None:
+    """``progress`` a bool, the callbacks callable or ``None`` (one line naming the argument otherwise)."""
+    for name, value in given.items():
+        if name == "progress":
+            as_bool(name, value)
+        else:
+            require(value is None or callable(value), f"{name} must be a function or None, got {got(value)}")
 
 
 def validate_request(
@@ -362,15 +512,21 @@ def validate_request(
     model: ModelFacts,
     *,
     allow_pickle: bool = False,
+    generator: Any = None,
     **kwargs: Any,
 ) -> GenerationRequest:
-    """Everything checked before any model work: inputs and target size (:func:`~hiresdiff.extras.split_extras`),
-    what the family cannot use, settings and parameters (:func:`build_request`), and the model's limits."""
+    """Everything checked before any model work, in order: what needs no model (:func:`check_arguments`), then
+    what needs the model's configs: inputs and target size (:func:`~hiresdiff.extras.split_extras`, ControlNet and
+    LoRA families included), what the family cannot use, settings and parameters (:func:`build_request`), the
+    model's limits, the method's families and the scheduler's step limits (:func:`check_steps`)."""
+    as_bool("allow_pickle", allow_pickle)
+    check_arguments(prompt, method, width, height, generator=generator, **kwargs)
     extras, width, height = split_extras(
         kwargs,
         native=model.native,
         grid=model.grid,
         family=model.family,
+        text_width=model.text_width,
         width=width,
         height=height,
         allow_pickle=allow_pickle,
@@ -381,6 +537,8 @@ def validate_request(
     )
     req = build_request(prompt, method, width, height, model_defaults=model.sampling_defaults, extras=extras, **kwargs)
     check_for_model(req, model.native, model.grid)
+    req.method.check_family(model.family, req.params)
+    check_steps(req.settings, model.family, model.scheduler_config)
     return req
 
 
@@ -394,24 +552,49 @@ def describe(req: GenerationRequest) -> dict[str, Any]:
     }
 
 
-def resolve_device(device: str | None) -> str:
-    """``None`` → CUDA when available, else CPU; an unavailable CUDA request is a one-line error."""
+#: the device types a generation can run on (``meta`` holds no data; others have no diffusers support here)
+DEVICE_TYPES = ("cpu", "cuda", "mps")
+
+
+def resolve_device(device: str | torch.device | None) -> str:
+    """``None`` → CUDA when available, else CPU. A device that cannot run a generation (unknown, ``meta``, an
+    unavailable CUDA or MPS, a CUDA index beyond the GPUs present) is a one-line error."""
     if device is None:
         return "cuda" if torch.cuda.is_available() else "cpu"
-    require(
-        not device.startswith("cuda") or torch.cuda.is_available(),
-        f"device {device!r} requested but CUDA is not available; use --device cpu",
-    )
+    ok = isinstance(device, (str, torch.device))
+    require(ok, f"device must be a string such as 'cpu', 'cuda' or 'cuda:1', got {got(device)}")
+    name = str(device)
     try:
-        torch.device(device)
-    except RuntimeError:
-        raise HiresError(f"unknown device {device!r}; use cpu, cuda or cuda:N") from None
-    return device
+        parsed = torch.device(name)
+    except (RuntimeError, ValueError):
+        raise HiresError(f"unknown device {name!r}; use cpu, cuda or cuda:N") from None
+    require(parsed.type in DEVICE_TYPES, f"device {name!r} cannot run a generation; use cpu, cuda or cuda:N")
+    if parsed.type == "cuda":
+        require(torch.cuda.is_available(), f"device {name!r} requested but CUDA is not available; use --device cpu")
+        count = torch.cuda.device_count()
+        require(
+            parsed.index is None or parsed.index < count,
+            f"device {name!r} does not exist: {count} CUDA device(s) here (cuda:0 … cuda:{count - 1})",
+        )
+    if parsed.type == "mps":
+        require(torch.backends.mps.is_available(), f"device {name!r} requested but MPS is not available")
+    return name
 
 
-def resolve_dtype(name: str) -> torch.dtype:
-    require(name in DTYPES, f"unknown dtype {name!r}; choose one of: {', '.join(DTYPES)}")
-    return getattr(torch, name)
+def dtype_name(dtype: str | torch.dtype) -> str:
+    """The name of a dtype given as a string or a ``torch.dtype``; one line for anything else or another dtype."""
+    if isinstance(dtype, torch.dtype):
+        dtype = str(dtype).removeprefix("torch.")
+    require(
+        isinstance(dtype, str) and dtype in DTYPES,
+        f"unknown dtype {dtype!r}; choose one of: {', '.join(DTYPES)}",
+    )
+    return dtype
+
+
+def resolve_dtype(name: str | torch.dtype) -> torch.dtype:
+    """The ``torch.dtype`` of ``name`` (one of :data:`~hiresdiff.config.DTYPES`)."""
+    return getattr(torch, dtype_name(name))
 
 
 _CACHE: dict[tuple[str, str, str, bool], HiresPipeline] = {}
@@ -446,12 +629,21 @@ def generate(
     """
     from hiresdiff.models.loading import resolve_model
 
+    require(isinstance(model, str), f"model must be a name, path or hub id (a string), got {got(model)}")
+    as_bool("allow_pickle", allow_pickle)
+    _check_callables(progress=progress, callback=callback, before_model=before_model)
+    require(
+        parallel is None or isinstance(parallel, ViewParallel),
+        f"parallel must be a hiresdiff.parallel.ViewParallel or None, got {got(parallel)}",
+    )
     dev = resolve_device(device)
-    dtype = dtype or ("float16" if dev.startswith("cuda") else "float32")
-    resolve_dtype(dtype)
+    dtype = dtype_name(dtype or ("float16" if dev.startswith("cuda") else "float32"))
+    check_arguments(prompt, method, width, height, generator=generator, **kwargs)  # before the model is resolved
     spec = resolve_model(model, allow_pickle=allow_pickle)
-    facts = ModelFacts(spec.native_size, spec.pixel_grid, spec.family, spec.sampling_defaults)
-    req = validate_request(prompt, method, width, height, facts, allow_pickle=allow_pickle, **kwargs)
+    facts = ModelFacts.of_spec(spec)
+    req = validate_request(
+        prompt, method, width, height, facts, allow_pickle=allow_pickle, generator=generator, **kwargs
+    )
     if parallel is not None:
         parallel.check_same_request({**describe(req), "model": model, "dtype": dtype})  # before any weights load
     if before_model is not None:

@@ -10,8 +10,9 @@ from __future__ import annotations
 import inspect
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 from tqdm.auto import tqdm
@@ -29,6 +30,21 @@ from hiresdiff.strategies.full import FullCanvas
 StepCallback = Callable[[str, int, int], None]
 #: ``on_preview(images)`` the moment a phase's preview (B, 3, H, W in [−1, 1]) is decoded
 PreviewCallback = Callable[[torch.Tensor], None]
+
+
+class StepReplay(Protocol):
+    """The cost model's hook in the loop (:mod:`hiresdiff.cost.replay`): told when a loop of ``total`` steps
+    begins, it says which steps repeat one it recorded; those only advance the scheduler (with the last
+    prediction), their cost is booked again."""
+
+    def begin(self, total: int) -> None: ...
+
+    def repeats(self, step: int) -> bool: ...
+
+
+#: set only while the cost model counts a generation; ``None`` in real runs
+STEP_REPLAY: ContextVar[StepReplay | None] = ContextVar("hiresdiff_step_replay", default=None)
+
 #: SDEdit strength of ``direct``/``multidiffusion`` on an input image when none is given (diffusers'
 #: ``StableDiffusionImg2ImgPipeline`` default)
 SDEDIT_STRENGTH = 0.8
@@ -143,7 +159,13 @@ class Run:
         kwargs = self._step_kwargs()
         total = len(timesteps)
         bar = tqdm(total=total, desc=name, disable=not self.progress, leave=True)
+        replay, pred = STEP_REPLAY.get(), None  # a replayed step advances the scheduler with the last prediction
+        if replay is not None:
+            replay.begin(total)
         for i, t in enumerate(timesteps):
+            if replay is not None and replay.repeats(i):  # the cost model books a recorded step again
+                x = sched.step(pred, t, x, return_dict=False, **kwargs)[0]
+                continue
             for hook in hooks:
                 x = hook.before_step(t, x)
             x_in = self.adapter.scale_input(x, t)
@@ -190,7 +212,27 @@ class Run:
 
     # --- images -------------------------------------------------------------------------------------------
     def decode(self, latents: torch.Tensor, *, clamp: bool = True) -> torch.Tensor:
+        """The final image's decode: tiled above :attr:`GenerationSettings.decode_tile_area` (SPEC §2.4)."""
         return self.adapter.decode(latents, self.settings.decode_tile_area, clamp=clamp)
+
+    @property
+    def inner_tile_area(self) -> int | None:
+        """Tile area of every other VAE call of the run (previews, pixel-space steps, the input picture).
+
+        The final image's rule, tightened where the final image tiles: then anything larger than the native area
+        tiles as well, so that no intermediate call is larger than one of the final decode's tiles (a core of
+        ``w/4`` with ``3w/8`` of context on each side spans at most the native ``w × w`` latent). Without it a
+        2048² phase preview, decoded whole in float32, set the peak memory of 4096² runs. Runs whose final image
+        decodes whole keep every decode whole (each is smaller than the final one).
+        """
+        s, area = self.settings, self.settings.decode_tile_area
+        if area is None or s.height * s.width <= area:
+            return area
+        return min(area, self.adapter.native_size**2)
+
+    def decode_inner(self, latents: torch.Tensor, *, clamp: bool = True) -> torch.Tensor:
+        """Decode latents other than the final image's (:attr:`inner_tile_area`)."""
+        return self.adapter.decode(latents, self.inner_tile_area, clamp=clamp)
 
     def pixel_upsample(
         self, latents: torch.Tensor | None, size: tuple[int, int], pixels: torch.Tensor | None = None
@@ -201,12 +243,12 @@ class Run:
         resized like a photo (antialiased where they shrink)."""
         if pixels is None:
             assert latents is not None
-            image = self.decode(latents, clamp=False)
+            image = self.decode_inner(latents, clamp=False)
             resized = upsample_pixels(image, size)
         else:
             image, resized = pixels, resize_pixels(pixels, size)
         self.keep_preview(image.clamp(-1, 1))
-        return self.adapter.encode(resized, self.settings.decode_tile_area)
+        return self.adapter.encode(resized, self.inner_tile_area)
 
     # --- the caller's input picture (upscaling) ----------------------------------------------------------
     def source_at(self, height: int, width: int) -> torch.Tensor:
@@ -217,7 +259,7 @@ class Run:
 
     def encode_source(self, height: int, width: int) -> torch.Tensor:
         """Latents of the input picture at ``height × width`` pixels (VAE posterior mean)."""
-        return self.adapter.encode(self.source_at(height, width), self.settings.decode_tile_area)
+        return self.adapter.encode(self.source_at(height, width), self.inner_tile_area)
 
     def sdedit(self, strategy: Strategy, name: str) -> torch.Tensor:
         """SDEdit at the target size (``direct``/``multidiffusion`` with an input image): the encoded picture noised
@@ -230,9 +272,10 @@ class Run:
         return self.denoise(x, timesteps, strategy, self.denoiser((s.height, s.width)), name=name)
 
     def add_preview(self, latents: torch.Tensor) -> None:
-        """Decode and keep a per-phase preview (skipped when previews are off)."""
+        """Decode and keep a per-phase preview (skipped when previews are off), never in a larger VAE call than
+        the final image's (:attr:`inner_tile_area`)."""
         if self.settings.previews:
-            self.keep_preview(self.decode(latents))
+            self.keep_preview(self.decode_inner(latents))
 
     def keep_preview(self, images: torch.Tensor) -> None:
         """Keep decoded ``images`` as a preview (when previews are on) and hand them to :attr:`on_preview`."""

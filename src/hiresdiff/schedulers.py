@@ -1,34 +1,29 @@
-"""Scheduler names accepted by ``--scheduler`` and their diffusers classes."""
+"""Scheduler names accepted by ``--scheduler`` and their diffusers classes.
+
+The table names the classes instead of importing them, so that ``--help`` and the settings checks (which list and
+validate these names) do not import diffusers; :func:`scheduler_class` imports a class when a scheduler is built.
+"""
 
 from __future__ import annotations
 
+import importlib
 from typing import Any
-
-from diffusers import (
-    DDIMScheduler,
-    DDPMScheduler,
-    DPMSolverMultistepScheduler,
-    EulerAncestralDiscreteScheduler,
-    EulerDiscreteScheduler,
-    HeunDiscreteScheduler,
-    UniPCMultistepScheduler,
-)
 
 from hiresdiff.errors import HiresError
 
-#: name → (diffusers class, config overrides applied on top of the model's own scheduler config)
-SCHEDULERS: dict[str, tuple[type, dict[str, Any]]] = {
-    "euler": (EulerDiscreteScheduler, {}),
-    "euler-a": (EulerAncestralDiscreteScheduler, {}),
-    "heun": (HeunDiscreteScheduler, {}),
-    "ddim": (DDIMScheduler, {}),
-    "ddpm": (DDPMScheduler, {}),
-    "dpmpp-2m": (DPMSolverMultistepScheduler, {"algorithm_type": "dpmsolver++", "solver_order": 2}),
+#: name → (diffusers class name, config overrides applied on top of the model's own scheduler config)
+SCHEDULER_CLASSES: dict[str, tuple[str, dict[str, Any]]] = {
+    "euler": ("EulerDiscreteScheduler", {}),
+    "euler-a": ("EulerAncestralDiscreteScheduler", {}),
+    "heun": ("HeunDiscreteScheduler", {}),
+    "ddim": ("DDIMScheduler", {}),
+    "ddpm": ("DDPMScheduler", {}),
+    "dpmpp-2m": ("DPMSolverMultistepScheduler", {"algorithm_type": "dpmsolver++", "solver_order": 2}),
     "dpmpp-2m-karras": (
-        DPMSolverMultistepScheduler,
+        "DPMSolverMultistepScheduler",
         {"algorithm_type": "dpmsolver++", "solver_order": 2, "use_karras_sigmas": True},
     ),
-    "unipc": (UniPCMultistepScheduler, {}),
+    "unipc": ("UniPCMultistepScheduler", {}),
 }
 
 #: latent-diffusion values for keys a model's scheduler config may lack (diffusers' own defaults would clip the
@@ -41,14 +36,22 @@ MODEL_DEFAULT = "model-default"
 
 def scheduler_names() -> list[str]:
     """All accepted ``--scheduler`` values."""
-    return [*SCHEDULERS, MODEL_DEFAULT]
+    return [*SCHEDULER_CLASSES, MODEL_DEFAULT]
 
 
 def check_scheduler_name(name: str) -> str:
     """Raise a one-line :class:`HiresError` for an unknown scheduler name."""
-    if name not in SCHEDULERS and name != MODEL_DEFAULT:
+    if name not in SCHEDULER_CLASSES and name != MODEL_DEFAULT:
         raise HiresError(f"unknown scheduler {name!r}; choose one of: {', '.join(scheduler_names())}")
     return name
+
+
+def scheduler_class(name: str) -> type:
+    """The diffusers class of scheduler ``name`` (imports diffusers)."""
+    check_scheduler_name(name)
+    if name == MODEL_DEFAULT:
+        raise HiresError("'model-default' keeps the model's own scheduler; it names no class")
+    return getattr(importlib.import_module("diffusers"), SCHEDULER_CLASSES[name][0])
 
 
 def make_scheduler(name: str, base_config: Any) -> Any:
@@ -56,6 +59,12 @@ def make_scheduler(name: str, base_config: Any) -> Any:
     check_scheduler_name(name)
     if name == MODEL_DEFAULT:
         raise HiresError("make_scheduler needs a concrete scheduler name, not 'model-default'")
-    cls, overrides = SCHEDULERS[name]
     config = {**LATENT_DEFAULTS, **dict(base_config)}
-    return cls.from_config(config, **overrides)
+    return scheduler_class(name).from_config(config, **SCHEDULER_CLASSES[name][1])
+
+
+def __getattr__(name: str) -> Any:
+    """``SCHEDULERS``: name → (diffusers class, overrides), built on first use (it imports diffusers)."""
+    if name == "SCHEDULERS":
+        return {key: (scheduler_class(key), overrides) for key, (_, overrides) in SCHEDULER_CLASSES.items()}
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

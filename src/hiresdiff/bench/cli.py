@@ -20,7 +20,7 @@ from hiresdiff.bench.prompts import load_prompts
 from hiresdiff.cli_options import add_memory_check_option, add_sampling_options, sampling_settings
 from hiresdiff.config import DTYPES, parse_assignments
 from hiresdiff.errors import HiresError, require
-from hiresdiff.evaluation.extractors import DEFAULT_CLIP_MODEL
+from hiresdiff.evaluation.defaults import DEFAULT_CLIP_MODEL
 from hiresdiff.outputs import check_writable, os_reason
 
 if TYPE_CHECKING:

@@ -9,11 +9,42 @@ Networks are injectable (:class:`Extractors`); the defaults come from torch-fide
 (CLIP) and pyiqa (MUSIQ, CLIPIQA), imported only when needed.
 """
 
-from hiresdiff.evaluation.crops import CropBox, CropProtocol, crop_boxes, parse_crop_spec
-from hiresdiff.evaluation.dataset import DatasetReport, build_reference_set
-from hiresdiff.evaluation.evaluator import EvalResult, evaluate
-from hiresdiff.evaluation.extractors import ClipScorer, Extractors
-from hiresdiff.evaluation.plan import METRICS, EvalPlan, plan_evaluation
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from hiresdiff.evaluation.crops import CropBox, CropProtocol, crop_boxes, parse_crop_spec
+    from hiresdiff.evaluation.dataset import DatasetReport, build_reference_set
+    from hiresdiff.evaluation.evaluator import EvalResult, evaluate
+    from hiresdiff.evaluation.extractors import ClipScorer, Extractors
+    from hiresdiff.evaluation.plan import METRICS, EvalPlan, plan_evaluation
+
+#: exported name → defining submodule, imported on first access (PEP 562) so that the ``eval``/``dataset``/
+#: ``bench`` parsers (which import :mod:`hiresdiff.evaluation.cli`) do not import torch
+_WHERE = {
+    "CropBox": "crops",
+    "CropProtocol": "crops",
+    "crop_boxes": "crops",
+    "parse_crop_spec": "crops",
+    "DatasetReport": "dataset",
+    "build_reference_set": "dataset",
+    "EvalResult": "evaluator",
+    "evaluate": "evaluator",
+    "ClipScorer": "extractors",
+    "Extractors": "extractors",
+    "METRICS": "plan",
+    "EvalPlan": "plan",
+    "plan_evaluation": "plan",
+}
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _WHERE:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return getattr(importlib.import_module(f"{__name__}.{_WHERE[name]}"), name)
+
 
 __all__ = [
     "METRICS",

@@ -13,9 +13,9 @@ from typing import Any
 import torch
 from PIL import Image
 
+from hiresdiff.evaluation.defaults import DEFAULT_CAPTIONER
 from hiresdiff.evaluation.weights import load_pretrained
 
-DEFAULT_CAPTIONER = "Salesforce/blip-image-captioning-large"
 #: RGB images → one caption each
 Captioner = Callable[[Sequence[Image.Image]], list[str]]
 

@@ -8,11 +8,11 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from hiresdiff.evaluation.captioner import DEFAULT_CAPTIONER
-from hiresdiff.evaluation.extractors import DEFAULT_CLIP_MODEL, Extractors
+from hiresdiff.evaluation.defaults import DEFAULT_CAPTIONER, DEFAULT_CLIP_MODEL
 
 if TYPE_CHECKING:
     from hiresdiff.evaluation.evaluator import EvalResult
+    from hiresdiff.evaluation.extractors import Extractors
 
 Handler = Callable[[argparse.Namespace], int]
 

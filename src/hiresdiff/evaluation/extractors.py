@@ -21,6 +21,7 @@ import torch
 from PIL import Image
 from torch import nn
 
+from hiresdiff.evaluation.defaults import DEFAULT_CLIP_MODEL
 from hiresdiff.evaluation.views import center_box, resized
 from hiresdiff.evaluation.weights import (
     check_pyiqa_weights,
@@ -31,7 +32,6 @@ from hiresdiff.evaluation.weights import (
 
 #: side of the square the Inception network sees (torch-fidelity / TensorFlow FID)
 INCEPTION_SIZE = 299
-DEFAULT_CLIP_MODEL = "openai/clip-vit-large-patch14"
 #: OpenAI CLIP's image normalisation (every released CLIP checkpoint uses it)
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)

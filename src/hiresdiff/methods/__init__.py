@@ -1,13 +1,17 @@
-"""Registered methods, by name."""
+"""Registered methods, by name.
+
+The registry is built from the torch-free spec modules (:mod:`hiresdiff.methods.specs`); each method's recipe
+module (``hiresdiff.methods.<name>``) is imported only when the method runs (:meth:`Method.run`).
+"""
 
 from __future__ import annotations
 
 from hiresdiff.errors import HiresError
-from hiresdiff.methods import accdiffusion, apldm, apt, demofusion, direct, multidiffusion, resize, scalediff
 from hiresdiff.methods.base import Method, MethodOutput, Params
+from hiresdiff.methods.specs import accdiffusion, apldm, apt, demofusion, direct, multidiffusion, resize, scalediff
 
-_MODULES = (direct, resize, multidiffusion, demofusion, accdiffusion, apt, apldm, scalediff)
-METHODS: dict[str, Method] = {module.METHOD.name: module.METHOD for module in _MODULES}
+_SPECS = (direct, resize, multidiffusion, demofusion, accdiffusion, apt, apldm, scalediff)
+METHODS: dict[str, Method] = {spec.METHOD.name: spec.METHOD for spec in _SPECS}
 
 
 def get_method(name: str) -> Method:

@@ -13,17 +13,15 @@ Algorithm, on top of DemoFusion's phase loop:
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from functools import partial
 
 import torch
 
 from hiresdiff.attention import capture_cross_attention
-from hiresdiff.config import PAPER_NEGATIVE_PROMPT, check_finite
-from hiresdiff.errors import require
-from hiresdiff.methods.base import Method, MethodOutput
-from hiresdiff.methods.demofusion import DemoFusionParams, Progressive, start_step_of
+from hiresdiff.methods.base import MethodOutput
+from hiresdiff.methods.demofusion import Progressive
 from hiresdiff.methods.multidiffusion import local_views
+from hiresdiff.methods.specs.accdiffusion import AccDiffusionParams
 from hiresdiff.models.adapter import PromptEmbeds, concat_embeds
 from hiresdiff.ops.interaction import permute_lattices
 from hiresdiff.ops.prompts import Word, prompt_words, view_prompt, word_masks
@@ -32,29 +30,6 @@ from hiresdiff.sampler import Run
 from hiresdiff.stages import Phase
 from hiresdiff.strategies.base import Strategy
 from hiresdiff.strategies.views import Blend, DilatedSampling, ViewConditioning
-
-
-@dataclass
-class AccDiffusionParams(DemoFusionParams):
-    """SPEC §3 parameters on top of DemoFusion's.
-
-    ``prompt_threshold``: the fraction ``c`` of a view a word's mask must cover to enter its prompt;
-    ``multi_guidance_scale``: guidance of the local (view-prompt) predictions; ``content_prompts`` and
-    ``window_interaction`` switch the two components.
-    """
-
-    prompt_threshold: float = 0.3
-    multi_guidance_scale: float = 7.5
-    content_prompts: bool = True
-    window_interaction: bool = True
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        check_finite("prompt_threshold", self.prompt_threshold, low=0.0)
-        require(
-            self.prompt_threshold <= 1.0, f"prompt_threshold is a fraction of the view, got {self.prompt_threshold}"
-        )
-        check_finite("multi_guidance_scale", self.multi_guidance_scale, low=0.0)
 
 
 class AccDiffusion(Progressive):
@@ -149,14 +124,3 @@ def _row(embeds: PromptEmbeds, i: int) -> PromptEmbeds:
 
 def run_accdiffusion(run: Run, params: AccDiffusionParams) -> MethodOutput:
     return MethodOutput(latents=AccDiffusion(run, params)())
-
-
-METHOD = Method(
-    "accdiffusion",
-    "AccDiffusion: DemoFusion + patch-content-aware prompts and window interaction",
-    "https://arxiv.org/abs/2407.10738",
-    AccDiffusionParams,
-    run_accdiffusion,
-    default_negative=PAPER_NEGATIVE_PROMPT,
-    strength_params=start_step_of,
-)

@@ -1,16 +1,24 @@
-"""What a method is: a named recipe with typed parameters, run over a :class:`~hiresdiff.sampler.Run`."""
+"""What a method is: a named recipe with typed parameters, run over a :class:`~hiresdiff.sampler.Run`.
+
+Torch-free on purpose: the registry (:data:`hiresdiff.methods.METHODS`), the parameter classes and the command
+line's ``--help``, ``methods`` and settings checks import this module without torch or diffusers; a method's recipe
+(its algorithm, which needs them) is imported when the method first runs.
+"""
 
 from __future__ import annotations
 
+import importlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
-
-import torch
+from typing import TYPE_CHECKING, Any
 
 from hiresdiff.config import GenerationSettings
 from hiresdiff.errors import require
-from hiresdiff.sampler import Run
+
+if TYPE_CHECKING:
+    import torch
+
+    from hiresdiff.sampler import Run
 
 
 @dataclass
@@ -61,6 +69,10 @@ class ViewParams(Params):
         require(stride < window, f"stride {stride} must be smaller than window {window} so views overlap")
 
 
+#: the model families hiresdiff runs (:class:`~hiresdiff.models.loading.ModelSpec` ``family``)
+FAMILIES = ("sd", "sdxl", "flux")
+FAMILY_NAMES = {"sd": "SD 1.x/2.x", "sdxl": "SDXL", "flux": "FLUX"}
+
 #: maps an input image's ``strength`` onto a method's own parameters: ``(strength, settings) → {name: value}``
 StrengthMap = Callable[[float, GenerationSettings], dict[str, Any]]
 
@@ -74,14 +86,47 @@ def no_strength_params(strength: float, settings: GenerationSettings) -> dict[st
 class Method:
     """A registered method: name, summary, paper link, parameter class, recipe, named presets, the
     :class:`~hiresdiff.config.GenerationSettings` defaults it changes (explicit values win), and how an input
-    image's ``strength`` maps onto its own start parameter (``None``: the method does not denoise an input)."""
+    image's ``strength`` maps onto its own start parameter (``None``: the method does not denoise an input).
+
+    ``recipe`` names the function that runs the method as ``"module:function"``; it is imported by :meth:`run`,
+    so listing, validating and planning methods never imports torch, the sampler or the model adapters.
+    """
 
     name: str
     summary: str
     paper: str
     params: type[Params]
-    run: Callable[[Run, Any], MethodOutput]
+    recipe: str
     default_negative: str | None = None
     presets: dict[str, dict[str, Any]] = field(default_factory=dict)
     setting_defaults: dict[str, Any] = field(default_factory=dict)
     strength_params: StrengthMap | None = no_strength_params
+    families: tuple[str, ...] = FAMILIES
+    unsupported: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+    def check_family(self, family: str, params: Params) -> None:
+        """One line when this method, or one of its parameter values, cannot run on a ``family`` model."""
+        label = FAMILY_NAMES.get(family, family)
+        runs_on = ", ".join(FAMILY_NAMES[f] for f in self.families)
+        require(
+            family in self.families,
+            f"method {self.name!r} runs on {runs_on} models, not {label}; choose another method "
+            "(see `hiresdiff methods`) or model",
+        )
+        for name, bad in self.unsupported.get(family, {}).items():
+            value = getattr(params, name)
+            fix = f"--set {name}={str(not value).lower()}" if isinstance(bad, bool) else f"--set {name}=<another>"
+            require(value != bad, f"{self.name} with {name}={value} cannot run on {label} models; pass {fix}")
+
+    def __post_init__(self) -> None:
+        module, _, function = self.recipe.partition(":")
+        require(bool(module and function), f"method {self.name}: recipe must be 'module:function', got {self.recipe!r}")
+
+    def recipe_function(self) -> Callable[[Run, Any], MethodOutput]:
+        """The recipe itself (its module imported on first use)."""
+        module, _, function = self.recipe.partition(":")
+        return getattr(importlib.import_module(module), function)
+
+    def run(self, run: Run, params: Any) -> MethodOutput:
+        """Run the method's recipe over ``run`` with validated ``params``."""
+        return self.recipe_function()(run, params)

@@ -2,16 +2,10 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
-from hiresdiff.methods.base import Method, MethodOutput, ViewParams
+from hiresdiff.methods.base import MethodOutput, ViewParams
+from hiresdiff.methods.specs.multidiffusion import MultiDiffusionParams
 from hiresdiff.sampler import Run
 from hiresdiff.strategies.views import LocalViews
-
-
-@dataclass
-class MultiDiffusionParams(ViewParams):
-    """Local views only: ``window``, ``stride`` (pixels) and ``jitter`` as in SPEC §2.2."""
 
 
 def local_views(run: Run, params: ViewParams) -> LocalViews:
@@ -29,12 +23,3 @@ def run_multidiffusion(run: Run, params: MultiDiffusionParams) -> MethodOutput:
     x = run.initial_noise(s.height, s.width)
     den = run.denoiser((s.height, s.width))
     return MethodOutput(latents=run.denoise(x, timesteps, local_views(run, params), den, name="multidiffusion"))
-
-
-METHOD = Method(
-    "multidiffusion",
-    "MultiDiffusion: averaged overlapping native-size views at the target size",
-    "https://arxiv.org/abs/2302.08113",
-    MultiDiffusionParams,
-    run_multidiffusion,
-)

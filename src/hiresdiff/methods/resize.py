@@ -2,23 +2,11 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
-from hiresdiff.errors import require
-from hiresdiff.methods.base import Method, MethodOutput, Params
-from hiresdiff.ops.resample import PIXEL_FILTERS, resize_images
+from hiresdiff.methods.base import MethodOutput
+from hiresdiff.methods.specs.resize import ResizeParams
+from hiresdiff.ops.resample import resize_images
 from hiresdiff.sampler import Run
 from hiresdiff.stages import canvas_at
-
-
-@dataclass
-class ResizeParams(Params):
-    """``filter``: pixel-space upscaler, ``bicubic`` or ``lanczos``."""
-
-    filter: str = "bicubic"
-
-    def __post_init__(self) -> None:
-        require(self.filter in PIXEL_FILTERS, f"unknown filter {self.filter!r}; choose {' or '.join(PIXEL_FILTERS)}")
 
 
 def run_resize(run: Run, params: ResizeParams) -> MethodOutput:
@@ -32,13 +20,3 @@ def run_resize(run: Run, params: ResizeParams) -> MethodOutput:
     image = run.decode(z)
     run.keep_preview(image)
     return MethodOutput(images=resize_images(image, (s.height, s.width), params.filter))
-
-
-METHOD = Method(
-    "resize",
-    "native-size sample upscaled in pixel space (bicubic or Lanczos)",
-    "",
-    ResizeParams,
-    run_resize,
-    strength_params=None,
-)

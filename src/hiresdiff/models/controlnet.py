@@ -8,6 +8,7 @@ ControlNets drive the transformer through a different interface, which the FLUX 
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -36,9 +37,14 @@ class ControlNetSpec:
         return int(value) if isinstance(value, int) else None
 
 
-def resolve_controlnet(ref: str, *, allow_pickle: bool = False) -> ControlNetSpec:
+def resolve_controlnet(ref: str | os.PathLike[str], *, allow_pickle: bool = False) -> ControlNetSpec:
     """Check ``ref`` names a ControlNet without loading weights; one actionable line when it does not."""
-    require(bool(ref and ref.strip()), "--controlnet needs a diffusers ControlNet folder or hub id")
+    require(
+        isinstance(ref, (str, os.PathLike)),
+        f"controlnet must be a ControlNet folder or hub id (a string), got {ref!r} ({type(ref).__name__})",
+    )
+    ref = os.fspath(ref)
+    require(isinstance(ref, str) and bool(ref.strip()), "--controlnet needs a diffusers ControlNet folder or hub id")
     path = Path(ref).expanduser()
     if path.is_dir():
         file = path / "config.json"
@@ -63,8 +69,9 @@ def resolve_controlnet(ref: str, *, allow_pickle: bool = False) -> ControlNetSpe
     return spec
 
 
-def check_controlnet_fits(spec: ControlNetSpec, unet: Any, family: str) -> None:
-    """The ControlNet must be made for this UNet (same text width, same SDXL conditioning); FLUX is refused."""
+def check_controlnet_fits(spec: ControlNetSpec, text_width: int | None, family: str) -> None:
+    """The ControlNet must be made for this UNet (same SDXL conditioning, same text width ``text_width`` where
+    known); FLUX is refused. Needs only the model's config, so it runs before any weights load."""
     require(family != "flux", "ControlNet works with SD 1.x/2.x and SDXL models here; FLUX ControlNets are not wired")
     sdxl_net = spec.config.get("addition_embed_type") == "text_time"
     require(
@@ -72,9 +79,9 @@ def check_controlnet_fits(spec: ControlNetSpec, unet: Any, family: str) -> None:
         f"ControlNet {spec.ref!r} is an {'SDXL' if sdxl_net else 'SD 1.x/2.x'} ControlNet; the model is "
         f"{'SDXL' if family == 'sdxl' else 'SD 1.x/2.x'}: use a ControlNet trained for this model family",
     )
-    want, have = int(unet.config.cross_attention_dim), spec.cross_attention_dim
+    want, have = text_width, spec.cross_attention_dim
     require(
-        have is None or have == want,
+        have is None or want is None or have == want,
         f"ControlNet {spec.ref!r} is made for text embeddings of width {have}, the model's are {want}: use a "
         f"ControlNet trained for this model",
     )

@@ -31,8 +31,6 @@ from typing import Any
 
 import numpy as np
 import torch
-from diffusers import EulerDiscreteScheduler, FlowMatchEulerDiscreteScheduler
-from diffusers.pipelines.flux.pipeline_flux import calculate_shift
 
 from hiresdiff.errors import HiresError
 from hiresdiff.models.adapter import ModelAdapter, PromptEmbeds, Request, quiet_text_libraries
@@ -112,6 +110,8 @@ def image_ids(
 def shift_mu(image_seq_len: int, config: Any) -> float:
     """Timestep-shift μ for ``image_seq_len`` tokens (diffusers' ``calculate_shift``): linear in the sequence
     length from ``base_shift`` at ``base_image_seq_len`` to ``max_shift`` at ``max_image_seq_len``."""
+    from diffusers.pipelines.flux.pipeline_flux import calculate_shift
+
     get = config.get if hasattr(config, "get") else lambda key, default: getattr(config, key, default)
     return float(
         calculate_shift(
@@ -224,6 +224,8 @@ class FluxAdapter(ModelAdapter):
     def scheduler(self, value: Any) -> None:
         """Accept flow-matching schedulers; the SD-style Euler scheduler (``--scheduler euler``, hiresdiff's
         default) becomes the model's own flow-matching Euler; anything else is a one-line error."""
+        from diffusers import EulerDiscreteScheduler, FlowMatchEulerDiscreteScheduler
+
         if not is_flow_scheduler(value):
             if not isinstance(value, EulerDiscreteScheduler):
                 raise HiresError(

@@ -23,6 +23,7 @@ its ``default_sample_size`` to match, so the adapter sees the same native size.
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 import io
 import json
@@ -36,21 +37,24 @@ import time
 import urllib.request
 import zipfile
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 from urllib.parse import urlsplit
 
 import torch
-from diffusers import FluxPipeline, StableDiffusionPipeline, StableDiffusionXLPipeline
 
-from hiresdiff.config import model_sampling_defaults
+from hiresdiff.config import DEFAULT_MODEL, model_sampling_defaults
 from hiresdiff.errors import HiresError
+from hiresdiff.models.builtins import BUILTIN_MODELS
 from hiresdiff.models.flux import FLUX_NATIVE_SIZE, PATCH
-from hiresdiff.models.tiny import BUILTIN_MODELS, build_builtin
+
+if TYPE_CHECKING:  # diffusers is imported where a pipeline is loaded, not to resolve or check a model reference
+    from diffusers import FluxPipeline, StableDiffusionPipeline, StableDiffusionXLPipeline
+
+    Pipeline = StableDiffusionPipeline | StableDiffusionXLPipeline | FluxPipeline
 
 Family = Literal["sd", "sdxl", "flux"]
-Pipeline = StableDiffusionPipeline | StableDiffusionXLPipeline | FluxPipeline
 Source = Literal["builtin", "hub", "folder", "single_file"]
 
 SUPPORTED_PIPELINES: dict[str, Family] = {
@@ -66,6 +70,8 @@ _DENOISER_CONFIG: dict[Family, str] = {
     "sdxl": "unet/config.json",
     "flux": "transformer/config.json",
 }
+#: where a diffusers pipeline folder keeps its scheduler's config
+SCHEDULER_CONFIG = "scheduler/scheduler_config.json"
 _HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9][A-Za-z0-9_.-]*$")
 # Largest safetensors header we accept (the format's own reference implementation caps it at 100 MB).
 _MAX_HEADER_BYTES = 100 * 1024 * 1024
@@ -94,6 +100,10 @@ class ModelSpec:
         vae_scale_factor: Pixels per latent cell along each side.
         path: Resolved local path for ``folder`` and ``single_file`` sources, else ``None``.
         guidance_distilled: FLUX only: the transformer has a guidance embedding (FLUX.1-dev), not (schnell).
+        scheduler_config: The model's ``scheduler/scheduler_config.json`` where it could be read without a download
+            (folders, cached hub models), else ``None``; the step limits are checked against it before loading.
+        cross_attention_dim: The denoiser's text-embedding width from its config (``None`` where unknown), which a
+            ControlNet must match.
     """
 
     ref: str
@@ -103,6 +113,8 @@ class ModelSpec:
     vae_scale_factor: int
     path: str | None = None
     guidance_distilled: bool = True
+    scheduler_config: dict[str, Any] | None = field(default=None, compare=False)
+    cross_attention_dim: int | None = field(default=None, compare=False)
 
     @property
     def sampling_defaults(self) -> dict[str, Any]:
@@ -282,9 +294,19 @@ def _spec_from_configs(
     unet: dict[str, Any],
     vae: dict[str, Any],
     path: str | None,
+    scheduler: dict[str, Any] | None = None,
 ) -> ModelSpec:
     """Family and native size from ``model_index.json``, the denoiser config (``unet/config.json``, FLUX:
-    ``transformer/config.json``) and ``vae/config.json``."""
+    ``transformer/config.json``) and ``vae/config.json``; the scheduler config and text width are carried along."""
+    spec = _spec_of_family(ref, source, index, unet, vae, path)
+    width = unet.get("cross_attention_dim")
+    width = width if isinstance(width, int) and not isinstance(width, bool) else None
+    return dataclasses.replace(spec, scheduler_config=scheduler, cross_attention_dim=width)
+
+
+def _spec_of_family(
+    ref: str, source: Source, index: dict[str, Any], unet: dict[str, Any], vae: dict[str, Any], path: str | None
+) -> ModelSpec:
     family = _family_of_index(ref, index)
     if family == "flux":
         blocks = vae.get("block_out_channels")
@@ -324,7 +346,9 @@ def _resolve_folder(ref: str, path: Path) -> ModelSpec:
         if not file.is_file():
             raise HiresError(f"diffusers folder {ref!r} lacks {name}; the download or save looks incomplete")
         configs.append(_read_json(file, name))
-    return _spec_from_configs(ref, "folder", *configs, path=str(path.resolve()))
+    scheduler_file = path / SCHEDULER_CONFIG
+    scheduler = _read_json(scheduler_file, SCHEDULER_CONFIG) if scheduler_file.is_file() else None
+    return _spec_from_configs(ref, "folder", *configs, path=str(path.resolve()), scheduler=scheduler)
 
 
 def _hub_config(ref: str, name: str, offline: bool, *, instead: str = _USE_LOCAL) -> dict[str, Any]:
@@ -362,8 +386,6 @@ def _require_hub(ref: str, name: str, instead: str) -> None:
     """Raise the one-line unreachable-hub error (naming the default ``--model``) when the hub does not answer."""
     reason = hub_unreachable()
     if reason is not None:
-        from hiresdiff.pipeline import DEFAULT_MODEL
-
         default = " (the default --model)" if ref == DEFAULT_MODEL else ""
         raise HiresError(
             f"cannot fetch {name} of hub model {ref!r}{default}: {reason}; {instead}, or set HF_HUB_OFFLINE=1 to "
@@ -388,7 +410,22 @@ def _resolve_hub(ref: str) -> ModelSpec:
     family = _family_of_index(ref, index)
     unet = _hub_config(ref, _DENOISER_CONFIG[family], offline)
     vae = _hub_config(ref, "vae/config.json", offline)
-    return _spec_from_configs(ref, "hub", index, unet, vae, path=None)
+    return _spec_from_configs(
+        ref, "hub", index, unet, vae, path=None, scheduler=_cached_hub_config(ref, SCHEDULER_CONFIG)
+    )
+
+
+def _cached_hub_config(ref: str, name: str) -> dict[str, Any] | None:
+    """A hub model's config file when it is in the local cache and readable, else ``None`` (never downloads)."""
+    from huggingface_hub import try_to_load_from_cache
+
+    cached = try_to_load_from_cache(ref, name)
+    if not isinstance(cached, str):
+        return None
+    try:
+        return _read_json(Path(cached), name)
+    except HiresError:
+        return None
 
 
 def _resolve_file(ref: str, path: Path, *, allow_pickle: bool) -> ModelSpec:
@@ -528,6 +565,8 @@ def _dtype_kwarg(dtype: torch.dtype) -> dict[str, torch.dtype]:
 
 
 def _pipeline_class(spec: ModelSpec) -> type[Pipeline]:
+    from diffusers import FluxPipeline, StableDiffusionPipeline, StableDiffusionXLPipeline
+
     return {"sdxl": StableDiffusionXLPipeline, "flux": FluxPipeline}.get(spec.family, StableDiffusionPipeline)
 
 
@@ -555,6 +594,8 @@ def load_pipeline(
         HiresError: Loading failed (missing or corrupt files, configs unavailable offline, …), in one line.
     """
     if spec.source == "builtin":
+        from hiresdiff.models.tiny import build_builtin
+
         pipe = build_builtin(spec.ref, dtype)
         return _to_device(pipe, device, spec)
     cls = _pipeline_class(spec)

@@ -21,7 +21,7 @@ import os
 import warnings
 from collections.abc import Iterator, Sequence
 from contextlib import ExitStack, contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -58,11 +58,14 @@ class LoraSpec:
         path: Absolute path of the file.
         scale: Multiplier of the LoRA update (0 disables it; negative values invert it).
         sha256: Hex SHA-256 of the file bytes, so the PNG metadata pins the exact weights used.
+        made_for: The model kind its tensor names show (:func:`lora_target`): ``"flux"``, ``"sdxl"``, ``"unet"``
+            (SD or SDXL) or ``None`` (unknown, e.g. pickled files); not part of the metadata.
     """
 
     path: str
     scale: float
     sha256: str
+    made_for: str | None = field(default=None, compare=False)
 
     @property
     def name(self) -> str:
@@ -123,9 +126,13 @@ def resolve_lora(path: str | os.PathLike[str], scale: float = 1.0, *, allow_pick
         HiresError: Missing path, not a regular file, non-finite scale, unsupported suffix, pickle without
             ``allow_pickle``, invalid safetensors header, or a safetensors file without LoRA tensors; one line.
     """
+    if not isinstance(path, (str, os.PathLike)):
+        raise HiresError(f"a LoRA must be a file path, got {path!r} ({type(path).__name__})")
     ref = os.fspath(path)
     file = Path(ref).expanduser()
     try:
+        if isinstance(scale, bool):
+            raise TypeError(scale)
         scale = float(scale)
     except (TypeError, ValueError):
         raise HiresError(f"LoRA scale {scale!r} for {ref!r} is not a number; pass e.g. 0.8") from None
@@ -136,8 +143,10 @@ def resolve_lora(path: str | os.PathLike[str], scale: float = 1.0, *, allow_pick
     if not file.is_file():
         raise HiresError(f"LoRA path {ref!r} is not a regular file; pass the .safetensors file itself")
     suffix = file.suffix.lower()
+    made_for = None
     if suffix == SAFETENSORS_SUFFIX:
         keys = _safetensors_keys(ref, file)
+        made_for = lora_target(keys)
         if not any("lora" in key.lower() for key in keys):
             raise HiresError(
                 f"{ref!r} holds no LoRA weights (no tensor name contains 'lora'); pass a LoRA file, not a model "
@@ -155,7 +164,44 @@ def resolve_lora(path: str | os.PathLike[str], scale: float = 1.0, *, allow_pick
             f"(or {', '.join(PICKLE_SUFFIXES)} with --allow-pickle)"
         )
     resolved = file.resolve()
-    return LoraSpec(str(resolved), scale, _sha256(ref, resolved))
+    return LoraSpec(str(resolved), scale, _sha256(ref, resolved), made_for)
+
+
+#: tensor-name parts only FLUX LoRAs have (diffusers' ``transformer.`` prefix, the original and kohya block names)
+_FLUX_MARKERS = ("double_blocks", "single_blocks", "single_transformer_blocks")
+#: tensor-name parts of UNet LoRAs (diffusers and kohya/original names), SD and SDXL alike
+_UNET_MARKERS = ("down_blocks", "up_blocks", "mid_block", "input_blocks", "output_blocks", "middle_block")
+#: tensor-name parts only SDXL LoRAs have: weights for the second text encoder
+_SDXL_MARKERS = ("text_encoder_2.", "lora_te2_", "conditioner.embedders.1")
+
+
+def lora_target(keys: Sequence[str]) -> str | None:
+    """The model kind a LoRA's tensor names were made for: ``"flux"``, ``"sdxl"``, ``"unet"`` (SD 1.x/2.x or SDXL,
+    undecided) or ``None``. Read from the safetensors header alone, so a LoRA of another family is refused before
+    any weights load; a LoRA whose names say nothing is left to the load-time check (:func:`applied_loras`)."""
+    if any(key.startswith("transformer.") or any(m in key for m in _FLUX_MARKERS) for key in keys):
+        return "flux"
+    if any(m in key for key in keys for m in _SDXL_MARKERS):
+        return "sdxl"
+    if any(key.startswith(("unet.", "lora_unet_")) or any(m in key for m in _UNET_MARKERS) for key in keys):
+        return "unet"
+    return None
+
+
+def check_lora_fits(spec: LoraSpec, family: str) -> None:
+    """One line when the tensor names of ``spec`` show it was made for another family than the model's."""
+    kind = spec.made_for
+    names = {"flux": "FLUX", "sdxl": "SDXL", "unet": "SD/SDXL UNet", "sd": "SD 1.x/2.x"}
+    clash = (
+        (family == "flux" and kind in ("sdxl", "unet"))
+        or (family in ("sd", "sdxl") and kind == "flux")
+        or (family == "sd" and kind == "sdxl")
+    )
+    if clash:
+        raise HiresError(
+            f"LoRA {spec.name!r} is made for {names[kind or '']} models (its tensor names), the model is "
+            f"{names[family]}; use a LoRA trained for this model family"
+        )
 
 
 def _sha256(ref: str, file: Path) -> str:

@@ -1,15 +1,57 @@
-"""Pure tensor functions: no model, no scheduler, no randomness except an explicit generator."""
+"""Pure tensor functions: no model, no scheduler, no randomness except an explicit generator.
 
-from hiresdiff.ops.blur import gaussian_blur, gaussian_kernel1d
-from hiresdiff.ops.dilation import dilated_merge, dilated_pad, dilated_split
-from hiresdiff.ops.geometry import View, jitter_views, view_starts, views_for
-from hiresdiff.ops.interaction import permute_lattices
-from hiresdiff.ops.matching import statistical_matching
-from hiresdiff.ops.pfsa import pfsa
-from hiresdiff.ops.sas import eta_for_scale, relabel_timesteps, sas_betas
-from hiresdiff.ops.schedule import attentive_lambdas, cosine_factor
-from hiresdiff.ops.stats import renormalise, scalar_stats
-from hiresdiff.ops.tiling import tiled_apply
+The names below are imported from their submodules on first access (PEP 562), so that the torch-free submodule
+:mod:`hiresdiff.ops.schedule` (step arithmetic the settings and method parameters validate with) can be imported
+without torch.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from hiresdiff.ops.blur import gaussian_blur, gaussian_kernel1d
+    from hiresdiff.ops.dilation import dilated_merge, dilated_pad, dilated_split
+    from hiresdiff.ops.geometry import View, jitter_views, view_starts, views_for
+    from hiresdiff.ops.interaction import permute_lattices
+    from hiresdiff.ops.matching import statistical_matching
+    from hiresdiff.ops.pfsa import pfsa
+    from hiresdiff.ops.sas import eta_for_scale, relabel_timesteps, sas_betas
+    from hiresdiff.ops.schedule import attentive_lambdas, cosine_factor
+    from hiresdiff.ops.stats import renormalise, scalar_stats
+    from hiresdiff.ops.tiling import tiled_apply
+
+#: exported name → the submodule that defines it
+_WHERE = {
+    "gaussian_blur": "blur",
+    "gaussian_kernel1d": "blur",
+    "dilated_merge": "dilation",
+    "dilated_pad": "dilation",
+    "dilated_split": "dilation",
+    "View": "geometry",
+    "jitter_views": "geometry",
+    "view_starts": "geometry",
+    "views_for": "geometry",
+    "permute_lattices": "interaction",
+    "statistical_matching": "matching",
+    "pfsa": "pfsa",
+    "eta_for_scale": "sas",
+    "relabel_timesteps": "sas",
+    "sas_betas": "sas",
+    "attentive_lambdas": "schedule",
+    "cosine_factor": "schedule",
+    "renormalise": "stats",
+    "scalar_stats": "stats",
+    "tiled_apply": "tiling",
+}
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _WHERE:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return getattr(importlib.import_module(f"{__name__}.{_WHERE[name]}"), name)
+
 
 __all__ = [
     "View",

@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-PIXEL_FILTERS = ("bicubic", "lanczos")
+from hiresdiff.config import PIXEL_FILTERS
 
 
 def upsample_latent(z: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:

@@ -5,8 +5,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-#: SPEC §4.2 defaults: η at scales 2, 3, 4 (linear in between, constant above 4, no change below 2)
-DEFAULT_ETA_TABLE: dict[float, float] = {2.0: 2.0, 3.0: 3.0, 4.0: 3.5}
+from hiresdiff.ops.schedule import DEFAULT_ETA_TABLE
 
 
 def sas_betas(eta: float, beta_start: float, beta_end: float, num_train_timesteps: int = 1000) -> torch.Tensor:

@@ -38,6 +38,9 @@ def steps_of_fraction(steps: int, fraction: float) -> int:
 
 #: decays of AP-LDM's attentive-guidance strength over the guided steps
 AG_DECAYS = ("cosine", "linear", "none")
+#: APT scale-aware scheduling, SPEC §4.2 defaults: η at scales 2, 3, 4 (linear in between, constant above 4, no
+#: change below 2); used by :mod:`hiresdiff.ops.sas` and, without torch, by APT's parameter validation
+DEFAULT_ETA_TABLE: dict[float, float] = {2.0: 2.0, 3.0: 3.0, 4.0: 3.5}
 
 
 def attentive_lambdas(strength: float, count: int, exponent: float = 3.0, decay: str = "cosine") -> list[float]:

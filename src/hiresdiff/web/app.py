@@ -2,18 +2,26 @@
 
 Layout: prompt and sampling inputs, an optional picture to upscale, and an "advanced" panel per method built from
 its parameter dataclass (:mod:`hiresdiff.web.fields`). A run happens in a worker thread; the page streams its
-progress (phase k/K, step i/N, elapsed time) and each phase's preview as soon as it is decoded. Stop ends the run
-between two steps. The result: the image(s), a before/after slider (native-size phase 1 against the final image,
-both at the final size), the PNG with the same metadata as the CLI's, the equivalent ``hiresdiff generate``
-command, and a history of this page's results. Bad input shows the library's one-line message.
+plan, progress (phase k/K, step i/N, elapsed time) and each phase's preview as soon as it is decoded. Stop ends the
+run between two steps. The result: the image(s), a before/after slider (native-size phase 1 against the final
+image, both at the final size), the PNG with the same metadata as the CLI's, the equivalent ``hiresdiff generate``
+command, and a history of this tab's results. Bad input, and a request whose estimated peak memory does not fit,
+show the library's one-line message.
+
+What a tab keeps between calls lives here, on the server, keyed by gradio's session hash (:class:`Sessions`):
+gradio deep-copies ``gr.State`` values for every call, which a stop switch (or a lock, or the pipeline) cannot be.
+The HTTP API (:mod:`hiresdiff.web.api`) runs through the same :meth:`WebApp.stream`.
 """
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import queue
 import shlex
 import threading
 import time
+from collections import OrderedDict
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,11 +35,26 @@ from hiresdiff.images import to_pil
 from hiresdiff.methods import METHODS
 from hiresdiff.outputs import NumberedImage, save_numbered
 from hiresdiff.pipeline import HiresPipeline, ModelFacts, validate_request
-from hiresdiff.schedulers import scheduler_names
-from hiresdiff.web.fields import FieldSpec, changed_values, method_fields
+from hiresdiff.plan import budget, check_budget, describe_plan
+from hiresdiff.web.fields import changed_values, method_fields
 
 #: limits of a shared instance when none are given: (pixels per image, steps) on CUDA / on the CPU
 DEFAULT_LIMITS = {"cuda": (8192 * 8192, 200), "cpu": (1024 * 1024, 50)}
+#: generation settings a request may set next to its method's parameters (the ones the memory advice names);
+#: the rest of what ``generate`` takes (input paths, ControlNet, LoRAs, pickle loading) stays off a shared server
+SETTING_PARAMS = ("max_batch", "low_vram", "decode_tile_area", "previews")
+#: how the memory advice spells a change here: the size as the page's boxes, settings as API ``params`` entries
+PAGE_FLAGS = {
+    "low_vram": "low_vram=true",
+    "max_batch": "max_batch={v}",
+    "decode_tile_area": "decode_tile_area={v}",
+    "previews": "previews=false",
+    "size": "width {width} × height {height}",
+}
+#: the gradio concurrency group of every event that runs the model: one run at a time, page and API together
+MODEL_QUEUE = "model"
+#: events that end a run (:meth:`WebApp.stream`)
+FINAL = ("done", "stopped", "error")
 
 
 class Stopped(Exception):
@@ -58,11 +81,41 @@ class Limits:
 
 @dataclass
 class Session:
-    """What one browser tab has made since it opened, and its stop switch."""
+    """What one browser tab has made since it opened (its PNGs' paths), and its stop switch."""
 
-    history: list[tuple[Image.Image, str]] = field(default_factory=list)
+    history: list[str] = field(default_factory=list)
     stop: threading.Event = field(default_factory=threading.Event)
     running: bool = False
+
+
+class Sessions:
+    """The tabs' sessions by gradio's session hash; beyond ``limit`` the least recently used idle ones are dropped
+    (a tab that closed without gradio's unload event must not hold memory for ever)."""
+
+    def __init__(self, limit: int = 256) -> None:
+        self.limit = limit
+        self._items: OrderedDict[str, Session] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def get(self, key: str) -> Session:
+        """The session of ``key``, made on first use."""
+        with self._lock:
+            session = self._items.pop(key, None) or Session()
+            self._items[key] = session  # now the most recent
+            idle = [k for k, s in self._items.items() if not s.running and k != key]
+            for k in idle[: max(0, len(self._items) - self.limit)]:
+                del self._items[k]
+            return session
+
+    def drop(self, key: str) -> None:
+        """Forget ``key`` (its tab closed); a run it started stops at its next step."""
+        with self._lock:
+            session = self._items.pop(key, None)
+        if session is not None:
+            session.stop.set()
+
+    def __len__(self) -> int:
+        return len(self._items)
 
 
 @dataclass
@@ -70,8 +123,6 @@ class Job:
     """A run in the worker thread and what it reports back."""
 
     events: queue.Queue = field(default_factory=queue.Queue)
-    previews: list[Image.Image] = field(default_factory=list)
-    status: str = "starting…"
 
 
 def command_line(model: str, method: str, prompt: str, settings: dict[str, Any], params: dict[str, str]) -> str:
@@ -88,6 +139,8 @@ def command_line(model: str, method: str, prompt: str, settings: dict[str, Any],
         "num_images_per_prompt": "--batch",
         "preset": "--preset",
         "strength": "--strength",
+        "max_batch": "--max-batch",
+        "decode_tile_area": "--tile-area",
     }
     argv = ["hiresdiff", "generate", prompt, "--model", model, "--method", method]
     if settings.get("image") is not None:
@@ -95,24 +148,41 @@ def command_line(model: str, method: str, prompt: str, settings: dict[str, Any],
     for key, flag in flags.items():
         if settings.get(key) not in (None, ""):
             argv += [flag, str(settings[key])]
+    argv += ["--low-vram"] if settings.get("low_vram") else []
+    argv += ["--no-previews"] if settings.get("previews") is False else []
     for name, value in params.items():
         argv += ["--set", f"{name}={value}"]
     return shlex.join(argv)
 
 
-class WebApp:
-    """The page's logic over one :class:`HiresPipeline`; :meth:`build` makes the gradio Blocks."""
+def _loaded_bytes(pipe: Any, device: torch.device) -> int:
+    """Bytes of the loaded pipeline's weights on ``device`` (free memory already lacks them)."""
+    modules = [m for m in getattr(pipe, "components", {}).values() if isinstance(m, torch.nn.Module)]
+    total = 0
+    for module in modules:
+        tensors = [*module.parameters(), *module.buffers()]
+        total += sum(t.numel() * t.element_size() for t in tensors if t.device.type == device.type)
+    return total
 
-    def __init__(self, pipe: HiresPipeline, out: Path, limits: Limits) -> None:
-        self.pipe, self.out, self.limits = pipe, out, limits
+
+class WebApp:
+    """The page's logic over one :class:`HiresPipeline` (:func:`hiresdiff.web.page.build_page` lays it out).
+
+    ``memory_check`` (``hiresdiff serve --skip-memory-check`` turns it off) refuses a request whose estimated
+    peak memory exceeds what the loaded model can use, before it runs."""
+
+    def __init__(self, pipe: HiresPipeline, out: Path, limits: Limits, *, memory_check: bool = True) -> None:
+        self.pipe, self.out, self.limits, self.memory_check = pipe, out, limits, memory_check
         self.lock = threading.Lock()  # one generation at a time on the model
         self.fields = {name: method_fields(m) for name, m in METHODS.items()}
+        self.sessions = Sessions()
 
     # --- request ------------------------------------------------------------------------------------------
     def request(self, form: dict[str, Any], values: list[Any]) -> tuple[Any, dict[str, str], dict[str, Any]]:
-        """Validate the form into a generation request (one-line errors), the ``--set`` values and settings."""
+        """Validate the page's form into a generation request (one-line errors), the ``--set`` values and the
+        settings the command line shows."""
         method = form["method"]
-        require(method in METHODS, f"unknown method {method!r}")
+        require(method in METHODS, f"unknown method {method!r}; choose one of: {', '.join(METHODS)}")
         params = changed_values(self.fields[method], self._method_values(method, values))
         for key, label in (("steps", "Steps"), ("guidance", "Guidance"), ("batch", "Images")):
             require(form[key] is not None, f"{label} is empty: type a number")
@@ -127,22 +197,38 @@ class WebApp:
             "preset": form["preset"] or None,
             "strength": (form["strength"] or None) if form["image"] is not None else None,  # 0: the method's own
         }
-        settings = {k: v for k, v in settings.items() if v is not None}
-        ad = self.pipe.adapter
-        kwargs: dict[str, Any] = {**settings, **params}
-        size = {"width": int(form["width"] or 0) or None, "height": int(form["height"] or 0) or None}
-        if form["image"] is not None:
-            kwargs.update(image=form["image"], scale=form["scale"] or None)
-            size = {"width": None, "height": None} if form["scale"] else size
-        prompt = (form["prompt"] or "").strip()
+        size = (int(form["width"] or 0) or None, int(form["height"] or 0) or None)
+        return self.validate(form["prompt"], method, *size, settings, params, image=form["image"], scale=form["scale"])
+
+    def validate(
+        self,
+        prompt: str,
+        method: str,
+        width: int | None,
+        height: int | None,
+        settings: dict[str, Any],
+        params: dict[str, str],
+        *,
+        image: Any = None,
+        scale: float | None = None,
+    ) -> tuple[Any, dict[str, str], dict[str, Any]]:
+        """The request of ``prompt`` with ``settings`` and method ``params`` (``--set`` strings), checked by the
+        library (one-line errors) and against this server's limits; with ``params`` and the settings the command
+        line shows. With an ``image``, a ``scale`` replaces the size."""
+        prompt = (prompt or "").strip()
         require(bool(prompt), "type a prompt first")
-        facts = ModelFacts(ad.native_size, ad.pixel_grid, ad.family, ad.sampling_defaults)
-        req = validate_request(prompt, method, size["width"], size["height"], facts, **kwargs)
+        settings = {k: v for k, v in settings.items() if v is not None}
+        kwargs: dict[str, Any] = {**settings, **params}
+        if image is not None:
+            kwargs.update(image=image, scale=scale or None)
+            width, height = (None, None) if scale else (width, height)
+        facts = ModelFacts.of_pipeline(self.pipe)
+        req = validate_request(prompt, method, width, height, facts, **kwargs)
         s = req.settings
         self.limits.check(s.width, s.height, s.steps, s.batch_size)
-        shown = {**settings, "width": s.width, "height": s.height, "image": form["image"]}
-        if form["image"] is not None and form["scale"]:
-            shown.update(scale=form["scale"], width=None, height=None)
+        shown = {**settings, "width": s.width, "height": s.height, "image": image}
+        if image is not None and scale:
+            shown.update(scale=scale, width=None, height=None)
         return req, params, shown
 
     def _method_values(self, method: str, values: list[Any]) -> list[Any]:
@@ -152,6 +238,18 @@ class WebApp:
                 return values[start : start + len(fields)]
             start += len(fields)
         raise KeyError(method)
+
+    def check_plan(self, req: Any) -> str:
+        """The run plan's line (stages, FLOPs, estimated peak memory); with ``memory_check``, a one-line
+        :class:`HiresError` naming what fits when the estimate exceeds the memory the model may use (the free
+        memory plus the loaded pipeline's own weights, which the estimate counts too)."""
+        ad = self.pipe.adapter
+        b = budget(req, self.pipe.model_name, str(ad.device), ad.dtype)
+        if b.free is not None:
+            b = dataclasses.replace(b, free=b.free + _loaded_bytes(ad.pipe, ad.device))
+        if self.memory_check:
+            check_budget(b, req, self.pipe.model_name, ad.dtype, ad.pixel_grid, PAGE_FLAGS)
+        return describe_plan(req, ad.native_size, ad.pixel_grid, b)[0]
 
     # --- running ------------------------------------------------------------------------------------------
     def _work(self, req: Any, job: Job, stop: threading.Event) -> None:
@@ -165,6 +263,7 @@ class WebApp:
 
         try:
             with self.lock:
+                job.events.put(("plan", self.check_plan(req)))
                 result = self.pipe.run(req, progress=False, callback=on_step, on_preview=on_preview)
             job.events.put(("done", result))
         except Stopped:
@@ -174,6 +273,24 @@ class WebApp:
         except Exception as exc:
             first = next((ln for ln in str(exc).splitlines() if ln.strip()), type(exc).__name__)
             job.events.put(("error", f"{type(exc).__name__}: {first}"))
+
+    def stream(self, req: Any, stop: threading.Event) -> Iterator[tuple[str, Any]]:
+        """Run ``req`` in a worker thread and yield its events as they come: ``("plan", line)``, ``("step",
+        text)``, ``("preview", image)``, then one of ``("done", result)``, ``("stopped", None)``, ``("error",
+        line)``. Closing the iterator early (a closed tab, a cancelled API call) ends the run at its next step."""
+        stop.clear()
+        job = Job()
+        worker = threading.Thread(target=self._work, args=(req, job, stop), daemon=True)
+        worker.start()
+        try:
+            while True:
+                kind, value = job.events.get()
+                yield kind, value
+                if kind in FINAL:
+                    return
+        finally:
+            stop.set()
+            worker.join()
 
     def _save(self, result: Any) -> list[Path]:
         """Each final image as a PNG carrying the CLI's metadata, under the output folder's next free ``NNN-``
@@ -192,66 +309,48 @@ class WebApp:
         except HiresError as exc:
             yield {"error": f"⚠ {exc}"}
             return
-        session.stop.clear()
         session.running = True
-        job = Job()
-        worker = threading.Thread(target=self._work, args=(req, job, session.stop), daemon=True)
-        worker.start()
+        previews: list[Image.Image] = []
         try:
-            while True:
-                kind, value = job.events.get()
-                elapsed = f"{time.perf_counter() - begin:.1f} s"
-                if kind == "step":
-                    yield {"status": f"{value} · {elapsed}"}
-                elif kind == "preview":
-                    job.previews.append(value)
-                    yield {"status": f"phase {len(job.previews)} decoded · {elapsed}", "previews": list(job.previews)}
-                elif kind == "done":
-                    yield self._finish(session, value, job, params, shown, elapsed)
-                    return
-                elif kind == "stopped":
-                    yield {"status": f"stopped after {elapsed}; nothing was written", "error": ""}
-                    return
-                else:
-                    yield {"error": f"⚠ {value}", "status": ""}
-                    return
+            with contextlib.closing(self.stream(req, session.stop)) as events:
+                for kind, value in events:
+                    elapsed = f"{time.perf_counter() - begin:.1f} s"
+                    if kind == "plan":
+                        yield {"status": value}
+                    elif kind == "step":
+                        yield {"status": f"{value} · {elapsed}"}
+                    elif kind == "preview":
+                        previews.append(value)
+                        yield {"status": f"phase {len(previews)} decoded · {elapsed}", "previews": list(previews)}
+                    elif kind == "done":
+                        yield self._finish(session, value, previews, params, shown, elapsed)
+                    elif kind == "stopped":
+                        yield {"status": f"stopped after {elapsed}; nothing was written", "error": ""}
+                    else:
+                        yield {"error": f"⚠ {value}", "status": ""}
         finally:
-            session.stop.set()  # a closed page or a cancelled event ends the run at its next step
-            worker.join()
             session.running = False
 
     def _finish(
-        self, session: Session, result: Any, job: Job, params: dict[str, str], shown: dict[str, Any], elapsed: str
+        self,
+        session: Session,
+        result: Any,
+        previews: list[Image.Image],
+        params: dict[str, str],
+        shown: dict[str, Any],
+        elapsed: str,
     ) -> dict[str, Any]:
         paths = self._save(result)
         final = result.images[0]
-        before = (job.previews[0] if job.previews else final).resize(final.size, Image.Resampling.BICUBIC)
+        before = (previews[0] if previews else final).resize(final.size, Image.Resampling.BICUBIC)
         meta = result.metadata[0]
-        command = command_line(self.pipe.model_name, meta["method"], meta["prompt"], shown, params)
-        session.history.extend((img, str(path)) for img, path in zip(result.images, paths, strict=True))
+        session.history.extend(str(path) for path in paths)
         return {
             "status": f"done in {elapsed} · {final.size[0]}×{final.size[1]}",
             "error": "",
             "result": list(result.images),
             "slider": (before, final),
             "download": [str(p) for p in paths],
-            "command": command,
-            "history": [(img, Path(path).name) for img, path in session.history],
+            "command": command_line(self.pipe.model_name, meta["method"], meta["prompt"], shown, params),
+            "history": [(path, Path(path).name) for path in session.history],
         }
-
-    def build(self) -> Any:
-        from hiresdiff.web.page import build_page
-
-        return build_page(self, scheduler_names())
-
-
-def field_component(gr: Any, spec: FieldSpec) -> Any:
-    """The gradio input of one method parameter."""
-    common = {"label": spec.name, "info": spec.help or None, "elem_id": spec.elem_id}
-    if spec.kind == "bool":
-        return gr.Checkbox(value=bool(spec.default), **common)
-    if spec.kind in ("int", "float"):
-        bounds = {k: v for k, v in (("minimum", spec.minimum), ("maximum", spec.maximum)) if v is not None}
-        precision = 0 if spec.kind == "int" else None
-        return gr.Number(value=spec.default, precision=precision, **bounds, **common)
-    return gr.Textbox(value=spec.text_default(), **common)

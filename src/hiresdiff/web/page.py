@@ -1,14 +1,17 @@
 """The gradio layout of the page and its wiring to :class:`~hiresdiff.web.app.WebApp` (element ids are stable: the
-browser tests and users' scripts address them)."""
+browser tests and users' scripts address them). The page's own events are private (the HTTP API is
+:mod:`hiresdiff.web.api`'s ``/generate``); a tab's state is kept by :class:`~hiresdiff.web.app.Sessions`, found
+through the ``gr.Request`` gradio passes in.
 
-from __future__ import annotations
+No ``from __future__ import annotations``: gradio finds the ``gr.Request`` parameter by its annotation at run time.
+"""
 
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from hiresdiff.methods import METHODS
-
-if TYPE_CHECKING:
-    from hiresdiff.web.app import WebApp
+from hiresdiff.schedulers import scheduler_names
+from hiresdiff.web.app import MODEL_QUEUE, WebApp
+from hiresdiff.web.fields import FieldSpec
 
 #: the form inputs, in the order the generate handler receives them
 FORM = (
@@ -28,6 +31,8 @@ FORM = (
     "random_seed",
     "batch",
 )
+#: gradio's copies of shown images (in the server's own cache folder) older than a day go, checked hourly
+CACHE_LIFETIME = (3600, 86400)
 #: the outputs a run updates
 OUTPUTS = ("status", "error", "previews", "result", "slider", "download", "command", "history")
 
@@ -42,16 +47,17 @@ def _presets(method: str) -> list[str]:
     return ["", *METHODS[method].presets]
 
 
-def build_page(app: WebApp, schedulers: list[str]) -> Any:
+def build_page(app: WebApp) -> Any:
+    """The page's gradio Blocks over ``app``, with the HTTP API (:func:`hiresdiff.web.api.add_api`)."""
     import gradio as gr
 
-    from hiresdiff.web.app import Session, field_component
+    from hiresdiff.web.api import add_api
 
+    schedulers = scheduler_names()
     ad = app.pipe.adapter
     native, default_method = ad.native_size, "demofusion"
     defaults = ad.sampling_defaults
-    with gr.Blocks(title="hiresdiff") as page:
-        session = gr.State(lambda: Session())  # a fresh one per browser tab
+    with gr.Blocks(title="hiresdiff", delete_cache=CACHE_LIFETIME, analytics_enabled=False) as page:
         gr.Markdown(INTRO.format(model=app.pipe.model_name, native=native))
         c: dict[str, Any] = {}
         with gr.Row():
@@ -103,20 +109,46 @@ def build_page(app: WebApp, schedulers: list[str]) -> Any:
                 gr.update(visible=name == method) for name in groups
             ]
 
-        c["method"].change(on_method, c["method"], [c["preset"], *groups.values()], queue=False)
+        private = {"api_visibility": "private"}
+        c["method"].change(on_method, c["method"], [c["preset"], *groups.values()], queue=False, **private)
 
-        def run(state: Session, *values: Any) -> Any:
+        def run(request: gr.Request, *values: Any) -> Any:
             form = dict(zip(FORM, values[: len(FORM)], strict=True))
-            for update in app.generate(state, form, list(values[len(FORM) :])):
+            for update in app.generate(app.sessions.get(_key(request)), form, list(values[len(FORM) :])):
                 yield {c[key]: value for key, value in update.items()}
 
+        inputs = [*(c[k] for k in FORM), *params]
         outputs = [c[k] for k in OUTPUTS]
-        generate.click(run, [session, *(c[k] for k in FORM), *params], outputs, concurrency_limit=1)
+        generate.click(run, inputs, outputs, concurrency_limit=1, concurrency_id=MODEL_QUEUE, **private)
 
-        def on_stop(state: Session) -> None:
+        def on_stop(request: gr.Request) -> None:
             """The run ends at its next step and says so itself (one writer of the status: no race)."""
+            state = app.sessions.get(_key(request))
             if state.running:
                 state.stop.set()
 
-        stop.click(on_stop, session, None, queue=False)
+        stop.click(on_stop, None, None, queue=False, **private)
+
+        def on_close(request: gr.Request) -> None:
+            app.sessions.drop(_key(request))
+
+        page.unload(on_close)
+        add_api(app, gr)
     return page
+
+
+def _key(request: Any) -> str:
+    """The tab's key in :class:`~hiresdiff.web.app.Sessions`: gradio's session hash."""
+    return str(getattr(request, "session_hash", None) or "")
+
+
+def field_component(gr: Any, spec: FieldSpec) -> Any:
+    """The gradio input of one method parameter."""
+    common = {"label": spec.name, "info": spec.help or None, "elem_id": spec.elem_id}
+    if spec.kind == "bool":
+        return gr.Checkbox(value=bool(spec.default), **common)
+    if spec.kind in ("int", "float"):
+        bounds = {k: v for k, v in (("minimum", spec.minimum), ("maximum", spec.maximum)) if v is not None}
+        precision = 0 if spec.kind == "int" else None
+        return gr.Number(value=spec.default, precision=precision, **bounds, **common)
+    return gr.Textbox(value=spec.text_default(), **common)
