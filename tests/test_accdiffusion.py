@@ -13,7 +13,6 @@ import torch
 
 import hiresdiff.methods.accdiffusion as acc_module
 from hiresdiff import HiresPipeline
-from hiresdiff.attention import attention_level, capture_cross_attention, grid_at_level
 from hiresdiff.config import GenerationSettings
 from hiresdiff.methods.accdiffusion import AccDiffusion, AccDiffusionParams
 from hiresdiff.models.adapter import ModelAdapter
@@ -21,6 +20,7 @@ from hiresdiff.ops.dilation import dilated_split
 from hiresdiff.ops.geometry import View
 from hiresdiff.ops.interaction import permute_lattices
 from hiresdiff.ops.prompts import Word, binary_opening, opening_iterations, prompt_words, view_prompt, word_masks
+from hiresdiff.patches.attention import attention_level, capture_cross_attention, grid_at_level
 from hiresdiff.sampler import Run
 from hiresdiff.schedulers import make_scheduler
 from hiresdiff.stages import Phase, progressive_phases

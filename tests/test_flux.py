@@ -176,7 +176,7 @@ def test_whole_canvas_prediction_equals_transformer_call(
     req = Request(x, [1, 0], [(0, 0), (0, 0)], embeds, 3.5, (96, 160), samples=[0, 1])
     (pred,) = adapter.predict([req], t, 8)
     assert len(calls) == 1 and calls[0]["guidance"].tolist() == [3.5, 3.5]
-    assert adapter.call_info == [(0, True), (1, True)]
+    assert adapter.call_info == [(0, "cond"), (1, "cond")]
     with torch.no_grad():
         direct = tiny_flux.transformer(
             hidden_states=FluxPipeline._pack_latents(x, 2, 16, 12, 20),

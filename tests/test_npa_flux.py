@@ -9,10 +9,10 @@ import pytest
 import torch
 from diffusers import FluxPipeline
 
-from hiresdiff import attention_flux
-from hiresdiff.attention import NPAState, neighborhood_attention
-from hiresdiff.attention_flux import FluxNPAProcessor, flux_npa
 from hiresdiff.models.flux import FluxAdapter, adapter_for, image_ids
+from hiresdiff.patches import attention_flux
+from hiresdiff.patches.attention import NPAState, neighborhood_attention
+from hiresdiff.patches.attention_flux import FluxNPAProcessor, flux_npa
 from hiresdiff.pipeline import HiresPipeline
 
 TXT = 5
@@ -176,7 +176,7 @@ def test_query_shift_per_sample(tiny_flux: FluxPipeline, adapter: FluxAdapter) -
 
     def run(rows: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
         gens = [torch.Generator().manual_seed(s) for s in (7, 8)]
-        adapter.call_info = [(r, True) for r in rows]
+        adapter.call_info = [(r, "cond") for r in rows]
         proc = FluxNPAProcessor(attn.processor, NPAState(adapter, (64, 48), gens), 16)
         with torch.no_grad():
             return proc(attn, img[rows], txt[rows], None, rope)

@@ -10,17 +10,17 @@ import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
 from hiresdiff import HiresPipeline
-from hiresdiff.attention import neighborhood_attention
 from hiresdiff.methods.scalediff import StructureGuidance
 from hiresdiff.models.adapter import ModelAdapter
 from hiresdiff.ops.frequency import frequency_mix, high_pass, low_pass
 from hiresdiff.ops.npa import npa_attention, npa_supported, window_starts
+from hiresdiff.patches.attention import neighborhood_attention
 from hiresdiff.sampler import Run
 from hiresdiff.schedulers import make_scheduler
 from hiresdiff.stages import doubling_phases
 
 npa_ops = importlib.import_module("hiresdiff.ops.npa")
-attention_mod = importlib.import_module("hiresdiff.attention")
+attention_mod = importlib.import_module("hiresdiff.patches.attention")
 sampler_mod = importlib.import_module("hiresdiff.sampler")
 
 

@@ -327,11 +327,14 @@ def test_split_params_separates_settings_from_method_parameters() -> None:
     )
     assert settings == {"max_batch": 2, "low_vram": True}
     assert values == {"sigma": "0.5", "window": "64,64", "jitter": "false"}
+    assert split_params("demofusion", fields, {"max_batch": "auto", "eta": 1}) == ({"max_batch": "auto", "eta": 1}, {})
     assert split_params("demofusion", fields, None) == ({}, {})
     for bad, message in [
         ({"image": "/etc/passwd"}, "has no parameter 'image'"),
         ({"loras": "x.safetensors"}, "has no parameter 'loras'"),
-        ({"max_batch": 2.5}, "max_batch must be a whole number"),
+        ({"max_batch": 2.5}, 'max_batch must be a whole number or "auto"'),
+        ({"max_batch": "many"}, 'max_batch must be a whole number or "auto"'),
+        ({"eta": "one"}, "eta must be a number"),
         ({"previews": 1}, "previews must be true or false"),
         ({"sigma": {"nested": 1}}, "sigma must be a number, a switch or text"),
         ([1, 2], "params must be an object"),
@@ -400,7 +403,7 @@ def test_page_refuses_a_request_whose_memory_estimate_does_not_fit(
     assert updates[-1]["status"].startswith("done in")
     before = set(webapp.out.glob("*.png"))
     monkeypatch.setattr(hiresdiff.plan, "free_memory", lambda device: 24 * 2**20)
-    monkeypatch.setattr(hiresdiff.web.app, "_loaded_bytes", lambda pipe, device: 0)
+    monkeypatch.setattr(hiresdiff.web.app, "loaded_bytes", lambda pipe, device: 0)
     updates = _page_run(webapp, "demofusion", 1024, Session())
     error = updates[-1]["error"]
     assert error.startswith("⚠ estimated peak memory") and "exceeds the 24 MiB free" in error, error

@@ -35,6 +35,7 @@ _PIPELINE_NAMES = ("GenerationResult", "HiresPipeline", "generate")
 
 def __getattr__(name: str) -> Any:
     if name in _PIPELINE_NAMES:
+        importlib.import_module("hiresdiff.plan")  # registers the plan's max_batch="auto" for API runs
         return getattr(importlib.import_module("hiresdiff.pipeline"), name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 

@@ -7,7 +7,7 @@ import argparse
 from collections.abc import Sequence
 from typing import Any, NoReturn
 
-from hiresdiff.schedulers import scheduler_names
+from hiresdiff.schedulers import ETA_SCHEDULERS, scheduler_names
 
 
 class Parser(argparse.ArgumentParser):
@@ -38,7 +38,7 @@ class Parser(argparse.ArgumentParser):
 
 
 def add_sampling_options(p: argparse.ArgumentParser, *, set_help: str) -> None:
-    """``--steps --guidance --scheduler --negative --paper --max-batch --low-vram --set``; unset values stay
+    """``--steps --guidance --scheduler --eta --negative --paper --max-batch --low-vram --set``; unset values stay
     ``None`` so the method's and :class:`~hiresdiff.config.GenerationSettings`' defaults apply (see
     :func:`sampling_settings`)."""
     p.add_argument(
@@ -51,24 +51,42 @@ def add_sampling_options(p: argparse.ArgumentParser, *, set_help: str) -> None:
         help="guidance scale (default 7.5; FLUX-dev distilled guidance 3.5, FLUX-schnell 0)",
     )
     p.add_argument("--scheduler", default=None, help=f"one of: {', '.join(scheduler_names())} (default euler)")
+    p.add_argument(
+        "--eta",
+        type=float,
+        default=None,
+        help=f"DDIM stochasticity η ≥ 0 (default 0; 1 = ancestral steps), with --scheduler {'/'.join(ETA_SCHEDULERS)}",
+    )
     p.add_argument("--negative", default=None, help="negative prompt (default: the method's paper default)")
     p.add_argument(
         "--paper",
         action="store_true",
         help="the papers' sampling setting: DDIM, 50 steps, guidance 7.5, paper negative",
     )
-    p.add_argument("--max-batch", type=int, default=None, help="most denoiser samples per forward pass (default 8)")
+    p.add_argument(
+        "--max-batch",
+        type=max_batch,
+        default=None,
+        help="most denoiser samples per forward pass, or auto: the most that fit the free memory by the estimate, "
+        "keeping 10%% of it (at least 1 GiB) unused (default auto; 8 without an estimate)",
+    )
     p.add_argument(
         "--max-pixels", type=int, default=None, help="largest image area allowed (default: (8 × native side)²)"
     )
     p.add_argument(
         "--low-vram",
         action="store_true",
-        help="text encoders and VAE wait on the CPU between uses; --max-batch 2 and VAE tiles from 1024² by default",
+        help="text encoders and VAE wait on the CPU between uses; --max-batch 1 and VAE tiles from 1024² by default",
     )
     p.add_argument(
         "--set", dest="params", action="append", default=[], metavar="NAME=VALUE", help=f"{set_help}; repeatable"
     )
+
+
+def max_batch(text: str) -> int | str:
+    """``--max-batch``: a whole number or ``auto`` (argparse names this function in its one-line error)."""
+    word = text.strip().lower()
+    return word if word == "auto" else int(word)
 
 
 def add_memory_check_option(p: argparse.ArgumentParser) -> None:
@@ -86,6 +104,7 @@ def sampling_settings(args: argparse.Namespace) -> dict[str, Any]:
         "steps": args.steps,
         "guidance": args.guidance,
         "scheduler": args.scheduler,
+        "eta": args.eta,
         "negative_prompt": args.negative,
         "max_batch": args.max_batch,
         "max_pixels": args.max_pixels,

@@ -14,11 +14,11 @@ import types
 import typing
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 from hiresdiff.errors import HiresError, require
 from hiresdiff.ops.schedule import AG_DECAYS
-from hiresdiff.schedulers import check_scheduler_name
+from hiresdiff.schedulers import check_eta, check_scheduler_name
 
 #: negative prompt of the DemoFusion / APT papers
 PAPER_NEGATIVE_PROMPT = "blurry, ugly, duplicate, poorly drawn, deformed, mosaic"
@@ -46,6 +46,8 @@ def model_sampling_defaults(family: str, guidance_distilled: bool = True) -> dic
 
 #: decode/encode in tiles above this many pixels (SPEC §2.4: more than 2048²)
 DEFAULT_TILE_AREA = 2048 * 2048
+#: ``max_batch="auto"``: the number of rows the cost model's estimate fits into the free memory
+AUTO: Literal["auto"] = "auto"
 DTYPES = ("float32", "float16", "bfloat16")
 #: most inference steps any request may ask for: schedules have 1000 training timesteps (the model's own scheduler
 #: sets the exact limit, :func:`~hiresdiff.pipeline.check_steps`); this bound answers a huge count before any model
@@ -161,12 +163,18 @@ def normalise(name: str, value: Any, annotation: Any) -> Any:
     The one place where API values become typed settings: ``int``/``float``/``bool``/``str`` fields accept Python
     and numpy values of that kind (converted, so the metadata JSON stays plain) and refuse everything else in one
     line naming the field and the type received; ``X | None`` also takes ``None``; ``tuple[float, ...]`` takes a
-    list, tuple, array or single number. Other annotations pass values through unchanged.
+    list, tuple, array or single number; ``int | Literal["auto"]`` also takes that word (any case). Other
+    annotations pass values through unchanged.
     """
     base, optional = _field_type(annotation)
     if value is None:
         require(optional, f"{name} must not be None")
         return None
+    words = _words(annotation)
+    if words and isinstance(value, str):
+        word = value.strip().lower()
+        require(word in words, f"{name} must be a positive integer or {' or '.join(words)}, got {value!r}")
+        return word
     if base is bool:
         return as_bool(name, value)
     if base is int:
@@ -200,13 +208,17 @@ class GenerationSettings:
 
     ``width``/``height`` are the final image size in pixels; ``steps`` the inference steps N; ``guidance`` the
     classifier-free guidance scale (≤ 1 disables guidance); ``max_batch`` the most UNet samples per forward pass
-    (views, dilated samples and both guidance halves together); ``decode_tile_area`` the pixel area above which
+    (views, dilated samples and both guidance halves together), or ``"auto"``: the most that fit the device's free
+    memory by the cost model's estimate, settled before the run (:func:`hiresdiff.plan.choose_max_batch`; the run,
+    its plan and its metadata hold the number chosen); ``decode_tile_area`` the pixel area above which
     the VAE runs tiled (``0`` = always tile, ``None`` = never). ``ag_*``: AP-LDM attentive guidance in the
     native-size first phase of any method (strength λ, 0 = off; delay; decay exponent f; decay ``cosine``,
     ``linear`` or ``none``; SPEC §5). ``low_vram`` keeps the text encoders and the VAE on the CPU between their
     uses (see :func:`low_vram_defaults` for the batch and tile sizes it implies). ``strength`` (input images only,
     in (0, 1]): later phases start at step index ``⌊N·(1 − strength)⌋``, mapped onto each method's own start
-    parameter (``None``: the method's default).
+    parameter (``None``: the method's default). ``eta`` is DDIM's stochasticity η (0 = deterministic DDIM, 1 = the
+    ancestral DDPM-like step the ScaleCrafter/FouriScale/HiDiffusion code samples with), only for schedulers whose
+    step takes it (:data:`~hiresdiff.schedulers.ETA_SCHEDULERS`); its noise comes from each image's generator.
 
     Construction checks every field with :func:`normalise`: numpy numbers become plain ``int``/``float``/``bool``
     (so the metadata JSON stays plain), booleans where numbers belong and other types are one line naming the
@@ -222,7 +234,7 @@ class GenerationSettings:
     scheduler: str = "euler"
     num_images_per_prompt: int = 1
     seed: int | None = 0
-    max_batch: int = 8
+    max_batch: int | Literal["auto"] = AUTO
     decode_tile_area: int | None = DEFAULT_TILE_AREA
     previews: bool = True
     ag_lambda: float = 0.0
@@ -232,6 +244,7 @@ class GenerationSettings:
     low_vram: bool = False
     strength: float | None = None
     max_pixels: int | None = None
+    eta: float = 0.0
 
     def __post_init__(self) -> None:
         self.prompt = as_texts("prompt", self.prompt)
@@ -260,12 +273,16 @@ class GenerationSettings:
         )
         check_finite("guidance", self.guidance, low=0.0)
         check_scheduler_name(self.scheduler)
+        check_finite("eta", self.eta, low=0.0)
+        check_eta(self.eta, self.scheduler)
         require(
             self.num_images_per_prompt >= 1,
             f"num_images_per_prompt (--batch) must be ≥ 1, got {self.num_images_per_prompt}",
         )
         require(self.seed is None or 0 <= self.seed < 2**63, f"seed must be an integer in [0, 2^63), got {self.seed!r}")
-        require(self.max_batch >= 1, f"max_batch must be ≥ 1, got {self.max_batch}")
+        require(
+            self.max_batch == AUTO or int(self.max_batch) >= 1, f"max_batch must be ≥ 1 or auto, got {self.max_batch}"
+        )
         check_finite("ag_lambda", self.ag_lambda, low=0.0)
         require(self.ag_delay >= 0, f"ag_delay must be ≥ 0, got {self.ag_delay}")
         check_finite("ag_exponent", self.ag_exponent, low=0.0)
@@ -294,18 +311,30 @@ class GenerationSettings:
 
 
 def _field_type(tp: Any) -> tuple[type, bool]:
-    """(base type, optional) of a dataclass field annotation such as ``int | None``."""
+    """(base type, optional) of a dataclass field annotation such as ``int | None`` (``Literal`` words aside:
+    :func:`_words`)."""
     origin = typing.get_origin(tp)
     if origin in (typing.Union, types.UnionType):
-        args = [a for a in typing.get_args(tp) if a is not type(None)]
-        return args[0], True
+        given = typing.get_args(tp)
+        args = [a for a in given if a is not type(None) and typing.get_origin(a) is not Literal]
+        return args[0], type(None) in given
     return tp, False
+
+
+def _words(tp: Any) -> tuple[str, ...]:
+    """The words a field annotated ``X | Literal["word", …]`` takes besides values of ``X``."""
+    if typing.get_origin(tp) not in (typing.Union, types.UnionType):
+        return ()
+    literals = [a for a in typing.get_args(tp) if typing.get_origin(a) is Literal]
+    return tuple(str(w) for a in literals for w in typing.get_args(a))
 
 
 def _parse(name: str, raw: str, tp: Any) -> Any:
     base, optional = _field_type(tp)
     if optional and raw.lower() in ("none", "null", ""):
         return None
+    if raw.strip().lower() in _words(tp):
+        return raw.strip().lower()
     try:
         if base is bool:
             if raw.lower() in ("1", "true", "yes", "on"):
@@ -359,8 +388,19 @@ def parse_assignments(items: list[str]) -> dict[str, str]:
     return out
 
 
-#: ``low_vram`` defaults: at most two denoiser samples per call and VAE tiles from 1024² px on
-LOW_VRAM_DEFAULTS: dict[str, Any] = {"max_batch": 2, "decode_tile_area": 1024 * 1024}
+#: ``low_vram`` defaults: one denoiser row per call (a CFG pair runs as two calls,
+#: :meth:`~hiresdiff.models.guidance.GuidanceRule.parts`) and VAE tiles from 1024² px on. Low-VRAM keeps an
+#: explicit small batch rather than ``auto``: on a device that tight the estimate's error (a lower bound, some
+#: hundreds of MiB under real runs) matters most; ``--low-vram --max-batch auto`` asks for the estimate's choice.
+LOW_VRAM_DEFAULTS: dict[str, Any] = {"max_batch": 1, "decode_tile_area": 1024 * 1024}
+#: what ``auto`` becomes without a usable estimate (cost model failed, free memory unknown such as on MPS, no device
+#: as in ``hiresdiff cost``): the former fixed default; with ``low_vram`` its own default
+AUTO_FALLBACK = 8
+
+
+def fallback_batch(low_vram: bool) -> int:
+    """``max_batch`` when ``auto`` cannot be settled from an estimate (:data:`AUTO_FALLBACK`)."""
+    return int(LOW_VRAM_DEFAULTS["max_batch"]) if low_vram else AUTO_FALLBACK
 
 
 def low_vram_defaults(kwargs: dict[str, Any]) -> dict[str, Any]:

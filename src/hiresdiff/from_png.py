@@ -92,6 +92,10 @@ def kinds_of(annotation: Any) -> tuple[Kind, ...]:
     args = typing.get_args(annotation) if typing.get_origin(annotation) is not tuple else ()
     if args and type(None) in args:
         return (*(k for a in args if a is not type(None) for k in kinds_of(a)), NULL)
+    if args and typing.get_origin(annotation) is typing.Literal:  # ``max_batch``'s "auto"
+        return (STRING,)
+    if args and typing.get_origin(annotation) is not tuple:  # a union without None: ``int | Literal["auto"]``
+        return tuple(k for a in args for k in kinds_of(a))
     if annotation is tuple or typing.get_origin(annotation) is tuple:
         return (NUMBERS,)
     simple = {bool: BOOLEAN, int: INTEGER, float: NUMBER, str: STRING}
@@ -134,7 +138,7 @@ _HINTS = typing.get_type_hints(GenerationSettings)
 #: settings written as the :class:`~hiresdiff.config.GenerationSettings` field of the same name; older PNGs lack
 #: those of :data:`_LATER`
 _SETTINGS = ("width", "height", "steps", "guidance", "scheduler", "seed", "max_batch", "decode_tile_area")
-_LATER = ("strength", *AG_SETTINGS)
+_LATER = ("strength", "eta", *AG_SETTINGS)
 #: the settings record of one image (:meth:`~hiresdiff.pipeline.HiresPipeline._metadata`); ``params`` is checked
 #: against its method's parameters (:func:`check_params`)
 SETTINGS_RECORD: dict[str, Field] = {

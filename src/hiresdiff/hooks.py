@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Hashable
+
 import torch
 
 from hiresdiff.config import GenerationSettings
@@ -10,7 +12,20 @@ from hiresdiff.ops.schedule import attentive_lambdas
 
 
 class StepHook:
-    """Edits around one denoising step; the defaults change nothing."""
+    """Edits around one denoising step; the defaults change nothing.
+
+    :meth:`at_step` tells the hook the step index before anything of the step runs (the model-patch clock,
+    :class:`~hiresdiff.patches.clock.PatchClock`); :meth:`signature_at` says what the hook makes the model compute at
+    a step, so the cost model replays a step only where that is unchanged (:mod:`hiresdiff.cost.replay`).
+    """
+
+    def at_step(self, index: int, t: torch.Tensor) -> None:
+        """Step ``index`` (position of ``t`` in the stage's N-step list, 0 = noisiest) is about to run."""
+
+    def signature_at(self, index: int) -> Hashable:
+        """What this hook makes the model compute at step ``index`` (equal values: equal cost); ``()`` for hooks
+        that leave the model alone."""
+        return ()
 
     def before_step(self, t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         return x

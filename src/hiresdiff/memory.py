@@ -7,7 +7,8 @@ call: the canvas bytes alive when it starts plus the call's own activations. The
     peak = max( max over components c of  resident(c) + canvas(c) + activations(c) · bytes(dtype_c) / 4,
                 max_c resident(c) + canvas peak between calls )
 
-where ``resident(c)`` is every weight on the device (``low_vram``: the denoiser, the ControlNet and ``c``) and
+where ``resident(c)`` is every weight on the device (``low_vram``: only ``c``'s own, the denoiser's together with
+the ControlNet's — the denoiser steps off the device while the text encoders or the VAE run) and
 ``dtype_c`` is the run dtype (the VAE: float32 when its config forces an upcast of float16). It leaves out the
 framework's own workspace and allocator fragmentation, so it is a lower bound that real runs exceed by some
 hundreds of MiB.
@@ -19,6 +20,7 @@ import dataclasses
 import math
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -26,7 +28,8 @@ from hiresdiff.cost.meta import CallPeak
 from hiresdiff.cost.model import CostReport
 
 GIB = 2**30
-_ALWAYS = ("denoiser", "controlnet")  # stay on the device in low-VRAM mode
+#: on the device together while the denoiser runs; in low-VRAM mode every other component runs alone
+_DENOISING = ("denoiser", "controlnet")
 
 
 def gib(n: float) -> str:
@@ -55,14 +58,16 @@ class MemoryEstimate:
         return cls(weights, peaks, low_vram, report.canvas_bytes)
 
     def resident(self, component: str) -> int:
-        """Weight bytes on the device while ``component`` runs."""
+        """Weight bytes on the device while ``component`` runs (low-VRAM mode: its own, or the denoiser's and the
+        ControlNet's, as :meth:`~hiresdiff.models.adapter.ModelAdapter.borrowed` places them)."""
         if not self.low_vram:
             return sum(self.weights.values())
-        return sum(n for name, n in self.weights.items() if name in _ALWAYS or name == component)
+        group = _DENOISING if component in _DENOISING else (component,)
+        return sum(n for name, n in self.weights.items() if name in group)
 
     def at(self, component: str) -> int:
-        """Bytes while ``component``'s largest call runs (``canvas``: between calls, all weights that may be on
-        the device)."""
+        """Bytes while ``component``'s largest call runs (``canvas``: between calls, under the largest set of
+        weights that is ever on the device)."""
         if component == "canvas":
             return max((self.resident(c) for c in self.peaks), default=sum(self.weights.values())) + self.canvas
         return self.resident(component) + self.peaks[component].total
@@ -99,6 +104,15 @@ def free_memory(device: str) -> int | None:
         except OSError:
             return None
     return None
+
+
+def loaded_bytes(pipe: Any, device: torch.device | str) -> int:
+    """Bytes of a loaded pipeline's weights on ``device``'s type: the free memory already lacks them, and an
+    estimate that counts them too (a plan made after loading) adds them back."""
+    kind = torch.device(device).type
+    modules = [m for m in getattr(pipe, "components", {}).values() if isinstance(m, torch.nn.Module)]
+    tensors = [t for m in modules for t in (*m.parameters(), *m.buffers()) if t.device.type == kind]
+    return sum(t.numel() * t.element_size() for t in tensors)
 
 
 def rows_that_fit(est: MemoryEstimate, free: int, cfg: bool) -> int | None:

@@ -144,6 +144,14 @@ class ViewParallel(Replicating):
         self._collective("the all-reduce", lambda: dist.all_reduce(tensor))
         return tensor
 
+    def smallest(self, value: int) -> int:
+        """The smallest of every rank's ``value`` (one all-gather)."""
+        import torch.distributed as dist
+
+        gathered: list[Any] = [None] * self.world
+        self._collective("the batch-size agreement", lambda: dist.all_gather_object(gathered, int(value)))
+        return min(int(v) for v in gathered)
+
     def check_same_request(self, description: dict[str, Any]) -> None:
         """Every rank must generate the same thing: compare a hash of the request before any model work."""
         import torch.distributed as dist

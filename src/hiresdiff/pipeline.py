@@ -13,12 +13,14 @@ import torch
 from PIL import Image
 
 from hiresdiff.config import (
+    AUTO,
     DEFAULT_MODEL,
     DTYPES,
     PAPER_SETTING,
     GenerationSettings,
     as_bool,
     coerce_params,
+    fallback_batch,
     got,
     low_vram_defaults,
     parse_fields,
@@ -35,7 +37,7 @@ from hiresdiff.models.flux import adapter_for
 from hiresdiff.models.lora import applied_loras
 from hiresdiff.parallel import Serial, ViewParallel
 from hiresdiff.sampler import PreviewCallback, Run, StepCallback
-from hiresdiff.schedulers import MODEL_DEFAULT, make_scheduler
+from hiresdiff.schedulers import MODEL_DEFAULT, check_scheduler_eta, make_scheduler
 from hiresdiff.stages import check_canvas
 
 SETTING_NAMES = {f.name for f in dataclasses.fields(GenerationSettings)} - {"prompt", "width", "height"}
@@ -216,15 +218,26 @@ class HiresPipeline:
 
     @classmethod
     def from_model(
-        cls, model: str, *, dtype: str = "float32", device: str | None = None, allow_pickle: bool = False
+        cls,
+        model: str,
+        *,
+        dtype: str = "float32",
+        device: str | None = None,
+        allow_pickle: bool = False,
+        low_vram: bool = False,
     ) -> HiresPipeline:
-        """Load ``model`` (hub id, diffusers folder, ``.safetensors`` file or built-in name)."""
+        """Load ``model`` (hub id, diffusers folder, ``.safetensors`` file or built-in name); ``low_vram``: only the
+        denoiser goes to ``device`` (:meth:`~hiresdiff.models.adapter.ModelAdapter.start_offloaded`)."""
         from hiresdiff.models.loading import load_pipeline, resolve_model
 
         device = resolve_device(device)
         spec = resolve_model(model, allow_pickle=allow_pickle)
-        pipe = load_pipeline(spec, dtype=resolve_dtype(dtype), device=device, allow_pickle=allow_pickle)
-        return cls(pipe, model, allow_pickle=allow_pickle)
+        home = "cpu" if low_vram else device
+        pipe = load_pipeline(spec, dtype=resolve_dtype(dtype), device=home, allow_pickle=allow_pickle)
+        hp = cls(pipe, model, allow_pickle=allow_pickle)
+        if low_vram:
+            hp.adapter.start_offloaded(device)
+        return hp
 
     @property
     def native_size(self) -> int:
@@ -302,6 +315,12 @@ class HiresPipeline:
         import time
 
         s, ad = req.settings, self.adapter
+        if s.max_batch == AUTO:  # an API call (the command line, the web page and bench settle it in their plan)
+            if BATCH_PLANNER is None:
+                s.max_batch = fallback_batch(s.low_vram)
+            else:
+                BATCH_PLANNER(self, req)
+            agree_batch(ad.parallel, req)
         if isinstance(ad.parallel, ViewParallel):
             ad.parallel.check_same_request(describe(req))
         ad.refresh_placement()
@@ -310,6 +329,7 @@ class HiresPipeline:
             ad.scheduler = type(self._base_scheduler).from_config(self._base_scheduler_config)
         else:
             ad.scheduler = make_scheduler(s.scheduler, self._base_scheduler_config)
+        check_scheduler_eta(s.eta, ad.scheduler)  # the model's own scheduler is known only now
         gens, seeds = _generators(s, generator)
         seen = {p: cut for p in dict.fromkeys(s.prompt) if (cut := ad.truncated(p)) is not None}
         for prompt, (dropped, _) in seen.items():
@@ -362,8 +382,9 @@ class HiresPipeline:
             "steps": s.steps,
             "guidance": s.guidance,
             "scheduler": s.scheduler,
+            "eta": s.eta,
             "seed": seed,
-            "max_batch": s.max_batch,
+            "max_batch": s.max_batch,  # the number used, also when it was "auto" (batched calls round differently)
             "decode_tile_area": s.decode_tile_area,
             "strength": s.strength,
             **{name: getattr(s, name) for name in AG_SETTINGS},
@@ -444,8 +465,11 @@ def check_steps(settings: GenerationSettings, family: str, scheduler_config: dic
     "leading" spacing) silently put every step on the same timestep; DPM-Solver and UniPC do so already at
     ``num_train_timesteps`` itself. The scheduler that will run is built from its config and asked for its
     timesteps, so every such collapse is caught (flow-matching FLUX schedules have continuous σ: no collapse).
+    The model's own scheduler (``model-default``) is also asked whether its step takes DDIM's η when η ≠ 0.
     """
     config = {**TYPICAL_SCHEDULER, **(scheduler_config or {})}
+    if settings.eta and (own := _scheduler_for(settings.scheduler, family, config)) is not None:
+        check_scheduler_eta(settings.eta, own)
     limit, steps = int(config["num_train_timesteps"]), settings.steps
     require(
         steps <= limit,
@@ -540,6 +564,20 @@ def validate_request(
     req.method.check_family(model.family, req.params)
     check_steps(req.settings, model.family, model.scheduler_config)
     return req
+
+
+#: settles ``max_batch="auto"`` of a request on a loaded pipeline: :func:`hiresdiff.plan.settle_batch`, which
+#: :mod:`hiresdiff.plan` registers when imported (``import hiresdiff``'s public names import it) — the plan needs
+#: the cost model, which runs this module's pipeline, so this module cannot import the plan; unset, ``auto`` is
+#: :func:`~hiresdiff.config.fallback_batch`
+BATCH_PLANNER: Callable[[HiresPipeline, GenerationRequest], None] | None = None
+
+
+def agree_batch(parallel: Any, req: GenerationRequest) -> None:
+    """The smallest ``max_batch`` any rank settled ``auto`` to, on every rank of a view-parallel run (each rank's
+    free memory may differ; the ranks must make the same calls)."""
+    if isinstance(parallel, ViewParallel):
+        req.settings.max_batch = parallel.smallest(int(req.settings.max_batch))
 
 
 def describe(req: GenerationRequest) -> dict[str, Any]:
@@ -647,11 +685,15 @@ def generate(
     if parallel is not None:
         parallel.check_same_request({**describe(req), "model": model, "dtype": dtype})  # before any weights load
     if before_model is not None:
+        auto = req.settings.max_batch == AUTO
         before_model(req, spec.native_size, spec.pixel_grid, device=dev, dtype=resolve_dtype(dtype))
+        if auto and req.settings.max_batch != AUTO:  # the plan settled it (before any weights load)
+            agree_batch(parallel, req)
     key = (model, dtype, dev, allow_pickle)
     if key not in _CACHE:
         _CACHE.clear()
-        _CACHE[key] = HiresPipeline.from_model(model, dtype=dtype, device=dev, allow_pickle=allow_pickle)
+        low = req.settings.low_vram  # a low-VRAM request loads the pipeline with only the denoiser on the device
+        _CACHE[key] = HiresPipeline.from_model(model, dtype=dtype, device=dev, allow_pickle=allow_pickle, low_vram=low)
     hp = _CACHE[key]
     hp.adapter.parallel = parallel or Serial()
     return hp.run(req, generator=generator, progress=progress, callback=callback)

@@ -1,19 +1,22 @@
 """The run plan shown before any work: stages and their sizes, steps, images, the cost model's FLOPs and the
 estimated peak memory of the same request (:mod:`hiresdiff.cost`, :mod:`hiresdiff.memory`) — all without loading
-weights; a request that would not fit stops here with what would."""
+weights; ``max_batch="auto"`` is settled here (:func:`choose_max_batch`); a request that would not fit stops here
+with what would."""
 
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 
-from hiresdiff.config import LOW_VRAM_DEFAULTS, GenerationSettings
+from hiresdiff import pipeline
+from hiresdiff.config import AUTO, LOW_VRAM_DEFAULTS, GenerationSettings, fallback_batch
 from hiresdiff.cost.model import CostReport
 from hiresdiff.errors import HiresError
-from hiresdiff.memory import MemoryEstimate, free_memory, gib, rows_that_fit, side_scale_that_fits
+from hiresdiff.memory import GIB, MemoryEstimate, free_memory, gib, loaded_bytes, rows_that_fit, side_scale_that_fits
 from hiresdiff.stages import area_steps, canvas_at, doubling_phases, native_area_canvas, progressive_phases
 
 #: how each method plans its canvases: ``(height, width, native, grid) → [(h, w), …]`` in sampling order
@@ -66,19 +69,125 @@ def low_vram_overrides(s: GenerationSettings) -> dict[str, Any]:
     """What ``--low-vram`` changes for these settings (:data:`~hiresdiff.config.LOW_VRAM_DEFAULTS` as upper bounds)."""
     tile = LOW_VRAM_DEFAULTS["decode_tile_area"]
     area = tile if s.decode_tile_area is None else min(s.decode_tile_area, tile)
-    return {"low_vram": True, "max_batch": min(s.max_batch, LOW_VRAM_DEFAULTS["max_batch"]), "decode_tile_area": area}
+    rows = LOW_VRAM_DEFAULTS["max_batch"]
+    return {
+        "low_vram": True,
+        "max_batch": rows if s.max_batch == AUTO else min(s.max_batch, rows),
+        "decode_tile_area": area,
+    }
+
+
+#: ``max_batch="auto"`` leaves this share of the free memory unused, and at least :data:`AUTO_MARGIN_MIN`: the
+#: estimate is a lower bound (no framework workspace, no allocator fragmentation, :mod:`hiresdiff.memory`)
+AUTO_MARGIN = 0.10
+AUTO_MARGIN_MIN = GIB
+#: ``max_batch`` large enough that every view of a step shares one denoiser call (the cap is read from that run)
+_UNBOUNDED = 2**20
+
+
+def auto_room(free: int) -> int:
+    """Bytes ``auto`` may fill of ``free``: all but 10 % of it, keeping at least 1 GiB (:data:`AUTO_MARGIN`)."""
+    return free - max(int(free * AUTO_MARGIN), AUTO_MARGIN_MIN)
+
+
+def batch_candidates(cap: int, branches: int) -> list[int]:
+    """The ``max_batch`` values worth trying, ascending: multiples of the guidance branches per view (values in
+    between make the same calls), up to ``cap``, the most rows any call of the run holds (more changes nothing)."""
+    return [*range(branches, cap, branches), cap] if cap > branches else [cap]
+
+
+def largest_fitting(candidates: list[int], fits: Callable[[int], bool], guess: int) -> int:
+    """The largest of ``candidates`` (ascending, the last known not to fit) for which ``fits`` holds, or the
+    smallest when none does. ``fits`` must be monotone (peak memory grows with rows per call). The search starts at
+    the index ``guess`` and gallops from it (steps 1, 2, 4 … in the direction the answer lies) until it brackets
+    the answer, then bisects: a close linear guess settles it in two or three evaluations, a poor one costs a
+    bisection's logarithm more."""
+    lo, hi = -1, len(candidates) - 1  # fits(candidates[lo]) (lo = -1: none known), not fits(candidates[hi])
+    probe, step, galloping = min(max(guess, 0), hi - 1), 1, True
+    while hi - lo > 1:
+        mid = probe if galloping and lo < probe < hi else (lo + hi) // 2
+        galloping = galloping and mid == probe
+        ok = fits(candidates[mid])
+        lo, hi = (mid, hi) if ok else (lo, mid)
+        probe, step = (mid + step if ok else mid - step), step * 2
+    return candidates[max(lo, 0)]
+
+
+def choose_max_batch(req: Any, model: str, dtype: torch.dtype, free: int | None) -> CostReport:
+    """Settle ``max_batch="auto"`` of ``req`` (its settings then hold the number) and return the cost report at it.
+
+    The choice is the largest number of rows per denoiser call whose estimated peak (:class:`MemoryEstimate`)
+    stays within :func:`auto_room` of ``free``, capped by the most rows any call of the run can hold (views ×
+    guidance branches of the largest step: :attr:`CostReport.denoiser_rows` of a run with no limit). The peak
+    grows with the rows per call, so a bisection over :func:`batch_candidates` is exact (equal to trying every
+    candidate); its first probe is the linear guess from the unlimited run's denoiser call (activations ∝ rows),
+    so most choices cost that run and two more. ``free`` unknown: :func:`~hiresdiff.config.fallback_batch`.
+    """
+    s = req.settings
+    if free is None:
+        s.max_batch = fallback_batch(s.low_vram)
+        return request_cost(req, model, max_batch=s.max_batch)
+    room = auto_room(free)
+    top = request_cost(req, model, max_batch=_UNBOUNDED)
+    cap = max(1, top.denoiser_rows)
+    reports = {cap: top}
+
+    def estimate(rows: int) -> MemoryEstimate:
+        if rows not in reports:
+            reports[rows] = request_cost(req, model, max_batch=rows)
+        return MemoryEstimate.of(reports[rows], dtype, s.low_vram)
+
+    if estimate(cap).peak <= room:
+        s.max_batch = cap
+        return top
+    branches = 2 if s.cfg and top.architecture not in _SINGLE_BRANCH else 1
+    candidates = batch_candidates(cap, branches)
+    linear = rows_that_fit(estimate(cap), room, branches == 2) or 0
+    guess = max(0, sum(c <= linear for c in candidates) - 1)
+    s.max_batch = largest_fitting(candidates, lambda rows: estimate(rows).peak <= room, guess)
+    estimate(s.max_batch)
+    return reports[s.max_batch]
+
+
+#: architectures whose guidance is one branch per view (FLUX.1 is guidance-distilled: no unconditional half)
+_SINGLE_BRANCH = ("tiny-flux", "random-flux")
+
+
+def settle_batch(hp: pipeline.HiresPipeline, req: Any) -> None:
+    """Settle ``max_batch="auto"`` for a run on the loaded pipeline ``hp`` (API callers): :func:`budget`'s choice
+    on its adapter's device, with the weights already loaded there added back to the free memory; a model the
+    cost model has no architecture for gets :func:`~hiresdiff.config.fallback_batch`."""
+    ad, s = hp.adapter, req.settings
+    arch = cost_architecture(hp.model_name, ad.family, ad.native_size)
+    if arch is None:
+        s.max_batch = fallback_batch(s.low_vram)
+        return
+    budget(req, arch, str(ad.device), ad.dtype, loaded=loaded_bytes(ad.pipe, ad.device))
+
+
+def cost_architecture(name: str, family: str, native: int) -> str | None:
+    """The cost model's name for a loaded model: its own when the cost model knows it (built-in names, known hub
+    ids), else the built-in architecture of its family and native size; ``None`` when there is none."""
+    from hiresdiff.cost.model import ARCHITECTURES, FAMILY_ARCHITECTURES
+    from hiresdiff.models.tiny import BUILTIN_MODELS
+
+    if name in BUILTIN_MODELS or name in ARCHITECTURES:
+        return name
+    return FAMILY_ARCHITECTURES.get((family, native))
 
 
 @dataclass(frozen=True)
 class Budget:
     """The cost model's view of a request: its report and memory estimate at the run's dtype, and the device's
-    free memory (``None``: unknown); ``reason`` says why there is no report."""
+    free memory (``None``: unknown); ``reason`` says why there is no report; ``auto``: ``max_batch`` was chosen
+    here (:func:`choose_max_batch`)."""
 
     report: CostReport | None
     estimate: MemoryEstimate | None
     free: int | None
     device: str
     reason: str = ""
+    auto: bool = False
 
     def summary(self) -> str:
         if self.report is None or self.estimate is None:
@@ -87,16 +196,25 @@ class Budget:
         return f"{self.report.model_flops / 1e12:,.4g} TFLOP, est. peak {gib(self.estimate.peak)}{free}"
 
 
-def budget(req: Any, model: str, device: str, dtype: torch.dtype) -> Budget:
-    """Cost and memory of ``req`` on ``device`` at ``dtype``, without loading weights."""
+def budget(req: Any, model: str, device: str, dtype: torch.dtype, *, loaded: int = 0) -> Budget:
+    """Cost and memory of ``req`` on ``device`` at ``dtype``, without loading weights; ``max_batch="auto"`` is
+    settled first (:func:`choose_max_batch`; without a usable estimate, :func:`~hiresdiff.config.fallback_batch`).
+    ``loaded``: bytes of weights already on the device, which its free memory lacks and the estimate counts."""
     free = free_memory(device)
+    free = None if free is None else free + loaded
+    s = req.settings
+    auto = s.max_batch == AUTO
     try:
-        report = request_cost(req, model)
+        report = choose_max_batch(req, model, dtype, free) if auto else request_cost(req, model)
     except HiresError as exc:
-        return Budget(None, None, free, device, str(exc))
+        reason = str(exc)
     except Exception as exc:  # the estimate is advice: a cost-model failure must not stop a generation
-        return Budget(None, None, free, device, f"cost model failed: {type(exc).__name__}: {exc}"[:200])
-    return Budget(report, MemoryEstimate.of(report, dtype, req.settings.low_vram), free, device)
+        reason = f"cost model failed: {type(exc).__name__}: {exc}"[:200]
+    else:
+        return Budget(report, MemoryEstimate.of(report, dtype, s.low_vram), free, device, auto=auto)
+    if auto:
+        s.max_batch = fallback_batch(s.low_vram)
+    return Budget(None, None, free, device, reason, auto=auto)
 
 
 #: how a change of settings is spelled on a command line (``hiresdiff generate``; :data:`BENCH_FLAGS`)
@@ -113,13 +231,15 @@ BENCH_FLAGS = {**GENERATE_FLAGS, "decode_tile_area": "--set decode_tile_area={v}
 _DEFAULTS = {f.name: f.default for f in dataclasses.fields(GenerationSettings)}
 
 
-def _spell(change: dict[str, Any], flags: dict[str, str], s: GenerationSettings) -> str:
+def _spell(change: dict[str, Any], flags: dict[str, str], s: GenerationSettings, auto: bool = False) -> str:
     """The flags of ``change``. ``--low-vram`` brings its batch and tile sizes only where the request kept the
-    defaults, so sizes given explicitly that it lowers are spelled too."""
+    defaults (``auto``: the batch size was the default ``auto``), so sizes given explicitly that it lowers are
+    spelled too."""
     if "width" in change:
         return flags["size"].format(**change)
     if change.get("low_vram"):
-        kept = [k for k in ("max_batch", "decode_tile_area") if getattr(s, k) != _DEFAULTS[k]]
+        given = {"max_batch": not auto and s.max_batch != _DEFAULTS["max_batch"]}
+        kept = [k for k in ("max_batch", "decode_tile_area") if given.get(k, getattr(s, k) != _DEFAULTS[k])]
         extra = [flags[k].format(v=change[k]) for k in kept if change[k] != getattr(s, k)]
         return " ".join([flags["low_vram"], *extra])
     return " ".join(flags[k].format(v=v) for k, v in change.items())
@@ -152,12 +272,12 @@ def check_budget(
     if (f := side_scale_that_fits(est, free, (s.height // grid) * (s.width // grid))) is not None:
         w, h = (max(grid, int(v * f * 0.95) // grid * grid) for v in (s.width, s.height))
         changes.append({"width": w, "height": h})
-    fits = [(_spell(change, flags, s), peak) for change in changes if (peak := price(change)) <= free]
+    fits = [(_spell(change, flags, s, b.auto), peak) for change in changes if (peak := price(change)) <= free]
     settings_only = [change for change in changes if "width" not in change]
     if not fits and len(settings_only) > 1:  # all of them together
         together = {k: v for change in settings_only for k, v in change.items()}
         if (peak := price(together)) <= free:
-            fits = [(" ".join(_spell(change, flags, s) for change in settings_only), peak)]
+            fits = [(" ".join(_spell(change, flags, s, b.auto) for change in settings_only), peak)]
     advice = ", ".join(f"{flag} (≈{gib(peak)})" for flag, peak in fits) or "nothing smaller found (another device)"
     raise HiresError(
         f"estimated peak memory {gib(est.peak)} ({est.describe()}) exceeds the {gib(free)} free on {b.device}; "
@@ -170,15 +290,16 @@ def describe_plan(req: Any, native: int, grid: int, b: Budget | None = None, *, 
     s = req.settings
     sizes = plan_phases(req, native, grid)
     chain = " → ".join(f"{h}×{w}" for h, w in sizes)
+    batch = f"max_batch {s.max_batch}" + (" (auto)" if b is not None and b.auto else "")
     lines = [
         f"plan: {req.method.name} {s.height}×{s.width}, {len(sizes)} stage(s) ({chain}), {s.steps} steps, "
-        f"{s.batch_size} image(s)"
+        f"{s.batch_size} image(s), {batch}"
         + (", from an input image" if req.extras.source is not None else "")
         + (f"; {b.summary()}" if b is not None and not full else "")
     ]
     if not full:
         return lines
-    lines.append(f"  scheduler {s.scheduler}, guidance {s.guidance}, seed {s.seed}, max_batch {s.max_batch}")
+    lines.append(f"  scheduler {s.scheduler}, guidance {s.guidance}, seed {s.seed}, {batch}")
     lines.append("  parameters: " + ", ".join(f"{k}={v}" for k, v in dataclasses.asdict(req.params).items()))
     if b is None or b.report is None or b.estimate is None:
         lines.append(f"  cost model: unavailable ({b.reason if b else 'not asked'})")
@@ -192,3 +313,6 @@ def describe_plan(req: Any, native: int, grid: int, b: Budget | None = None, *, 
     free = f"{gib(b.free)} free on {b.device}" if b.free is not None else f"free memory of {b.device} unknown"
     lines.append(f"  memory: est. peak {gib(est.peak)} = {est.describe()}; {free}")
     return lines
+
+
+pipeline.BATCH_PLANNER = settle_batch  # API runs settle auto with the plan (the pipeline cannot import this module)

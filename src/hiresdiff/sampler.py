@@ -8,7 +8,7 @@ batches and assembled into **one** prediction for the whole canvas → hooks may
 from __future__ import annotations
 
 import inspect
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Hashable, Iterator, Sequence
 from contextlib import contextmanager
 from contextvars import ContextVar
 from dataclasses import dataclass, field
@@ -23,6 +23,7 @@ from hiresdiff.hooks import StepHook, attentive_guidance
 from hiresdiff.models.adapter import ModelAdapter, PromptEmbeds
 from hiresdiff.ops.resample import resize_pixels, upsample_pixels
 from hiresdiff.ops.schedule import start_index
+from hiresdiff.schedulers import check_scheduler_eta
 from hiresdiff.strategies.base import Denoiser, Strategy
 from hiresdiff.strategies.full import FullCanvas
 
@@ -35,11 +36,12 @@ PreviewCallback = Callable[[torch.Tensor], None]
 class StepReplay(Protocol):
     """The cost model's hook in the loop (:mod:`hiresdiff.cost.replay`): told when a loop of ``total`` steps
     begins, it says which steps repeat one it recorded; those only advance the scheduler (with the last
-    prediction), their cost is booked again."""
+    prediction), their cost is booked again. ``state`` is what the step hooks make the model compute at the step
+    (:meth:`~hiresdiff.hooks.StepHook.signature_at`): a step repeats a record only under the same state."""
 
     def begin(self, total: int) -> None: ...
 
-    def repeats(self, step: int) -> bool: ...
+    def repeats(self, step: int, state: Hashable = ()) -> bool: ...
 
 
 #: set only while the cost model counts a generation; ``None`` in real runs
@@ -101,8 +103,12 @@ class Run:
     def noise(self, height: int, width: int) -> torch.Tensor:
         """Standard normal latents for a ``height × width`` pixel canvas, sample ``b`` from ``generators[b]``."""
         h, w = self.latent_size(height, width)
-        shape = (1, self.adapter.latent_channels, h, w)
-        draws = [torch.randn(shape, generator=g, device=g.device, dtype=torch.float32) for g in self.generators]
+        return self.standard_normal((self.adapter.latent_channels, h, w))
+
+    def standard_normal(self, shape: tuple[int, ...]) -> torch.Tensor:
+        """One standard normal draw of ``shape`` per canvas sample, sample ``b`` from ``generators[b]`` (float32, on
+        the denoiser's device): image ``b`` of a batch draws what it would draw alone."""
+        draws = [torch.randn((1, *shape), generator=g, device=g.device, dtype=torch.float32) for g in self.generators]
         return torch.cat(draws).to(self.adapter.device)
 
     # --- scheduling ---------------------------------------------------------------------------------------
@@ -138,11 +144,26 @@ class Run:
         return Denoiser(**kw)
 
     def _step_kwargs(self) -> dict[str, Any]:
+        """Keyword arguments of every ``scheduler.step`` of a loop: DDIM's η when set (refused in one line for a
+        scheduler without it; its noise is drawn per step by :meth:`_step_noise`), else the generator(s)."""
+        eta = self.settings.eta
+        if eta:
+            check_scheduler_eta(eta, self.scheduler)
+            return {"eta": eta}
         params = inspect.signature(self.scheduler.step).parameters
         if "generator" not in params:
             return {}
         distinct = len({id(g) for g in self.generators}) > 1
         return {"generator": self.generators if distinct else self.generators[0]}
+
+    def _step_noise(self, x: torch.Tensor, kwargs: dict[str, Any]) -> dict[str, Any]:
+        """DDIM's ``variance_noise`` for one step with η > 0: image ``b`` from ``generators[b]`` (as the initial
+        noise), so an image of a batch gets the noise it gets alone; nothing when η = 0."""
+        if not kwargs.get("eta"):
+            return {}
+        if x.shape[0] != self.batch:
+            raise RuntimeError(f"a {x.shape[0]}-sample canvas stepped with η in a run of {self.batch} image(s)")
+        return {"variance_noise": self.standard_normal(tuple(x.shape[1:])).to(x.dtype)}
 
     # --- the loop -----------------------------------------------------------------------------------------
     def denoise(
@@ -162,10 +183,16 @@ class Run:
         replay, pred = STEP_REPLAY.get(), None  # a replayed step advances the scheduler with the last prediction
         if replay is not None:
             replay.begin(total)
+        first = len(sched.timesteps) - total  # position of timesteps[0] in the stage's list (SDEdit starts later)
+        order = int(getattr(sched, "order", 1))
         for i, t in enumerate(timesteps):
-            if replay is not None and replay.repeats(i):  # the cost model books a recorded step again
-                x = sched.step(pred, t, x, return_dict=False, **kwargs)[0]
+            index = (first + i) // order  # the step index model patches switch on (never a count of model calls)
+            state = tuple(hook.signature_at(index) for hook in hooks)
+            if replay is not None and replay.repeats(i, state):  # the cost model books a recorded step again
+                x = sched.step(pred, t, x, return_dict=False, **kwargs, **self._step_noise(x, kwargs))[0]
                 continue
+            for hook in hooks:
+                hook.at_step(index, t)
             for hook in hooks:
                 x = hook.before_step(t, x)
             x_in = self.adapter.scale_input(x, t)
@@ -173,7 +200,7 @@ class Run:
             pred = assemble(den.predict(requests, t))
             for hook in hooks:
                 pred = hook.on_prediction(t, x_in, pred)
-            x = sched.step(pred, t, x, return_dict=False, **kwargs)[0]
+            x = sched.step(pred, t, x, return_dict=False, **kwargs, **self._step_noise(x, kwargs))[0]
             for hook in hooks:
                 x = hook.after_step(t, x)
             bar.update(1)
@@ -198,16 +225,22 @@ class Run:
                 self.callback(name, i + 1, s.steps)
 
     def sample_canvas(
-        self, height: int, width: int, size: tuple[int, int] | None = None, name: str = ""
+        self,
+        height: int,
+        width: int,
+        size: tuple[int, int] | None = None,
+        name: str = "",
+        hooks: Sequence[StepHook] = (),
     ) -> torch.Tensor:
         """Ordinary sampling of a whole ``height × width`` canvas from pure noise (all N steps).
 
         This is every method's native-size first phase; attentive guidance (``ag_lambda > 0``) applies here.
+        ``hooks`` run as well (a model-patch clock).
         """
         timesteps = self.begin(0)
         x = self.initial_noise(height, width)
         den = self.denoiser(size or (height, width))
-        hooks = [h for h in (attentive_guidance(self.settings),) if h is not None]
+        hooks = [*hooks, *(h for h in (attentive_guidance(self.settings),) if h is not None)]
         return self.denoise(x, timesteps, FullCanvas(), den, hooks, name=name or f"{height}×{width}")
 
     # --- images -------------------------------------------------------------------------------------------
@@ -241,14 +274,15 @@ class Run:
         pixel-space step of AP-LDM (SPEC §5) and ScaleDiff's ``Z_RU`` (SPEC §6). The decoded image is kept as
         a preview. ``pixels`` (the caller's input picture standing for ``latents``) replace the decode; they are
         resized like a photo (antialiased where they shrink)."""
-        if pixels is None:
-            assert latents is not None
-            image = self.decode_inner(latents, clamp=False)
-            resized = upsample_pixels(image, size)
-        else:
-            image, resized = pixels, resize_pixels(pixels, size)
-        self.keep_preview(image.clamp(-1, 1))
-        return self.adapter.encode(resized, self.inner_tile_area)
+        with self.adapter.borrowed(self.adapter.vae):  # low-VRAM: one denoiser round trip for decode and encode
+            if pixels is None:
+                assert latents is not None
+                image = self.decode_inner(latents, clamp=False)
+                resized = upsample_pixels(image, size)
+            else:
+                image, resized = pixels, resize_pixels(pixels, size)
+            self.keep_preview(image.clamp(-1, 1))
+            return self.adapter.encode(resized, self.inner_tile_area)
 
     # --- the caller's input picture (upscaling) ----------------------------------------------------------
     def source_at(self, height: int, width: int) -> torch.Tensor:
@@ -261,7 +295,7 @@ class Run:
         """Latents of the input picture at ``height × width`` pixels (VAE posterior mean)."""
         return self.adapter.encode(self.source_at(height, width), self.inner_tile_area)
 
-    def sdedit(self, strategy: Strategy, name: str) -> torch.Tensor:
+    def sdedit(self, strategy: Strategy, name: str, hooks: Sequence[StepHook] = ()) -> torch.Tensor:
         """SDEdit at the target size (``direct``/``multidiffusion`` with an input image): the encoded picture noised
         to step ``⌊N·(1 − strength)⌋`` and denoised with ``strategy`` (default strength
         :data:`SDEDIT_STRENGTH`)."""
@@ -269,7 +303,7 @@ class Run:
         strength = s.strength if s.strength is not None else SDEDIT_STRENGTH
         timesteps = self.begin(start_index(s.steps, strength))
         x = self.add_noise(self.encode_source(s.height, s.width), self.noise(s.height, s.width), timesteps[0])
-        return self.denoise(x, timesteps, strategy, self.denoiser((s.height, s.width)), name=name)
+        return self.denoise(x, timesteps, strategy, self.denoiser((s.height, s.width)), hooks, name=name)
 
     def add_preview(self, latents: torch.Tensor) -> None:
         """Decode and keep a per-phase preview (skipped when previews are off), never in a larger VAE call than

@@ -7,9 +7,10 @@ validate these names) do not import diffusers; :func:`scheduler_class` imports a
 from __future__ import annotations
 
 import importlib
+import inspect
 from typing import Any
 
-from hiresdiff.errors import HiresError
+from hiresdiff.errors import HiresError, require
 
 #: name → (diffusers class name, config overrides applied on top of the model's own scheduler config)
 SCHEDULER_CLASSES: dict[str, tuple[str, dict[str, Any]]] = {
@@ -33,6 +34,10 @@ LATENT_DEFAULTS: dict[str, Any] = {"clip_sample": False, "set_alpha_to_one": Fal
 #: keep the scheduler the loaded pipeline came with
 MODEL_DEFAULT = "model-default"
 
+#: the names above whose ``step`` takes DDIM's stochasticity η (``eta``; a test checks this against every class's
+#: ``step`` signature), so that ``--eta`` is checked before any model is loaded
+ETA_SCHEDULERS: tuple[str, ...] = ("ddim",)
+
 
 def scheduler_names() -> list[str]:
     """All accepted ``--scheduler`` values."""
@@ -44,6 +49,32 @@ def check_scheduler_name(name: str) -> str:
     if name not in SCHEDULER_CLASSES and name != MODEL_DEFAULT:
         raise HiresError(f"unknown scheduler {name!r}; choose one of: {', '.join(scheduler_names())}")
     return name
+
+
+def _eta_advice(eta: float) -> str:
+    return f"--eta {eta:g} (DDIM stochasticity) needs --scheduler {' or '.join(ETA_SCHEDULERS)}, or use --eta 0"
+
+
+def check_eta(eta: float, name: str) -> None:
+    """Refuse η ≠ 0 in one line for a named scheduler whose step has no η (``model-default`` is checked once its
+    class is known: :func:`check_scheduler_eta`)."""
+    require(
+        eta == 0 or name == MODEL_DEFAULT or name in ETA_SCHEDULERS,
+        f"the {name} scheduler has no η: {_eta_advice(eta)}",
+    )
+
+
+def step_takes_eta(scheduler: Any) -> bool:
+    """Whether ``scheduler.step`` has an ``eta`` parameter (diffusers passes η only where the signature has it)."""
+    return "eta" in inspect.signature(scheduler.step).parameters
+
+
+def check_scheduler_eta(eta: float, scheduler: Any) -> None:
+    """Refuse η ≠ 0 in one line for a built scheduler whose ``step`` has no η (the model's own scheduler)."""
+    require(
+        eta == 0 or step_takes_eta(scheduler),
+        f"the model's {type(scheduler).__name__} has no η: {_eta_advice(eta)}",
+    )
 
 
 def scheduler_class(name: str) -> type:

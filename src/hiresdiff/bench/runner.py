@@ -24,6 +24,7 @@ import torch
 from hiresdiff.bench.claims import Claim, Owner, claim, release
 from hiresdiff.bench.plan import BenchPlan, Group, Item
 from hiresdiff.bench.records import claim_path, device_name, is_finished, item_paths, versions, write_json
+from hiresdiff.config import AUTO
 from hiresdiff.cost import CostReport, model_cost
 from hiresdiff.errors import HiresError
 from hiresdiff.images import save_png
@@ -80,11 +81,15 @@ class CostCache:
         return None if report is None else report.to_dict()
 
 
-def check_memory(plan: BenchPlan, items: list[Item], opts: RunOptions, costs: CostCache) -> None:
+def check_memory(
+    plan: BenchPlan, items: list[Item], opts: RunOptions, costs: CostCache, batches: dict[Group, int] | None = None
+) -> None:
     """Before the model loads: every group among ``items`` fits the device's free memory by the cost model's
-    estimate, else one line naming the group and what fits (:func:`hiresdiff.plan.check_budget`)."""
+    estimate, else one line naming the group and what fits (:func:`hiresdiff.plan.check_budget`). A group whose
+    ``max_batch`` is ``auto`` is settled here (:func:`hiresdiff.plan.choose_max_batch`), its number kept in
+    ``batches``."""
     from hiresdiff.models.loading import resolve_model
-    from hiresdiff.plan import BENCH_FLAGS, Budget, check_budget
+    from hiresdiff.plan import BENCH_FLAGS, Budget, check_budget, choose_max_batch
 
     device = resolve_device(opts.device)
     dtype = resolve_dtype(opts.dtype or ("float16" if device.startswith("cuda") else "float32"))
@@ -94,7 +99,12 @@ def check_memory(plan: BenchPlan, items: list[Item], opts: RunOptions, costs: Co
         if (report := costs.report(item.group)) is None:
             continue
         req = item_request(plan, item)
-        b = Budget(report, MemoryEstimate.of(report, dtype, req.settings.low_vram), free, device)
+        auto = req.settings.max_batch == AUTO
+        if auto:
+            report = choose_max_batch(req, plan.model, dtype, free)
+            if batches is not None:
+                batches[item.group] = int(req.settings.max_batch)
+        b = Budget(report, MemoryEstimate.of(report, dtype, req.settings.low_vram), free, device, auto=auto)
         try:
             check_budget(b, req, plan.model, dtype, grid, BENCH_FLAGS)
         except HiresError as exc:
@@ -203,6 +213,8 @@ class Maker:
         self.costs = CostCache(plan, opts.flops)
         self.pipe: HiresPipeline | None = None
         self.env: dict[str, Any] = {}
+        #: ``max_batch`` of each group whose setting is ``auto``, settled once (before the clock of any item)
+        self.batches: dict[Group, int] = {}
 
     def _ready(self, item: Item) -> HiresPipeline:
         if self.pipe is None:
@@ -216,14 +228,27 @@ class Maker:
                 "made_by": self.me.made_by(),
             }
             if self.opts.warmup:
-                self.pipe.run(item_request(self.plan, item), progress=False)
+                self.pipe.run(self.request(self.pipe, item), progress=False)
         return self.pipe
+
+    def request(self, pipe: HiresPipeline, item: Item) -> GenerationRequest:
+        """``item``'s request with ``max_batch`` ``auto`` settled once per group (by the memory check before the
+        model loaded, else on the loaded pipeline), so no item's time includes the estimate."""
+        req = item_request(self.plan, item)
+        if req.settings.max_batch == AUTO:
+            if item.group not in self.batches:
+                from hiresdiff.plan import settle_batch
+
+                settle_batch(pipe, req)
+                self.batches[item.group] = int(req.settings.max_batch)
+            req.settings.max_batch = self.batches[item.group]
+        return req
 
     def make(self, item: Item) -> float:
         """Generate, time and record ``item``; its wall time."""
         pipe = self._ready(item)
         cost = self.costs.get(item.group)
-        req = item_request(self.plan, item)
+        req = self.request(pipe, item)
         res, seconds, peak = timed_run(pipe, req)
         measured = {
             "image": item_paths(self.out, item)[0].name,
@@ -284,7 +309,7 @@ def run_items(plan: BenchPlan, items: list[Item], out: Path, opts: RunOptions) -
     progress = Progress(len(items), opts.progress, prefix)
     maker, summary = Maker(plan, out, opts), RunSummary()
     if opts.memory_check and items:
-        check_memory(plan, items, opts, maker.costs)
+        check_memory(plan, items, opts, maker.costs, maker.batches)
     for second in (False, True):
         queue = [item for item, _ in summary.left] if second else items
         summary.left = []

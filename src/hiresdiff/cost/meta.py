@@ -11,8 +11,9 @@ noise — runs for real on the CPU with the actual canvas sizes. Each call of a 
    on top of the canvas bytes alive on the CPU when the call starts) in a :class:`Ledger`;
 3. returns zeros of the output's shapes and dtypes on the CPU, so the orchestration goes on.
 
-Calls with the same argument shapes and the same installed attention processors cost the same, so the FLOP count
-and the activation peak of a signature are computed once and reused.
+Calls with the same argument shapes, the same installed attention processors and the same state of the scheduled
+model patches (:func:`hiresdiff.patches.context.active_signature`: RAU-Net changes FLOPs at equal input shapes) cost
+the same, so the FLOP count and the activation peak of a signature are computed once and reused.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from hiresdiff.cost.memory import LiveBytes, fused_attention
+from hiresdiff.patches.context import active_signature
 
 HOST = torch.device("cpu")
 
@@ -41,6 +43,8 @@ class Tally:
     samples: int = 0
     #: denoiser only: samples weighted by their spatial size relative to a native-size sample
     native_samples: float = 0.0
+    #: the most samples (batch rows) of one call
+    rows: int = 0
     #: the call with the largest footprint: canvas bytes alive when it started + its own activations (float32)
     peak: CallPeak | None = None
 
@@ -81,6 +85,7 @@ class Ledger:
         t.calls += 1
         t.samples += samples
         t.native_samples += native
+        t.rows = max(t.rows, samples)
         if peak is not None and (t.peak is None or peak.total > t.peak.total):
             t.peak = peak
 
@@ -228,7 +233,7 @@ class MetaModule:
 
     def _counted(self, fn: Callable[..., Any], name: str) -> Callable[..., Any]:
         def call(*args: Any, **kwargs: Any) -> Any:
-            key = (name, signature(args), signature(kwargs), self._processors)
+            key = (name, signature(args), signature(kwargs), self._processors, active_signature())
             host = self._ledger.host
             if key not in self._cache:
                 meta_args, meta_kwargs = to_device(args, torch.device("meta")), to_device(kwargs, torch.device("meta"))

@@ -68,6 +68,8 @@ class CostReport:
     canvas_bytes: int = 0
     #: the VAE's config forces float32 when the run is float16 (SDXL)
     vae_upcast: bool = False
+    #: the most samples (rows) of one denoiser call
+    denoiser_rows: int = 0
 
     @property
     def parallel_speedup(self) -> float:
@@ -284,7 +286,7 @@ def model_cost(
     exact = bool(kwargs.pop("exact", False))
     ranks = int(kwargs.pop("ranks", 1))
     require(ranks >= 1, f"--ranks must be ≥ 1, got {ranks}")
-    from hiresdiff.config import model_sampling_defaults
+    from hiresdiff.config import AUTO, as_bool, fallback_batch, model_sampling_defaults
     from hiresdiff.models.tiny import BUILTIN_MODELS
     from hiresdiff.pipeline import build_request, check_for_model
 
@@ -292,6 +294,8 @@ def model_cost(
     info = BUILTIN_MODELS[arch]
     width, height = width or 2 * info.native_size, height or 2 * info.native_size
     kwargs.setdefault("previews", False)
+    if kwargs.get("max_batch", AUTO) == AUTO:  # no device here to fit: the stated default (the plan settles auto)
+        kwargs["max_batch"] = fallback_batch(as_bool("low_vram", kwargs.get("low_vram", False)))
     kwargs.setdefault("prompt", "a photograph of a mountain lake at sunrise")
     kwargs["model_defaults"] = kwargs.get("model_defaults") or model_sampling_defaults(info.family)
     hp, ledger = counting_pipeline(arch)
@@ -341,4 +345,5 @@ def model_cost(
         peaks={name: t.peak for name, t in ledger.tallies.items() if t.peak is not None},
         canvas_bytes=host.peak,
         vae_upcast=bool(getattr(hp.adapter.pipe.vae.config, "force_upcast", False)),
+        denoiser_rows=den.rows,
     )

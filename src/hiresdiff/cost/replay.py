@@ -10,6 +10,8 @@ shapes, the same canvas tensors allocated and freed in the same order; only valu
   view-parallel charges, and the orchestration's live bytes at the step's start, its peak within the step and at
   its end. The first step differs (nothing of a previous step is alive yet), so do a multistep solver's warm-up
   steps (their history fills up);
+* every step whose model-patch state (:meth:`~hiresdiff.hooks.StepHook.signature_at`, e.g. RAU-Net switching
+  on and off) differs from the settled record's: it runs and the loop settles again;
 * the last :data:`TAIL` steps, where schedulers and strategies may differ (a lower-order final step, a blend
   weight of exactly 0 at ``t = 0``).
 
@@ -21,7 +23,7 @@ full trace (``model_cost(..., exact=True)``), which the tests check for every me
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Hashable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
@@ -51,25 +53,29 @@ class StepReplay:
     _records: list[tuple[Any, ...]] = field(default_factory=list)
     _start: int = 0
     _running: bool = False
+    _state: Hashable = ()
 
     def begin(self, total: int) -> None:
         """A denoising loop of ``total`` steps starts: nothing of an earlier loop is replayed in it."""
         self._close()
         self._total, self._records = total, []
 
-    def repeats(self, step: int) -> bool:
+    def repeats(self, step: int, state: Hashable = ()) -> bool:
         """Whether step ``step`` is booked as a copy of the settled record (the loop then only advances the
-        scheduler); otherwise the step is recorded while it runs."""
+        scheduler); otherwise the step is recorded while it runs. ``state`` is what the loop's hooks make the model
+        compute at this step (the model-patch schedule, :meth:`~hiresdiff.hooks.StepHook.signature_at`): a record
+        is only copied onto a step of the same state, so a patch switching mid-loop runs for real and settles
+        anew."""
         self._close()
         period = self._period()
-        if period and step < self._total - TAIL:
+        if period and step < self._total - TAIL and self._records[-period][-1] == state:
             record = self._records[-period]
             self._records.append(record)  # the cycle goes on
             self._book(record[0])
             self.replayed += 1
             return True
         self.ledger.journal = []
-        self._start, self._running = self.host.mark(), True
+        self._start, self._running, self._state = self.host.mark(), True, state
         return False
 
     def _period(self) -> int:
@@ -86,7 +92,7 @@ class StepReplay:
         if not self._running:
             return
         journal, self.ledger.journal, self._running = self.ledger.journal or [], None, False
-        self._records.append((tuple(journal), self._start, self.host.window_peak, self.host.now()))
+        self._records.append((tuple(journal), self._start, self.host.window_peak, self.host.now(), self._state))
 
     def _book(self, journal: tuple[tuple[Any, ...], ...]) -> None:
         for kind, *entry in journal:

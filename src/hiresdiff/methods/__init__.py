@@ -8,9 +8,19 @@ from __future__ import annotations
 
 from hiresdiff.errors import HiresError
 from hiresdiff.methods.base import Method, MethodOutput, Params
-from hiresdiff.methods.specs import accdiffusion, apldm, apt, demofusion, direct, multidiffusion, resize, scalediff
+from hiresdiff.methods.specs import (
+    accdiffusion,
+    apldm,
+    apt,
+    demofusion,
+    direct,
+    hidiffusion,
+    multidiffusion,
+    resize,
+    scalediff,
+)
 
-_SPECS = (direct, resize, multidiffusion, demofusion, accdiffusion, apt, apldm, scalediff)
+_SPECS = (direct, resize, multidiffusion, demofusion, accdiffusion, apt, apldm, scalediff, hidiffusion)
 METHODS: dict[str, Method] = {spec.METHOD.name: spec.METHOD for spec in _SPECS}
 
 

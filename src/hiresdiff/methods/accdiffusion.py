@@ -17,7 +17,6 @@ from functools import partial
 
 import torch
 
-from hiresdiff.attention import capture_cross_attention
 from hiresdiff.methods.base import MethodOutput
 from hiresdiff.methods.demofusion import Progressive
 from hiresdiff.methods.multidiffusion import local_views
@@ -26,6 +25,7 @@ from hiresdiff.models.adapter import PromptEmbeds, concat_embeds
 from hiresdiff.ops.interaction import permute_lattices
 from hiresdiff.ops.prompts import Word, prompt_words, view_prompt, word_masks
 from hiresdiff.ops.schedule import cosine_factor
+from hiresdiff.patches.attention import capture_cross_attention
 from hiresdiff.sampler import Run
 from hiresdiff.stages import Phase
 from hiresdiff.strategies.base import Strategy

@@ -23,13 +23,13 @@ from contextlib import nullcontext
 
 import torch
 
-from hiresdiff.attention import neighborhood_attention
 from hiresdiff.hooks import StepHook
 from hiresdiff.methods.base import MethodOutput
 from hiresdiff.methods.specs.scalediff import ScaleDiffParams
 from hiresdiff.ops.frequency import frequency_mix, low_pass
 from hiresdiff.ops.resample import upsample_latent
 from hiresdiff.ops.schedule import start_index
+from hiresdiff.patches.attention import neighborhood_attention
 from hiresdiff.sampler import Run
 from hiresdiff.stages import Phase, doubling_phases, source_phase_index
 from hiresdiff.strategies.full import FullCanvas

@@ -1,13 +1,14 @@
 """One interface over diffusers SD1.x/2.x and SDXL pipelines.
 
 Methods never touch diffusers internals: they ask the adapter to encode prompts, to predict for a batch of latent
-views (classifier-free guidance and per-view SDXL micro-conditioning inside, chunked to a batch budget), to convert
-predictions to x̂0 and back, and to encode/decode with the tiling of SPEC §2.4.
+views (the branches of a guidance rule — :mod:`hiresdiff.models.guidance`, classifier-free guidance by default — and
+per-view SDXL micro-conditioning inside, chunked to a batch budget), to convert predictions to x̂0 and back, and to
+encode/decode with the tiling of SPEC §2.4.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Hashable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
@@ -15,6 +16,8 @@ from typing import Any
 import torch
 
 from hiresdiff.config import model_sampling_defaults
+from hiresdiff.errors import HiresError, require
+from hiresdiff.models.guidance import Branch, GuidanceRule, default_rule
 from hiresdiff.models.parametrization import alpha_bar, prediction_from_x0, x0_from_prediction
 from hiresdiff.ops.tiling import tiled_apply
 from hiresdiff.parallel import Serial, ViewParallel
@@ -60,7 +63,12 @@ def concat_embeds(parts: list[PromptEmbeds]) -> PromptEmbeds:
 
 @dataclass
 class Request:
-    """A batch of same-size latent views to predict: model inputs, prompt row per view, crop corner (pixels)."""
+    """A batch of same-size latent views to predict: model inputs, prompt row per view, crop corner (pixels).
+
+    ``rule`` says which branches run per view and how they combine (``None``: :data:`~hiresdiff.models.guidance.CFG`
+    when ``embeds`` has unconditional rows, else :data:`~hiresdiff.models.guidance.NO_GUIDANCE`; resolved on
+    construction).
+    """
 
     x: torch.Tensor
     rows: list[int]
@@ -71,6 +79,38 @@ class Request:
     samples: list[int] = field(default_factory=list)  # canvas sample of each view (attention capture)
     outputs: list[torch.Tensor] = field(default_factory=list)
     control: torch.Tensor | None = None  # ControlNet condition per view (n, 3, h·f, w·f) in [0, 1]
+    rule: GuidanceRule | None = None
+
+    def __post_init__(self) -> None:
+        if self.rule is None:
+            self.rule = default_rule(self.embeds.uncond is not None)
+        require(
+            self.embeds.uncond is not None or not self.rule.needs_uncond,
+            f"guidance rule {self.rule.name!r} needs unconditional text embeddings (classifier-free guidance on: "
+            "guidance > 1 with an SD/SDXL model)",
+        )
+
+    @property
+    def guidance_rule(self) -> GuidanceRule:
+        """The resolved :attr:`rule`."""
+        assert self.rule is not None  # resolved in __post_init__
+        return self.rule
+
+
+#: one chunk of views predicted in one denoiser call: (request, view index) pairs, all under the same rule
+Chunk = list[tuple[Request, int]]
+
+
+def branch_rows(rule: GuidanceRule, chunk: Chunk) -> Iterator[tuple[Branch, Request, int]]:
+    """The rows of a denoiser call, branch-major: every view of ``chunk`` for the first branch, then the second…"""
+    for branch in rule.branches:
+        for req, i in chunk:
+            yield branch, req, i
+
+
+def call_rows(rule: GuidanceRule, chunk: Chunk) -> list[tuple[int, str]]:
+    """``(canvas sample or −1, branch name)`` of every row of a call (:attr:`ModelAdapter.call_info`)."""
+    return [(req.samples[i] if req.samples else -1, branch.name) for branch, req, i in branch_rows(rule, chunk)]
 
 
 class ModelAdapter:
@@ -80,6 +120,8 @@ class ModelAdapter:
     _placement: tuple[torch.device, torch.dtype] | None = None
     #: low-VRAM mode: text encoders and VAE wait on the CPU (:meth:`set_offload`)
     offload: bool = False
+    #: the modules :meth:`borrowed` has on the device now, outermost block first
+    _lent: tuple[torch.nn.Module, ...] = ()
     #: how the step's denoiser calls are run: here, or shared out over ranks (:mod:`hiresdiff.parallel`)
     parallel: Serial | ViewParallel = Serial()
     #: ControlNet of the generation in progress and its conditioning scale (:meth:`use_controlnet`)
@@ -107,8 +149,9 @@ class ModelAdapter:
         """Run the VAE in float32 when its config asks for upcasting (SDXL's fp16 VAE overflows)."""
         upcast = bool(getattr(self.vae.config, "force_upcast", False)) and self.vae.dtype == torch.float16
         self.vae_dtype = torch.float32 if upcast else self.vae.dtype
-        #: (canvas sample, conditional branch?) of each row of the denoiser call in progress (attention capture)
-        self.call_info: list[tuple[int, bool]] = []
+        #: (canvas sample, guidance branch name) of each row of the denoiser call in progress (attention capture,
+        #: branch-aware patches); rows are branch-major (:func:`branch_rows`)
+        self.call_info: list[tuple[int, str]] = []
         if upcast:
             self.vae.to(torch.float32)
 
@@ -158,10 +201,15 @@ class ModelAdapter:
         names = ("text_encoder", "text_encoder_2", "vae")
         return [m for m in (getattr(self.pipe, n, None) for n in names) if isinstance(m, torch.nn.Module)]
 
+    def _denoising(self) -> list[torch.nn.Module]:
+        """The modules of a denoiser call — the denoiser and the active ControlNet — which low-VRAM mode moves off
+        the device while a borrowed module runs (shape-only stand-ins of the cost model are not modules: skipped)."""
+        return [m for m in (self.denoiser_module, self.controlnet) if isinstance(m, torch.nn.Module)]
+
     def set_offload(self, on: bool) -> None:
-        """Keep the text encoders and the VAE on the CPU, moving each to the denoiser's device only while it runs
-        (``on``); turning it off brings them back to the denoiser's device. Placement is left alone while the mode
-        does not change, so a pipeline the caller arranged stays as it is."""
+        """Low-VRAM mode (``on``): the text encoders and the VAE wait on the CPU and :meth:`borrowed` brings each in
+        only while it runs, in place of the denoiser; turning it off brings them back to the denoiser's device.
+        Placement is left alone while the mode does not change, so a pipeline the caller arranged stays as it is."""
         if on == self.offload:
             return
         self.offload = on
@@ -169,23 +217,54 @@ class ModelAdapter:
         for module in self._offloadable():
             module.to(home)
 
+    def start_offloaded(self, device: str | torch.device) -> None:
+        """Low-VRAM mode for a pipeline loaded on the CPU: only the denoiser goes to ``device``, the text encoders
+        and the VAE stay on the CPU until borrowed. Loading the whole pipeline onto the device first would put
+        every weight there at once (FLUX.1-dev: 31 GiB in bfloat16, more than the 24 GiB low-VRAM mode fits)."""
+        try:
+            self.denoiser_module.to(device)
+        except (RuntimeError, AssertionError, ValueError) as error:
+            first = (str(error).strip().splitlines() or [type(error).__name__])[0]
+            raise HiresError(f"cannot move the denoiser to device {str(device)!r}: {first}") from error
+        self.offload = True
+        self.refresh_placement()
+
     @contextmanager
     def borrowed(self, *modules: torch.nn.Module) -> Iterator[None]:
-        """In low-VRAM mode, ``modules`` on the denoiser's device for the block, back on the CPU afterwards."""
+        """In low-VRAM mode, ``modules`` on the denoiser's device for the block and back on the CPU afterwards.
+
+        Only one large component is on the device at a time: the denoiser and the ControlNet step off to the CPU
+        for the block and come back after it (SDXL: the 4.8 GiB float16 UNet is not beside the float32 VAE
+        decoding a tile; FLUX: the 22 GiB transformer is not beside the 9 GiB T5-XXL). Each round trip copies the
+        denoiser over the bus twice, so it is paid once per block — a whole tiled decode, the prompt encoding —
+        never per tile. Blocks nest: an inner block moves only what is not on the device yet, so a caller may hold
+        the VAE over a decode → resize → encode step and pay one round trip for it.
+        """
         if not self.offload:
             yield
             return
-        for module in modules:
-            module.to(self.device)
-        try:
+        device = self.device  # the compute device, read before the denoiser leaves it
+        outer = not self._lent
+        fresh = [m for m in dict.fromkeys(modules) if all(m is not lent for lent in self._lent)]
+        parked = self._denoising() if outer else []
+        self._lent = (*self._lent, *fresh)
+        try:  # a move that fails (out of memory) still puts everything back
+            for module in parked:
+                module.to("cpu")
+            for module in fresh:
+                module.to(device)
             yield
         finally:
-            for module in modules:
+            self._lent = self._lent[: len(self._lent) - len(fresh)]
+            for module in fresh:
                 module.to("cpu")
-            if self.device.type == "cuda":
+            for module in parked:
+                module.to(device)
+            if outer and device.type == "cuda":
                 torch.cuda.empty_cache()
 
     def text_encoders(self) -> list[torch.nn.Module]:
+        """The pipeline's text encoders (borrowed together while prompts are encoded)."""
         return [m for m in self._offloadable() if m is not self.vae]
 
     # --- scheduler ------------------------------------------------------------------------------------------
@@ -248,30 +327,24 @@ class ModelAdapter:
         rows = [[size[0], size[1], top, left, size[0], size[1]] for top, left in crops]
         return torch.tensor(rows, dtype=self.dtype, device=self.device)
 
-    def _forward(self, x: torch.Tensor, t: torch.Tensor, reqs: list[tuple[Request, slice]], cfg: bool) -> torch.Tensor:
-        """One UNet call for views gathered from several requests (same spatial size)."""
-        halves = ["uncond", "cond"] if cfg else ["cond"]
+    def _forward(self, x: torch.Tensor, t: torch.Tensor, chunk: Chunk, rule: GuidanceRule) -> torch.Tensor:
+        """One UNet call for the views of ``chunk`` (same spatial size, inputs ``x``): every branch of ``rule`` per
+        view, rows branch-major; returns the raw outputs of all rows (float32)."""
         text, pooled, time_ids = [], [], []
-        for half in halves:
-            for req, sl in reqs:
-                rows = torch.tensor(req.rows[sl], device=self.device)
-                text.append(getattr(req.embeds, half).index_select(0, rows))
-                if self.family == "sdxl":
-                    pooled.append(getattr(req.embeds, f"pooled_{half}").index_select(0, rows))
-                    time_ids.append(self._time_ids(req.size, req.crops[sl]))
-        self.call_info = [
-            (req.samples[i] if req.samples else -1, half == "cond")
-            for half in halves
-            for req, sl in reqs
-            for i in range(*sl.indices(len(req.rows)))
-        ]
-        model_in = torch.cat([x] * len(halves)).to(self.dtype)
+        for branch, req, i in branch_rows(rule, chunk):
+            rows = torch.tensor(req.rows[i : i + 1], device=self.device)
+            text.append(getattr(req.embeds, branch.text).index_select(0, rows))
+            if self.family == "sdxl":
+                pooled.append(getattr(req.embeds, f"pooled_{branch.text}").index_select(0, rows))
+                time_ids.append(self._time_ids(req.size, req.crops[i : i + 1]))
+        self.call_info = call_rows(rule, chunk)
+        model_in = torch.cat([x] * len(rule.branches)).to(self.dtype)
         context = torch.cat(text)
         kwargs: dict[str, Any] = {}
         if self.family == "sdxl":
             kwargs["added_cond_kwargs"] = {"text_embeds": torch.cat(pooled), "time_ids": torch.cat(time_ids)}
         if self.controlnet is not None:
-            kwargs.update(self._control_residuals(model_in, t, context, reqs, len(halves), kwargs))
+            kwargs.update(self._control_residuals(model_in, t, context, chunk, len(rule.branches), kwargs))
         out = self.unet(model_in, t, encoder_hidden_states=context, return_dict=False, **kwargs)[0]
         return out.float()
 
@@ -280,17 +353,18 @@ class ModelAdapter:
         model_in: torch.Tensor,
         t: torch.Tensor,
         context: torch.Tensor,
-        reqs: list[tuple[Request, slice]],
-        halves: int,
+        chunk: Chunk,
+        branches: int,
         kwargs: dict[str, Any],
     ) -> dict[str, Any]:
-        """ControlNet residuals for the views of one UNet call: each view's own condition (both guidance halves
-        see it, as diffusers' ControlNet pipelines without guess mode), scaled by :attr:`control_scale`."""
-        missing = [req for req, _ in reqs if req.control is None]
+        """ControlNet residuals for the views of one UNet call: each view's own condition (every guidance branch
+        sees it, as both halves do in diffusers' ControlNet pipelines without guess mode), scaled by
+        :attr:`control_scale`."""
+        missing = [req for req, _ in chunk if req.control is None]
         if missing:
             raise RuntimeError("a denoiser request carries no ControlNet condition while a ControlNet is active")
-        cond = torch.cat([req.control[sl] for req, sl in reqs])  # type: ignore[index]
-        cond = torch.cat([cond] * halves)
+        cond = torch.cat([req.control[i : i + 1] for req, i in chunk])  # type: ignore[index]
+        cond = torch.cat([cond] * branches)
         if not cond.is_meta:  # the cost model's shape-only conditions stay on the meta device
             cond = cond.to(self.device, self.controlnet.dtype)  # type: ignore[union-attr]
         down, mid = self.controlnet(  # type: ignore[misc]
@@ -316,35 +390,51 @@ class ModelAdapter:
 
     @torch.no_grad()
     def predict(self, requests: list[Request], t: torch.Tensor, max_batch: int) -> list[torch.Tensor]:
-        """Guided predictions for every request, batching views of equal size together.
+        """Guided predictions for every request, batching views of equal size and guidance rule together.
 
         Views from different requests (local views, dilated samples, …) share UNet calls when their spatial sizes
-        match; each call holds at most ``max_batch`` UNet samples counting both guidance halves.
+        and rules match; each call holds at most ``max_batch`` UNet samples counting every branch of the rule (a
+        view whose branches alone exceed it runs them in several calls, :meth:`GuidanceRule.parts`).
         """
-        cfg = any(r.embeds.uncond is not None for r in requests)
-        per_call = max(1, max_batch // (2 if cfg else 1))
-        items: dict[tuple[int, int], list[tuple[Request, int]]] = {}
-        for req in requests:
-            req.outputs = [torch.empty(0)] * req.x.shape[0]
-            for i in range(req.x.shape[0]):
-                items.setdefault(tuple(req.x.shape[-2:]), []).append((req, i))
-        chunks = [group[s : s + per_call] for group in items.values() for s in range(0, len(group), per_call)]
+        calls = self.group_calls(requests, max_batch, lambda req, i: tuple(req.x.shape[-2:]))
+        chunks = [chunk for _, chunk in calls]
 
-        def compute(chunk: list[tuple[Request, int]]) -> torch.Tensor:
+        def compute(chunk: Chunk) -> torch.Tensor:
+            rule = chunk[0][0].guidance_rule
             x = torch.stack([req.x[i] for req, i in chunk])
-            out = self._forward(x, t, [(req, slice(i, i + 1)) for req, i in chunk], cfg)
-            if cfg:
-                uncond, cond = out.chunk(2)
-                g = torch.tensor([req.guidance for req, _ in chunk], device=out.device).view(-1, 1, 1, 1)
-                out = uncond + g * (cond - uncond)
-            return out
+            out = torch.cat([self._forward(x, t, chunk, part) for part in rule.parts(max_batch)])
+            return self.guided(rule, chunk, out)
 
         self.run_calls(chunks, chunks, compute)
         return [torch.stack(r.outputs) for r in requests]
 
+    @staticmethod
+    def group_calls(
+        requests: list[Request], max_batch: int, key: Callable[[Request, int], Hashable]
+    ) -> list[tuple[Hashable, Chunk]]:
+        """The step's denoiser calls: views grouped by ``key(request, view)`` and guidance rule (in first-seen
+        order), each group cut into chunks of :meth:`GuidanceRule.per_call` views; clears every request's outputs.
+        """
+        groups: dict[tuple[Hashable, GuidanceRule], Chunk] = {}
+        for req in requests:
+            req.outputs = [torch.empty(0)] * req.x.shape[0]
+            for i in range(req.x.shape[0]):
+                groups.setdefault((key(req, i), req.guidance_rule), []).append((req, i))
+        calls = []
+        for (group_key, rule), group in groups.items():
+            size = rule.per_call(max_batch)
+            calls += [(group_key, group[s : s + size]) for s in range(0, len(group), size)]
+        return calls
+
+    @staticmethod
+    def guided(rule: GuidanceRule, chunk: Chunk, out: torch.Tensor) -> torch.Tensor:
+        """One prediction per view of ``chunk`` from the call's branch-major outputs ``out`` (``rule.combine``
+        with each view's guidance scale)."""
+        return rule.apply(out, [req.guidance for req, _ in chunk])
+
     def run_calls(
         self,
-        chunks: list[list[tuple[Request, int]]],
+        chunks: list[Chunk],
         calls: list[Any],
         compute: Callable[[Any], torch.Tensor],
     ) -> None:

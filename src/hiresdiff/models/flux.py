@@ -13,8 +13,10 @@ adapter knows that the FLUX transformer sees 2×2 latent patches as tokens:
 * Timestep shift: the sigmas ``linspace(1, 1/N, N)`` are shifted by μ computed (diffusers' ``calculate_shift``)
   from the **native** image sequence length — the same μ for every stage and canvas size (SPEC §6).
 * Guidance: FLUX-dev is guidance-distilled: the Request's guidance value goes to the transformer's guidance
-  embedding; there is no classifier-free doubling and no negative prompt (``PromptEmbeds.uncond`` is ``None``).
-  FLUX-schnell (``guidance_embeds`` false) gets no guidance input at all.
+  embedding; there is no classifier-free doubling and no negative prompt (``PromptEmbeds.uncond`` is ``None``), so
+  requests run the single-branch rule :data:`~hiresdiff.models.guidance.NO_GUIDANCE` through the same rule machinery
+  as SD/SDXL (a rule's branches are rows of one call, branch-major). FLUX-schnell (``guidance_embeds`` false) gets
+  no guidance input at all.
 * VAE: ``decode(z/scale + shift)``, ``encode → (z − shift)·scale`` — the base class's tiled decode/encode already
   applies ``shift_factor``.
 
@@ -33,7 +35,16 @@ import numpy as np
 import torch
 
 from hiresdiff.errors import HiresError
-from hiresdiff.models.adapter import ModelAdapter, PromptEmbeds, Request, quiet_text_libraries
+from hiresdiff.models.adapter import (
+    Chunk,
+    ModelAdapter,
+    PromptEmbeds,
+    Request,
+    branch_rows,
+    call_rows,
+    quiet_text_libraries,
+)
+from hiresdiff.models.guidance import GuidanceRule
 
 #: FLUX packs ``PATCH × PATCH`` latent cells into one transformer token
 PATCH = 2
@@ -312,24 +323,28 @@ class FluxAdapter(ModelAdapter):
         return crop[0] / unit, crop[1] / unit
 
     def _forward_views(
-        self, x: torch.Tensor, t: torch.Tensor, chunk: list[tuple[Request, int]], offset: tuple[float, float]
+        self, x: torch.Tensor, t: torch.Tensor, chunk: Chunk, offset: tuple[float, float], rule: GuidanceRule
     ) -> torch.Tensor:
-        """One transformer call for same-size, same-position views; returns the unpacked velocity (float32)."""
-        b, _c, h, w = x.shape
-        cond, pooled = [], []
-        for req, i in chunk:
-            if req.embeds.pooled_cond is None:
+        """One transformer call for same-size, same-position views (inputs ``x``): every branch of ``rule`` per
+        view, rows branch-major; returns the unpacked velocity of all rows (float32)."""
+        _b, _c, h, w = x.shape
+        cond, pooled, scales = [], [], []
+        for branch, req, i in branch_rows(rule, chunk):
+            text_rows, pooled_rows = getattr(req.embeds, branch.text), getattr(req.embeds, f"pooled_{branch.text}")
+            if pooled_rows is None:
                 raise HiresError("FLUX needs pooled CLIP embeddings; encode prompts with the FLUX adapter")
-            cond.append(req.embeds.cond[req.rows[i]])
-            pooled.append(req.embeds.pooled_cond[req.rows[i]])
+            cond.append(text_rows[req.rows[i]])
+            pooled.append(pooled_rows[req.rows[i]])
+            scales.append(req.guidance)
         text = torch.stack(cond).to(self.device, self.dtype)
-        self.call_info = [(req.samples[i] if req.samples else -1, True) for req, i in chunk]
+        self.call_info = call_rows(rule, chunk)
         guidance = None
         if self.guidance_distilled:
-            guidance = torch.tensor([req.guidance for req, _ in chunk], device=self.device, dtype=torch.float32)
-        timestep = t.to(self.device).reshape(-1)[:1].expand(b).to(self.dtype) / TIMESTEP_SCALE
+            guidance = torch.tensor(scales, device=self.device, dtype=torch.float32)
+        model_in = torch.cat([x] * len(rule.branches))
+        timestep = t.to(self.device).reshape(-1)[:1].expand(model_in.shape[0]).to(self.dtype) / TIMESTEP_SCALE
         out = self.transformer(
-            hidden_states=pack_latents(x.to(self.device, self.dtype)),
+            hidden_states=pack_latents(model_in.to(self.device, self.dtype)),
             timestep=timestep,
             guidance=guidance,
             pooled_projections=torch.stack(pooled).to(self.device, self.dtype),
@@ -344,26 +359,18 @@ class FluxAdapter(ModelAdapter):
     def predict(self, requests: list[Request], t: torch.Tensor, max_batch: int) -> list[torch.Tensor]:
         """Velocity predictions for every request's views (canvas layout in and out).
 
-        Views of equal latent size and canvas position share transformer calls of at most ``max_batch`` samples
-        (there is no guidance doubling).
+        Views of equal latent size, canvas position and guidance rule share transformer calls of at most
+        ``max_batch`` samples counting every branch of the rule (FLUX's default rule has one branch: no doubling).
         """
-        groups: dict[tuple[int, int, float, float], list[tuple[Request, int]]] = {}
         for req in requests:
-            h, w = req.x.shape[-2:]
-            check_even(h, w)
-            req.outputs = [torch.empty(0)] * req.x.shape[0]
-            for i in range(req.x.shape[0]):
-                groups.setdefault((h, w, *self.position(req.crops[i])), []).append((req, i))
-        per_call = max(1, max_batch)
-        calls = [
-            ((top, left), group[start : start + per_call])
-            for (_h, _w, top, left), group in groups.items()
-            for start in range(0, len(group), per_call)
-        ]
+            check_even(*req.x.shape[-2:])
+        calls = self.group_calls(requests, max_batch, lambda req, i: (*req.x.shape[-2:], *self.position(req.crops[i])))
 
-        def compute(call: tuple[tuple[float, float], list[tuple[Request, int]]]) -> torch.Tensor:
-            position, chunk = call
-            return self._forward_views(torch.stack([req.x[i] for req, i in chunk]), t, chunk, position)
+        def compute(call: tuple[Any, Chunk]) -> torch.Tensor:
+            key, chunk = call
+            rule = chunk[0][0].guidance_rule
+            x = torch.stack([req.x[i] for req, i in chunk])
+            return self.guided(rule, chunk, self._forward_views(x, t, chunk, key[2:], rule))
 
         self.run_calls([chunk for _, chunk in calls], calls, compute)
         return [torch.stack(r.outputs) for r in requests]

@@ -20,6 +20,7 @@ return types from its annotations at run time.
 import contextlib
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -27,12 +28,19 @@ from hiresdiff.errors import HiresError, require
 from hiresdiff.methods import METHODS
 from hiresdiff.web.app import MODEL_QUEUE, SETTING_PARAMS, WebApp, command_line
 
-#: JSON type each setting of ``params`` takes
-_SETTING_TYPES: dict[str, type] = {"max_batch": int, "low_vram": bool, "decode_tile_area": int, "previews": bool}
-
 
 def _is_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
+
+
+#: the JSON values each setting of ``params`` takes: (test, what the one-line refusal says it must be)
+_SETTING_TYPES: dict[str, tuple[Callable[[Any], bool], str]] = {
+    "max_batch": (lambda v: _is_int(v) or v == "auto", 'a whole number or "auto"'),
+    "low_vram": (lambda v: isinstance(v, bool), "true or false"),
+    "decode_tile_area": (_is_int, "a whole number"),
+    "previews": (lambda v: isinstance(v, bool), "true or false"),
+    "eta": (lambda v: isinstance(v, (int, float)) and not isinstance(v, bool), "a number (DDIM η)"),
+}
 
 
 def _set_string(name: str, value: Any) -> str:
@@ -57,11 +65,8 @@ def split_params(method: str, fields: list[str], params: Any) -> tuple[dict[str,
     values: dict[str, str] = {}
     for name, value in (params or {}).items():
         if name in _SETTING_TYPES:
-            kind = _SETTING_TYPES[name]
-            ok = isinstance(value, bool) if kind is bool else _is_int(value)
-            require(
-                ok, f"params: {name} must be {'true or false' if kind is bool else 'a whole number'}, got {value!r}"
-            )
+            test, kind = _SETTING_TYPES[name]
+            require(test(value), f"params: {name} must be {kind}, got {value!r}")
             settings[name] = value
         else:
             require(
@@ -145,7 +150,7 @@ def add_api(app: WebApp, gr: Any) -> None:
         """Generate ``prompt`` with ``method`` (one of the page's methods) at ``width × height`` pixels (empty:
         twice the model's native size). ``steps``/``guidance`` empty: the model's defaults; ``seed`` empty: a
         random one (recorded in the metadata); ``images`` 1 to 4; ``preset`` a method preset; ``params`` the
-        method's parameters and the settings max_batch, low_vram, decode_tile_area, previews. Yields
+        method's parameters and the settings max_batch, low_vram, decode_tile_area, previews, eta. Yields
         ``([], {"status": …})`` while it runs, then ``(PNG files, {"status", "plan", "command", "metadata"})``."""
         begin = time.perf_counter()
         try:

@@ -16,7 +16,6 @@ The HTTP API (:mod:`hiresdiff.web.api`) runs through the same :meth:`WebApp.stre
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import queue
 import shlex
 import threading
@@ -32,6 +31,7 @@ from PIL import Image
 
 from hiresdiff.errors import HiresError, require
 from hiresdiff.images import to_pil
+from hiresdiff.memory import loaded_bytes
 from hiresdiff.methods import METHODS
 from hiresdiff.outputs import NumberedImage, save_numbered
 from hiresdiff.pipeline import HiresPipeline, ModelFacts, validate_request
@@ -42,7 +42,7 @@ from hiresdiff.web.fields import changed_values, method_fields
 DEFAULT_LIMITS = {"cuda": (8192 * 8192, 200), "cpu": (1024 * 1024, 50)}
 #: generation settings a request may set next to its method's parameters (the ones the memory advice names);
 #: the rest of what ``generate`` takes (input paths, ControlNet, LoRAs, pickle loading) stays off a shared server
-SETTING_PARAMS = ("max_batch", "low_vram", "decode_tile_area", "previews")
+SETTING_PARAMS = ("max_batch", "low_vram", "decode_tile_area", "previews", "eta")
 #: how the memory advice spells a change here: the size as the page's boxes, settings as API ``params`` entries
 PAGE_FLAGS = {
     "low_vram": "low_vram=true",
@@ -141,6 +141,7 @@ def command_line(model: str, method: str, prompt: str, settings: dict[str, Any],
         "strength": "--strength",
         "max_batch": "--max-batch",
         "decode_tile_area": "--tile-area",
+        "eta": "--eta",
     }
     argv = ["hiresdiff", "generate", prompt, "--model", model, "--method", method]
     if settings.get("image") is not None:
@@ -153,16 +154,6 @@ def command_line(model: str, method: str, prompt: str, settings: dict[str, Any],
     for name, value in params.items():
         argv += ["--set", f"{name}={value}"]
     return shlex.join(argv)
-
-
-def _loaded_bytes(pipe: Any, device: torch.device) -> int:
-    """Bytes of the loaded pipeline's weights on ``device`` (free memory already lacks them)."""
-    modules = [m for m in getattr(pipe, "components", {}).values() if isinstance(m, torch.nn.Module)]
-    total = 0
-    for module in modules:
-        tensors = [*module.parameters(), *module.buffers()]
-        total += sum(t.numel() * t.element_size() for t in tensors if t.device.type == device.type)
-    return total
 
 
 class WebApp:
@@ -244,9 +235,7 @@ class WebApp:
         :class:`HiresError` naming what fits when the estimate exceeds the memory the model may use (the free
         memory plus the loaded pipeline's own weights, which the estimate counts too)."""
         ad = self.pipe.adapter
-        b = budget(req, self.pipe.model_name, str(ad.device), ad.dtype)
-        if b.free is not None:
-            b = dataclasses.replace(b, free=b.free + _loaded_bytes(ad.pipe, ad.device))
+        b = budget(req, self.pipe.model_name, str(ad.device), ad.dtype, loaded=loaded_bytes(ad.pipe, ad.device))
         if self.memory_check:
             check_budget(b, req, self.pipe.model_name, ad.dtype, ad.pixel_grid, PAGE_FLAGS)
         return describe_plan(req, ad.native_size, ad.pixel_grid, b)[0]

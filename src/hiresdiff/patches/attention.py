@@ -15,30 +15,23 @@ from typing import Any
 import torch
 
 from hiresdiff.models.adapter import ModelAdapter
+from hiresdiff.models.guidance import COND
 from hiresdiff.ops.npa import npa_attention, npa_supported
+from hiresdiff.patches.attention_flux import flux_neighborhood_attention
+from hiresdiff.patches.processors import (
+    NPAState,
+    attention_level,
+    attention_output,
+    grid_at_level,
+    plain_self_attention,
+    self_attention_qkv,
+)
 
 #: AccDiffusion records the layers whose query grid is w/4 × w/4, i.e. two downsamplings deep
 CAPTURE_LEVEL = 2
 #: the UNet parts whose cross-attention AccDiffusion aggregates: ``from_where=["up", "down"]`` in lzhxmu/AccDiffusion
 #: ``accdiffusion_sdxl.py`` (its ``get_multidiffusion_prompts`` call), so the mid block is left out
 CAPTURE_BLOCKS = ("down_blocks", "up_blocks")
-
-
-def attention_level(name: str, num_levels: int) -> int:
-    """Resolution level (number of downsamplings) of the UNet attention processor called ``name``."""
-    block, index = name.split(".")[:2]
-    if block == "down_blocks":
-        return int(index)
-    if block == "up_blocks":
-        return num_levels - 1 - int(index)
-    return num_levels - 1  # mid_block
-
-
-def grid_at_level(height: int, width: int, level: int) -> tuple[int, int]:
-    """Query grid of a ``height × width`` latent after ``level`` stride-2 downsamplings (ceil, as the convs do)."""
-    for _ in range(level):
-        height, width = -(-height // 2), -(-width // 2)
-    return height, width
 
 
 class AttentionRecorder:
@@ -55,7 +48,7 @@ class AttentionRecorder:
         if hidden_states.dim() != 3 or hidden_states.shape[1] != gh * gw:
             return
         info = self.adapter.call_info
-        rows = [i for i, (_, cond) in enumerate(info) if cond]
+        rows = [i for i, (_, branch) in enumerate(info) if branch == COND]
         if not rows:
             return
         index = torch.tensor(rows, device=hidden_states.device)
@@ -135,28 +128,6 @@ def capture_cross_attention(
         unet.set_attn_processor(original)
 
 
-class NPAState:
-    """What every NPA processor needs per call: the canvas latent size and, for query shifts, the generators."""
-
-    def __init__(self, adapter: ModelAdapter, latent_hw: tuple[int, int], generators: list[torch.Generator] | None):
-        self.adapter, self.latent_hw, self.generators = adapter, latent_hw, generators
-
-    def shifts(self, rows: int, patch: int) -> list[tuple[int, int]]:
-        """One random (row, column) query shift in ``[0, patch)`` per canvas sample of this call's rows."""
-        if self.generators is None or patch <= 1:
-            return [(0, 0)] * rows
-        info = self.adapter.call_info if len(self.adapter.call_info) == rows else [(0, True)] * rows
-        drawn: dict[int, tuple[int, int]] = {}
-        out = []
-        for sample, _ in info:
-            if sample not in drawn:
-                g = self.generators[max(sample, 0) % len(self.generators)]
-                dy, dx = torch.randint(0, patch, (2,), generator=g, device=g.device).tolist()
-                drawn[sample] = (dy, dx)
-            out.append(drawn[sample])
-        return out
-
-
 class NPAProcessor:
     """Self-attention with neighborhood patch attention (SPEC §6) on a layer of native grid ``native × native``.
 
@@ -177,16 +148,11 @@ class NPAProcessor:
         **kwargs: Any,
     ) -> torch.Tensor:
         grid = grid_at_level(*self.state.latent_hw, self.level)
-        plain = encoder_hidden_states is not None or attention_mask is not None or hidden_states.dim() != 3
+        plain = plain_self_attention(hidden_states, encoder_hidden_states, attention_mask)
         if plain or hidden_states.shape[1] != grid[0] * grid[1] or not npa_supported(grid, self.native):
             return self.inner(attn, hidden_states, encoder_hidden_states, attention_mask, *args, **kwargs)
-        residual = hidden_states
-        b, n, _ = hidden_states.shape
-        q, k, v = attn.to_q(hidden_states), attn.to_k(hidden_states), attn.to_v(hidden_states)
-        head_dim = q.shape[-1] // attn.heads
-        q, k, v = (x.view(b, n, attn.heads, head_dim).transpose(1, 2) for x in (q, k, v))
-        if getattr(attn, "norm_q", None) is not None:
-            q, k = attn.norm_q(q), attn.norm_k(k)
+        b = hidden_states.shape[0]
+        q, k, v = self_attention_qkv(attn, hidden_states)
         shifts = self.state.shifts(b, self.native // 2)
         if all(s == shifts[0] for s in shifts):
             out = npa_attention(q, k, v, grid, self.native, shifts[0])
@@ -197,10 +163,7 @@ class NPAProcessor:
                     for i in range(b)
                 ]
             )
-        out = attn.to_out[1](attn.to_out[0](out.transpose(1, 2).reshape(b, n, -1).to(q.dtype)))
-        if getattr(attn, "residual_connection", False):
-            out = out + residual
-        return out / getattr(attn, "rescale_output_factor", 1.0)
+        return attention_output(attn, out, hidden_states, q.dtype)
 
 
 @contextmanager
@@ -212,7 +175,7 @@ def neighborhood_attention(
 
     Each layer's native grid is the native latent side after its downsamplings. ``generators`` turn on the
     random query shift. The original processors are restored afterwards. FLUX transformers get
-    :func:`hiresdiff.attention_flux.flux_neighborhood_attention` instead.
+    :func:`hiresdiff.patches.attention_flux.flux_neighborhood_attention` instead.
     """
     # query shifts are drawn inside the calls: in view-parallel runs every rank must run them all
     replicate = adapter.parallel.replicated() if generators is not None else nullcontext()
@@ -225,8 +188,6 @@ def _installed_npa(
     adapter: ModelAdapter, latent_hw: tuple[int, int], generators: list[torch.Generator] | None
 ) -> Iterator[NPAState]:
     if getattr(adapter, "family", None) == "flux":
-        from hiresdiff.attention_flux import flux_neighborhood_attention
-
         with flux_neighborhood_attention(adapter, latent_hw, generators) as flux_state:
             yield flux_state
         return

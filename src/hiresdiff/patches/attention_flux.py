@@ -22,9 +22,9 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from hiresdiff.attention import NPAState
 from hiresdiff.models.adapter import ModelAdapter
 from hiresdiff.ops.npa import npa_supported, window_starts
+from hiresdiff.patches.processors import NPAState
 
 #: FLUX packs 2×2 latent cells into one token (``hiresdiff.models.flux.PATCH``)
 TOKEN_PATCH = 2

@@ -1,0 +1,145 @@
+"""HiDiffusion's model patches (SPEC-baselines-unet §3.1–3.2): RAU-Net and MSW-MSA on the patch seam.
+
+* **RAD**: the downsampler conv ``dsℓ`` runs with stride 4, padding 2, dilation 2 (output ⌈h/4⌉) on its steps.
+* **In-block pooling / restore**: ``avg_pool2d(2, 2, ceil_mode=True)`` after the first (resnet, transformer) pair
+  of the down block at the pool level, which is what that pair hands to the skip list; bicubic resize back to the
+  recorded size after up pair ``layers_per_block − 1`` of the up block at that level.
+* **Upsampler sizing**: ``num_upsamplers`` raised so diffusers always passes the next skip's size to the
+  upsamplers (nearest ×4 after RAD; exactly ×2 when nothing is active).
+* **MSW-MSA**: self-attention within 2 × 2 shifted cyclic windows (:mod:`hiresdiff.ops.windows`) at every step;
+  the shift index k is drawn per (step, layer) and per canvas sample from that sample's generator when the clock
+  starts a step (the official code draws per block call from the global RNG), or cycles k = i mod 4.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import torch
+import torch.nn.functional as F
+
+from hiresdiff.models.adapter import ModelAdapter
+from hiresdiff.ops.windows import NUM_SHIFTS, token_grid, windowed_attention
+from hiresdiff.patches.clock import PatchClock
+from hiresdiff.patches.context import ConvPatch, ConvSetting, OutputPatch, Patch, in_steps, patched
+from hiresdiff.patches.processors import attention_output, plain_self_attention, row_samples, self_attention_qkv
+
+#: the resolution-aware downsampler's conv setting
+RAD = ConvSetting(stride=4, padding=2, dilation=2)
+#: raised ``num_upsamplers``: every upsampler gets the next skip's size (the official code adds 12)
+UPSAMPLER_BOOST = 12
+
+ShiftMode = Literal["random", "cycle"]
+
+
+@dataclass
+class RAUNet:
+    """RAU-Net's placement and step ranges: ``rad`` (a ``dsℓ`` address or None) on ``rad_steps``, pooling/restore
+    at ``pool_level`` on ``pool_steps``; ``layers_per_block`` places the restore."""
+
+    rad: str | None
+    rad_steps: range
+    pool_level: int
+    pool_steps: range
+    layers_per_block: int
+    _sizes: list[tuple[int, int]] = field(default_factory=list)
+
+    def _pool(self, x: torch.Tensor, setting: Any) -> torch.Tensor:
+        self._sizes.append((x.shape[-2], x.shape[-1]))
+        return F.avg_pool2d(x, kernel_size=2, stride=2, ceil_mode=True)
+
+    def _restore(self, x: torch.Tensor, setting: Any) -> torch.Tensor:
+        return F.interpolate(x, size=self._sizes.pop(0), mode="bicubic", align_corners=False)
+
+    def patches(self) -> list[Patch]:
+        """The scheduled patches (empty ranges install nothing)."""
+        out: list[Patch] = []
+        if self.rad is not None and len(self.rad_steps):
+            out.append(ConvPatch((self.rad,), in_steps(self.rad_steps, RAD)))
+        if len(self.pool_steps):
+            level, restore = self.pool_level, self.layers_per_block - 1
+            pool = in_steps(self.pool_steps, "pool")
+            out.append(OutputPatch((f"down{level}:attentions.0",), pool, transform=self._pool))
+            out.append(OutputPatch((f"up{level}:attentions.{restore}",), pool, transform=self._restore))
+        return out
+
+
+class MSWState:
+    """Window shift index per (canvas sample, layer) of the current step, drawn when the clock starts a step."""
+
+    def __init__(self, latent_hw: tuple[int, int], generators: list[torch.Generator], mode: ShiftMode) -> None:
+        self.latent_hw, self.generators, self.mode = latent_hw, generators, mode
+        self.layers = 0
+        self.shifts: list[list[int]] = []
+
+    def new_layer(self) -> int:
+        self.layers += 1
+        return self.layers - 1
+
+    def draw(self, index: int) -> None:
+        """The shifts of step ``index``: ``k = i mod 4`` (cycle) or one uniform draw per layer and sample."""
+        if self.mode == "cycle":
+            self.shifts = [[index % NUM_SHIFTS] * self.layers for _ in self.generators]
+            return
+        self.shifts = [
+            torch.randint(0, NUM_SHIFTS, (self.layers,), generator=g, device=g.device).tolist() for g in self.generators
+        ]
+
+    def shift(self, sample: int, layer: int) -> int:
+        return self.shifts[sample % len(self.shifts)][layer] if self.shifts else 0
+
+
+class MSWMSAProcessor:
+    """Self-attention as MSW-MSA (SPEC §3.2); other calls (cross-attention, masks) run the wrapped processor."""
+
+    def __init__(self, inner: Any, adapter: ModelAdapter, state: MSWState) -> None:
+        self.inner, self.adapter, self.state = inner, adapter, state
+        self.layer = state.new_layer()
+
+    def __call__(
+        self,
+        attn: Any,
+        hidden_states: torch.Tensor,
+        encoder_hidden_states: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        *args: Any,
+        **kwargs: Any,
+    ) -> torch.Tensor:
+        if plain_self_attention(hidden_states, encoder_hidden_states, attention_mask):
+            return self.inner(attn, hidden_states, encoder_hidden_states, attention_mask, *args, **kwargs)
+        b, n, _ = hidden_states.shape
+        grid = token_grid(n, self.state.latent_hw)
+        q, k, v = self_attention_qkv(attn, hidden_states)
+        ks = [self.state.shift(sample, self.layer) for sample in row_samples(self.adapter, b)]
+        out = torch.empty_like(v)
+        for shift in dict.fromkeys(ks):
+            rows = torch.tensor([r for r, s in enumerate(ks) if s == shift], device=q.device)
+            sel = (t.index_select(0, rows) for t in (q, k, v))
+            out[rows] = windowed_attention(*sel, grid, shift).to(out.dtype)
+        return attention_output(attn, out, hidden_states, q.dtype)
+
+
+@contextmanager
+def hidiffusion_patches(
+    adapter: ModelAdapter,
+    clock: PatchClock,
+    raunet: RAUNet | None,
+    msw_layers: tuple[str, ...],
+    state: MSWState,
+) -> Iterator[None]:
+    """RAU-Net (``raunet``, None: off) and MSW-MSA on the self-attentions ``msw_layers`` installed on the UNet."""
+    processors = {address: (lambda inner: MSWMSAProcessor(inner, adapter, state)) for address in msw_layers}
+    if msw_layers:
+        clock.listen(state.draw)
+    with patched(
+        adapter.unet,
+        clock,
+        lambda: adapter.call_info,
+        raunet.patches() if raunet is not None else (),
+        processors,
+        {"num_upsamplers": lambda n: n + UPSAMPLER_BOOST} if raunet is not None else None,
+    ):
+        yield

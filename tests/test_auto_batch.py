@@ -1,0 +1,150 @@
+"""``max_batch="auto"``: the largest rows per denoiser call the estimate fits into free memory (issue 22, item 4)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from hiresdiff import plan
+from hiresdiff.cli import main
+from hiresdiff.config import AUTO, AUTO_FALLBACK, GenerationSettings
+from hiresdiff.cost.meta import CallPeak
+from hiresdiff.cost.model import CostReport
+from hiresdiff.errors import HiresError
+from hiresdiff.images import read_png_settings
+from hiresdiff.memory import GIB, MemoryEstimate
+from hiresdiff.pipeline import build_request
+
+TINY = ["--model", "tiny-sdxl", "--quiet"]
+MIB = 2**20
+
+
+def fake_cost(rows_needed: int, per_row: int, calls: list[int]) -> Any:
+    """A stand-in for :func:`hiresdiff.plan.request_cost` whose denoiser peak grows with the rows per call (and a
+    little canvas per row, as the stacked views do); ``calls`` collects each max_batch priced."""
+
+    def cost(req: Any, model: str, **overrides: Any) -> CostReport:
+        mb = overrides["max_batch"]
+        calls.append(mb)
+        rows = min(mb - mb % 2, rows_needed) if mb >= 2 else 2
+        peak = CallPeak(canvas=10 * MIB + rows * MIB, activations=rows * per_row, rows=rows, cells=4096)
+        return CostReport(
+            "demofusion", model, "tiny-sdxl", 512, 512, 2, 1, 1.0, 0.0, 0.0, 1, rows, 1.0, 1, 1,
+            weights_bytes={"denoiser": 300 * MIB, "vae": 50 * MIB},
+            peaks={"denoiser": peak, "vae": CallPeak(5 * MIB, 40 * MIB, 1, 4096)},
+            denoiser_rows=rows_needed,
+        )  # fmt: skip
+
+    return cost
+
+
+def peak_at(cost: Any, rows: int) -> int:
+    return MemoryEstimate.of(cost(None, "tiny-sdxl", max_batch=rows), torch.float32, False).peak
+
+
+def test_auto_picks_largest_fitting_equal_to_brute_force(monkeypatch: pytest.MonkeyPatch) -> None:
+    calls: list[int] = []
+    cost = fake_cost(rows_needed=50, per_row=97 * MIB, calls=calls)
+    monkeypatch.setattr(plan, "request_cost", cost)
+    candidates = plan.batch_candidates(50, 2)
+    assert candidates == list(range(2, 51, 2))
+    peaks = {c: peak_at(cost, c) for c in candidates}
+    chosen = []
+    for free in [GIB + 100 * MIB, *range(2 * GIB, 9 * GIB, 173 * MIB), 30 * GIB]:
+        req = build_request("a fox", "demofusion", 512, 512, steps=2)
+        calls.clear()
+        report = plan.choose_max_batch(req, "tiny-sdxl", torch.float32, free)
+        room = plan.auto_room(free)
+        brute = max((c for c in candidates if peaks[c] <= room), default=candidates[0])
+        assert req.settings.max_batch == brute and report.denoiser_rows == 50
+        assert len(calls) <= 6  # the unlimited run, the linear guess, its neighbour, rarely a bisection step
+        chosen.append(brute)
+    assert chosen == sorted(chosen) and chosen[0] == 2 and chosen[-1] == 50  # more memory: never fewer rows
+    assert len(set(chosen)) > 10
+
+
+def test_margin_keeps_ten_percent_or_one_gib() -> None:
+    assert plan.auto_room(4 * GIB) == 3 * GIB
+    assert plan.auto_room(40 * GIB) == 36 * GIB
+
+
+def test_auto_on_tiny_model_is_the_cap_and_larger_values_change_nothing() -> None:
+    req = build_request("a fox", "demofusion", 512, 512, steps=2, previews=False)
+    assert req.settings.max_batch == AUTO
+    b = plan.budget(req, "tiny-sdxl", "cpu", torch.float32)
+    cap = req.settings.max_batch
+    assert b.auto and isinstance(cap, int) and cap == b.report.denoiser_rows > 2
+    more = plan.request_cost(req, "tiny-sdxl", max_batch=cap + 10)
+    assert (more.denoiser_calls, more.peaks) == (b.report.denoiser_calls, b.report.peaks)
+    fewer = plan.request_cost(req, "tiny-sdxl", max_batch=cap - 2)
+    assert fewer.denoiser_calls > b.report.denoiser_calls
+
+
+def test_explicit_number_wins(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(plan, "free_memory", lambda device: GIB)  # an explicit number is kept whatever the memory
+    req = build_request("a fox", "demofusion", 512, 512, steps=2, previews=False, max_batch=6)
+    b = plan.budget(req, "tiny-sdxl", "cpu", torch.float32)
+    assert req.settings.max_batch == 6 and not b.auto
+    assert "max_batch 6;" in plan.describe_plan(req, 256, 8, b)[0]
+
+
+def test_fallback_without_estimate(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(plan, "free_memory", lambda device: None)  # e.g. MPS
+    req = build_request("a fox", "demofusion", 512, 512, steps=2, previews=False)
+    b = plan.budget(req, "tiny-sdxl", "cpu", torch.float32)
+    assert req.settings.max_batch == AUTO_FALLBACK == 8 and b.report is not None
+
+    def broken(*args: Any, **kwargs: Any) -> CostReport:
+        raise RuntimeError("boom")
+
+    monkeypatch.setattr(plan, "free_memory", lambda device: 8 * GIB)
+    monkeypatch.setattr(plan, "request_cost", broken)
+    req = build_request("a fox", "demofusion", 512, 512, steps=2, previews=False)
+    b = plan.budget(req, "tiny-sdxl", "cpu", torch.float32)
+    assert req.settings.max_batch == 8 and b.report is None and "boom" in b.reason
+    low = build_request("a fox", "demofusion", 512, 512, steps=2, low_vram=True, max_batch="auto")
+    plan.budget(low, "tiny-sdxl", "cpu", torch.float32)
+    assert low.settings.max_batch == 1  # low-VRAM's own default
+
+
+def test_values_accepted_and_refused() -> None:
+    for given, held in {"auto": "auto", "AUTO": "auto", 3: 3, np.int64(5): 5}.items():
+        assert GenerationSettings(prompt="a", width=64, height=64, max_batch=given).max_batch == held
+    assert build_request("a", "direct", 512, 512, max_batch="12").settings.max_batch == 12  # --set strings
+    for bad, message in [("fast", "positive integer or auto"), (0, "≥ 1"), (2.5, "integer")]:
+        with pytest.raises(HiresError, match=message):
+            GenerationSettings(prompt="a", width=64, height=64, max_batch=bad)
+    assert build_request("a", "direct", 512, 512, low_vram=True).settings.max_batch == 1  # low-VRAM keeps its own 1
+
+
+def test_api_run_records_the_number_used(sdxl: Any) -> None:
+    res = sdxl("a fox", "demofusion", 512, 512, steps=2, progress=False, previews=False)
+    used = res.metadata[0]["max_batch"]
+    req = build_request("a fox", "demofusion", 512, 512, steps=2, previews=False)
+    plan.budget(req, "tiny-sdxl", "cpu", torch.float32)
+    assert isinstance(used, int) and used == req.settings.max_batch
+
+
+def pixels(path: Path) -> np.ndarray:
+    with Image.open(path) as im:
+        return np.asarray(im.convert("RGB"))
+
+
+def test_cli_plan_line_and_from_png_bit_exact(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    first, again = tmp_path / "a", tmp_path / "b"
+    argv = ["generate", "a red fox", "--model", "tiny-sdxl", "--width", "512", "--height", "512", "--steps", "2"]
+    assert main([*argv, "--no-previews", "--out", str(first)]) == 0
+    line = next(ln for ln in capsys.readouterr().err.splitlines() if ln.startswith("plan:"))
+    src = first / "000-demofusion-seed0.png"
+    used = read_png_settings(src)["max_batch"]
+    assert isinstance(used, int) and used > AUTO_FALLBACK and f"max_batch {used} (auto)" in line
+    assert main(["generate", "--from-png", str(src), "--quiet", "--out", str(again)]) == 0
+    copy = again / "000-demofusion-seed0.png"
+    assert np.array_equal(pixels(src), pixels(copy)) and src.read_bytes() == copy.read_bytes()
+    assert main(["generate", "--dry-run", *argv[1:], *TINY[2:], "--max-batch", "4"]) == 0
+    assert "max_batch 4\n" in capsys.readouterr().out
