@@ -87,7 +87,7 @@ def bench(argv: list[str] | None) -> int:
     p.add_argument("--dtype", default="bfloat16")
     p.add_argument("--device", default=None)
     p.add_argument("--steps", type=int, default=50)
-    p.add_argument("--max-batch", type=int, default=None, help="default 8 (2 with --set low_vram=true)")
+    p.add_argument("--max-batch", type=int, default=None, help="default 8 (1 with --set low_vram=true)")
     p.add_argument("--matmul", type=int, default=8192, help="side of the reference matrix product")
     p.add_argument("--out", default=str(Path(__file__).parent / "results"))
     p.add_argument("--set", dest="params", action="append", default=[], metavar="NAME=VALUE")
@@ -118,6 +118,7 @@ def bench(argv: list[str] | None) -> int:
                 PROMPT, method, w, h, seed=0, previews=False, model_defaults=spec.sampling_defaults, **kwargs
             )
             check_for_model(req, spec.native_size, spec.pixel_grid)  # every run is validated before any work
+            req.settings.max_batch = req.settings.rows_per_call  # measured at a stated batch, not the device's auto
             runs.append((method, kwargs, w, h, req))
     parallel = None
     if args.parallel == "views":

@@ -37,16 +37,47 @@ ALTERNATIVES: dict[str, Any] = {
     "negative_prompt": "blurry",
     "ag_decay": "linear",
     "seed": 5,
+    "freeu_rule": "diffusers",
+    "t1_ratio": 0.5,
+    "t2_ratio": 0.1,
+    "aggressive": False,
+    "shift": "cycle",
+    "start_fraction": 0.2,
+    "stop_fraction": 0.6,
+    "mask_floor": 0.3,
+    "weak_dilation_divisor": 2.0,
+    "guidance_variant": "cfg",
+    "base_size": (256.0, 256.0),
+    "table": "mid=2",
+    "light_table": "mid=1.5",
+    "dilate_fraction": 0.5,
+    "ndcfg_fraction": 0.4,
 }
 #: settings that change pixels (the others place or batch the work: max_batch, low_vram, previews, …)
-PIXEL_SETTINGS = ("steps", "guidance", "scheduler", "negative_prompt", "seed", "ag_lambda", "ag_delay", "ag_exponent")
+PIXEL_SETTINGS = (
+    "steps",
+    "guidance",
+    "scheduler",
+    "negative_prompt",
+    "seed",
+    "ag_lambda",
+    "ag_delay",
+    "ag_exponent",
+    "hidiffusion",
+)
 
 
-def _alternative(name: str, default: Any) -> Any:
+#: alternatives of fields whose name another method uses with another type
+METHOD_ALTERNATIVES: dict[tuple[str, str], Any] = {("scalecrafter", "progressive"): False}
+
+
+def _alternative(name: str, default: Any, method: str = "") -> Any:
+    if (method, name) in METHOD_ALTERNATIVES:
+        return METHOD_ALTERNATIVES[method, name]
+    if isinstance(default, bool):  # before the names: a switch may share its name with another method's field
+        return not default
     if name in ALTERNATIVES:
         return ALTERNATIVES[name]
-    if isinstance(default, bool):
-        return not default
     if isinstance(default, int):
         return default + 1
     if isinstance(default, float):
@@ -67,7 +98,7 @@ def test_every_pixel_changing_field_round_trips_through_the_png(tiny_sdxl_pipe, 
     fields = {f.name: f.default for f in dataclasses.fields(METHODS[method].params)}
     settings = {f.name: f.default for f in dataclasses.fields(GenerationSettings)}
     default = fields[name] if name in fields else {**settings, **base}.get(name)
-    changed = {**base, name: _alternative(name, default)}
+    changed = {**base, name: _alternative(name, default, method)}
     if name == "window":
         changed["stride"] = 64
     try:

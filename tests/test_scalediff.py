@@ -158,7 +158,8 @@ def test_stages_reference_from_plain_bicubic_pixel_upsample(tiny_sdxl_pipe, monk
 
     monkeypatch.setattr(sampler_mod, "upsample_pixels", upsample)
     monkeypatch.setattr(Run, "begin", begin)
-    hp("a", "scalediff", 1024, 768, steps=50, restart_ratio=0.34, progress=False, previews=False)
+    kw = {"progress": False, "previews": False, "max_batch": 8}  # explicit: no auto estimate runs the stages too
+    hp("a", "scalediff", 1024, 768, steps=50, restart_ratio=0.34, **kw)
     assert sizes == [(384, 512), (768, 1024)]
     assert starts == [0, 33, 33]  # ⌊50·0.66⌋ = 33; floats give 32
 

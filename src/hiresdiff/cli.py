@@ -254,7 +254,7 @@ def _shown(value: object) -> str:
 def cmd_methods(args: argparse.Namespace) -> int:
     from hiresdiff.config import GenerationSettings
 
-    common = [f for f in dataclasses.fields(GenerationSettings) if f.name.startswith("ag_")]
+    common = [f for f in dataclasses.fields(GenerationSettings) if f.name.startswith("ag_") or f.name == "hidiffusion"]
     print("every method (native-size first phase): " + ", ".join(f"--set {f.name}={f.default}" for f in common))
     for m in METHODS.values():
         print(f"{m.name}: {m.summary}" + (f"  [{m.paper}]" if m.paper else ""))

@@ -219,6 +219,9 @@ class GenerationSettings:
     parameter (``None``: the method's default). ``eta`` is DDIM's stochasticity η (0 = deterministic DDIM, 1 = the
     ancestral DDPM-like step the ScaleCrafter/FouriScale/HiDiffusion code samples with), only for schedulers whose
     step takes it (:data:`~hiresdiff.schedulers.ETA_SCHEDULERS`); its noise comes from each image's generator.
+    ``hidiffusion`` switches HiDiffusion (RAU-Net and MSW-MSA with the ``hidiffusion`` method's default parameters)
+    on in the first phase of any method sampled from noise (``direct``'s only phase, with or without an input
+    image), the way its users apply it to other pipelines; SD 1.x/2.x and SDXL only.
 
     Construction checks every field with :func:`normalise`: numpy numbers become plain ``int``/``float``/``bool``
     (so the metadata JSON stays plain), booleans where numbers belong and other types are one line naming the
@@ -245,6 +248,7 @@ class GenerationSettings:
     strength: float | None = None
     max_pixels: int | None = None
     eta: float = 0.0
+    hidiffusion: bool = False
 
     def __post_init__(self) -> None:
         self.prompt = as_texts("prompt", self.prompt)
@@ -304,6 +308,12 @@ class GenerationSettings:
     @property
     def batch_size(self) -> int:
         return len(self.prompt) * self.num_images_per_prompt
+
+    @property
+    def rows_per_call(self) -> int:
+        """The denoiser's row budget: ``max_batch``, or — where nothing settled ``auto`` (a :class:`Run` built
+        directly) — :func:`fallback_batch`."""
+        return fallback_batch(self.low_vram) if self.max_batch == AUTO else int(self.max_batch)
 
     @property
     def cfg(self) -> bool:

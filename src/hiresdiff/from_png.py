@@ -21,7 +21,7 @@ from hiresdiff.config import GenerationSettings
 from hiresdiff.errors import HiresError, require
 from hiresdiff.images import read_png_settings
 from hiresdiff.methods import get_method
-from hiresdiff.pipeline import AG_SETTINGS, GenerationResult, ModelFacts, resolve_dtype, validate_request
+from hiresdiff.pipeline import PHASE_SETTINGS, GenerationResult, ModelFacts, resolve_dtype, validate_request
 
 #: flags ``--from-png`` uses besides the PNG's own settings (where to run and write, the input files)
 FROM_PNG_FLAGS = frozenset(
@@ -138,7 +138,7 @@ _HINTS = typing.get_type_hints(GenerationSettings)
 #: settings written as the :class:`~hiresdiff.config.GenerationSettings` field of the same name; older PNGs lack
 #: those of :data:`_LATER`
 _SETTINGS = ("width", "height", "steps", "guidance", "scheduler", "seed", "max_batch", "decode_tile_area")
-_LATER = ("strength", "eta", *AG_SETTINGS)
+_LATER = ("strength", "eta", *PHASE_SETTINGS)
 #: the settings record of one image (:meth:`~hiresdiff.pipeline.HiresPipeline._metadata`); ``params`` is checked
 #: against its method's parameters (:func:`check_params`)
 SETTINGS_RECORD: dict[str, Field] = {

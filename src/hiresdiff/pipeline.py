@@ -45,6 +45,8 @@ SETTING_NAMES = {f.name for f in dataclasses.fields(GenerationSettings)} - {"pro
 MAX_SIDE_FACTOR = 8
 #: attentive-guidance settings (they change pixels, so the metadata records them)
 AG_SETTINGS = ("ag_lambda", "ag_delay", "ag_exponent", "ag_decay")
+#: settings that change every method's first phase (they change pixels, so the metadata records them)
+PHASE_SETTINGS = (*AG_SETTINGS, "hidiffusion")
 
 
 @dataclass
@@ -387,7 +389,7 @@ class HiresPipeline:
             "max_batch": s.max_batch,  # the number used, also when it was "auto" (batched calls round differently)
             "decode_tile_area": s.decode_tile_area,
             "strength": s.strength,
-            **{name: getattr(s, name) for name in AG_SETTINGS},
+            **{name: getattr(s, name) for name in PHASE_SETTINGS},
             "params": dataclasses.asdict(req.params),
             **req.extras.metadata(),
             **({"batch": self._batch_position(req, index, seed)} if s.batch_size > 1 else {}),
@@ -562,6 +564,11 @@ def validate_request(
     req = build_request(prompt, method, width, height, model_defaults=model.sampling_defaults, extras=extras, **kwargs)
     check_for_model(req, model.native, model.grid)
     req.method.check_family(model.family, req.params)
+    req.method.check_controlnet(req.extras.controlnet is not None, req.settings.hidiffusion)
+    require(
+        not (req.settings.hidiffusion and model.family == "flux"),
+        "hidiffusion=true patches a UNet (SD 1.x/2.x, SDXL); FLUX has none: drop --set hidiffusion=true",
+    )
     check_steps(req.settings, model.family, model.scheduler_config)
     return req
 

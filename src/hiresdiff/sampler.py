@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import inspect
 from collections.abc import Callable, Hashable, Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from contextvars import ContextVar
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -20,6 +20,8 @@ from tqdm.auto import tqdm
 from hiresdiff.config import GenerationSettings
 from hiresdiff.control import ControlCondition
 from hiresdiff.hooks import StepHook, attentive_guidance
+from hiresdiff.methods.hidiffusion import hidiffusion
+from hiresdiff.methods.specs.hidiffusion import HiDiffusionParams
 from hiresdiff.models.adapter import ModelAdapter, PromptEmbeds
 from hiresdiff.ops.resample import resize_pixels, upsample_pixels
 from hiresdiff.ops.schedule import start_index
@@ -137,7 +139,7 @@ class Run:
             "rows": self.rows,
             "guidance": self.settings.guidance,
             "size": size,
-            "max_batch": self.settings.max_batch,
+            "max_batch": self.settings.rows_per_call,
             "control": self.control,
         }
         kw.update(overrides)
@@ -231,17 +233,31 @@ class Run:
         size: tuple[int, int] | None = None,
         name: str = "",
         hooks: Sequence[StepHook] = (),
+        strategy: Strategy | None = None,
     ) -> torch.Tensor:
         """Ordinary sampling of a whole ``height × width`` canvas from pure noise (all N steps).
 
-        This is every method's native-size first phase; attentive guidance (``ag_lambda > 0``) applies here.
-        ``hooks`` run as well (a model-patch clock).
+        This is every method's native-size first phase; attentive guidance (``ag_lambda > 0``) and the switched
+        model patches (:meth:`switched_patches`: ``hidiffusion=true``) apply here.
+        ``hooks`` run as well (a model-patch clock); ``strategy`` replaces :class:`FullCanvas` (a per-step rule).
         """
         timesteps = self.begin(0)
         x = self.initial_noise(height, width)
         den = self.denoiser(size or (height, width))
-        hooks = [*hooks, *(h for h in (attentive_guidance(self.settings),) if h is not None)]
-        return self.denoise(x, timesteps, FullCanvas(), den, hooks, name=name or f"{height}×{width}")
+        with self.switched_patches(height, width) as switched:
+            hooks = [*hooks, *switched, *(h for h in (attentive_guidance(self.settings),) if h is not None)]
+            return self.denoise(x, timesteps, strategy or FullCanvas(), den, hooks, name=name or f"{height}×{width}")
+
+    @contextmanager
+    def switched_patches(self, height: int, width: int) -> Iterator[list[StepHook]]:
+        """The model patches the settings switch on for a whole-canvas phase of ``height × width`` (installed while
+        the block runs) and the step hooks that drive them: HiDiffusion with its default parameters when
+        ``settings.hidiffusion`` (the ``hidiffusion`` method refuses the switch: it has it already)."""
+        if not self.settings.hidiffusion:
+            yield []
+            return
+        with hidiffusion(self, HiDiffusionParams(), height, width) as clock:
+            yield [clock]
 
     # --- images -------------------------------------------------------------------------------------------
     def decode(self, latents: torch.Tensor, *, clamp: bool = True) -> torch.Tensor:
@@ -298,12 +314,15 @@ class Run:
     def sdedit(self, strategy: Strategy, name: str, hooks: Sequence[StepHook] = ()) -> torch.Tensor:
         """SDEdit at the target size (``direct``/``multidiffusion`` with an input image): the encoded picture noised
         to step ``⌊N·(1 − strength)⌋`` and denoised with ``strategy`` (default strength
-        :data:`SDEDIT_STRENGTH`)."""
+        :data:`SDEDIT_STRENGTH`); a whole-canvas strategy gets the switched patches (:meth:`switched_patches`)."""
         s = self.settings
         strength = s.strength if s.strength is not None else SDEDIT_STRENGTH
         timesteps = self.begin(start_index(s.steps, strength))
         x = self.add_noise(self.encode_source(s.height, s.width), self.noise(s.height, s.width), timesteps[0])
-        return self.denoise(x, timesteps, strategy, self.denoiser((s.height, s.width)), hooks, name=name)
+        whole = isinstance(strategy, FullCanvas)  # the switched patches need the whole canvas in every model call
+        with self.switched_patches(s.height, s.width) if whole else nullcontext([]) as switched:
+            hooks = [*hooks, *switched]
+            return self.denoise(x, timesteps, strategy, self.denoiser((s.height, s.width)), hooks, name=name)
 
     def add_preview(self, latents: torch.Tensor) -> None:
         """Decode and keep a per-phase preview (skipped when previews are off), never in a larger VAE call than

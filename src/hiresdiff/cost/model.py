@@ -286,7 +286,14 @@ def model_cost(
     exact = bool(kwargs.pop("exact", False))
     ranks = int(kwargs.pop("ranks", 1))
     require(ranks >= 1, f"--ranks must be ≥ 1, got {ranks}")
-    from hiresdiff.config import AUTO, as_bool, fallback_batch, model_sampling_defaults
+    from hiresdiff.config import (
+        AUTO,
+        GenerationSettings,
+        as_bool,
+        fallback_batch,
+        model_sampling_defaults,
+        parse_fields,
+    )
     from hiresdiff.models.tiny import BUILTIN_MODELS
     from hiresdiff.pipeline import build_request, check_for_model
 
@@ -295,7 +302,8 @@ def model_cost(
     width, height = width or 2 * info.native_size, height or 2 * info.native_size
     kwargs.setdefault("previews", False)
     if kwargs.get("max_batch", AUTO) == AUTO:  # no device here to fit: the stated default (the plan settles auto)
-        kwargs["max_batch"] = fallback_batch(as_bool("low_vram", kwargs.get("low_vram", False)))
+        low = parse_fields(GenerationSettings, {"low_vram": kwargs.get("low_vram", False)})["low_vram"]  # "true" too
+        kwargs["max_batch"] = fallback_batch(as_bool("low_vram", low))
     kwargs.setdefault("prompt", "a photograph of a mountain lake at sunrise")
     kwargs["model_defaults"] = kwargs.get("model_defaults") or model_sampling_defaults(info.family)
     hp, ledger = counting_pipeline(arch)

@@ -14,13 +14,27 @@ from hiresdiff.methods.specs import (
     apt,
     demofusion,
     direct,
+    fouriscale,
     hidiffusion,
     multidiffusion,
     resize,
+    scalecrafter,
     scalediff,
 )
 
-_SPECS = (direct, resize, multidiffusion, demofusion, accdiffusion, apt, apldm, scalediff, hidiffusion)
+_SPECS = (
+    direct,
+    resize,
+    multidiffusion,
+    demofusion,
+    accdiffusion,
+    apt,
+    apldm,
+    scalediff,
+    hidiffusion,
+    scalecrafter,
+    fouriscale,
+)
 METHODS: dict[str, Method] = {spec.METHOD.name: spec.METHOD for spec in _SPECS}
 
 

@@ -12,8 +12,9 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from hiresdiff.config import GenerationSettings
+from hiresdiff.config import GenerationSettings, check_finite
 from hiresdiff.errors import require
+from hiresdiff.patches.tables import FREEU_RULES
 
 if TYPE_CHECKING:
     import torch
@@ -35,6 +36,14 @@ class Params:
 
     def check(self, settings: GenerationSettings, native: int, grid: int) -> None:
         """Raise a one-line error for values that do not fit the settings or a model of ``native``/``grid`` px."""
+
+    def check_fractions(self, *names: str) -> None:
+        """One line for a parameter of ``names`` that is set (not None) and is no fraction of the steps in [0, 1]."""
+        for name in names:
+            value = getattr(self, name)
+            if value is not None:
+                check_finite(name, value)
+                require(0.0 <= value <= 1.0, f"{name} is a fraction of the steps in [0, 1], got {value}")
 
 
 @dataclass
@@ -67,6 +76,23 @@ class ViewParams(Params):
         for name, value in (("window", window), ("stride", stride)):
             require(value % grid == 0, f"{name} {value} px is not a multiple of the latent grid ({grid} px)")
         require(stride < window, f"stride {stride} must be smaller than window {window} so views overlap")
+
+
+@dataclass
+class FreeUParams(Params):
+    """FreeU on the decoder (SPEC-baselines-unet §0): ``freeu`` switches it on (off by default, as AP-LDM ran
+    every baseline), ``freeu_rule`` picks the resnets: ``channels`` (the official ScaleCrafter/FouriScale/FreeU
+    scripts, by channel count generalised by level) or ``diffusers`` (``enable_freeu``, by up-block index).
+    Applied with :func:`hiresdiff.patches.freeu.freeu_hooks`; the factors are the model's official ones."""
+
+    freeu: bool = False
+    freeu_rule: str = "channels"
+
+    def __post_init__(self) -> None:
+        require(
+            self.freeu_rule in FREEU_RULES,
+            f"unknown freeu_rule {self.freeu_rule!r}; choose one of: {', '.join(FREEU_RULES)}",
+        )
 
 
 #: the model families hiresdiff runs (:class:`~hiresdiff.models.loading.ModelSpec` ``family``)
@@ -103,6 +129,8 @@ class Method:
     strength_params: StrengthMap | None = no_strength_params
     families: tuple[str, ...] = FAMILIES
     unsupported: dict[str, dict[str, Any]] = field(default_factory=dict)
+    #: whether the recipe feeds a ControlNet's residuals to its denoiser calls (checked before any model work)
+    takes_controlnet: bool = True
 
     def check_family(self, family: str, params: Params) -> None:
         """One line when this method, or one of its parameter values, cannot run on a ``family`` model."""
@@ -117,6 +145,18 @@ class Method:
             value = getattr(params, name)
             fix = f"--set {name}={str(not value).lower()}" if isinstance(bad, bool) else f"--set {name}=<another>"
             require(value != bad, f"{self.name} with {name}={value} cannot run on {label} models; pass {fix}")
+
+    def check_controlnet(self, controlnet: bool, switched: bool = False) -> None:
+        """One line when a ControlNet is asked for and this method (or the HiDiffusion switch, ``switched``)
+        cannot feed it."""
+        require(
+            not controlnet or self.takes_controlnet,
+            f"method {self.name!r} cannot run with a ControlNet yet; drop --controlnet or choose another method",
+        )
+        require(
+            not (controlnet and switched),
+            "hidiffusion=true cannot run with a ControlNet yet; drop --controlnet or --set hidiffusion=true",
+        )
 
     def __post_init__(self) -> None:
         module, _, function = self.recipe.partition(":")

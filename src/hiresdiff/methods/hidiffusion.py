@@ -6,7 +6,9 @@ Per step i of the one full-canvas loop (the step clock sets i; nothing counts mo
   2. RAU-Net: the resolution-aware downsampler (stride 4, dilation 2) on its steps, the in-block pooling/restore on
      its steps (:func:`hiresdiff.methods.specs.hidiffusion.schedule`), the upsamplers sized to the next skip;
   3. one prediction (CFG), one scheduler step (DDIM η = 1 in the ``official`` preset).
-An input image is SDEdited at the target size as in ``direct``.
+An input image is SDEdited at the target size as in ``direct``. ``freeu=true`` adds FreeU on the same clock (off in
+the official code). ``hidiffusion=true`` on other methods installs this context in their first phase
+(:meth:`~hiresdiff.sampler.Run.switched_patches`).
 
 Deliberate differences from the official code: state is per run and per step index (it counts calls per module,
 wraps at the step count and leaks the aggressive flag into later runs); shifts come from the caller's generators
@@ -17,15 +19,19 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
+from typing import TYPE_CHECKING
 
 from hiresdiff.errors import require
 from hiresdiff.methods.base import MethodOutput
 from hiresdiff.methods.specs.hidiffusion import HiDiffusionParams, schedule
 from hiresdiff.patches.clock import PatchClock
+from hiresdiff.patches.freeu import freeu_installed
 from hiresdiff.patches.hidiffusion import MSWState, RAUNet, hidiffusion_patches
 from hiresdiff.patches.tables import model_kind
-from hiresdiff.sampler import Run
 from hiresdiff.strategies.full import FullCanvas
+
+if TYPE_CHECKING:  # the sampler installs this method's patches for ``hidiffusion=true`` (Run.switched_patches)
+    from hiresdiff.sampler import Run
 
 
 @contextmanager
@@ -42,7 +48,10 @@ def hidiffusion(run: Run, params: HiDiffusionParams, height: int, width: int) ->
     raunet = RAUNet(row.rad, rad_steps, row.pool_level, pool_steps, lpb) if params.raunet else None
     state = MSWState(run.latent_size(height, width), run.generators, params.shift)  # type: ignore[arg-type]
     clock = PatchClock()
-    with hidiffusion_patches(ad, clock, raunet, row.msw_msa if params.msw_msa else (), state):
+    with (
+        hidiffusion_patches(ad, clock, raunet, row.msw_msa if params.msw_msa else (), state),
+        freeu_installed(ad, clock, params.freeu, params.freeu_rule),
+    ):
         yield clock
 
 

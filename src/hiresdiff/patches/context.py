@@ -2,7 +2,9 @@
 
 A :class:`Patch` changes what some modules compute on the steps its schedule says (``schedule(i, branch)`` → a
 setting, ``None`` = plain): :class:`ConvPatch` sets stride/padding/dilation of every conv inside a module for the
-call, :class:`OutputPatch` transforms a module's output (pooling, restore, a low-pass). :func:`patched` resolves
+call, :class:`OutputPatch` transforms a module's output (pooling, restore, a low-pass),
+:class:`InputConvPatch` a conv's input before a conv setting (FouriScale's low-pass),
+:class:`InputPatch` any module's input (FreeU on decoder resnets). :func:`patched` resolves
 every target by UNet level address (:mod:`hiresdiff.patches.levels`, so tiny test UNets work; absent names are one
 :class:`~hiresdiff.errors.HiresError` line before anything changes), replaces each module's ``forward`` by an
 instance attribute that reads the step from a :class:`~hiresdiff.patches.clock.PatchClock`, installs attention
@@ -103,6 +105,20 @@ class ConvPatch(Patch):
 
 
 @dataclass
+class InputConvPatch(ConvPatch):
+    """``transform(input, setting)`` on the targets' first positional input (a conv's feature map), then the
+    conv attributes ``conv(setting)`` (a :class:`ConvSetting`) for the call: FouriScale's low-pass before a dilated
+    conv (SPEC-baselines-unet §2.1)."""
+
+    transform: Callable[[torch.Tensor, Any], torch.Tensor] = field(default=lambda x, s: x)
+    conv: Callable[[Any], ConvSetting] = field(default=lambda s: s)
+
+    def apply(self, module: nn.Module, forward: Callable[..., Any], setting: Any, args: tuple, kwargs: dict) -> Any:
+        x, *rest = args
+        return super().apply(module, forward, self.conv(setting), (self.transform(x, setting), *rest), kwargs)
+
+
+@dataclass
 class OutputPatch(Patch):
     """``transform(output, setting)`` on the targets' output (a tensor, or the first element of a tuple)."""
 
@@ -113,6 +129,18 @@ class OutputPatch(Patch):
         if isinstance(out, tuple):
             return (self.transform(out[0], setting), *out[1:])
         return self.transform(out, setting)
+
+
+@dataclass
+class InputPatch(Patch):
+    """``transform(module, input, setting)`` on the targets' first positional input before their own forward
+    (FreeU edits a decoder resnet's concatenated backbone and skip features); ``module`` tells the transform which
+    target it runs on."""
+
+    transform: Callable[[nn.Module, torch.Tensor, Any], torch.Tensor] = field(default=lambda m, x, s: x)
+
+    def apply(self, module: nn.Module, forward: Callable[..., Any], setting: Any, args: tuple, kwargs: dict) -> Any:
+        return forward(self.transform(module, args[0], setting), *args[1:], **kwargs)
 
 
 def _batch(args: tuple, kwargs: dict) -> int:

@@ -301,11 +301,22 @@ class FreeUFactors:
         return (self.b1, self.s1) if stage == 1 else (self.b2, self.s2)
 
 
+#: which decoder resnets FreeU touches: by channel count, generalised by level (the official scripts), or by
+#: up-block index (diffusers' ``enable_freeu``); :func:`hiresdiff.ops.freeu.freeu_stages`
+FREEU_RULES = ("channels", "diffusers")
+
 #: the factors the ScaleCrafter / FouriScale scripts use per model
 FREEU_OFFICIAL: dict[str, FreeUFactors] = {
     "sdxl": FreeUFactors(1.1, 1.2, 0.6, 0.4),
     "sd15": FreeUFactors(1.2, 1.4, 0.9, 0.2),
     "sd21": FreeUFactors(1.1, 1.2, 0.9, 0.2),
+}
+
+#: the sampling settings of the ScaleCrafter and FouriScale scripts as method presets: ``official`` the SDXL script
+#: (``text2image_xl.py``: DDIM with η = 1, guidance 5.0, FreeU on), ``official-sd`` the SD 1.5 / 2.1 one (7.5)
+SCRIPT_PRESETS: dict[str, dict[str, object]] = {
+    "official": {"scheduler": "ddim", "eta": 1.0, "guidance": 5.0, "freeu": True},
+    "official-sd": {"scheduler": "ddim", "eta": 1.0, "guidance": 7.5, "freeu": True},
 }
 
 

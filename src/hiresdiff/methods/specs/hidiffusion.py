@@ -9,9 +9,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from hiresdiff.config import check_finite
+from hiresdiff.config import GenerationSettings, check_finite
 from hiresdiff.errors import require
-from hiresdiff.methods.base import Method, Params
+from hiresdiff.methods.base import FreeUParams, Method
 from hiresdiff.patches.tables import AGGRESSIVE_FRACTION, HiDiffusionRow, hidiffusion_row, step_range
 
 #: the negative prompt of HiDiffusion's README examples (SDXL; used for SD too)
@@ -20,13 +20,14 @@ SHIFT_MODES = ("random", "cycle")
 
 
 @dataclass
-class HiDiffusionParams(Params):
+class HiDiffusionParams(FreeUParams):
     """``raunet`` / ``msw_msa`` switch the two components. ``t1_ratio`` / ``t2_ratio`` override the official
     switch fractions T1 / T2 of the table row (``None``: the row's): on SD, T1 ends RAD and T2 the in-block
     pooling; on SDXL, T1 ends the pooling and T2 ends RAD (non-aggressive rows; the aggressive schedule runs RAD
     for i < ⌊N·aggressive_fraction⌋, then pooling until ⌊N·T1⌋). ``aggressive`` (SDXL below 4× scale, default
     on) picks that schedule; ``shift`` is how MSW-MSA's window shift is chosen per step and layer (``random``
-    from each image's generator, ``cycle``: k = i mod 4)."""
+    from each image's generator, ``cycle``: k = i mod 4); ``freeu``/``freeu_rule``: FreeU (off in the official
+    code)."""
 
     raunet: bool = True
     msw_msa: bool = True
@@ -37,12 +38,19 @@ class HiDiffusionParams(Params):
     shift: str = "random"
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         for name in ("t1_ratio", "t2_ratio", "aggressive_fraction"):
             value = getattr(self, name)
             if value is not None:
                 check_finite(name, value)
                 require(0.0 <= value <= 1.0, f"{name} is a fraction of the steps in [0, 1], got {value}")
         require(self.shift in SHIFT_MODES, f"unknown shift {self.shift!r}; choose one of: {', '.join(SHIFT_MODES)}")
+
+    def check(self, settings: GenerationSettings, native: int, grid: int) -> None:
+        require(
+            not settings.hidiffusion,
+            "hidiffusion=true adds HiDiffusion to other methods; method hidiffusion has it already: drop that --set",
+        )
 
 
 def schedule(
@@ -84,4 +92,5 @@ METHOD = Method(
     "hiresdiff.methods.hidiffusion:run_hidiffusion",
     presets=PRESETS,
     families=("sd", "sdxl"),
+    takes_controlnet=False,
 )
