@@ -14,7 +14,7 @@ from hiresdiff import plan
 from hiresdiff.cli import main
 from hiresdiff.config import AUTO, AUTO_FALLBACK, GenerationSettings
 from hiresdiff.cost.meta import CallPeak
-from hiresdiff.cost.model import CostReport
+from hiresdiff.cost.model import CostReport, model_cost
 from hiresdiff.errors import HiresError
 from hiresdiff.images import read_png_settings
 from hiresdiff.memory import GIB, MemoryEstimate
@@ -62,7 +62,7 @@ def test_auto_picks_largest_fitting_equal_to_brute_force(monkeypatch: pytest.Mon
         room = plan.auto_room(free)
         brute = max((c for c in candidates if peaks[c] <= room), default=candidates[0])
         assert req.settings.max_batch == brute and report.denoiser_rows == 50
-        assert len(calls) <= 6  # the unlimited run, the linear guess, its neighbour, rarely a bisection step
+        assert len(calls) <= 4  # the unlimited run, the linear guess, the line's answer and its neighbour
         chosen.append(brute)
     assert chosen == sorted(chosen) and chosen[0] == 2 and chosen[-1] == 50  # more memory: never fewer rows
     assert len(set(chosen)) > 10
@@ -122,6 +122,7 @@ def test_values_accepted_and_refused() -> None:
     assert build_request("a", "direct", 512, 512, low_vram=True).settings.max_batch == 1  # low-VRAM keeps its own 1
 
 
+@pytest.mark.auto_batch
 def test_api_run_records_the_number_used(sdxl: Any) -> None:
     res = sdxl("a fox", "demofusion", 512, 512, steps=2, progress=False, previews=False)
     used = res.metadata[0]["max_batch"]
@@ -148,3 +149,98 @@ def test_cli_plan_line_and_from_png_bit_exact(tmp_path: Path, capsys: pytest.Cap
     assert np.array_equal(pixels(src), pixels(copy)) and src.read_bytes() == copy.read_bytes()
     assert main(["generate", "--dry-run", *argv[1:], *TINY[2:], "--max-batch", "4"]) == 0
     assert "max_batch 4\n" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("shape", ["affine", "convex", "steps", "flat"])
+def test_search_equals_trying_every_candidate_whatever_the_curve(shape: str) -> None:
+    """:func:`plan.largest_fitting` finds what trying every candidate finds for any non-decreasing peak curve (the
+    straight-line prediction only orders the probes), from any first guess, with few probes when the curve is a
+    line."""
+    gen = torch.Generator().manual_seed(7)
+    candidates = plan.batch_candidates(130, 2)
+    curves = {
+        "affine": lambda r: 13 * GIB + r * 300 * MIB,
+        "convex": lambda r: 13 * GIB + r * r * 5 * MIB,
+        "steps": lambda r: 13 * GIB + (r // 16) * 4 * GIB,
+        "flat": lambda r: 13 * GIB,
+    }
+    priced: list[int] = []
+
+    def peak(rows: int) -> int:
+        priced.append(rows)
+        return curves[shape](rows)
+
+    for _ in range(40):
+        room = int(12 * GIB + torch.randint(0, 50 * 1024, (1,), generator=gen).item() * MIB)
+        if curves[shape](candidates[-1]) <= room:  # the caller has taken the last candidate when it fits
+            continue
+        priced.clear()
+        brute = max((c for c in candidates if curves[shape](c) <= room), default=candidates[0])
+        guess = int(torch.randint(0, len(candidates), (1,), generator=gen).item())
+        assert plan.largest_fitting(candidates, peak, room, guess) == brute
+        assert len(priced) == len(set(priced)) <= 16  # never prices a candidate twice; bisection bounds the rest
+        if shape == "affine":
+            assert len(priced) <= 4  # the last candidate, the guess, the line's answer, its neighbour
+
+
+def test_reports_are_reused_per_request_signature(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The auto search, the advice and later API calls of the same request shape price it once: another prompt or
+    seed (which change no shape) reuses the report, another setting does not — and the reused report equals a
+    fresh estimate at that prompt and seed."""
+    import hiresdiff.cost.model as model_mod
+
+    ran: list[Any] = []
+    real = model_mod.model_cost
+
+    def counted(*args: Any, **kwargs: Any) -> CostReport:
+        ran.append(kwargs.get("max_batch"))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(plan, "_PRICED", plan.OrderedDict())
+    monkeypatch.setattr(model_mod, "model_cost", counted)
+    first = build_request("a fox", "demofusion", 512, 512, steps=3, previews=False, seed=1)
+    b1 = plan.budget(first, "tiny-sd", "cpu", torch.float32)
+    priced = len(ran)
+    assert priced >= 1 and b1.auto
+    again = build_request("a castle on a hill at dusk", "demofusion", 512, 512, steps=3, previews=False, seed=9)
+    b2 = plan.budget(again, "tiny-sd", "cpu", torch.float32)
+    assert len(ran) == priced and again.settings.max_batch == first.settings.max_batch
+    assert b2.report is not None and b1.report is not None and b2.report.to_dict() == b1.report.to_dict()
+    fresh = real("demofusion", "tiny-sd", 512, 512, prompt=["a castle on a hill at dusk"], seed=9, steps=3,
+                 max_batch=again.settings.max_batch)  # fmt: skip
+    assert fresh.to_dict() == b2.report.to_dict()
+    other = build_request("a fox", "demofusion", 512, 512, steps=4, previews=False, seed=1)
+    plan.budget(other, "tiny-sd", "cpu", torch.float32)
+    assert len(ran) > priced
+
+
+def test_a_vae_that_does_not_fit_settles_without_a_search(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Rows per denoiser call change no VAE call: when the VAE alone exceeds the room no candidate fits, so auto
+    takes the smallest, as trying every candidate would, after the unlimited estimate and that one only."""
+    calls: list[int] = []
+    cost = fake_cost(rows_needed=50, per_row=97 * MIB, calls=calls)
+
+    def big_vae(req: Any, model: str, **overrides: Any) -> CostReport:
+        report = cost(req, model, **overrides)
+        report.peaks["vae"] = CallPeak(5 * MIB, 8 * GIB, 1, 65536)
+        return report
+
+    monkeypatch.setattr(plan, "request_cost", big_vae)
+    req = build_request("a fox", "demofusion", 512, 512, steps=2)
+    report = plan.choose_max_batch(req, "tiny-sdxl", torch.float32, 6 * GIB)
+    assert req.settings.max_batch == 2 and calls == [plan._UNBOUNDED, 2]
+    est = MemoryEstimate.of(report, torch.float32, False)
+    assert est.largest == "vae" and est.apart_from_denoising == est.peak > plan.auto_room(6 * GIB)
+    everything = [MemoryEstimate.of(big_vae(req, "tiny-sdxl", max_batch=c), torch.float32, False).peak for c in
+                  plan.batch_candidates(50, 2)]  # fmt: skip
+    assert min(everything) > plan.auto_room(6 * GIB)  # brute force: none fits, so the smallest
+
+
+@pytest.mark.parametrize("method", ["demofusion", "accdiffusion"])
+def test_calls_other_than_the_denoisers_do_not_move_with_the_rows(method: str) -> None:
+    """What the shortcut above relies on: the VAE and text-encoder calls (previews included) and their canvas
+    are the same whatever ``max_batch`` is, on the real cost model."""
+    reports = [model_cost(method, "tiny-sdxl", 768, 768, steps=3, previews=True, max_batch=b) for b in (2, 4, 64)]
+    floors = {MemoryEstimate.of(r, torch.float32, False).apart_from_denoising for r in reports}
+    assert len({(r.peaks["vae"], r.peaks["text_encoder"]) for r in reports}) == 1 and len(floors) == 1
+    assert len({r.denoiser_calls for r in reports}) == 3  # the rows did change the denoiser's calls

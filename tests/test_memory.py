@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import time
-
 import pytest
 import torch
 import torch.nn.functional as F
@@ -172,13 +170,12 @@ def _tight(monkeypatch, mib: float) -> None:
 
 def test_too_little_memory_stops_before_model_work_and_the_advice_fits(tmp_path, capsys, monkeypatch, no_model):
     _tight(monkeypatch, 30)  # tiny-sdxl at 512×384: ~38 MiB, the untiled VAE decode sets the peak
-    begin = time.perf_counter()
     assert main([*TINY, "--width", "512", "--height", "384", "--out", str(tmp_path / "o")]) == 2
     err = capsys.readouterr().err.strip()
     assert "\n" not in err and err.startswith("hiresdiff: ") and "Traceback" not in err
     assert "estimated peak memory 38 MiB" in err and "exceeds the 30 MiB free on cpu" in err
     assert "what fits: --tile-area 0 (≈18 MiB)" in err and "--skip-memory-check" in err
-    assert time.perf_counter() - begin < 10 and not (tmp_path / "o").exists()
+    assert not (tmp_path / "o").exists()
     assert (
         main([*TINY, "--width", "512", "--height", "384", "--tile-area", "0", "--dry-run", "--out", str(tmp_path)]) == 0
     )

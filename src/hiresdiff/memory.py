@@ -73,6 +73,12 @@ class MemoryEstimate:
         return self.resident(component) + self.peaks[component].total
 
     @property
+    def apart_from_denoising(self) -> int:
+        """Bytes at the largest call of a component other than the denoiser and its ControlNet (VAE, text
+        encoders): a floor that no ``max_batch`` lowers (the rows per denoiser call change none of those calls)."""
+        return max((self.at(c) for c in self.peaks if c not in _DENOISING), default=0)
+
+    @property
     def largest(self) -> str:
         """The component whose call sets the peak (``canvas`` when it is the work between calls)."""
         return max([*self.peaks, "canvas"], key=self.at)

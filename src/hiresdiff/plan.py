@@ -5,7 +5,10 @@ with what would."""
 
 from __future__ import annotations
 
+import copy
 import dataclasses
+import threading
+from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -46,23 +49,46 @@ def plan_phases(req: Any, native: int, grid: int) -> list[tuple[int, int]]:
 
 def request_cost(req: Any, model: str, **overrides: Any) -> CostReport:
     """The cost model's report (FLOPs, memory) of a validated request on ``model``'s architecture; ``overrides``
-    change settings (e.g. what ``--low-vram`` implies). An input image is left out (a generation from noise)."""
+    change settings (e.g. what ``--low-vram`` implies). An input image is left out (a generation from noise).
+
+    Reports are kept per request signature (:func:`cost_key`): the auto batch search, the advice and every later
+    API call of the same request shape reuse them instead of running the estimate again."""
     from hiresdiff.cost import model_cost
 
     s = req.settings
     skip = {"prompt", "width", "height", "max_pixels", "strength", "seed"}
     settings = {k: v for k, v in dataclasses.asdict(s).items() if k not in skip}
     width, height = overrides.pop("width", s.width), overrides.pop("height", s.height)
-    return model_cost(
-        req.method.name,
-        model,
-        width,
-        height,
-        prompt=s.prompt,
-        seed=s.seed or 0,
-        controlnet=req.extras.controlnet is not None,
-        **{**settings, **dataclasses.asdict(req.params), **overrides},
+    kwargs = {**settings, **dataclasses.asdict(req.params), **overrides}
+    controlnet = req.extras.controlnet is not None
+    key = cost_key(req.method.name, model, width, height, len(s.prompt), controlnet, kwargs)
+    with _PRICED_LOCK:
+        if key in _PRICED:
+            _PRICED.move_to_end(key)
+            return copy.deepcopy(_PRICED[key])
+    report = model_cost(
+        req.method.name, model, width, height, prompt=s.prompt, seed=s.seed or 0, controlnet=controlnet, **kwargs
     )
+    with _PRICED_LOCK:
+        _PRICED[key] = copy.deepcopy(report)
+        while len(_PRICED) > PRICED_SIZE:
+            _PRICED.popitem(last=False)
+    return report
+
+
+#: reports kept by :func:`request_cost` (least recently used dropped first)
+PRICED_SIZE = 256
+_PRICED: OrderedDict[str, CostReport] = OrderedDict()
+_PRICED_LOCK = threading.Lock()
+
+
+def cost_key(
+    method: str, model: str, width: int, height: int, prompts: int, controlnet: bool, kwargs: dict[str, Any]
+) -> str:
+    """What a report depends on: everything of the request but the prompts' text and the seed. The cost model's
+    numbers are shapes: text is tokenised to a fixed length (longer prompts are truncated) and the seed only moves
+    values (noise, DemoFusion's jitter offsets), never a tensor's size or a call's rows (tested)."""
+    return repr((method, model, width, height, prompts, controlnet, sorted(kwargs.items())))
 
 
 def low_vram_overrides(s: GenerationSettings) -> dict[str, Any]:
@@ -96,21 +122,52 @@ def batch_candidates(cap: int, branches: int) -> list[int]:
     return [*range(branches, cap, branches), cap] if cap > branches else [cap]
 
 
-def largest_fitting(candidates: list[int], fits: Callable[[int], bool], guess: int) -> int:
-    """The largest of ``candidates`` (ascending, the last known not to fit) for which ``fits`` holds, or the
-    smallest when none does. ``fits`` must be monotone (peak memory grows with rows per call). The search starts at
-    the index ``guess`` and gallops from it (steps 1, 2, 4 … in the direction the answer lies) until it brackets
-    the answer, then bisects: a close linear guess settles it in two or three evaluations, a poor one costs a
+def largest_fitting(candidates: list[int], peak: Callable[[int], int], room: int, guess: int) -> int:
+    """The largest of ``candidates`` (ascending; the last is known not to fit) whose ``peak`` stays within ``room``,
+    or the smallest when none does. ``peak`` must not decrease with the rows (it does not: more rows per call only
+    add stacked views and activations), which makes the answer equal to trying every candidate.
+
+    Each probe is where the answer is predicted to lie, and the search stops once a fitting candidate's next one is
+    known not to fit: the first probe is the index ``guess``, the next ones the answers read off a straight line
+    through two priced peaks (:func:`_predicted`; the peak is close to affine in the rows: activations and stacked
+    views grow with them). An exact line settles the choice in two probes besides the last candidate; a
+    search that has not settled after :data:`SECANT_ROUNDS` probes bisects, so a poor prediction costs at most a
     bisection's logarithm more."""
-    lo, hi = -1, len(candidates) - 1  # fits(candidates[lo]) (lo = -1: none known), not fits(candidates[hi])
-    probe, step, galloping = min(max(guess, 0), hi - 1), 1, True
+    known: dict[int, int] = {}
+
+    def fits(i: int) -> bool:
+        if i not in known:
+            known[i] = peak(candidates[i])
+        return known[i] <= room
+
+    lo, hi = -1, len(candidates) - 1  # fits(lo) (lo = -1: none known), not fits(hi)
+    known[hi] = peak(candidates[hi])
+    probe, rounds = guess, 0
     while hi - lo > 1:
-        mid = probe if galloping and lo < probe < hi else (lo + hi) // 2
-        galloping = galloping and mid == probe
-        ok = fits(candidates[mid])
-        lo, hi = (mid, hi) if ok else (lo, mid)
-        probe, step = (mid + step if ok else mid - step), step * 2
+        rounds += 1
+        i = probe if lo < probe < hi and rounds <= SECANT_ROUNDS else (lo + hi) // 2
+        lo, hi = (i, hi) if fits(i) else (lo, i)
+        probe = _predicted(candidates, known, lo, hi, room)
     return candidates[max(lo, 0)]
+
+
+#: probes led by the straight-line prediction before :func:`largest_fitting` bisects
+SECANT_ROUNDS = 4
+
+
+def _predicted(candidates: list[int], known: dict[int, int], lo: int, hi: int, room: int) -> int:
+    """The index to probe next: the last candidate whose peak, on the line through two priced peaks, stays within
+    ``room`` (its neighbour when that one is ``lo``, known to fit). The line joins the nearest fitting (``lo``) and
+    non-fitting (``hi``) candidates, or the two smallest non-fitting ones while none is known to fit; with a
+    single priced peak the search bisects."""
+    above = sorted(i for i in known if i >= hi)
+    a, b = (lo, hi) if lo >= 0 else (above[0], above[1]) if len(above) > 1 else (-1, -1)
+    if a < 0 or known[b] <= known[a]:
+        return (lo + hi) // 2
+    (r0, p0), (r1, p1) = (candidates[a], known[a]), (candidates[b], known[b])
+    rows = r0 + (room - p0) * (r1 - r0) / (p1 - p0)
+    answer = max(lo, min(hi - 1, sum(c <= rows for c in candidates) - 1))
+    return answer + 1 if answer == lo else answer
 
 
 def choose_max_batch(req: Any, model: str, dtype: torch.dtype, free: int | None) -> CostReport:
@@ -119,9 +176,13 @@ def choose_max_batch(req: Any, model: str, dtype: torch.dtype, free: int | None)
     The choice is the largest number of rows per denoiser call whose estimated peak (:class:`MemoryEstimate`)
     stays within :func:`auto_room` of ``free``, capped by the most rows any call of the run can hold (views ×
     guidance branches of the largest step: :attr:`CostReport.denoiser_rows` of a run with no limit). The peak
-    grows with the rows per call, so a bisection over :func:`batch_candidates` is exact (equal to trying every
-    candidate); its first probe is the linear guess from the unlimited run's denoiser call (activations ∝ rows),
-    so most choices cost that run and two more. ``free`` unknown: :func:`~hiresdiff.config.fallback_batch`.
+    grows with the rows per call, so the search over :func:`batch_candidates` (:func:`largest_fitting`) is exact
+    (equal to trying every candidate); its first probe is the linear guess from the unlimited run's denoiser call
+    (activations ∝ rows), the next ones follow the line through the peaks priced so far, so most choices cost that
+    run and two or three more. When a call other than the denoiser's (an untiled VAE decode) exceeds the room
+    alone, no number of rows fits (none changes that call): the smallest is taken, as the search would end, without
+    searching, and the memory check names what would fit. Priced reports are reused (:func:`request_cost`'s
+    cache). ``free`` unknown: :func:`~hiresdiff.config.fallback_batch`.
     """
     s = req.settings
     if free is None:
@@ -142,9 +203,12 @@ def choose_max_batch(req: Any, model: str, dtype: torch.dtype, free: int | None)
         return top
     branches = 2 if s.cfg and top.architecture not in _SINGLE_BRANCH else 1
     candidates = batch_candidates(cap, branches)
+    if estimate(cap).apart_from_denoising > room:  # no rows fit: the VAE alone is too large (no search needed)
+        s.max_batch = candidates[0]
+        return request_cost(req, model, max_batch=s.max_batch)
     linear = rows_that_fit(estimate(cap), room, branches == 2) or 0
     guess = max(0, sum(c <= linear for c in candidates) - 1)
-    s.max_batch = largest_fitting(candidates, lambda rows: estimate(rows).peak <= room, guess)
+    s.max_batch = largest_fitting(candidates, lambda rows: estimate(rows).peak, room, guess)
     estimate(s.max_batch)
     return reports[s.max_batch]
 

@@ -28,6 +28,7 @@ from typing import Any
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
+from hiresdiff.cost import store
 from hiresdiff.cost.memory import LiveBytes, fused_attention
 from hiresdiff.patches.context import active_signature
 
@@ -194,7 +195,7 @@ class MetaModule:
         answer_on_meta: bool = False,
     ) -> None:
         self.__dict__.update(_module=module, _component=component, _ledger=ledger, _counter=counter)
-        self.__dict__.update(_cache={}, _peaks={}, _rises={})
+        self.__dict__.update(_cache={}, _peaks={}, _rises={}, _identity=store.module_identity(module))
         self.__dict__["_answer"] = (lambda out: out) if answer_on_meta else host_zeros
         self._note_processors()
         for name in methods:
@@ -231,18 +232,37 @@ class MetaModule:
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         return self._counted(self._module, "__call__")(*args, **kwargs)
 
+    def _trace(
+        self, fn: Callable[..., Any], key: tuple[Any, ...], args: tuple[Any, ...], kwargs: dict[str, Any]
+    ) -> None:
+        """Count a call of a new signature: from the persistent store (:mod:`hiresdiff.cost.store`; its host rise
+        is then bumped as for a call seen before) or by running it on ``meta``, which stores the trace. Calls with
+        recording processors always run (their records are the point)."""
+        host, name = self._ledger.host, None
+        if not _recording(key[3]):
+            name = store.trace_name(self._identity, key)
+            if (kept := store.load(name)) is not None:
+                flops, out, self._peaks[key], self._rises[key] = kept
+                self._cache[key] = (flops, out)
+                if host is not None:
+                    host.bump(self._rises[key])
+                return
+        meta_args, meta_kwargs = to_device(args, torch.device("meta")), to_device(kwargs, torch.device("meta"))
+        live = LiveBytes("meta")
+        rise = host.rise() if host is not None else contextlib.nullcontext([0])
+        with torch.no_grad(), fused_attention(), FlopCounterMode(display=False) as counter, live, rise as up:
+            out = fn(*meta_args, **meta_kwargs)
+        self._peaks[key], self._rises[key] = live.peak, up[0]
+        self._cache[key] = (float(counter.get_total_flops()), out)
+        if name is not None:
+            store.save(name, self._cache[key][0], out, live.peak, up[0])
+
     def _counted(self, fn: Callable[..., Any], name: str) -> Callable[..., Any]:
         def call(*args: Any, **kwargs: Any) -> Any:
             key = (name, signature(args), signature(kwargs), self._processors, active_signature())
             host = self._ledger.host
             if key not in self._cache:
-                meta_args, meta_kwargs = to_device(args, torch.device("meta")), to_device(kwargs, torch.device("meta"))
-                live = LiveBytes("meta")
-                rise = host.rise() if host is not None else contextlib.nullcontext([0])
-                with torch.no_grad(), fused_attention(), FlopCounterMode(display=False) as counter, live, rise as up:
-                    out = fn(*meta_args, **meta_kwargs)
-                self._peaks[key], self._rises[key] = live.peak, up[0]
-                self._cache[key] = (float(counter.get_total_flops()), out)
+                self._trace(fn, key, args, kwargs)
             elif host is not None:  # what the call allocates on the CPU (a recorder's maps) while it runs
                 host.bump(self._rises[key])
             flops, out = self._cache[key]
