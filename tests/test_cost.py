@@ -329,3 +329,14 @@ def test_alternating_steps_replay_as_pairs():
             ledger.book("denoiser", 1.0 if step % 2 else 3.0, 1)
     replay.finish()
     assert replay.replayed == 6 and ledger.get("denoiser").flops == 6 * 1.0 + 6 * 3.0
+
+
+@pytest.mark.parametrize("method", ["accdiffusion", "scalecrafter"])
+def test_calls_of_one_shape_on_other_branches_are_counted_apart(method):
+    """max_batch 1 runs a guidance pair as one call per branch: equal shapes, other rows. AccDiffusion's capture
+    records the cond call only and ScaleCrafter's light table patches the light row only, so the cache keys on the
+    branches — the estimate equals the full trace and keeps the FLOPs of one call of all rows."""
+    kw = {"steps": 4, "previews": False}
+    split = model_cost(method, "tiny-sdxl", 512, 512, max_batch=1, **kw)
+    assert split.model_flops == model_cost(method, "tiny-sdxl", 512, 512, max_batch=1, exact=True, **kw).model_flops
+    assert split.model_flops == pytest.approx(model_cost(method, "tiny-sdxl", 512, 512, max_batch=8, **kw).model_flops)

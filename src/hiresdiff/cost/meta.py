@@ -175,8 +175,17 @@ def _cells(args: tuple[Any, ...], kwargs: dict[str, Any]) -> int:
     return int(x.shape[2:].numel()) if x.dim() == 4 else int(x.shape[1])
 
 
+def _no_branches() -> tuple[str, ...]:
+    return ()
+
+
 class MetaModule:
     """A shape-only (``meta``) module that books FLOPs per call and answers with CPU zeros.
+
+    ``branches`` (set by the cost model for the denoiser and the ControlNet) gives the guidance branch of each row
+    of the call in progress: part of the cache key, because equal shapes with other branches differ — per-branch
+    model patches (ScaleCrafter's light table), and a recording processor that records only ``cond`` rows (a CFG
+    pair split into one call per branch has two calls of one signature).
 
     Attribute access is forwarded to the wrapped module (``config``, ``dtype``, ``attn_processors``,
     ``set_attn_processor`` …); ``device`` reports the CPU so the orchestration runs there. ``methods`` lists the
@@ -196,6 +205,7 @@ class MetaModule:
     ) -> None:
         self.__dict__.update(_module=module, _component=component, _ledger=ledger, _counter=counter)
         self.__dict__.update(_cache={}, _peaks={}, _rises={}, _identity=store.module_identity(module))
+        self.__dict__["branches"] = _no_branches
         self.__dict__["_answer"] = (lambda out: out) if answer_on_meta else host_zeros
         self._note_processors()
         for name in methods:
@@ -259,7 +269,7 @@ class MetaModule:
 
     def _counted(self, fn: Callable[..., Any], name: str) -> Callable[..., Any]:
         def call(*args: Any, **kwargs: Any) -> Any:
-            key = (name, signature(args), signature(kwargs), self._processors, active_signature())
+            key = (name, signature(args), signature(kwargs), self._processors, active_signature(), self.branches())
             host = self._ledger.host
             if key not in self._cache:
                 self._trace(fn, key, args, kwargs)

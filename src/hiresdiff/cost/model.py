@@ -239,6 +239,9 @@ def counting_pipeline(architecture: str) -> tuple[Any, Ledger]:
     for name, module in wrapped.items():
         object.__setattr__(pipe, name, module)  # bypass DiffusionPipeline's config registration
     hp = HiresPipeline(pipe, architecture)
+    for module in (wrapped[denoiser], net):
+        if module is not None:
+            module.__dict__["branches"] = lambda: tuple(branch for _, branch in hp.adapter.call_info)
     if net is not None:
         hp.provide_controlnet(COST_CONTROLNET, net)
         _CONTROLNETS[architecture] = net
