@@ -27,7 +27,9 @@ from hiresdiff.cost import model_cost
 from hiresdiff.errors import HiresError
 from hiresdiff.memory import MemoryEstimate, gib
 
-SDXL_METHODS = "direct,multidiffusion,demofusion,accdiffusion,apt:apt,apldm,scalediff"
+SDXL_METHODS = ",".join(
+    ("direct,multidiffusion,demofusion,accdiffusion,apt:apt,apldm,scalediff", "hidiffusion,scalecrafter,fouriscale")
+)
 #: the methods that run on FLUX (AccDiffusion needs UNet cross-attention; APT's default SAS a DDPM β schedule)
 FLUX_METHODS = "direct,multidiffusion,demofusion,apldm,scalediff"
 #: the letter of the component that sets the peak
