@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from hiresdiff.bench.plan import BenchPlan, safe_name
-from hiresdiff.bench.report import METRICS, Row
+from hiresdiff.bench.rows import METRICS, Row
 from hiresdiff.images import atomic_write_bytes
 
 PLOTS_DIR = "plots"

@@ -9,7 +9,7 @@ from PIL import Image, ImageDraw, ImageFont
 
 from hiresdiff.bench.plan import BenchPlan, Size
 from hiresdiff.bench.records import IMAGES_DIR
-from hiresdiff.bench.report import Row
+from hiresdiff.bench.rows import Row
 from hiresdiff.demo import contact_sheet
 from hiresdiff.images import save_png
 

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-import importlib
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
+
+from hiresdiff.lazy import lazy_exports
 
 if TYPE_CHECKING:
     from hiresdiff.cost.model import CostReport, architecture_of, model_cost
@@ -13,10 +14,7 @@ if TYPE_CHECKING:
 _WHERE = {"CostReport": "model", "architecture_of": "model", "model_cost": "model"}
 
 
-def __getattr__(name: str) -> Any:
-    if name not in _WHERE:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    return getattr(importlib.import_module(f"{__name__}.{_WHERE[name]}"), name)
+__getattr__ = lazy_exports(__name__, _WHERE)
 
 
 __all__ = ["CostReport", "architecture_of", "model_cost"]

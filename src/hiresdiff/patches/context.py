@@ -18,6 +18,7 @@ and each ``lora_A``), except the 1×1 ``lora_B`` convs that follow them.
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from collections.abc import Callable, Hashable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from contextvars import ContextVar
@@ -50,7 +51,7 @@ def in_steps(steps: range, setting: Hashable) -> Schedule:
 
 
 @dataclass
-class Patch:
+class Patch(ABC):
     """A scheduled change of the modules at ``targets``: level addresses (``ds1``, ``up2.res``), optionally with a
     sub-module path after a colon (``down1:attentions.0``). ``branches`` are the guidance branches whose settings
     make up the patch state (:meth:`signature_at`)."""
@@ -66,9 +67,9 @@ class Patch:
     def signature_at(self, index: int) -> Hashable:
         return tuple(self.setting(index, branch) for branch in self.branches)
 
+    @abstractmethod
     def apply(self, module: nn.Module, forward: Callable[..., Any], setting: Any, args: tuple, kwargs: dict) -> Any:
-        """Run ``forward`` (the module's own) under ``setting``."""
-        raise NotImplementedError
+        """Run ``forward`` (the module's own) under ``setting`` — what each kind of patch changes."""
 
 
 @dataclass(frozen=True)
