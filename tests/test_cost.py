@@ -266,19 +266,39 @@ REPLAY_CASES = [
     ("apldm", "tiny-sdxl", 768, {"steps": 7}),
     ("scalediff", "tiny-sdxl", 768, {"steps": 7}),
     ("scalediff", "tiny-flux", 512, {"steps": 7}),
-    *[(m, "random-sdxl", 2048, {"steps": 6}) for m in ("direct", "demofusion", "accdiffusion", "apt", "apldm")],
-    *[(m, "random-sdxl", 2048, {"steps": 6}) for m in ("scalediff", "multidiffusion", "resize")],
+    *[
+        (m, "random-sdxl", 2048, {"steps": 6})
+        for m in ("direct", "accdiffusion", "apt", "apldm", "scalediff", "resize")
+    ],
+    *[(m, "random-sdxl", 2048, {"steps": 6, "max_batch": 12}) for m in ("demofusion", "multidiffusion")],
+    ("hidiffusion", "tiny-sdxl", 512, {"steps": 16, "num_images_per_prompt": 3}),
+    ("scalecrafter", "tiny-sd", 512, {"steps": 16}),
+    ("fouriscale", "tiny-sdxl", 512, {"steps": 16, "num_images_per_prompt": 2}),
 ]
+#: cases whose calls hold more rows than the traced bases (2 and 3): their cost is derived (cost/trace.py)
+DERIVED = {("multidiffusion", "tiny-sdxl"), ("demofusion", "tiny-flux")} | {
+    (m, "random-sdxl") for m in ("demofusion", "multidiffusion")
+}
 
 
 @pytest.mark.parametrize(("method", "model", "side", "settings"), REPLAY_CASES)
 def test_replayed_steps_equal_the_full_trace(method, model, side, settings, monkeypatch):
-    """The fast estimate (settled steps booked again, :mod:`hiresdiff.cost.replay`) equals running every step:
-    FLOPs, calls, samples, per-rank FLOPs, weights and every peak to the byte — and it did skip steps."""
+    """The fast estimate (settled steps booked again, :mod:`hiresdiff.cost.replay`; calls of many rows derived from
+    traces of 2 and 3 rows, :mod:`hiresdiff.cost.trace`) equals running every step and tracing every call: FLOPs,
+    calls, samples, per-rank FLOPs, weights and every peak to the byte — and it did skip steps and traces."""
+    import hiresdiff.cost.meta as meta_mod
     import hiresdiff.cost.model as model_mod
     from hiresdiff.cost.replay import replaying
 
-    used = []
+    used, derived = [], []
+
+    def counted(*args):
+        found = real_derive(*args)
+        derived.append(found is not None)
+        return found
+
+    real_derive = meta_mod.derive
+    monkeypatch.setattr(meta_mod, "derive", counted)
 
     @contextlib.contextmanager
     def spy(*args):
@@ -290,6 +310,8 @@ def test_replayed_steps_equal_the_full_trace(method, model, side, settings, monk
     fast = model_cost(method, model, side, side, **settings)
     full = model_cost(method, model, side, side, exact=True, **settings)
     assert len(used) == 1 and used[0].replayed > 0  # the fast run skipped steps, the exact one ran them all
+    assert all(derived)  # every derivation tried lined up
+    assert any(derived) or (method, model) not in DERIVED
     assert fast.to_dict() == full.to_dict()
     assert fast.peaks == full.peaks and fast.canvas_bytes == full.canvas_bytes > 0
 

@@ -240,7 +240,7 @@ def test_bench_stops_before_the_model_when_a_group_does_not_fit(tmp_path, capsys
     err = capsys.readouterr().err.strip()
     assert err.startswith("hiresdiff: ") and "\n" not in err
     assert "demofusion_512x512: estimated peak memory 50 MiB" in err  # the largest group is named
-    assert "what fits: --set decode_tile_area=0 (≈11 MiB)" in err  # spelled as bench takes it
+    assert "what fits: --set decode_tile_area=0 (≈9 MiB)" in err  # spelled as bench takes it
     assert not list(out.glob("images/*/*.png"))
 
 

@@ -28,10 +28,16 @@ def _current_umask() -> int:
 _UMASK = _current_umask()
 
 
+def to_uint8(images: torch.Tensor) -> torch.Tensor:
+    """Images in [−1, 1] (B, 3, H, W) → 8-bit RGB values (B, H, W, 3) on the images' device, ``round((x + 1)·127.5)``
+    with one float32 temporary (the clamped copy, scaled in place)."""
+    scaled = images.float().clamp(-1, 1).add_(1).mul_(127.5).round_()
+    return scaled.to(torch.uint8).permute(0, 2, 3, 1)
+
+
 def to_pil(images: torch.Tensor) -> list[Image.Image]:
-    """Images in [−1, 1] (B, 3, H, W) → 8-bit RGB PIL images."""
-    arr = ((images.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
-    return [Image.fromarray(np.ascontiguousarray(a)) for a in arr]
+    """Images in [−1, 1] (B, 3, H, W) → 8-bit RGB PIL images (:func:`to_uint8`)."""
+    return [Image.fromarray(np.ascontiguousarray(a)) for a in to_uint8(images).cpu().numpy()]
 
 
 def atomic_write_bytes(path: Path, data: bytes, *, exclusive: bool = False) -> None:

@@ -28,7 +28,7 @@ from hiresdiff.config import (
 from hiresdiff.control import ControlCondition
 from hiresdiff.errors import HiresError, HiresWarning, require
 from hiresdiff.extras import EXTRA_ARGS, Extras, split_extras, typed_extras
-from hiresdiff.images import to_pil
+from hiresdiff.images import to_pil, to_uint8
 from hiresdiff.inputs import fit_to_aspect
 from hiresdiff.methods import Method, get_method
 from hiresdiff.methods.base import Params
@@ -311,9 +311,12 @@ class HiresPipeline:
         progress: bool = True,
         callback: StepCallback | None = None,
         on_preview: PreviewCallback | None = None,
+        pictures: bool = True,
     ) -> GenerationResult:
         """Run a validated request. ``callback`` follows every step (an exception raised there stops the run and
-        leaves the pipeline as it was); ``on_preview`` receives each phase's preview as soon as it is decoded."""
+        leaves the pipeline as it was); ``on_preview`` receives each phase's preview as soon as it is decoded.
+        ``pictures=False`` leaves the images and previews out of the result (the cost model's shape-only runs: their
+        8-bit conversion still runs on the device, where it allocates, but no PIL image is made)."""
         import time
 
         s, ad = req.settings, self.adapter
@@ -358,9 +361,12 @@ class HiresPipeline:
         for m in meta:
             if m["prompt"] in seen:
                 m["prompt_seen"] = seen[m["prompt"]][1]
+        if not pictures:
+            for picture in (images, *run.previews):
+                to_uint8(picture)
         return GenerationResult(
-            images=to_pil(images),
-            previews=[to_pil(p) for p in run.previews],
+            images=to_pil(images) if pictures else [],
+            previews=[to_pil(p) for p in run.previews] if pictures else [],
             metadata=meta,
             latents=out.latents,
             seconds=seconds,

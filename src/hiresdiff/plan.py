@@ -20,6 +20,7 @@ from hiresdiff.config import AUTO, LOW_VRAM_DEFAULTS, GenerationSettings, fallba
 from hiresdiff.cost.model import CostReport
 from hiresdiff.errors import HiresError
 from hiresdiff.memory import GIB, MemoryEstimate, free_memory, gib, loaded_bytes, rows_that_fit, side_scale_that_fits
+from hiresdiff.models.builtins import BUILTIN_MODELS
 from hiresdiff.stages import area_steps, canvas_at, doubling_phases, native_area_canvas, progressive_phases
 
 #: how each method plans its canvases: ``(height, width, native, grid) → [(h, w), …]`` in sampling order
@@ -52,8 +53,11 @@ def request_cost(req: Any, model: str, **overrides: Any) -> CostReport:
     change settings (e.g. what ``--low-vram`` implies). An input image is left out (a generation from noise).
 
     Reports are kept per request signature (:func:`cost_key`): the auto batch search, the advice and every later
-    API call of the same request shape reuse them instead of running the estimate again."""
-    from hiresdiff.cost import model_cost
+    API call of the same request shape reuse them instead of running the estimate again; reports of fixed
+    architectures (built-in names, known hub ids) are also kept on disk for later processes
+    (:func:`hiresdiff.cost.store.load_report`)."""
+    from hiresdiff.cost import model_cost, store
+    from hiresdiff.cost.model import ARCHITECTURES
 
     s = req.settings
     skip = {"prompt", "width", "height", "max_pixels", "strength", "seed"}
@@ -66,9 +70,16 @@ def request_cost(req: Any, model: str, **overrides: Any) -> CostReport:
         if key in _PRICED:
             _PRICED.move_to_end(key)
             return copy.deepcopy(_PRICED[key])
-    report = model_cost(
-        req.method.name, model, width, height, prompt=s.prompt, seed=s.seed or 0, controlnet=controlnet, **kwargs
-    )
+    fixed = model in BUILTIN_MODELS or model in ARCHITECTURES  # a name whose architecture cannot change
+    kept = fixed and store.load_report(key)
+    if kept:
+        report = CostReport.from_dict(kept)
+    else:
+        report = model_cost(
+            req.method.name, model, width, height, prompt=s.prompt, seed=s.seed or 0, controlnet=controlnet, **kwargs
+        )
+        if fixed:
+            store.save_report(key, report.to_dict())
     with _PRICED_LOCK:
         _PRICED[key] = copy.deepcopy(report)
         while len(_PRICED) > PRICED_SIZE:

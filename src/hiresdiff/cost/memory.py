@@ -27,15 +27,18 @@ from torch.utils._pytree import tree_leaves
 
 class LiveBytes(TorchDispatchMode):
     """Bytes of the live storages created under this mode on ``device_type`` tensors: ``current`` and ``peak``;
-    ``window_peak`` is the peak since the last :meth:`mark` (one denoising step, :mod:`hiresdiff.cost.replay`)."""
+    ``window_peak`` is the peak since the last :meth:`mark` (one denoising step, :mod:`hiresdiff.cost.replay`).
+    ``trail``: also keep the bytes alive after every operation (the timeline :mod:`hiresdiff.cost.trace` derives
+    calls of more rows from)."""
 
-    def __init__(self, device_type: str) -> None:
+    def __init__(self, device_type: str, trail: bool = False) -> None:
         super().__init__()
         self.device_type = device_type
         self.live: set[int] = set()
         self.current = 0
         self.peak = 0
         self.window_peak = 0
+        self.trail: list[int] | None = [] if trail else None
 
     def mark(self) -> int:
         """Start a new window (its peak starts at the bytes alive now) and return those bytes."""
@@ -81,6 +84,8 @@ class LiveBytes(TorchDispatchMode):
                 weakref.finalize(storage, self._free, key, nbytes).atexit = False
             self.peak = max(self.peak, self.current)
             self.window_peak = max(self.window_peak, self.current)
+        if self.trail is not None:
+            self.trail.append(self.current)
         return out
 
     def now(self) -> int:

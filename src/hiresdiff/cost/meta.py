@@ -19,7 +19,6 @@ the same, so the FLOP count and the activation peak of a signature are computed 
 from __future__ import annotations
 
 import contextlib
-import copy
 import itertools
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -30,6 +29,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from hiresdiff.cost import store
 from hiresdiff.cost.memory import LiveBytes, fused_attention
+from hiresdiff.cost.trace import BASES, Trace, derive, map_tensors, take_rows
 from hiresdiff.patches.context import active_signature
 
 HOST = torch.device("cpu")
@@ -75,6 +75,9 @@ class Ledger:
     #: while set, every booking (and the view-parallel accounting, :class:`~hiresdiff.cost.model.CountingParallel`)
     #: is also appended here, so a denoising step can be recorded and booked again (:mod:`hiresdiff.cost.replay`)
     journal: list[tuple[Any, ...]] | None = None
+    #: price a call of more rows than :data:`~hiresdiff.cost.trace.BASES` from the traces of its 2- and 3-row cuts
+    #: (:func:`~hiresdiff.cost.trace.derive`) instead of tracing it; off: every signature is traced (exact mode)
+    derive_rows: bool = False
 
     def book(
         self, component: str, flops: float, samples: int, native: float = 0.0, peak: CallPeak | None = None
@@ -110,24 +113,10 @@ def to_device(obj: Any, device: torch.device) -> Any:
 
 
 def host_zeros(obj: Any) -> Any:
-    """A copy of a (meta) output with every tensor replaced by CPU zeros of the same shape and dtype.
-
-    Handles tensors, tuples/lists, dicts and ``ModelOutput``s, and plain objects holding tensors (diffusers'
-    ``DiagonalGaussianDistribution``).
-    """
-    if isinstance(obj, torch.Tensor):
-        return torch.zeros(obj.shape, dtype=obj.dtype, device=HOST)
-    if isinstance(obj, (list, tuple)) and not hasattr(obj, "keys"):
-        return type(obj)(host_zeros(v) for v in obj)
-    if hasattr(obj, "keys") and hasattr(obj, "items"):  # dict or transformers/diffusers ModelOutput
-        values = {k: host_zeros(v) for k, v in obj.items()}
-        return values if type(obj) is dict else type(obj)(**values)
-    if hasattr(obj, "__dict__") and any(isinstance(v, torch.Tensor) for v in vars(obj).values()):
-        out = copy.copy(obj)
-        for k, v in vars(obj).items():
-            setattr(out, k, host_zeros(v))
-        return out
-    return obj
+    """A copy of a (meta) output with every tensor replaced by CPU zeros of the same shape and dtype (structures as
+    :func:`~hiresdiff.cost.trace.map_tensors` walks them: tuples, dicts, ``ModelOutput``s, objects holding
+    tensors such as diffusers' ``DiagonalGaussianDistribution``)."""
+    return map_tensors(lambda t: torch.zeros(t.shape, dtype=t.dtype, device=HOST), obj)
 
 
 def signature(obj: Any) -> Any:
@@ -204,7 +193,7 @@ class MetaModule:
         answer_on_meta: bool = False,
     ) -> None:
         self.__dict__.update(_module=module, _component=component, _ledger=ledger, _counter=counter)
-        self.__dict__.update(_cache={}, _peaks={}, _rises={}, _identity=store.module_identity(module))
+        self.__dict__.update(_traces={}, _derived=set(), _identity=store.module_identity(module))
         self.__dict__["branches"] = _no_branches
         self.__dict__["_answer"] = (lambda out: out) if answer_on_meta else host_zeros
         self._note_processors()
@@ -234,52 +223,85 @@ class MetaModule:
         found = processor_signature(self._module)
         if found is None:
             found = ("recording", next(_INSTALLS))
-            for table in (self._cache, self._peaks, self._rises):
-                for key in [k for k in table if _recording(k[-1])]:
-                    del table[key]
+            for key in [k for k in self._traces if _recording(k[3])]:
+                del self._traces[key]
         self.__dict__["_processors"] = found
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         return self._counted(self._module, "__call__")(*args, **kwargs)
 
+    def _key(self, name: str, args: tuple[Any, ...], kwargs: dict[str, Any], branches: tuple[str, ...]) -> Any:
+        """What a call's cost depends on: its entry point, argument shapes, processors, patch state, branches."""
+        return (name, signature(args), signature(kwargs), self._processors, active_signature(), branches)
+
     def _trace(
         self, fn: Callable[..., Any], key: tuple[Any, ...], args: tuple[Any, ...], kwargs: dict[str, Any]
-    ) -> None:
-        """Count a call of a new signature: from the persistent store (:mod:`hiresdiff.cost.store`; its host rise
-        is then bumped as for a call seen before) or by running it on ``meta``, which stores the trace. Calls with
-        recording processors always run (their records are the point)."""
+    ) -> Trace:
+        """The trace of a call of a new signature: from the persistent store (:mod:`hiresdiff.cost.store`; its host
+        rise is then bumped as for a call seen before) or by running it on ``meta``, which stores the trace. Calls
+        with recording processors always run (their records are the point)."""
         host, name = self._ledger.host, None
         if not _recording(key[3]):
             name = store.trace_name(self._identity, key)
             if (kept := store.load(name)) is not None:
-                flops, out, self._peaks[key], self._rises[key] = kept
-                self._cache[key] = (flops, out)
                 if host is not None:
-                    host.bump(self._rises[key])
-                return
+                    host.bump(kept.rise)
+                return kept
         meta_args, meta_kwargs = to_device(args, torch.device("meta")), to_device(kwargs, torch.device("meta"))
-        live = LiveBytes("meta")
+        live = LiveBytes("meta", trail=True)
         rise = host.rise() if host is not None else contextlib.nullcontext([0])
         with torch.no_grad(), fused_attention(), FlopCounterMode(display=False) as counter, live, rise as up:
             out = fn(*meta_args, **meta_kwargs)
-        self._peaks[key], self._rises[key] = live.peak, up[0]
-        self._cache[key] = (float(counter.get_total_flops()), out)
+        trail = torch.tensor(live.trail, dtype=torch.int64)
+        trace = Trace(float(counter.get_total_flops()), out, live.peak, up[0], trail)
         if name is not None:
-            store.save(name, self._cache[key][0], out, live.peak, up[0])
+            store.save(name, trace)
+        return trace
+
+    def _derived_trace(
+        self, fn: Callable[..., Any], name: str, args: tuple[Any, ...], kwargs: dict[str, Any], rows: int
+    ) -> Trace | None:
+        """The trace of a call of ``rows`` rows derived from its cuts to :data:`~hiresdiff.cost.trace.BASES` rows
+        (each traced once, or found in memory or the store); ``None`` when they do not line up."""
+        branches = self.branches()
+        bases = []
+        for k in BASES:
+            part, kw = take_rows(args, rows, k), take_rows(kwargs, rows, k)
+            key = self._key(name, part, kw, branches[:k])
+            if (base := self._traces.get(key)) is None or base.trail is None:
+                base = self._traces[key] = self._trace(fn, key, part, kw)
+                self._derived.discard(key)
+            bases.append(base)
+        found = derive(bases[0], bases[1], rows)
+        if found is not None and self._ledger.host is not None:
+            self._ledger.host.bump(found.rise)
+        return found
+
+    def _priced(
+        self, fn: Callable[..., Any], name: str, key: tuple[Any, ...], args: tuple[Any, ...], kwargs: dict[str, Any]
+    ) -> Trace:
+        """The trace of a call not priced yet (or only derived, in exact mode): derived from fewer rows where the
+        ledger allows it and nothing but shapes decides the call's work (no recording processor, no model patch
+        switched on), else traced."""
+        rows = self._counter(args, kwargs)[0]
+        derivable = self._ledger.derive_rows and rows > max(BASES) and not _recording(key[3]) and not key[4]
+        if derivable and (found := self._derived_trace(fn, name, args, kwargs, rows)) is not None:
+            self._derived.add(key)
+            return found
+        self._derived.discard(key)
+        return self._trace(fn, key, args, kwargs)
 
     def _counted(self, fn: Callable[..., Any], name: str) -> Callable[..., Any]:
         def call(*args: Any, **kwargs: Any) -> Any:
-            key = (name, signature(args), signature(kwargs), self._processors, active_signature(), self.branches())
-            host = self._ledger.host
-            if key not in self._cache:
-                self._trace(fn, key, args, kwargs)
+            key = self._key(name, args, kwargs, self.branches())
+            host, trace = self._ledger.host, self._traces.get(key)
+            if trace is None or (key in self._derived and not self._ledger.derive_rows):
+                trace = self._traces[key] = self._priced(fn, name, key, args, kwargs)
             elif host is not None:  # what the call allocates on the CPU (a recorder's maps) while it runs
-                host.bump(self._rises[key])
-            flops, out = self._cache[key]
-            activations = self._peaks[key]
+                host.bump(trace.rise)
             samples, native = self._counter(args, kwargs)
-            peak = CallPeak(self._ledger.canvas_now(), activations, samples, _cells(args, kwargs))
-            self._ledger.book(self._component, flops, samples, native, peak)
-            return self._answer(out)
+            peak = CallPeak(self._ledger.canvas_now(), trace.peak, samples, _cells(args, kwargs))
+            self._ledger.book(self._component, trace.flops, samples, native, peak)
+            return self._answer(trace.out)
 
         return call

@@ -10,7 +10,7 @@ from __future__ import annotations
 import contextlib
 import math
 import warnings
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
 import torch
@@ -88,6 +88,14 @@ class CostReport:
     def seconds_at(self, peak_flops: float) -> float:
         """The FLOP bound: run time at ``peak_flops`` FLOP/s with every FLOP at peak rate."""
         return self.model_flops / peak_flops
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> CostReport:
+        """The report :meth:`to_dict` wrote (derived values and unknown keys are ignored)."""
+        names = {f.name for f in fields(cls)}
+        values = {k: v for k, v in data.items() if k in names}
+        values["peaks"] = {name: CallPeak(**peak) for name, peak in values.get("peaks", {}).items()}
+        return cls(**values)
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -282,8 +290,9 @@ def model_cost(
     ``num_images_per_prompt``, ``max_batch``, method parameters …). Previews are off unless asked for (they
     decode every phase). Everything is validated exactly as for a generation, before anything is built.
     ``controlnet=True`` adds a ControlNet of the architecture's UNet to every denoiser call (its own line).
-    The settled steps of each denoising loop are booked again rather than run (:mod:`hiresdiff.cost.replay`);
-    ``exact=True`` runs every step (the full trace the replay is tested against).
+    The settled steps of each denoising loop are booked again rather than run (:mod:`hiresdiff.cost.replay`) and
+    calls of many rows are derived from two traced calls of fewer (:mod:`hiresdiff.cost.trace`); ``exact=True``
+    runs every step and traces every call signature (the full trace both are tested against).
     """
     controlnet = bool(kwargs.pop("controlnet", False))
     exact = bool(kwargs.pop("exact", False))
@@ -323,12 +332,12 @@ def model_cost(
     try:
         with LiveBytes("cpu") as host, warnings.catch_warnings(), contextlib.ExitStack() as stack:
             warnings.simplefilter("ignore", HiresWarning)  # the generation itself says what it has to say
-            ledger.host = host
+            ledger.host, ledger.derive_rows = host, not exact
             if not exact:
                 stack.enter_context(replaying(ledger, host, counting.charge))
-            hp.run(req, generator=generators, progress=False)
+            hp.run(req, generator=generators, progress=False, pictures=False)
     finally:
-        hp.adapter.parallel, ledger.host, ledger.journal = Serial(), None, None
+        hp.adapter.parallel, ledger.host, ledger.journal, ledger.derive_rows = Serial(), None, None, False
     den, vae, text, net = (ledger.get(c) for c in ("denoiser", "vae", "text_encoder", "controlnet"))
     weights = _weights(hp.adapter.pipe, _CONTROLNETS.get(arch) if controlnet else None)
     return CostReport(

@@ -2,8 +2,9 @@
 
 Tracing one call of a full-size denoiser on ``meta`` (:class:`~hiresdiff.cost.meta.MetaModule`) takes about a
 second of CPU, and a run plan meets several new signatures (rows per call, view sizes) each time a process starts.
-What a trace yields — the call's FLOPs, its activation peak, the host bytes it raises transiently and the shapes of
-its output — depends only on the module's architecture and the call's signature, so it is kept on disk:
+What a trace yields (:class:`~hiresdiff.cost.trace.Trace`: the call's FLOPs, its activation peak and timeline,
+the host bytes it raises transiently and the shapes of its output) depends only on the module's architecture and
+the call's signature, so it is kept on disk:
 
 * one file per trace under ``~/.cache/hiresdiff/traces`` (``$HIRESDIFF_TRACE_CACHE`` names another folder;
   ``off`` disables the cache), named by a SHA-256 of the module's class and config, the call's signature, the
@@ -11,6 +12,10 @@ its output — depends only on the module's architecture and the call's signatur
   patch counts differently, so its traces must not be reused);
 * written atomically (a temporary file moved into place: concurrent writers leave one whole file); a file that
   cannot be read (truncated, corrupt, another format) counts as absent and is replaced.
+
+Whole reports of a request (:func:`hiresdiff.plan.request_cost`) are kept beside them as JSON under ``reports/``
+(:func:`load_report`, :func:`save_report`): the same request planned again — a ``--dry-run`` and then the run,
+every image of a bench group, a new web session — costs a file read.
 """
 
 from __future__ import annotations
@@ -18,6 +23,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import io
+import json
 import os
 import pickle
 from pathlib import Path
@@ -25,6 +31,7 @@ from typing import Any
 
 import torch
 
+from hiresdiff.cost.trace import Trace
 from hiresdiff.images import atomic_write_bytes
 
 #: the environment variable naming the cache folder (``off``: no persistent cache)
@@ -58,9 +65,18 @@ def folder() -> Path | None:
 
 
 def module_identity(module: Any) -> str:
-    """What makes two modules trace alike: their class and configuration (weights do not matter on ``meta``)."""
+    """What makes two modules trace alike: their class and configuration (weights do not matter on ``meta``).
+
+    The configuration is written with sorted keys and without the private entries (``_use_default_values`` and
+    the like, whose order follows a set's and so changes from one process to the next)."""
     config = getattr(module, "config", None)
-    described = config.to_json_string() if hasattr(config, "to_json_string") else repr(config)
+    if hasattr(config, "to_dict"):  # transformers' PretrainedConfig
+        config = config.to_dict()
+    if isinstance(config, dict):  # diffusers' FrozenDict, plain dicts
+        public = {k: v for k, v in config.items() if not str(k).startswith("_")}
+        described = json.dumps(public, sort_keys=True, default=repr)
+    else:
+        described = repr(config)
     return f"{type(module).__module__}.{type(module).__qualname__}:{described}"
 
 
@@ -69,26 +85,58 @@ def trace_name(identity: str, key: Any) -> str:
     return hashlib.sha256(repr((identity, key, _versions())).encode()).hexdigest() + ".pt"
 
 
-def load(name: str) -> tuple[float, Any, int, int] | None:
-    """``(flops, output, activation peak, host rise)`` of a stored trace, or ``None`` (absent, unreadable, off)."""
+def load(name: str) -> Trace | None:
+    """A stored trace, or ``None`` (absent, unreadable, of another format, off)."""
     base = folder()
     if base is None:
         return None
     try:
         data = torch.load(io.BytesIO((base / name).read_bytes()), weights_only=False)
-        return float(data["flops"]), data["out"], int(data["peak"]), int(data["rise"])
+        trail = data["trail"]
+        if not isinstance(trail, torch.Tensor):
+            return None
+        return Trace(float(data["flops"]), data["out"], int(data["peak"]), int(data["rise"]), trail)
     except Exception:  # absent, truncated or foreign: trace again (and replace it)
         return None
 
 
-def save(name: str, flops: float, out: Any, peak: int, rise: int) -> None:
+def save(name: str, trace: Trace) -> None:
     """Keep a trace (best effort: a folder that cannot be written leaves the cache without it)."""
     base = folder()
     if base is None:
         return
     buffer = io.BytesIO()
+    record = {"flops": trace.flops, "out": trace.out, "peak": trace.peak, "rise": trace.rise, "trail": trace.trail}
     try:
-        torch.save({"flops": flops, "out": out, "peak": peak, "rise": rise}, buffer)
+        torch.save(record, buffer)
         atomic_write_bytes(base / name, buffer.getvalue())
     except (OSError, RuntimeError, TypeError, AttributeError, pickle.PicklingError):  # unwritable, unpicklable
+        return
+
+
+def _report_path(key: str) -> Path | None:
+    base = folder()
+    if base is None:
+        return None
+    return base / "reports" / (hashlib.sha256(repr((key, _versions())).encode()).hexdigest() + ".json")
+
+
+def load_report(key: str) -> dict[str, Any] | None:
+    """The stored report of request ``key`` (a JSON object), or ``None`` (absent, unreadable, off)."""
+    path = _report_path(key)
+    try:
+        data = json.loads(path.read_text()) if path is not None else None
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) and data.get("key") == key else None
+
+
+def save_report(key: str, report: dict[str, Any]) -> None:
+    """Keep the report of request ``key`` (best effort, as :func:`save`)."""
+    path = _report_path(key)
+    if path is None:
+        return
+    try:
+        atomic_write_bytes(path, json.dumps({**report, "key": key}).encode())
+    except (OSError, TypeError, ValueError):
         return

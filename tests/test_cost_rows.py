@@ -1,0 +1,139 @@
+"""Calls of many rows priced from two traced calls (:mod:`hiresdiff.cost.trace`, Eqs. R1, R2), and the estimates
+kept for later processes (:mod:`hiresdiff.cost.store`): equal to tracing, stable across processes."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import hiresdiff.cost.model as model_mod
+from hiresdiff.cost import store
+from hiresdiff.cost.meta import Ledger, MetaModule
+from hiresdiff.cost.trace import Trace, derive, take_rows
+from hiresdiff.models.tiny import build_builtin
+
+
+def _rows(args, kwargs):
+    x = args[0] if args else kwargs["hidden_states"]
+    return x.shape[0], 0.0
+
+
+def _unet_call(rows: int) -> tuple[tuple, dict]:
+    return (torch.zeros(rows, 4, 16, 24), torch.tensor(500.0)), {
+        "encoder_hidden_states": torch.zeros(rows, 77, 64),
+        "added_cond_kwargs": {"text_embeds": torch.zeros(rows, 32), "time_ids": torch.zeros(rows, 6)},
+        "return_dict": False,
+    }
+
+
+@pytest.fixture(scope="module")
+def unet():
+    return build_builtin("tiny-sdxl", torch.float32, "meta").unet
+
+
+@pytest.mark.parametrize("rows", [4, 7, 16])
+def test_a_derived_call_equals_its_trace(unet, rows):
+    """The tiny SDXL UNet at 4, 7 and 16 rows: FLOPs, activation peak, host rise and output shapes derived from
+    the 2- and 3-row traces equal the call traced itself."""
+    derived_ledger, traced_ledger = Ledger(derive_rows=True), Ledger()
+    derived = MetaModule(unet, "denoiser", derived_ledger, _rows)
+    traced = MetaModule(unet, "denoiser", traced_ledger, _rows)
+    args, kwargs = _unet_call(rows)
+    (a,) = derived(*args, **kwargs)
+    (b,) = traced(*args, **kwargs)
+    assert a.shape == b.shape == (rows, 4, 16, 24)
+    assert derived_ledger.get("denoiser") == traced_ledger.get("denoiser")
+    assert len(derived.__dict__["_traces"]) == 3  # the two bases and the derived call: no trace of `rows` rows
+    assert derived.__dict__["_derived"] and not traced.__dict__["_derived"]
+
+
+def test_few_rows_are_traced_and_a_mismatch_is_traced_too(unet):
+    """Calls of up to 3 rows are traced as they are; two traces that do not line up derive nothing."""
+    ledger = Ledger(derive_rows=True)
+    module = MetaModule(unet, "denoiser", ledger, _rows)
+    args, kwargs = _unet_call(3)
+    module(*args, **kwargs)
+    assert not module.__dict__["_derived"]
+    two = Trace(10.0, torch.empty(2, 4, device="meta"), 5, 0, torch.tensor([1, 5, 2]))
+    three = Trace(15.0, torch.empty(3, 4, device="meta"), 7, 0, torch.tensor([1, 7]))
+    assert derive(two, three, 9) is None  # another number of operations
+    three = Trace(15.0, torch.empty(3, 4, 2, device="meta"), 7, 0, torch.tensor([1, 7, 3]))
+    assert derive(two, three, 9) is None  # another output structure
+    three = Trace(15.0, torch.empty(3, 4, device="meta"), 7, 0, torch.tensor([1, 7, 3]))
+    found = derive(two, three, 9)
+    assert found is not None and found.flops == 45.0 and found.out.shape == (9, 4)
+    assert found.peak == max(1, 5 + 7 * 2, 2 + 7 * 1) == 19  # Eq. R2: the peak of the derived timeline
+
+
+def test_take_rows_cuts_only_tensors_of_the_call_rows():
+    """FLUX's position ids (tokens, 3) and a 0-d timestep stay whole; the rows of every batched tensor are cut."""
+    call = {"hidden_states": torch.zeros(6, 64, 4), "img_ids": torch.zeros(64, 3), "timestep": torch.tensor(1.0)}
+    cut = take_rows(call, 6, 2)
+    assert cut["hidden_states"].shape == (2, 64, 4) and cut["img_ids"].shape == (64, 3)
+    assert cut["timestep"].shape == ()
+
+
+def test_flux_transformer_rows_are_derived_exactly():
+    """tiny-flux's transformer (position ids not batched) at 5 rows: derived equals traced."""
+    transformer = build_builtin("tiny-flux", torch.float32, "meta").transformer
+    cfg = transformer.config
+    tokens, text = 16, 8
+
+    def call(rows):
+        return {
+            "hidden_states": torch.zeros(rows, tokens, cfg.in_channels),
+            "encoder_hidden_states": torch.zeros(rows, text, cfg.joint_attention_dim),
+            "pooled_projections": torch.zeros(rows, cfg.pooled_projection_dim),
+            "timestep": torch.zeros(rows),
+            "guidance": torch.zeros(rows) if cfg.guidance_embeds else None,
+            "img_ids": torch.zeros(tokens, 3),
+            "txt_ids": torch.zeros(text, 3),
+            "return_dict": False,
+        }
+
+    derived_ledger, traced_ledger = Ledger(derive_rows=True), Ledger()
+    MetaModule(transformer, "denoiser", derived_ledger, _rows)(**call(5))
+    MetaModule(transformer, "denoiser", traced_ledger, _rows)(**call(5))
+    assert derived_ledger.get("denoiser") == traced_ledger.get("denoiser")
+
+
+def test_module_identity_is_the_same_in_every_process():
+    """The stored traces are found again by a new process: the identity of a module does not follow the order of
+    a set (diffusers' ``_use_default_values``), which changes with the hash seed."""
+    code = (
+        "import torch; from hiresdiff.models.tiny import build_builtin; from hiresdiff.cost import store; "
+        "p = build_builtin('tiny-sdxl', torch.float32, 'meta'); "
+        "print(store.module_identity(p.unet) + store.module_identity(p.text_encoder))"
+    )
+    seen = {
+        subprocess.run(
+            [sys.executable, "-c", code], env={**os.environ, "PYTHONHASHSEED": seed}, capture_output=True, text=True
+        ).stdout
+        for seed in ("1", "2", "3")
+    }
+    assert len(seen) == 1 and next(iter(seen))
+
+
+def test_a_later_process_reuses_the_report_of_the_same_request(tmp_path: Path, monkeypatch):
+    """The plan's report is kept on disk: the same request in a new process (in-memory caches emptied) is read
+    back without running the cost model, and equals the computed one; another request is computed."""
+    import hiresdiff.plan as plan_mod
+    from hiresdiff.pipeline import build_request
+
+    monkeypatch.setenv(store.ENV, str(tmp_path / "traces"))
+    monkeypatch.setattr(plan_mod, "_PRICED", plan_mod.OrderedDict())
+    req = build_request("a lake", "demofusion", 512, 512, steps=4, max_batch=4)
+    first = plan_mod.request_cost(req, "tiny-sdxl")
+    assert list((tmp_path / "traces" / "reports").glob("*.json"))
+    monkeypatch.setattr(plan_mod, "_PRICED", plan_mod.OrderedDict())
+    monkeypatch.setattr(model_mod, "model_cost", lambda *a, **k: pytest.fail("computed again"))
+    again = plan_mod.request_cost(req, "tiny-sdxl")
+    assert again == first and again.peaks == first.peaks
+    other = build_request("a lake", "demofusion", 512, 512, steps=5, max_batch=4)
+    with pytest.raises(pytest.fail.Exception, match="computed again"):
+        plan_mod.request_cost(other, "tiny-sdxl")
