@@ -244,3 +244,27 @@ def test_calls_other_than_the_denoisers_do_not_move_with_the_rows(method: str) -
     floors = {MemoryEstimate.of(r, torch.float32, False).apart_from_denoising for r in reports}
     assert len({(r.peaks["vae"], r.peaks["text_encoder"]) for r in reports}) == 1 and len(floors) == 1
     assert len({r.denoiser_calls for r in reports}) == 3  # the rows did change the denoiser's calls
+
+
+@pytest.mark.auto_batch
+@pytest.mark.parametrize("free", [64 * GIB, GIB + 8 * MIB])
+def test_cost_command_settles_auto_as_the_generate_plan(free: int, monkeypatch: Any, capsys: Any) -> None:
+    """``hiresdiff cost`` prices what ``hiresdiff generate`` runs: previews on and ``max_batch`` auto settled for the
+    device as the plan does — with room for every row (the cap) and with room for none (the smallest), both
+    choose the same rows per call and report the same FLOPs (preview decodes included)."""
+    import json
+    import re
+
+    size = ["--width", "768", "--height", "768", "--steps", "3"]
+    monkeypatch.setattr(plan, "free_memory", lambda device: free)
+    monkeypatch.setattr(plan, "_PRICED", plan.OrderedDict())
+    assert main(["cost", "--method", "demofusion", "--model", "tiny-sdxl", *size, "--json"]) == 0
+    priced = json.loads(capsys.readouterr().out)
+    argv = ["generate", "x", "--method", "demofusion", *TINY[:2], *size, "--dry-run", "--skip-memory-check"]
+    assert main(argv) == 0
+    shown = capsys.readouterr().out
+    chosen = int(re.search(r"max_batch (\d+) \(auto\)", shown).group(1))
+    assert priced["max_batch"] == chosen == (priced["denoiser_rows"] if free > 2 * GIB else 2)
+    assert f"{priced['model_flops'] / 1e12:,.4g} TFLOP" in shown
+    with_previews = model_cost("demofusion", "tiny-sdxl", 768, 768, steps=3, max_batch=chosen, previews=True)
+    assert priced["vae_calls"] == with_previews.vae_calls  # the phase previews are priced, as generate runs them

@@ -52,6 +52,13 @@ ALTERNATIVES: dict[str, Any] = {
     "light_table": "mid=1.5",
     "dilate_fraction": 0.5,
     "ndcfg_fraction": 0.4,
+    "dwt_steps": 2,
+    "wavelet": "haar",
+    "sharpen_sigma": (0.5, 1.0),
+    "stage_guidance": 8.0,
+    "upsample": "bilinear",
+    "stages": (512.0, 768.0),
+    "size_conditioning": "stage",
 }
 #: settings that change pixels (the others place or batch the work: max_batch, low_vram, previews, …)
 PIXEL_SETTINGS = (

@@ -42,8 +42,11 @@ def stage_sizes(method: str, height: int, width: int, native: int, grid: int, st
 
 
 def plan_phases(req: Any, native: int, grid: int) -> list[tuple[int, int]]:
-    """The canvases of a validated request."""
+    """The canvases of a validated request (a method's params may say them: ``params.canvases(h, w, native,
+    grid)``)."""
     s, params = req.settings, req.params
+    if hasattr(params, "canvases"):
+        return params.canvases(s.height, s.width, native, grid)
     stages = len(params.fractions(s.height, s.width)) if hasattr(params, "fractions") else 1
     return stage_sizes(req.method.name, s.height, s.width, native, grid, stages)
 

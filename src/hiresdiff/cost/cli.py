@@ -17,7 +17,9 @@ def register(sub: argparse._SubParsersAction) -> dict[str, Any]:
         "cost",
         help="model FLOPs of a generation (denoiser, VAE, text encoders) counted on the meta device",
         description="Runs the method's real code path with shape-only models and counts their FLOPs. Hub ids of "
-        "SDXL, SD 1.5 and FLUX.1-dev map to the built-in random-* architectures (no download).",
+        "SDXL, SD 1.5 and FLUX.1-dev map to the built-in random-* architectures (no download). Prices what "
+        "`hiresdiff generate` with the same options runs: previews on, max_batch auto settled for --device as its "
+        "plan does.",
     )
     p.add_argument("--method", default="demofusion")
     p.add_argument("--model", default="random-sdxl", help="random-sdxl, random-sd15, random-flux, tiny-*, or a hub id")
@@ -32,6 +34,8 @@ def register(sub: argparse._SubParsersAction) -> dict[str, Any]:
     p.add_argument(
         "--ranks", type=int, default=None, help="view-parallel over N ranks: per-rank FLOPs and all-reduce volume"
     )
+    p.add_argument("--device", default=None, help="the device max_batch auto is settled for (default: as generate)")
+    p.add_argument("--no-previews", action="store_true", help="without the per-phase previews (as generate's flag)")
     p.add_argument("--peak-tflops", type=float, default=None, help="also print the FLOP-bound time at this rate")
     p.add_argument("--json", action="store_true", help="print the report as JSON")
     return {"cost": cmd_cost}
@@ -52,10 +56,10 @@ def cmd_cost(args: argparse.Namespace) -> int:
         "ranks": args.ranks,
     }
     kwargs = {**sampling_settings(args), **{k: v for k, v in options.items() if v is not None}}
-    report = model_cost(
-        args.method, args.model, args.width, args.height, paper=args.paper, **kwargs, **parse_assignments(args.params)
-    )
-    data = report.to_dict()
+    kwargs.update(previews=not args.no_previews, paper=args.paper, **parse_assignments(args.params))
+    settled = settle_auto(args, kwargs)
+    report = model_cost(args.method, args.model, args.width, args.height, **kwargs)
+    data = {**report.to_dict(), "max_batch": kwargs["max_batch"]}
     if args.peak_tflops is not None:
         data["flop_bound_s"] = report.seconds_at(args.peak_tflops * TERA)
     if args.json:
@@ -63,7 +67,7 @@ def cmd_cost(args: argparse.Namespace) -> int:
         return 0
     print(
         f"{report.method} on {report.model} ({report.architecture}) at {report.width}×{report.height}, "
-        f"{report.steps} steps, {report.images} image(s)"
+        f"{report.steps} steps, {report.images} image(s), max_batch {kwargs['max_batch']}{settled}"
     )
     rows = [
         ("denoiser", report.denoiser_flops, f"calls: {report.denoiser_calls}, samples: {report.denoiser_samples}"),
@@ -88,3 +92,29 @@ def cmd_cost(args: argparse.Namespace) -> int:
             f"denoiser-bound speed-up {report.parallel_speedup:.2f}×"
         )
     return 0
+
+
+def settle_auto(args: argparse.Namespace, kwargs: dict[str, Any]) -> str:
+    """Settle ``max_batch="auto"`` in ``kwargs`` as ``hiresdiff generate``'s plan does on ``--device`` (its
+    default dtype there; :func:`hiresdiff.plan.budget`), so that both report the same numbers; returns how it was
+    chosen for the report's first line. Rank-split runs keep the stated fallback (no device to fit)."""
+    from hiresdiff.config import AUTO, fallback_batch
+    from hiresdiff.cost.model import architecture_of
+    from hiresdiff.models.builtins import BUILTIN_MODELS
+    from hiresdiff.pipeline import build_request, resolve_device, resolve_dtype
+    from hiresdiff.plan import budget
+
+    if kwargs.get("max_batch", AUTO) != AUTO:
+        return ""
+    if kwargs.get("ranks", 1) > 1 or kwargs.get("controlnet"):
+        kwargs["max_batch"] = fallback_batch(bool(kwargs.get("low_vram")))
+        return " (the fallback of auto with --ranks or --controlnet)"
+    device = resolve_device(args.device)
+    native = BUILTIN_MODELS[architecture_of(args.model)].native_size
+    width, height = args.width or 2 * native, args.height or 2 * native
+    settings = {k: v for k, v in kwargs.items() if k not in ("controlnet", "ranks")}
+    req = build_request("a photograph of a mountain lake at sunrise", args.method, width, height, **settings)
+    chosen = budget(req, args.model, device, resolve_dtype("float16" if device.startswith("cuda") else "float32"))
+    kwargs["max_batch"] = req.settings.max_batch
+    free = "" if chosen.free is None else f", {chosen.free / 2**30:.1f} GiB free"
+    return f" (auto on {device}{free}, as generate's plan)"

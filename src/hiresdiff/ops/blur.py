@@ -17,20 +17,26 @@ def gaussian_kernel1d(kernel_size: int, sigma: float, *, dtype: torch.dtype = to
     return (g / g.sum()).to(dtype)
 
 
-def gaussian_blur(x: torch.Tensor, kernel_size: int, sigma: float) -> torch.Tensor:
+def gaussian_blur(x: torch.Tensor, kernel_size: int, sigma: float, padding: str = "zeros") -> torch.Tensor:
     """Blur each channel of ``x`` (B, C, H, W) with a ``k × k`` Gaussian (outer product of 1-D kernels).
 
     The border is zero: a plain convolution with zero padding ``k // 2``, as the official DemoFusion
     ``gaussian_filter`` (``F.conv2d(..., padding=kernel_size // 2, groups=channels)`` in PRIS-CV/DemoFusion
     ``pipeline_demofusion_sdxl.py``), so values near the border are pulled towards 0 (SPEC §2.3). The output
     keeps the size of ``x``; ``kernel_size = 1`` returns ``x`` unchanged. Computed separably (two 1-D passes),
-    which equals the 2-D convolution with the outer-product kernel.
+    which equals the 2-D convolution with the outer-product kernel. ``padding="reflect"`` mirrors the border
+    without repeating it (torchvision's ``GaussianBlur``, used by DiffuseHigh's sharpening) instead.
     """
     g = gaussian_kernel1d(kernel_size, sigma, dtype=x.dtype).to(x.device)
     if kernel_size == 1:
         return x
     pad = kernel_size // 2
     b, c, h, w = x.shape
-    y = F.conv2d(x.reshape(b * c, 1, h, w), g.view(1, 1, 1, -1), padding=(0, pad))
+    y = x.reshape(b * c, 1, h, w)
+    if padding == "reflect":
+        y, pad = F.pad(y, (pad, pad, pad, pad), mode="reflect"), 0
+    elif padding != "zeros":
+        raise ValueError(f"unknown padding {padding!r}; choose zeros or reflect")
+    y = F.conv2d(y, g.view(1, 1, 1, -1), padding=(0, pad))
     y = F.conv2d(y, g.view(1, 1, -1, 1), padding=(pad, 0))
     return y.reshape(b, c, h, w)
