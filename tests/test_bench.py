@@ -239,17 +239,10 @@ def test_metrics_json_fills_columns_on_report_only(tmp_path: Path, capsys: pytes
 def test_bench_scores_each_group_with_eval_and_rescoring_only_when_stale(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
 ) -> None:
-    import torch
-    from torch import nn
 
+    from fakes import TinyInception
     from hiresdiff.bench import scoring
     from hiresdiff.evaluation.extractors import Extractors
-
-    class TinyInception(nn.Module):  # uint8 images → (4 features, 3 logits)
-        def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-            f = x.float().mean((2, 3)) / 255
-            features = torch.cat([f, f**2 - 0.3], dim=1)[:, :4]
-            return features, features[:, :3] * 5
 
     built = []
 

@@ -9,7 +9,7 @@ import torch
 
 from hiresdiff.cli import main
 from hiresdiff.errors import HiresError
-from hiresdiff.methods.specs.fouriscale import FouriScaleParams, switch_steps
+from hiresdiff.methods.specs.fouriscale import FouriScaleParams, base_and_dilation, switch_steps
 from hiresdiff.models.adapter import ModelAdapter, Request
 from hiresdiff.models.guidance import CFG, COND, FOURISCALE, UNCOND, WEAK
 from hiresdiff.patches.clock import PatchClock
@@ -17,13 +17,13 @@ from hiresdiff.patches.fouriscale import (
     FouriScaleLayers,
     LowPass,
     QKShareProcessor,
-    base_and_dilation,
     conv_layers,
     fouriscale_patches,
     layer_bases,
 )
 from hiresdiff.patches.processors import self_attention_qkv
 from hiresdiff.patches.tables import FOURISCALE_MODELS
+from test_hidiffusion import forbid_weights
 
 KW: dict[str, Any] = {"steps": 4, "progress": False, "previews": False}
 XL, SD = FOURISCALE_MODELS["sdxl"], FOURISCALE_MODELS["sd15"]
@@ -136,8 +136,8 @@ def test_bad_parameters_are_one_line_errors(bad: dict[str, Any]) -> None:
 
 
 def test_checks_before_model_work(sdxl: Any, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Guidance ≤ 1 with the FouriScale rule and a base off the latent grid are refused before any UNet call;
-    an aspect no SDXL bucket fits is refused before sampling."""
+    """Guidance ≤ 1 with the FouriScale rule, a base off the latent grid and an aspect no SDXL bucket fits are
+    refused before any UNet call."""
     calls: list[int] = []
     monkeypatch.setattr(ModelAdapter, "predict", lambda *a, **k: calls.append(1))
     for kw, words in (
@@ -151,6 +151,52 @@ def test_checks_before_model_work(sdxl: Any, monkeypatch: pytest.MonkeyPatch) ->
     with pytest.raises(HiresError, match="no FouriScale base size fits"):
         sdxl("x", "fouriscale", 256, 1536, **KW)
     assert calls == []
+
+
+def test_cli_refuses_a_size_no_bucket_fits_before_any_weights(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """An aspect no SDXL bucket fits, and a start after the official stop, are refused from the model's facts
+    (:meth:`FouriScaleParams.check_model`) in one line, with every weight loader made to fail."""
+    import hiresdiff
+
+    forbid_weights(monkeypatch)
+    argv = ["generate", "x", "--model", "tiny-sdxl", "--method", "fouriscale", "--steps", "2", "--quiet"]
+    assert main([*argv, "--width", "256", "--height", "1536"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("hiresdiff: error:") and err.strip().count("\n") == 0
+    assert "no FouriScale base size fits 1536×256" in err
+    with pytest.raises(HiresError, match="must not exceed") as info:  # official stop at 512²: int(N·35/50)
+        hiresdiff.generate("x", "fouriscale", "tiny-sdxl", 512, 512, steps=2, start_fraction=0.9)
+    assert "\n" not in str(info.value)
+    with pytest.raises(AssertionError, match="weights loaded"):  # a base size given: the checks pass, weights load
+        hiresdiff.generate("x", "fouriscale", "tiny-sdxl", 256, 1536, steps=2, base_size=(256.0,))
+
+
+def test_image_input_is_conditioned_on_the_base_size(sdxl: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    """SPEC §2.2: the SDXL size conditioning is the base size (256² on tiny-sdxl at 512²), for SDEdit of an input
+    picture as for a generation from noise."""
+    from PIL import Image
+
+    from hiresdiff.sampler import Run
+
+    sizes: list[tuple[int, int]] = []
+    own = Run.denoiser
+
+    def spy(self: Run, size: tuple[int, int], **overrides: Any) -> Any:
+        sizes.append(tuple(size))
+        return own(self, size, **overrides)
+
+    monkeypatch.setattr(Run, "denoiser", spy)
+    noise = sdxl("a cat", "fouriscale", 512, 512, seed=1, **KW)
+    picture = Image.new("RGB", (256, 256), (200, 120, 40))
+    edit = sdxl("a cat", "fouriscale", 512, 512, image=picture, strength=0.5, seed=1, **KW)
+    assert sizes == [(256, 256), (256, 256)]
+    assert torch.isfinite(noise.latents).all() and torch.isfinite(edit.latents).all()
+    sizes.clear()
+    target = sdxl("a cat", "fouriscale", 512, 512, image=picture, strength=0.5, seed=1, base_size=(512.0,), **KW)
+    assert sizes == [(512, 512)]  # d₀ = 1: the base is the target, so is the conditioning
+    assert not torch.allclose(target.latents, edit.latents, atol=1e-4)
 
 
 # ------------------------------------------------------------------------------------------------ model tests

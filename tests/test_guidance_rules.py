@@ -218,15 +218,17 @@ class TwoHalfAdapter(ModelAdapter):
         cfg = any(r.embeds.uncond is not None for r in requests)
         halves = ["uncond", "cond"] if cfg else ["cond"]
         per_call = max(1, max_batch // len(halves))
-        items: dict[tuple[int, ...], list[tuple[Request, int]]] = {}
+        items: dict[tuple[Any, ...], list[tuple[Request, int]]] = {}
         for req in requests:
             req.outputs = [torch.empty(0)] * req.x.shape[0]
             for i in range(req.x.shape[0]):
-                items.setdefault(tuple(req.x.shape[-2:]), []).append((req, i))
+                own = None if req.timestep is None else float(req.timestep)  # a per-request timestep: own calls
+                items.setdefault((*req.x.shape[-2:], own), []).append((req, i))
         for group in items.values():
             for s in range(0, len(group), per_call):
                 chunk = group[s : s + per_call]
-                out = self._halves(torch.stack([req.x[i] for req, i in chunk]), t, chunk, halves)
+                at = t if chunk[0][0].timestep is None else chunk[0][0].timestep
+                out = self._halves(torch.stack([req.x[i] for req, i in chunk]), at, chunk, halves)
                 if cfg:
                     uncond, cond = out.chunk(2)
                     g = torch.tensor([req.guidance for req, _ in chunk], device=out.device).view(-1, 1, 1, 1)

@@ -116,6 +116,19 @@ def test_tiny_sd_runs_with_official_preset(sd: Any) -> None:
     assert torch.isfinite(res.latents).all() and res.images[0].size == (512, 384)
 
 
+def forbid_weights(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every weight loader fails the test when called: a refusal must come before any weights load."""
+    from hiresdiff import pipeline
+    from hiresdiff.models import loading, tiny
+
+    def forbidden(*args: object, **kwargs: object) -> None:
+        raise AssertionError("weights loaded before the refusal")
+
+    monkeypatch.setattr(loading, "load_pipeline", forbidden)
+    monkeypatch.setattr(tiny, "build_builtin", forbidden)
+    pipeline._CACHE.clear()
+
+
 def cli(*args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [sys.executable, "-m", "hiresdiff", *args], capture_output=True, text=True, timeout=300, check=False
@@ -144,6 +157,54 @@ def test_cli_runs_with_ddim_image_and_from_png(tmp_path: Any) -> None:
     res = cli(*base, "--steps", "4", "--image", str(small), "--strength", "0.5", "--out", str(tmp_path / "c"))
     assert res.returncode == 0, res.stderr
     assert len(list((tmp_path / "c").glob("*.png"))) == 1
+
+
+@pytest.mark.parametrize(
+    ("method", "image", "words"),
+    [
+        ("multidiffusion", False, "multidiffusion has none"),
+        ("scalecrafter", False, "scalecrafter has none or patches the UNet already"),
+        ("fouriscale", False, "fouriscale has none or patches the UNet already"),
+        ("demofusion", True, "an input image replaces"),
+        ("scalediff", True, "an input image replaces"),
+    ],
+)
+def test_switch_where_it_would_do_nothing_is_refused_before_any_weights(
+    method: str, image: bool, words: str, tmp_path: Any, monkeypatch: pytest.MonkeyPatch, capsys: Any
+) -> None:
+    """``hidiffusion=true`` on a method without a whole-canvas first phase (local views; its own UNet patches) or
+    whose first phase an input picture replaces (progressive methods) would be a silent no-op: one line instead,
+    before any weights load (the loaders fail the test)."""
+    from PIL import Image
+
+    from hiresdiff.cli import main
+
+    forbid_weights(monkeypatch)
+    argv = ["generate", "x", "--model", "tiny-sdxl", "--method", method, "--steps", "2", "--quiet"]
+    if image:
+        Image.new("RGB", (256, 256)).save(tmp_path / "in.png")
+        argv += ["--image", str(tmp_path / "in.png")]
+    assert main([*argv, "--set", "hidiffusion=true"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("hiresdiff: error: hidiffusion=true") and err.strip().count("\n") == 0
+    assert words in err
+
+
+def test_switch_phases_of_the_registered_methods() -> None:
+    """direct takes the switch with an input picture too (SDEdit is a whole-canvas phase); progressive methods only
+    from noise; the UNet-patching methods and multidiffusion never."""
+    from hiresdiff.errors import HiresError
+    from hiresdiff.methods import get_method
+
+    get_method("direct").check_switch(True, True)
+    for name in ("resize", "demofusion", "accdiffusion", "apt", "apldm", "scalediff"):
+        get_method(name).check_switch(True, False)
+        with pytest.raises(HiresError, match="input image replaces"):
+            get_method(name).check_switch(True, True)
+    for name in ("multidiffusion", "hidiffusion", "scalecrafter", "fouriscale"):
+        get_method(name).check_switch(False, True)  # off: nothing to refuse
+        with pytest.raises(HiresError, match="has none"):
+            get_method(name).check_switch(True, False)
 
 
 def test_cost_replay_equals_full_trace_and_is_cheaper_than_direct() -> None:

@@ -59,6 +59,9 @@ ALTERNATIVES: dict[str, Any] = {
     "upsample": "bilinear",
     "stages": (512.0, 768.0),
     "size_conditioning": "stage",
+    "scale_factor": 2,
+    "tau": "continuous",
+    "low_size_cond": "target",
 }
 #: settings that change pixels (the others place or batch the work: max_batch, low_vram, previews, …)
 PIXEL_SETTINGS = (

@@ -10,6 +10,7 @@ import pytest
 import torch
 from torch import nn
 
+from hiresdiff.cli import main
 from hiresdiff.errors import HiresError, HiresWarning
 from hiresdiff.methods.specs.scalecrafter import ScaleCrafterParams, config_name, plan
 from hiresdiff.models.adapter import ModelAdapter, Request
@@ -19,7 +20,7 @@ from hiresdiff.patches.clock import PatchClock
 from hiresdiff.patches.context import in_steps, patched
 from hiresdiff.patches.scalecrafter import RedilatePatch, Redilation, scalecrafter_patches
 from hiresdiff.patches.tables import SCALECRAFTER
-from test_hidiffusion import cli
+from test_hidiffusion import forbid_weights
 from test_patches import module_state
 
 KW: dict[str, Any] = {"steps": 4, "progress": False, "previews": False}
@@ -284,32 +285,60 @@ def test_tiny_sd_official_preset_image_input_and_notice(sd: Any) -> None:
     assert up.images[0].size == (512, 512)
 
 
+def test_with_a_controlnet(sdxl: Any, make_controlnet: Any, tiny_sdxl_pipe: Any, tmp_path: Any) -> None:
+    """The ControlNet's residuals reach the re-dilated UNet (its own convs stay plain): the image is deterministic,
+    differs from the one without ControlNet, and equals it at control scale 0."""
+    from PIL import Image
+
+    folder = tmp_path / "tiny-sdxl-controlnet"
+    make_controlnet(tiny_sdxl_pipe.unet).save_pretrained(folder)
+    cond = tmp_path / "cond.png"
+    g = torch.Generator().manual_seed(0)
+    Image.fromarray((torch.rand(256, 256, 3, generator=g) * 255).to(torch.uint8).numpy()).save(cond)
+    kw = {**KW, "steps": 3, "seed": 4, "table": "sdxl:4096x4096"}
+    net = {"controlnet": str(folder), "control_image": str(cond)}
+    plain = sdxl("a cat", "scalecrafter", 512, 512, **kw).latents
+    used = sdxl("a cat", "scalecrafter", 512, 512, control_scale=0.6, **net, **kw).latents
+    assert torch.equal(used, sdxl("a cat", "scalecrafter", 512, 512, control_scale=0.6, **net, **kw).latents)
+    assert torch.isfinite(used).all() and not torch.allclose(used, plain, atol=1e-4)
+    assert torch.equal(sdxl("a cat", "scalecrafter", 512, 512, control_scale=0.0, **net, **kw).latents, plain)
+    assert sdxl.adapter.controlnet is None  # active only during the call
+
+
 # ------------------------------------------------------------------------------------------------ CLI and cost
 
 
-def test_cli_flux_is_refused_in_one_line() -> None:
-    res = cli("generate", "x", "--model", "tiny-flux", "--method", "scalecrafter", "--steps", "2", "--quiet")
-    assert res.returncode == 2 and res.stderr.strip().count("\n") == 0
-    assert res.stderr.startswith("hiresdiff: error:") and "scalecrafter" in res.stderr
+def test_cli_flux_and_a_table_of_another_model_are_refused_before_any_weights(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """FLUX, and an official table of another architecture (resolved from the model's facts), are one line each
+    before any weights load."""
+    forbid_weights(monkeypatch)
+    for model, extra, words in (
+        ("tiny-flux", [], "scalecrafter"),
+        ("tiny-sdxl", ["--set", "table=sd15:1024x1024"], "is for sd15 models, this is a sdxl model"),
+    ):
+        argv = ["generate", "x", "--model", model, "--method", "scalecrafter", "--steps", "2", "--quiet", *extra]
+        assert main(argv) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("hiresdiff: error:") and err.strip().count("\n") == 0 and words in err
 
 
 def test_cli_official_preset_from_png_and_image(tmp_path: Any) -> None:
+    """``--preset official`` with a named table, ``--from-png`` (the same picture again) and ``--scheduler ddim``
+    with ``--image``, in this process (3 steps: re-dilation and noise-damped CFG on 2, plain on the last)."""
     from PIL import Image
 
     base = ["generate", "x", "--model", "tiny-sdxl", "--method", "scalecrafter", "--width", "512", "--height", "512"]
-    res = cli(
-        *base, "--steps", "4", "--preset", "official", "--set", "table=sdxl:4096x4096", "--out", str(tmp_path / "a")
-    )
-    assert res.returncode == 0, res.stderr
+    a, b, c = (str(tmp_path / k) for k in "abc")
+    assert main([*base, "--steps", "3", "--preset", "official", "--set", "table=sdxl:4096x4096", "--out", a]) == 0
     (first,) = sorted((tmp_path / "a").glob("*.png"))
-    res = cli("generate", "--from-png", str(first), "--out", str(tmp_path / "b"), "--quiet")
-    assert res.returncode == 0, res.stderr
+    assert main(["generate", "--from-png", str(first), "--out", b, "--quiet"]) == 0
     (again,) = sorted((tmp_path / "b").glob("*.png"))
     assert Image.open(first).tobytes() == Image.open(again).tobytes()
     small = tmp_path / "small.png"
     Image.open(first).resize((256, 256)).save(small)
-    res = cli(*base, "--steps", "4", "--scheduler", "ddim", "--image", str(small), "--out", str(tmp_path / "c"))
-    assert res.returncode == 0, res.stderr
+    assert main([*base, "--steps", "3", "--scheduler", "ddim", "--image", str(small), "--out", c, "--quiet"]) == 0
     assert len(list((tmp_path / "c").glob("*.png"))) == 1
 
 

@@ -76,7 +76,7 @@ def _add_generate(sub: argparse._SubParsersAction) -> None:
 
 def _add_image_options(p: argparse.ArgumentParser) -> None:
     """Upscaling an input picture, ControlNet and LoRA options of ``generate``."""
-    g = p.add_argument_group("upscale your own image, ControlNet, LoRA")
+    g = p.add_argument_group("upscale your own image, ControlNet, LoRA, SR model")
     g.add_argument("--image", default=None, metavar="FILE", help="picture to upscale (PNG, JPEG, WebP, …)")
     g.add_argument("--scale", type=float, default=None, help="with --image: enlarge by this factor (default 2)")
     g.add_argument(
@@ -96,6 +96,13 @@ def _add_image_options(p: argparse.ArgumentParser) -> None:
     g.add_argument(
         "--lora", dest="loras", action="append", default=[], metavar="FILE[:SCALE]", help="LoRA file; repeatable"
     )
+    g.add_argument(
+        "--upscaler",
+        default=None,
+        metavar="FILE",
+        help="SR model (ESRGAN/BSRGAN/Real-ESRGAN/SwinIR-type .safetensors; .pth with --allow-pickle) for every "
+        "pixel-space enlargement: resize, apldm, scalediff, the input picture",
+    )
 
 
 def _extras_args(args: argparse.Namespace) -> dict[str, Any]:
@@ -107,6 +114,7 @@ def _extras_args(args: argparse.Namespace) -> dict[str, Any]:
         "controlnet": args.controlnet,
         "control_image": args.control_image,
         "control_scale": args.control_scale,
+        "upscaler": args.upscaler,
     }
     return {k: v for k, v in values.items() if v is not None} | {"loras": list(args.loras)}
 
@@ -240,8 +248,11 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def cmd_make_tiny(args: argparse.Namespace) -> int:
-    from hiresdiff.models.tiny_addons import save_tiny_addons
+    from hiresdiff.models.tiny_addons import save_tiny_addons, save_tiny_upscaler
 
+    if args.upscaler:
+        print(save_tiny_upscaler(Path(args.out) / "upscaler.safetensors", args.seed))
+        return 0
     for path in save_tiny_addons(args.model, Path(args.out), args.seed):
         print(path)
     return 0
@@ -287,6 +298,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--model", default="tiny-sdxl", help="tiny-sdxl or tiny-sd")
     t.add_argument("--out", default="tiny-addons", help="folder: OUT/controlnet and OUT/lora/…safetensors")
     t.add_argument("--seed", type=int, default=0)
+    t.add_argument(
+        "--upscaler", action="store_true", help="write OUT/upscaler.safetensors instead: a tiny random ×4 ESRGAN"
+    )
     for module in SUBCOMMAND_MODULES:
         COMMANDS.update(importlib.import_module(module).register(sub))
     return parser
@@ -304,6 +318,7 @@ COMMANDS: dict[str, Handler] = {
 SUBCOMMAND_MODULES: tuple[str, ...] = (
     "hiresdiff.cost.cli",
     "hiresdiff.bench.cli",
+    "hiresdiff.bench.reproduce",
     "hiresdiff.evaluation.cli",
     "hiresdiff.web.cli",
 )

@@ -1,6 +1,8 @@
-"""What a generation takes besides text — an input picture to upscale, a ControlNet, LoRAs — validated up front.
+"""What a generation takes besides text — an input picture to upscale, a ControlNet, LoRAs, an SR model — validated
+up front.
 
-:func:`prepare_extras` reads files and small configs only (never weights), so every bad input stops with one line
+:func:`prepare_extras` reads files and small configs only (never weights, but for the small SR model of
+``upscaler``, loaded and kept for the run), so every bad input stops with one line
 before any model is built; :class:`Extras` then travels with the request and into each PNG's metadata, with file
 names and sha256 hashes so that ``--from-png`` can refuse an input that changed.
 """
@@ -20,6 +22,7 @@ from hiresdiff.errors import require
 from hiresdiff.inputs import SourceImage, check_aspect, check_min_size, load_source_image, target_size
 from hiresdiff.models.controlnet import ControlNetSpec, check_controlnet_fits, resolve_controlnet
 from hiresdiff.models.lora import LoraSpec, check_lora_fits, parse_lora_arg, resolve_lora
+from hiresdiff.models.upscalers import UpscalerSpec, resolve_upscaler
 
 #: ControlNet conditioning scale when none is given (diffusers' ControlNet pipelines default to 1.0)
 DEFAULT_CONTROL_SCALE = 1.0
@@ -34,7 +37,8 @@ class Extras:
 
     ``source``: the picture to upscale; ``fit``: how it (and the control image) is brought to the target's aspect
     (``crop``/``pad``, ``None`` = same aspect); ``controlnet`` with its ``control_image`` (``None``: the source
-    itself, ControlNet-tile use) and ``control_scale``; ``loras`` applied for the generation only.
+    itself, ControlNet-tile use) and ``control_scale``; ``loras`` applied for the generation only; ``upscaler``: the
+    SR model of every pixel-space enlargement (:meth:`~hiresdiff.sampler.Run.upsample_image`).
     """
 
     source: SourceImage | None = None
@@ -43,6 +47,7 @@ class Extras:
     control_image: SourceImage | None = None
     control_scale: float = DEFAULT_CONTROL_SCALE
     loras: tuple[LoraSpec, ...] = ()
+    upscaler: UpscalerSpec | None = None
 
     @property
     def control_source(self) -> SourceImage | None:
@@ -62,10 +67,12 @@ class Extras:
                 out["control_image"] = self.control_image.metadata()
         if self.loras:
             out["loras"] = [lora.metadata() for lora in self.loras]
+        if self.upscaler is not None:
+            out["upscaler"] = self.upscaler.metadata()
         return out
 
 
-def _same_file(what: str, found: SourceImage | LoraSpec, expected: str | None) -> None:
+def _same_file(what: str, found: SourceImage | LoraSpec | UpscalerSpec, expected: str | None) -> None:
     require(
         expected is None or found.sha256 == expected,
         f"{what} {found.name!r} is not the file this image was made from (sha256 {found.sha256[:12]}… ≠ recorded "
@@ -88,7 +95,7 @@ def _loras(loras: Sequence[LoraInput], allow_pickle: bool, expected: Sequence[st
 
 
 #: the keyword arguments of :func:`~hiresdiff.generate` and :class:`~hiresdiff.HiresPipeline` that are extras
-EXTRA_ARGS = ("image", "scale", "fit", "controlnet", "control_image", "control_scale", "loras", "expected")
+EXTRA_ARGS = ("image", "scale", "fit", "controlnet", "control_image", "control_scale", "loras", "upscaler", "expected")
 _LORA_FORMS = "a list of LoRA files, 'file:scale' strings or (file, scale) pairs"
 
 
@@ -142,6 +149,10 @@ def typed_extras(args: dict[str, Any]) -> dict[str, Any]:
         out["controlnet"] = os.fspath(net)
     if "loras" in out:
         out["loras"] = _lora_list(out["loras"])
+    if out.get("upscaler") is not None:
+        up = out["upscaler"]
+        require(isinstance(up, (str, os.PathLike)), f"upscaler must be an SR model file path, got {got(up)}")
+        out["upscaler"] = os.fspath(up)
     expected = out.get("expected")
     require(expected is None or isinstance(expected, dict), f"expected must be a dict or None, got {got(expected)}")
     return out
@@ -168,6 +179,7 @@ def prepare_extras(
     control_image: ImageInput | None = None,
     control_scale: float | None = None,
     loras: Sequence[LoraInput] = (),
+    upscaler: str | os.PathLike[str] | None = None,
     allow_pickle: bool = False,
     expected: dict[str, Any] | None = None,
 ) -> tuple[Extras, int, int]:
@@ -176,13 +188,16 @@ def prepare_extras(
     With ``image`` the target keeps the picture's aspect (``scale``, or one of ``width``/``height``; default twice
     its size); a target of another aspect needs ``fit``. Without it the target is ``width × height`` (default
     twice the native size). ``expected`` holds sha256 hashes recorded in a PNG (``image``, ``control_image``,
-    ``loras``): a file that differs is refused. A ControlNet or LoRA made for another family than ``family``
+    ``loras``, ``upscaler``): a file that differs is refused. ``upscaler`` is loaded here (cached), so a file that is
+    not an SR model stops before any generation work. A ControlNet or LoRA made for another family than ``family``
     (ControlNet: also another text width than ``text_width``, the denoiser's ``cross_attention_dim``) is refused
     from its config or tensor names, before any weights load.
     """
-    given = (image, scale, fit, controlnet, control_image, control_scale, loras, expected)
+    given = (image, scale, fit, controlnet, control_image, control_scale, loras, upscaler, expected)
     typed = typed_extras(dict(zip(EXTRA_ARGS, given, strict=True)))
-    image, scale, fit, controlnet, control_image, control_scale, loras, expected = (typed[k] for k in EXTRA_ARGS)
+    image, scale, fit, controlnet, control_image, control_scale, loras, upscaler, expected = (
+        typed[k] for k in EXTRA_ARGS
+    )
     if width is not None:
         width = as_int("width", width)
     if height is not None:
@@ -226,5 +241,8 @@ def prepare_extras(
     specs = _loras(loras, allow_pickle, exp.get("loras"))
     for spec in specs:
         check_lora_fits(spec, family)
-    extras = Extras(source, fit, net, cond, float(c_scale), specs)
+    up = None if upscaler is None else resolve_upscaler(upscaler, allow_pickle=allow_pickle)
+    if up is not None:
+        _same_file("--upscaler", up, exp.get("upscaler"))
+    extras = Extras(source, fit, net, cond, float(c_scale), specs, up)
     return extras, width, height

@@ -127,6 +127,11 @@ LORA_RECORD = {
     "sha256": Field((STRING,)),
     "scale": Field((NUMBER,)),
 }
+UPSCALER_RECORD = {
+    "name": Field((STRING,), required=False),
+    "path": Field((STRING,)),
+    "sha256": Field((STRING,)),
+}
 BATCH_RECORD = {
     "index": Field((INTEGER,)),
     "prompts": Field((STRINGS,)),
@@ -158,6 +163,7 @@ SETTINGS_RECORD: dict[str, Field] = {
     "control_scale": Field((NUMBER,), required=False),
     "control_image": Field((OBJECT,), required=False, record=IMAGE_RECORD),
     "loras": Field((OBJECTS,), required=False, record=LORA_RECORD),
+    "upscaler": Field((OBJECT,), required=False, record=UPSCALER_RECORD),
     "batch": Field((OBJECT,), required=False, record=BATCH_RECORD),
 }
 
@@ -307,7 +313,10 @@ def _extras_kwargs(
     loras = s.get("loras") or []
     out["loras"] = [(lora["path"], lora["scale"]) for lora in loras]
     out["expected"]["loras"] = [lora["sha256"] for lora in loras]
-    sources = {key: key for key in ("image", "control_image", "fit", "controlnet", "control_scale", "loras")}
+    if s.get("upscaler") is not None:  # loaded again from its recorded path, refused if its bytes changed
+        out["upscaler"], out["expected"]["upscaler"] = s["upscaler"]["path"], s["upscaler"]["sha256"]
+    keys = ("image", "control_image", "fit", "controlnet", "control_scale", "loras", "upscaler")
+    sources = {key: key for key in keys}
     sources["lora"] = "loras"  # messages speak of one "LoRA file"
     return out, sources
 

@@ -30,11 +30,12 @@ from hiresdiff.errors import HiresError, HiresWarning, require
 from hiresdiff.extras import EXTRA_ARGS, Extras, split_extras, typed_extras
 from hiresdiff.images import to_pil, to_uint8
 from hiresdiff.inputs import fit_to_aspect
-from hiresdiff.methods import Method, get_method
+from hiresdiff.methods import METHODS, Method, get_method
 from hiresdiff.methods.base import Params
 from hiresdiff.models.controlnet import ControlNetSpec, check_controlnet_fits, load_controlnet
 from hiresdiff.models.flux import adapter_for
 from hiresdiff.models.lora import applied_loras
+from hiresdiff.models.upscalers import load_upscaler
 from hiresdiff.parallel import Serial, ViewParallel
 from hiresdiff.sampler import PreviewCallback, Run, StepCallback
 from hiresdiff.schedulers import MODEL_DEFAULT, check_scheduler_eta, make_scheduler
@@ -93,6 +94,8 @@ def build_request(
     """
     extras = extras or Extras()
     m, settings, specific = _settings(prompt, method, width, height, preset, paper, model_defaults, kwargs)
+    m.check_switch(settings.hidiffusion, extras.source is not None)
+    m.check_upscaler(extras.upscaler is not None, extras.source is not None, _pixel_upsamplers())
     specific = {**specific, **_strength_params(m, settings, extras.source is not None, specific)}
     params = coerce_params(m.params, specific, m.name)
     return GenerationRequest(m, settings, params, extras)
@@ -262,7 +265,8 @@ class HiresPipeline:
         ``image`` upscales a picture (path or PIL image; the target keeps its aspect: ``scale`` or one side, a
         different aspect needs ``fit="crop"|"pad"``; ``strength`` in ``kwargs`` sets how much is redrawn).
         ``controlnet`` (folder or hub id) with ``control_image`` (default: ``image``) and ``control_scale``;
-        ``loras`` as ``[(path, scale), …]`` or ``"path[:scale]"`` strings, applied for this call only.
+        ``loras`` as ``[(path, scale), …]`` or ``"path[:scale]"`` strings, applied for this call only; ``upscaler``:
+        an SR model file for every pixel-space enlargement (:mod:`hiresdiff.models.upscalers`).
         ``kwargs`` are :class:`~hiresdiff.config.GenerationSettings` fields (steps, guidance, negative_prompt,
         scheduler, seed, num_images_per_prompt, max_batch, decode_tile_area, previews, strength, …) and the method's
         parameters.
@@ -349,9 +353,10 @@ class HiresPipeline:
         with applied_loras(ad.pipe, req.extras.loras), ad.use_controlnet(net, req.extras.control_scale):
             embeds = ad.encode_prompt(s.prompt, s.negative_prompt, s.cfg)
             rows = [b // s.num_images_per_prompt for b in range(s.batch_size)]
-            run = Run(
-                ad, s, embeds, rows, gens, progress, callback, source=source, control=control, on_preview=on_preview
-            )
+            spec = req.extras.upscaler
+            up = None if spec is None else load_upscaler(spec, allow_pickle=self.allow_pickle)
+            run = Run(ad, s, embeds, rows, gens, progress, callback, source=source, control=control, upscaler=up)
+            run.on_preview = on_preview
             out = req.method.run(run, req.params)
             images = out.images if out.images is not None else run.decode(out.latents)
         if s.previews:
@@ -504,6 +509,11 @@ def check_steps(settings: GenerationSettings, family: str, scheduler_config: dic
     )
 
 
+def _pixel_upsamplers() -> list[str]:
+    """The methods whose recipes enlarge decoded images in pixel space (``--upscaler`` does it for them)."""
+    return [name for name, m in METHODS.items() if m.pixel_upsampling]
+
+
 def check_arguments(
     prompt: Any,
     method: Any,
@@ -523,6 +533,8 @@ def check_arguments(
     w, h = (stand_in if v is None else v for v in (width, height))
     m, settings, specific = _settings(prompt, method, w, h, preset, paper, None, kwargs)
     _check_strength(m, settings, extras.get("image") is not None)
+    m.check_switch(settings.hidiffusion, extras.get("image") is not None)
+    m.check_upscaler(extras.get("upscaler") is not None, extras.get("image") is not None, _pixel_upsamplers())
     coerce_params(m.params, specific, m.name)
     check_generators(settings, generator)
 
@@ -550,7 +562,8 @@ def validate_request(
     """Everything checked before any model work, in order: what needs no model (:func:`check_arguments`), then
     what needs the model's configs: inputs and target size (:func:`~hiresdiff.extras.split_extras`, ControlNet and
     LoRA families included), what the family cannot use, settings and parameters (:func:`build_request`), the
-    model's limits, the method's families and the scheduler's step limits (:func:`check_steps`)."""
+    model's limits, the method's families, its parameters against the model's facts (:meth:`Params.check_model`)
+    and the scheduler's step limits (:func:`check_steps`)."""
     as_bool("allow_pickle", allow_pickle)
     check_arguments(prompt, method, width, height, generator=generator, **kwargs)
     extras, width, height = split_extras(
@@ -570,6 +583,7 @@ def validate_request(
     req = build_request(prompt, method, width, height, model_defaults=model.sampling_defaults, extras=extras, **kwargs)
     check_for_model(req, model.native, model.grid)
     req.method.check_family(model.family, req.params)
+    req.params.check_model(req.settings, model)
     req.method.check_controlnet(req.extras.controlnet is not None, req.settings.hidiffusion)
     require(
         not (req.settings.hidiffusion and model.family == "flux"),

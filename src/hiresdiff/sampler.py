@@ -20,11 +20,11 @@ from tqdm.auto import tqdm
 from hiresdiff.config import GenerationSettings
 from hiresdiff.control import ControlCondition
 from hiresdiff.hooks import StepHook, attentive_guidance
-from hiresdiff.methods.hidiffusion import hidiffusion
-from hiresdiff.methods.specs.hidiffusion import HiDiffusionParams
 from hiresdiff.models.adapter import ModelAdapter, PromptEmbeds
+from hiresdiff.models.upscalers import Upscaler, upscale
 from hiresdiff.ops.resample import resize_pixels, upsample_pixels
 from hiresdiff.ops.schedule import start_index
+from hiresdiff.patches.hidiffusion import hidiffusion_installed
 from hiresdiff.schedulers import check_scheduler_eta
 from hiresdiff.strategies.base import Denoiser, Strategy
 from hiresdiff.strategies.full import FullCanvas
@@ -61,6 +61,7 @@ class Run:
     ``source`` is the caller's input picture (upscaling), already brought to the target's aspect, (1, 3, H, W) in
     [−1, 1]; methods let it stand for what they would have sampled at its scale (:meth:`source_at`,
     :meth:`encode_source`). ``control`` is the ControlNet condition every denoiser request gets its part of.
+    ``upscaler`` (``--upscaler``) is the SR model every pixel-space enlargement goes through (:meth:`upsample_image`).
     """
 
     adapter: ModelAdapter
@@ -75,6 +76,7 @@ class Run:
     source: torch.Tensor | None = None
     control: ControlCondition | None = None
     on_preview: PreviewCallback | None = None
+    upscaler: Upscaler | None = None
 
     @property
     def scheduler(self) -> Any:
@@ -256,7 +258,7 @@ class Run:
         if not self.settings.hidiffusion:
             yield []
             return
-        with hidiffusion(self, HiDiffusionParams(), height, width) as clock:
+        with hidiffusion_installed(self, height, width) as clock:
             yield [clock]
 
     # --- images -------------------------------------------------------------------------------------------
@@ -289,14 +291,15 @@ class Run:
         """Decode (unclamped), plain bicubic upsample to ``size`` pixels, clamp, encode (posterior mean) — the
         pixel-space step of AP-LDM (SPEC §5) and ScaleDiff's ``Z_RU`` (SPEC §6). The decoded image is kept as
         a preview. ``pixels`` (the caller's input picture standing for ``latents``) replace the decode; they are
-        resized like a photo (antialiased where they shrink)."""
+        resized like a photo (antialiased where they shrink). With an SR model both go through it
+        (:meth:`upsample_image`)."""
         with self.adapter.borrowed(self.adapter.vae):  # low-VRAM: one denoiser round trip for decode and encode
             if pixels is None:
                 assert latents is not None
                 image = self.decode_inner(latents, clamp=False)
-                resized = upsample_pixels(image, size)
+                resized = self.upsample_image(image, size)
             else:
-                image, resized = pixels, resize_pixels(pixels, size)
+                image, resized = pixels, self.upsample_image(pixels, size, photo=True)
             self.keep_preview(image.clamp(-1, 1))
             return self.adapter.encode(resized, self.inner_tile_area)
 
@@ -305,16 +308,40 @@ class Run:
         """The input picture resized to ``height × width`` pixels, one copy per canvas sample."""
         if self.source is None:
             raise RuntimeError("this generation has no input image")
-        return resize_pixels(self.source, (height, width)).expand(self.batch, -1, -1, -1)
+        return self.upsample_image(self.source, (height, width), photo=True).expand(self.batch, -1, -1, -1)
+
+    def upsample_image(
+        self,
+        images: torch.Tensor,
+        size: tuple[int, int],
+        *,
+        photo: bool = False,
+        resample: Callable[[torch.Tensor, tuple[int, int]], torch.Tensor] | None = None,
+    ) -> torch.Tensor:
+        """The run's pixel upsampler, the one seam of every pixel-space enlargement: the SR model of ``--upscaler``
+        when there is one and ``size`` is larger (:func:`~hiresdiff.models.upscalers.upscale`: tiled, on the
+        denoiser's device and dtype, the remainder resampled), else ``resample`` (a method's own interpolation),
+        by default bicubic — plain and clamped after (:func:`upsample_pixels`: the papers' decoded-image upsample)
+        or, for a ``photo`` (the input picture), antialiased where it shrinks (:func:`resize_pixels`)."""
+        enlarges = size[0] > images.shape[-2] or size[1] > images.shape[-1]
+        if self.upscaler is not None and enlarges:
+            self.upscaler.place(self.adapter.device, self.adapter.dtype)
+            return upscale(images, self.upscaler, size)
+        if resample is not None:
+            return resample(images, size)
+        return resize_pixels(images, size) if photo else upsample_pixels(images, size)
 
     def encode_source(self, height: int, width: int) -> torch.Tensor:
         """Latents of the input picture at ``height × width`` pixels (VAE posterior mean)."""
         return self.adapter.encode(self.source_at(height, width), self.inner_tile_area)
 
-    def sdedit(self, strategy: Strategy, name: str, hooks: Sequence[StepHook] = ()) -> torch.Tensor:
+    def sdedit(
+        self, strategy: Strategy, name: str, hooks: Sequence[StepHook] = (), size: tuple[int, int] | None = None
+    ) -> torch.Tensor:
         """SDEdit at the target size (``direct``/``multidiffusion`` with an input image): the encoded picture noised
         to step ``⌊N·(1 − strength)⌋`` and denoised with ``strategy`` (default strength
-        :data:`SDEDIT_STRENGTH`); a whole-canvas strategy gets the switched patches (:meth:`switched_patches`)."""
+        :data:`SDEDIT_STRENGTH`); a whole-canvas strategy gets the switched patches (:meth:`switched_patches`).
+        ``size``: the SDXL size conditioning, as for :meth:`sample_canvas` (default: the target size)."""
         s = self.settings
         strength = s.strength if s.strength is not None else SDEDIT_STRENGTH
         timesteps = self.begin(start_index(s.steps, strength))
@@ -322,7 +349,7 @@ class Run:
         whole = isinstance(strategy, FullCanvas)  # the switched patches need the whole canvas in every model call
         with self.switched_patches(s.height, s.width) if whole else nullcontext([]) as switched:
             hooks = [*hooks, *switched]
-            return self.denoise(x, timesteps, strategy, self.denoiser((s.height, s.width)), hooks, name=name)
+            return self.denoise(x, timesteps, strategy, self.denoiser(size or (s.height, s.width)), hooks, name=name)
 
     def add_preview(self, latents: torch.Tensor) -> None:
         """Decode and keep a per-phase preview (skipped when previews are off), never in a larger VAE call than

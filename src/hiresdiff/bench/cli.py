@@ -134,7 +134,13 @@ def cmd_bench(args: argparse.Namespace) -> int:
     if args.report_only:
         _report(out, None, scoring, args)
         return 0
-    plan = plan_from_args(args)
+    return run_plan(args, plan_from_args(args), out, scoring)
+
+
+def run_plan(args: argparse.Namespace, plan: BenchPlan, out: Path, scoring: ScoringOptions | None) -> int:
+    """Generate the unfinished images of ``plan`` in ``out`` (this process's share), then score and report; also
+    the engine of ``hiresdiff reproduce``. ``args`` supplies device, dtype, allow_pickle, no_flops,
+    skip_memory_check, warmup, quiet and sheets."""
     from accelerate import PartialState
 
     from hiresdiff.bench.records import prepare_out

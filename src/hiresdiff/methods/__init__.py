@@ -21,6 +21,7 @@ from hiresdiff.methods.specs import (
     resize,
     scalecrafter,
     scalediff,
+    upsample_guidance,
 )
 
 _SPECS = (
@@ -36,6 +37,7 @@ _SPECS = (
     hidiffusion,
     scalecrafter,
     fouriscale,
+    upsample_guidance,
 )
 METHODS: dict[str, Method] = {spec.METHOD.name: spec.METHOD for spec in _SPECS}
 

@@ -8,7 +8,7 @@ line's ``--help``, ``methods`` and settings checks import this module without to
 from __future__ import annotations
 
 import importlib
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -19,6 +19,7 @@ from hiresdiff.patches.tables import FREEU_RULES
 if TYPE_CHECKING:
     import torch
 
+    from hiresdiff.pipeline import ModelFacts
     from hiresdiff.sampler import Run
 
 
@@ -36,6 +37,11 @@ class Params:
 
     def check(self, settings: GenerationSettings, native: int, grid: int) -> None:
         """Raise a one-line error for values that do not fit the settings or a model of ``native``/``grid`` px."""
+
+    def check_model(self, settings: GenerationSettings, model: ModelFacts) -> None:
+        """Raise a one-line error for values that cannot run on ``model``, a model of a family the method runs on
+        (family, native size, text width: facts known before its weights load), e.g. a size none of the family's
+        official tables covers — so the refusal comes before any model work, not from inside the recipe."""
 
     def check_fractions(self, *names: str) -> None:
         """One line for a parameter of ``names`` that is set (not None) and is no fraction of the steps in [0, 1]."""
@@ -99,6 +105,12 @@ class FreeUParams(Params):
 FAMILIES = ("sd", "sdxl", "flux")
 FAMILY_NAMES = {"sd": "SD 1.x/2.x", "sdxl": "SDXL", "flux": "FLUX"}
 
+#: where ``hidiffusion=true`` (:attr:`GenerationSettings.hidiffusion`) applies to a method
+#: (:attr:`Method.hidiffusion_switch`): ``"image"`` its first phase is a whole-canvas generation from noise or
+#: from an input picture (SDEdit); ``"noise"`` only from noise (an input picture replaces that phase); ``"never"``
+#: it has no such phase, or patches the UNet itself
+SWITCH_PHASES = ("image", "noise", "never")
+
 #: maps an input image's ``strength`` onto a method's own parameters: ``(strength, settings) → {name: value}``
 StrengthMap = Callable[[float, GenerationSettings], dict[str, Any]]
 
@@ -131,6 +143,11 @@ class Method:
     unsupported: dict[str, dict[str, Any]] = field(default_factory=dict)
     #: whether the recipe feeds a ControlNet's residuals to its denoiser calls (checked before any model work)
     takes_controlnet: bool = True
+    #: where the HiDiffusion switch applies (:data:`SWITCH_PHASES`; checked before any model work)
+    hidiffusion_switch: str = "noise"
+    #: whether the recipe enlarges decoded images in pixel space (``Run.pixel_upsample``/``upsample_image``), which
+    #: ``--upscaler`` then does; an input picture is enlarged that way by every method
+    pixel_upsampling: bool = False
 
     def check_family(self, family: str, params: Params) -> None:
         """One line when this method, or one of its parameter values, cannot run on a ``family`` model."""
@@ -158,7 +175,37 @@ class Method:
             "hidiffusion=true cannot run with a ControlNet yet; drop --controlnet or --set hidiffusion=true",
         )
 
+    def check_upscaler(self, upscaler: bool, has_source: bool, others: Sequence[str]) -> None:
+        """One line when ``--upscaler`` would change nothing: no input picture to enlarge and a recipe whose phases
+        grow in latent space only (``others``: the methods that upsample decoded images)."""
+        require(
+            not upscaler or has_source or self.pixel_upsampling,
+            f"--upscaler enlarges images in pixel space, which {self.name} does only with an input picture: add "
+            f"--image, drop --upscaler, or use a method that upsamples decoded images: {', '.join(others)}",
+        )
+
+    def check_switch(self, switched: bool, has_source: bool) -> None:
+        """One line when ``hidiffusion=true`` (``switched``) would change nothing: the method has no whole-canvas
+        first phase (``never``), or an input picture stands in for it (``noise`` with ``has_source``)."""
+        if not switched:
+            return
+        require(
+            self.hidiffusion_switch != "never",
+            f"hidiffusion=true adds HiDiffusion to a method's whole-canvas first phase; {self.name} has none or "
+            "patches the UNet already: drop --set hidiffusion=true (or use method direct)",
+        )
+        require(
+            self.hidiffusion_switch == "image" or not has_source,
+            f"hidiffusion=true patches {self.name}'s first phase, which an input image replaces: drop --set "
+            "hidiffusion=true or --image (method direct takes both)",
+        )
+
     def __post_init__(self) -> None:
+        require(
+            self.hidiffusion_switch in SWITCH_PHASES,
+            f"method {self.name}: hidiffusion_switch must be one of {', '.join(SWITCH_PHASES)}, "
+            f"got {self.hidiffusion_switch!r}",
+        )
         module, _, function = self.recipe.partition(":")
         require(bool(module and function), f"method {self.name}: recipe must be 'module:function', got {self.recipe!r}")
 

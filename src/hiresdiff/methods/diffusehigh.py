@@ -87,10 +87,14 @@ class WaveletGuidance(StepHook):
 
 
 def guidance_image(run: Run, params: DiffuseHighParams, image: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
-    """G: the previous stage's image (clamped, [−1, 1]) upsampled to ``size`` without clamping, then sharpened with
-    σ drawn from each image's generator (a constant shift and scale commute with both, so [−1, 1] is as good as
-    the official [0, 1])."""
-    g = F.interpolate(image, size=size, mode=params.upsample, align_corners=False)
+    """G: the previous stage's image (clamped, [−1, 1]) upsampled to ``size`` without clamping (or by the run's SR
+    model, ``--upscaler``), then sharpened with σ drawn from each image's generator (a constant shift and scale
+    commute with both, so [−1, 1] is as good as the official [0, 1])."""
+
+    def interpolate(x: torch.Tensor, to: tuple[int, int]) -> torch.Tensor:
+        return F.interpolate(x, size=to, mode=params.upsample, align_corners=False)
+
+    g = run.upsample_image(image, size, resample=interpolate)
     if not params.sharpen:
         return g
     low, high = params.sharpen_sigma

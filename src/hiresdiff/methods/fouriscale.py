@@ -10,7 +10,7 @@ to it; the layers and start/stop steps are the official ones for the architectur
      for i < start;
   3. for i ≥ stop, plain CFG (the official code keeps the 3 rows, whose weak row then equals cond: same output);
   4. one scheduler step (DDIM η = 1 in the ``official`` presets). SDXL size conditioning is the base size.
-An input image is SDEdited at the target size as in ``direct`` (size conditioning: the target size).
+An input image is SDEdited at the target size as in ``direct``, with the same size conditioning (the base size).
 
 Deliberate differences: switch steps are fractions of N (official: absolute steps at any N); odd padded sides get
 a length-n mask (official: crash); conv LoRAs are dilated too (official: dropped).
@@ -19,16 +19,10 @@ a length-n mask (official: crash); conv LoRAs are dilated too (official: dropped
 from __future__ import annotations
 
 from hiresdiff.methods.base import MethodOutput
-from hiresdiff.methods.specs.fouriscale import FouriScaleParams, switch_steps
+from hiresdiff.methods.specs.fouriscale import FouriScaleParams, base_and_dilation, switch_steps
 from hiresdiff.models.guidance import CFG, FOURISCALE, NO_GUIDANCE, GuidanceRule
 from hiresdiff.patches.clock import PatchClock
-from hiresdiff.patches.fouriscale import (
-    FouriScaleLayers,
-    base_and_dilation,
-    conv_layers,
-    fouriscale_patches,
-    layer_bases,
-)
+from hiresdiff.patches.fouriscale import FouriScaleLayers, conv_layers, fouriscale_patches, layer_bases
 from hiresdiff.patches.freeu import freeu_installed
 from hiresdiff.patches.tables import FOURISCALE_MODELS, model_kind
 from hiresdiff.sampler import Run
@@ -78,9 +72,9 @@ def run_fouriscale(run: Run, params: FouriScaleParams) -> MethodOutput:
             freeu_installed(ad, clock, params.freeu, params.freeu_rule),
         ):
             hooks = [clock]
+            size = base if ad.family == "sdxl" else None  # SDXL size conditioning: the base size, also for SDEdit
             if run.source is not None:  # upscaling: SDEdit of the input picture at the target size
-                return MethodOutput(latents=run.sdedit(strategy, "fouriscale (SDEdit)", hooks))
-            size = base if ad.family == "sdxl" else None
+                return MethodOutput(latents=run.sdedit(strategy, "fouriscale (SDEdit)", hooks, size))
             latents = run.sample_canvas(s.height, s.width, size, "fouriscale", hooks, strategy)
             return MethodOutput(latents=latents)
     finally:

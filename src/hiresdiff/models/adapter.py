@@ -8,6 +8,7 @@ encode/decode with the tiling of SPEC §2.4.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Hashable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -67,7 +68,9 @@ class Request:
 
     ``rule`` says which branches run per view and how they combine (``None``: :data:`~hiresdiff.models.guidance.CFG`
     when ``embeds`` has unconditional rows, else :data:`~hiresdiff.models.guidance.NO_GUIDANCE`; resolved on
-    construction).
+    construction). ``timestep`` is the timestep the model is given for these views (``None``: the step's own; Upsample
+    Guidance predicts its low-resolution canvas at τ in the same step): requests at other timesteps run in calls of
+    their own.
     """
 
     x: torch.Tensor
@@ -80,6 +83,7 @@ class Request:
     outputs: list[torch.Tensor] = field(default_factory=list)
     control: torch.Tensor | None = None  # ControlNet condition per view (n, 3, h·f, w·f) in [0, 1]
     rule: GuidanceRule | None = None
+    timestep: torch.Tensor | None = None
 
     def __post_init__(self) -> None:
         if self.rule is None:
@@ -99,6 +103,27 @@ class Request:
 
 #: one chunk of views predicted in one denoiser call: (request, view index) pairs, all under the same rule
 Chunk = list[tuple[Request, int]]
+
+
+def timestep_key(req: Request, step: Callable[[], float]) -> float | None:
+    """What a request's timestep adds to its views' batching key: ``None`` at the step's own timestep (given or
+    not, so every call is what it is without per-request timesteps), else the value (``step`` is read only then)."""
+    if req.timestep is None:
+        return None
+    value = float(req.timestep)
+    return None if value == step() else value
+
+
+def step_value(t: torch.Tensor) -> Callable[[], float]:
+    """``float(t)``, read once and only when asked (it waits for the device)."""
+    return functools.cache(lambda: float(t))
+
+
+def call_timestep(key: float | None, chunk: Chunk, t: torch.Tensor) -> torch.Tensor:
+    """The timestep of a denoiser call whose views have timestep key ``key`` (:func:`timestep_key`): the step's
+    ``t`` itself, or the views' own timestep."""
+    own = chunk[0][0].timestep
+    return t if key is None or own is None else own.to(t.device).reshape(t.shape)
 
 
 def branch_rows(rule: GuidanceRule, chunk: Chunk) -> Iterator[tuple[Branch, Request, int]]:
@@ -390,22 +415,25 @@ class ModelAdapter:
 
     @torch.no_grad()
     def predict(self, requests: list[Request], t: torch.Tensor, max_batch: int) -> list[torch.Tensor]:
-        """Guided predictions for every request, batching views of equal size and guidance rule together.
+        """Guided predictions for every request, batching views of equal size, timestep and guidance rule together.
 
-        Views from different requests (local views, dilated samples, …) share UNet calls when their spatial sizes
-        and rules match; each call holds at most ``max_batch`` UNet samples counting every branch of the rule (a
-        view whose branches alone exceed it runs them in several calls, :meth:`GuidanceRule.parts`).
+        Views from different requests (local views, dilated samples, …) share UNet calls when their spatial sizes,
+        timesteps (:attr:`Request.timestep`, default ``t``) and rules match; each call holds at most ``max_batch``
+        UNet samples counting every branch of the rule (a view whose branches alone exceed it runs them in several
+        calls, :meth:`GuidanceRule.parts`).
         """
-        calls = self.group_calls(requests, max_batch, lambda req, i: tuple(req.x.shape[-2:]))
-        chunks = [chunk for _, chunk in calls]
+        step = step_value(t)
+        calls = self.group_calls(requests, max_batch, lambda req, i: (*req.x.shape[-2:], timestep_key(req, step)))
 
-        def compute(chunk: Chunk) -> torch.Tensor:
+        def compute(call: tuple[Any, Chunk]) -> torch.Tensor:
+            key, chunk = call
             rule = chunk[0][0].guidance_rule
             x = torch.stack([req.x[i] for req, i in chunk])
-            out = torch.cat([self._forward(x, t, chunk, part) for part in rule.parts(max_batch)])
+            at = call_timestep(key[-1], chunk, t)
+            out = torch.cat([self._forward(x, at, chunk, part) for part in rule.parts(max_batch)])
             return self.guided(rule, chunk, out)
 
-        self.run_calls(chunks, chunks, compute)
+        self.run_calls([chunk for _, chunk in calls], calls, compute)
         return [torch.stack(r.outputs) for r in requests]
 
     @staticmethod

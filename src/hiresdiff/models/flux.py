@@ -42,7 +42,10 @@ from hiresdiff.models.adapter import (
     Request,
     branch_rows,
     call_rows,
+    call_timestep,
     quiet_text_libraries,
+    step_value,
+    timestep_key,
 )
 from hiresdiff.models.guidance import GuidanceRule
 
@@ -359,18 +362,25 @@ class FluxAdapter(ModelAdapter):
     def predict(self, requests: list[Request], t: torch.Tensor, max_batch: int) -> list[torch.Tensor]:
         """Velocity predictions for every request's views (canvas layout in and out).
 
-        Views of equal latent size, canvas position and guidance rule share transformer calls of at most
-        ``max_batch`` samples counting every branch of the rule (FLUX's default rule has one branch: no doubling).
+        Views of equal latent size, canvas position, timestep (:attr:`Request.timestep`, default ``t``) and guidance
+        rule share transformer calls of at most ``max_batch`` samples counting every branch of the rule (FLUX's
+        default rule has one branch: no doubling).
         """
         for req in requests:
             check_even(*req.x.shape[-2:])
-        calls = self.group_calls(requests, max_batch, lambda req, i: (*req.x.shape[-2:], *self.position(req.crops[i])))
+        step = step_value(t)
+
+        def key(req: Request, i: int) -> tuple[Any, ...]:
+            return (*req.x.shape[-2:], *self.position(req.crops[i]), timestep_key(req, step))
+
+        calls = self.group_calls(requests, max_batch, key)
 
         def compute(call: tuple[Any, Chunk]) -> torch.Tensor:
-            key, chunk = call
+            found, chunk = call
             rule = chunk[0][0].guidance_rule
             x = torch.stack([req.x[i] for req, i in chunk])
-            return self.guided(rule, chunk, self._forward_views(x, t, chunk, key[2:], rule))
+            at = call_timestep(found[-1], chunk, t)
+            return self.guided(rule, chunk, self._forward_views(x, at, chunk, found[2:4], rule))
 
         self.run_calls([chunk for _, chunk in calls], calls, compute)
         return [torch.stack(r.outputs) for r in requests]

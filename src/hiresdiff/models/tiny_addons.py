@@ -67,3 +67,27 @@ def save_tiny_addons(model: str, out: Path, seed: int = 0) -> tuple[Path, Path]:
     controlnet = out / "controlnet"
     tiny_controlnet(build_builtin_unet(model), seed).save_pretrained(controlnet)
     return controlnet, save_tiny_lora(model, out / "lora", seed + 1)
+
+
+#: shape of the tiny SR model: ×4 (two upsampling convs), like ESRGAN/BSRGAN, with few features and one block
+TINY_UPSCALER = {"features": 8, "growth": 32, "blocks": 1, "ups": 2}  # spandrel assumes ESRGAN's growth of 32
+#: gain on the tiny SR model's last conv, so that its random outputs spread over [0, 1] instead of clamping
+TINY_UPSCALER_GAIN = 8.0
+
+
+def save_tiny_upscaler(path: Path, seed: int = 0) -> Path:
+    """A ×4 RRDBNet (ESRGAN) with seeded random weights, saved in BasicSR's ESRGAN key layout (``conv_first``,
+    ``body.N.rdbK.convJ``, ``conv_body``, ``conv_up1/2``, ``conv_hr``, ``conv_last``) that spandrel detects."""
+    from safetensors.torch import save_file
+
+    from hiresdiff.models.rrdbnet import RRDBNet
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        net = RRDBNet(3, 3, **TINY_UPSCALER)
+    with torch.no_grad():  # default init gives outputs ≈ −0.06 ± 0.03, all clamped to black: spread around grey
+        net.conv_last.weight.mul_(TINY_UPSCALER_GAIN)
+        net.conv_last.bias.fill_(0.5)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.contiguous() for k, v in net.state_dict().items()}, str(path))
+    return path

@@ -9,8 +9,8 @@
 * **Q/K sharing** (:class:`QKShareProcessor`, every ``attn1``): rows of the ``weak`` branch take the queries and
   keys of the ``cond`` row of the same view in the same call (rows are branch-major), keeping their own values —
   the weak branch uses the strong branch's attention map.
-* **Base size and d₀** (:func:`base_and_dilation`): SD the native size (per layer native/2^ℓ), SDXL the official
-  aspect bucket with the least padding (per layer base · h_feat / H), both scaled to the model's native size.
+* **Per-layer bases** (:func:`layer_bases`) of the image's base size (torch-free, before any model work:
+  :func:`~hiresdiff.methods.specs.fouriscale.base_and_dilation`): SD native/2^ℓ, SDXL base · h_feat / H.
 """
 
 from __future__ import annotations
@@ -29,7 +29,6 @@ from hiresdiff.models.adapter import ModelAdapter
 from hiresdiff.models.guidance import COND, UNCOND, WEAK
 from hiresdiff.ops.fouriscale import (
     DEFAULT_FFT_ELEMENTS,
-    choose_base_size,
     dilation_at,
     feature_base_size,
     fourier_lowpass,
@@ -42,7 +41,7 @@ from hiresdiff.patches.clock import PatchClock
 from hiresdiff.patches.context import ConvSetting, InputConvPatch, Patch, patched
 from hiresdiff.patches.levels import adapt, address_index
 from hiresdiff.patches.processors import attention_output, plain_self_attention, self_attention_qkv
-from hiresdiff.patches.tables import LEVELS, NATIVE_SIZE, SDXL_BASE_BUCKETS, FouriScaleModel
+from hiresdiff.patches.tables import LEVELS, FouriScaleModel
 
 #: ``base_of(h_feat, w_feat)`` → the layer's base size (b_h, b_w) in feature cells
 BaseOf = Callable[[int, int], tuple[float, float]]
@@ -124,27 +123,6 @@ class FouriScaleLayers:
             )
             for (stride, filt), targets in groups.items()
         ]
-
-
-def scaled_buckets(native: int) -> list[tuple[int, int]]:
-    """FouriScale's SDXL aspect buckets scaled to a model of ``native`` px (the tiny SDXL: a quarter)."""
-    f = native / NATIVE_SIZE["sdxl"]
-    return [(round(bh * f), round(bw * f)) for bh, bw in SDXL_BASE_BUCKETS]
-
-
-def base_and_dilation(
-    arch: FouriScaleModel, base_size: Sequence[float] | None, native: int, height: int, width: int
-) -> tuple[tuple[int, int], int]:
-    """The base size (px, h × w) and d₀ of a ``height`` × ``width`` image: the given ``base_size`` or the
-    architecture's (SD: native, d₀ = max(⌈H/n⌉, ⌈W/n⌉); SDXL: the bucket with the least padding and its common ratio,
-    one error line when no bucket has ⌈H/b_h⌉ = ⌈W/b_w⌉)."""
-    if base_size is not None:
-        bh, bw = (int(v) for v in base_size)
-    elif arch.base == "buckets":
-        return choose_base_size(height, width, scaled_buckets(native))
-    else:
-        bh = bw = native
-    return (bh, bw), max(math.ceil(height / bh), math.ceil(width / bw))
 
 
 def layer_bases(arch: FouriScaleModel, base: tuple[int, int], height: int, grid: int) -> BaseOf:

@@ -16,16 +16,23 @@ from __future__ import annotations
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 import torch.nn.functional as F
 
+from hiresdiff.errors import require
+from hiresdiff.methods.specs.hidiffusion import HiDiffusionParams, schedule
 from hiresdiff.models.adapter import ModelAdapter
 from hiresdiff.ops.windows import NUM_SHIFTS, token_grid, windowed_attention
 from hiresdiff.patches.clock import PatchClock
 from hiresdiff.patches.context import ConvPatch, ConvSetting, OutputPatch, Patch, in_steps, patched
+from hiresdiff.patches.freeu import freeu_installed
 from hiresdiff.patches.processors import attention_output, plain_self_attention, row_samples, self_attention_qkv
+from hiresdiff.patches.tables import model_kind
+
+if TYPE_CHECKING:  # the sampler installs these patches for ``hidiffusion=true`` (Run.switched_patches)
+    from hiresdiff.sampler import Run
 
 #: the resolution-aware downsampler's conv setting
 RAD = ConvSetting(stride=4, padding=2, dilation=2)
@@ -143,3 +150,28 @@ def hidiffusion_patches(
         {"num_upsamplers": lambda n: n + UPSAMPLER_BOOST} if raunet is not None else None,
     ):
         yield
+
+
+@contextmanager
+def hidiffusion_installed(
+    run: Run, height: int, width: int, params: HiDiffusionParams | None = None
+) -> Iterator[PatchClock]:
+    """RAU-Net and MSW-MSA of ``params`` (``None``: the defaults, as ``hidiffusion=true`` applies them) installed
+    for sampling a ``height × width`` canvas of ``run``, with FreeU when asked; yields the clock to hook in."""
+    params = params or HiDiffusionParams()
+    s, ad = run.settings, run.adapter
+    require(run.control is None, "hidiffusion cannot run with ControlNet yet; drop --control or choose `direct`")
+    config = ad.unet.config
+    row, rad_steps, pool_steps = schedule(
+        params, model_kind(ad.family, config.cross_attention_dim), min(height, width) / ad.native_size, s.steps
+    )
+    lpb = config.layers_per_block
+    lpb = lpb[row.pool_level] if isinstance(lpb, (list, tuple)) else lpb
+    raunet = RAUNet(row.rad, rad_steps, row.pool_level, pool_steps, lpb) if params.raunet else None
+    state = MSWState(run.latent_size(height, width), run.generators, params.shift)  # type: ignore[arg-type]
+    clock = PatchClock()
+    with (
+        hidiffusion_patches(ad, clock, raunet, row.msw_msa if params.msw_msa else (), state),
+        freeu_installed(ad, clock, params.freeu, params.freeu_rule),
+    ):
+        yield clock

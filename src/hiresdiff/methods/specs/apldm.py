@@ -65,4 +65,5 @@ METHOD = Method(
     "hiresdiff.methods.apldm:run_apldm",
     setting_defaults={"ag_lambda": PAPER_AG_LAMBDA},
     strength_params=progressive_of,
+    pixel_upsampling=True,  # --upscaler enlarges its decoded images
 )

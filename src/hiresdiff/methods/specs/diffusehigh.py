@@ -160,4 +160,5 @@ METHOD = Method(
     presets=PRESETS,
     setting_defaults={"guidance": OFFICIAL_GUIDANCE},
     strength_params=restart_of,
+    pixel_upsampling=True,  # --upscaler enlarges its decoded images
 )

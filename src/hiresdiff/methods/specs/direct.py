@@ -25,4 +25,5 @@ METHOD = Method(
     DirectParams,
     "hiresdiff.methods.direct:run_direct",
     presets=PRESETS,
+    hidiffusion_switch="image",  # SDEdit of an input picture is a whole-canvas phase too
 )

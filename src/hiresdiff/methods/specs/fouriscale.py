@@ -2,19 +2,34 @@
 
 Torch-free: the start/stop steps of the dilation ramp are arithmetic over the official configurations of
 :mod:`hiresdiff.patches.tables` (at 50 steps; hiresdiff takes fractions, τ = int(N·f)), so plans, listings and
-``--set`` checks need no model. The base size and d₀ are resolved on the model (:mod:`hiresdiff.patches.fouriscale`).
+``--set`` checks need no model; so are the base size and d₀ (:func:`base_and_dilation`), so that a size no SDXL
+bucket fits is refused from the model's facts (:meth:`FouriScaleParams.check_model`) before its weights load.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from hiresdiff.config import GenerationSettings, check_finite
 from hiresdiff.errors import require
 from hiresdiff.methods.base import FreeUParams, Method
-from hiresdiff.patches.tables import FOURISCALE, OFFICIAL_STEPS, nearest_config, steps_at
+from hiresdiff.patches.tables import (
+    FOURISCALE,
+    FOURISCALE_MODELS,
+    NATIVE_SIZE,
+    OFFICIAL_STEPS,
+    SDXL_BASE_BUCKETS,
+    FouriScaleModel,
+    model_kind,
+    nearest_config,
+    steps_at,
+)
+
+if TYPE_CHECKING:
+    from hiresdiff.pipeline import ModelFacts
 
 #: how the prediction is guided: FouriScale's weak branch (3 rows per step) or plain CFG over the strong rows
 GUIDANCE_VARIANTS = ("fouriscale", "cfg")
@@ -76,10 +91,6 @@ class FouriScaleParams(FreeUParams):
 
     def check(self, settings: GenerationSettings, native: int, grid: int) -> None:
         require(
-            not settings.hidiffusion,
-            "hidiffusion=true adds HiDiffusion's patches to other methods; fouriscale patches the same UNet: drop it",
-        )
-        require(
             self.guidance_variant != "fouriscale" or settings.cfg,
             f"fouriscale guides with an unconditional row: guidance must be > 1 (got {settings.guidance}); "
             "raise --guidance or pass --set guidance_variant=cfg",
@@ -90,6 +101,13 @@ class FouriScaleParams(FreeUParams):
                     side >= grid and side % grid == 0,
                     f"base_size {side:g} px is not a positive multiple of the latent grid ({grid} px)",
                 )
+
+    def check_model(self, settings: GenerationSettings, model: ModelFacts) -> None:
+        """The switch steps and the base size resolved as the run will (no weights): a start after the official
+        stop, or an SDXL aspect no bucket fits, is one line before any model work."""
+        kind = model_kind(model.family, model.text_width)
+        switch_steps(self, kind, model.native, settings.height, settings.width, settings.steps)
+        base_and_dilation(FOURISCALE_MODELS[kind], self.base_size, model.native, settings.height, settings.width)
 
 
 def switch_steps(
@@ -102,6 +120,29 @@ def switch_steps(
     stop = params.stop_fraction if params.stop_fraction is not None else config.stop / OFFICIAL_STEPS
     require(start <= stop, f"fouriscale: start_fraction {start:g} must not exceed stop_fraction {stop:g}")
     return steps_at(steps, start), steps_at(steps, stop)
+
+
+def scaled_buckets(native: int) -> list[tuple[int, int]]:
+    """FouriScale's SDXL aspect buckets scaled to a model of ``native`` px (the tiny SDXL: a quarter)."""
+    f = native / NATIVE_SIZE["sdxl"]
+    return [(round(bh * f), round(bw * f)) for bh, bw in SDXL_BASE_BUCKETS]
+
+
+def base_and_dilation(
+    arch: FouriScaleModel, base_size: Sequence[float] | None, native: int, height: int, width: int
+) -> tuple[tuple[int, int], int]:
+    """The base size (px, h × w) and d₀ of a ``height`` × ``width`` image: the given ``base_size`` or the
+    architecture's (SD: native, d₀ = max(⌈H/n⌉, ⌈W/n⌉); SDXL: the bucket with the least padding and its common ratio,
+    one error line when no bucket has ⌈H/b_h⌉ = ⌈W/b_w⌉)."""
+    if base_size is not None:
+        bh, bw = (int(v) for v in base_size)
+    elif arch.base == "buckets":
+        from hiresdiff.ops.fouriscale import choose_base_size  # its module imports torch: only when it is needed
+
+        return choose_base_size(height, width, scaled_buckets(native))
+    else:
+        bh = bw = native
+    return (bh, bw), max(math.ceil(height / bh), math.ceil(width / bw))
 
 
 PRESETS: dict[str, dict[str, Any]] = {
@@ -119,4 +160,5 @@ METHOD = Method(
     "hiresdiff.methods.fouriscale:run_fouriscale",
     presets=PRESETS,
     families=("sd", "sdxl"),
+    hidiffusion_switch="never",  # it patches the same UNet convs itself
 )

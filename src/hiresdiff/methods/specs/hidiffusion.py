@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from hiresdiff.config import GenerationSettings, check_finite
+from hiresdiff.config import check_finite
 from hiresdiff.errors import require
 from hiresdiff.methods.base import FreeUParams, Method
 from hiresdiff.patches.tables import AGGRESSIVE_FRACTION, HiDiffusionRow, hidiffusion_row, step_range
@@ -45,12 +45,6 @@ class HiDiffusionParams(FreeUParams):
                 check_finite(name, value)
                 require(0.0 <= value <= 1.0, f"{name} is a fraction of the steps in [0, 1], got {value}")
         require(self.shift in SHIFT_MODES, f"unknown shift {self.shift!r}; choose one of: {', '.join(SHIFT_MODES)}")
-
-    def check(self, settings: GenerationSettings, native: int, grid: int) -> None:
-        require(
-            not settings.hidiffusion,
-            "hidiffusion=true adds HiDiffusion to other methods; method hidiffusion has it already: drop that --set",
-        )
 
 
 def schedule(
@@ -93,4 +87,5 @@ METHOD = Method(
     presets=PRESETS,
     families=("sd", "sdxl"),
     takes_controlnet=False,
+    hidiffusion_switch="never",  # it is HiDiffusion already
 )

@@ -19,4 +19,5 @@ METHOD = Method(
     "https://arxiv.org/abs/2302.08113",
     MultiDiffusionParams,
     "hiresdiff.methods.multidiffusion:run_multidiffusion",
+    hidiffusion_switch="never",  # local views only, never the whole canvas in one call
 )

@@ -26,4 +26,5 @@ METHOD = Method(
     ResizeParams,
     "hiresdiff.methods.resize:run_resize",
     strength_params=None,
+    pixel_upsampling=True,  # --upscaler enlarges its decoded images
 )

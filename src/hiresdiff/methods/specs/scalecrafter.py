@@ -12,8 +12,9 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-from hiresdiff.config import check_finite
+from hiresdiff.config import GenerationSettings, check_finite
 from hiresdiff.errors import require
 from hiresdiff.methods.base import FreeUParams, Method
 from hiresdiff.patches.tables import (
@@ -22,9 +23,13 @@ from hiresdiff.patches.tables import (
     SCALECRAFTER,
     SCRIPT_PRESETS,
     ScaleCrafterConfig,
+    model_kind,
     nearest_config,
     steps_at,
 )
+
+if TYPE_CHECKING:
+    from hiresdiff.pipeline import ModelFacts
 
 #: the level addresses a re-dilation table may name (convs only: resnets, down/upsamplers, the mid block)
 _CONV_ADDRESS = re.compile(r"^(down\d+\.res|ds\d+|mid|up\d+\.res|us\d+)$")
@@ -104,6 +109,15 @@ class ScaleCrafterParams(FreeUParams):
         light = parse_table("light_table", self.light_table) if self.light_table is not None else None
         return strong, light
 
+    def check_model(self, settings: GenerationSettings, model: ModelFacts) -> None:
+        """The run's plan resolved from the model's facts (no weights): an official table of another architecture
+        is one line before any model work. SD 1.x and 2.x tell apart by text width; where that is not known
+        before loading, the recipe checks."""
+        if model.family == "sd" and model.text_width is None:
+            return
+        kind = model_kind(model.family, model.text_width)
+        plan(self, kind, model.native, settings.height, settings.width, settings.steps)
+
 
 @dataclass(frozen=True)
 class ScaleCrafterPlan:
@@ -160,4 +174,5 @@ METHOD = Method(
     "hiresdiff.methods.scalecrafter:run_scalecrafter",
     presets=SCRIPT_PRESETS,  # official: the SDXL script, official-sd: the SD one (DDIM η = 1, FreeU)
     families=("sd", "sdxl"),
+    hidiffusion_switch="never",  # it patches the same UNet convs itself
 )

@@ -52,4 +52,5 @@ METHOD = Method(
     ScaleDiffParams,
     "hiresdiff.methods.scalediff:run_scalediff",
     strength_params=restart_of,
+    pixel_upsampling=True,  # --upscaler enlarges its decoded images
 )
