@@ -70,6 +70,12 @@ class LiveBytes(TorchDispatchMode):
 
     def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
         out = func(*args, **(kwargs or {}))
+        self.account(out, args, kwargs)
+        return out
+
+    def account(self, out: Any, args: Any, kwargs: Any) -> None:
+        """Count the new storages among an operation's outputs ``out`` (views of its inputs allocate nothing) and
+        extend the trail."""
         made = [t for t in tree_leaves(out) if isinstance(t, torch.Tensor) and t.device.type == self.device_type]
         fresh = [s for s in (t.untyped_storage() for t in made) if s._cdata not in self.live]
         if fresh:
@@ -86,7 +92,6 @@ class LiveBytes(TorchDispatchMode):
             self.window_peak = max(self.window_peak, self.current)
         if self.trail is not None:
             self.trail.append(self.current)
-        return out
 
     def now(self) -> int:
         """Bytes alive at this moment."""

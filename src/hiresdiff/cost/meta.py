@@ -4,9 +4,9 @@ The heavy modules of a pipeline (denoiser, VAE, text encoders) are built on the 
 :class:`MetaModule`. Everything else — the method's phases, views, dilated samples, blending, scheduler steps and
 noise — runs for real on the CPU with the actual canvas sizes. Each call of a wrapped module:
 
-1. moves its tensor arguments to ``meta`` and runs the real module under :class:`torch.utils.flop_counter.
-   FlopCounterMode` (attention processors installed by the method included, so NPA windows or attention capture
-   are counted as they run);
+1. moves its tensor arguments to ``meta`` and runs the real module under :class:`~hiresdiff.cost.shapes.TraceMode`
+   (PyTorch's FLOP formulas and the live bytes, meta kernels memoised; attention processors installed by the method
+   included, so NPA windows or attention capture are counted as they run);
 2. books the FLOPs, the number of samples and the call's peak memory (:mod:`hiresdiff.cost.memory`: activations
    on top of the canvas bytes alive on the CPU when the call starts) in a :class:`Ledger`;
 3. returns zeros of the output's shapes and dtypes on the CPU, so the orchestration goes on.
@@ -25,10 +25,10 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-from torch.utils.flop_counter import FlopCounterMode
 
 from hiresdiff.cost import store
 from hiresdiff.cost.memory import LiveBytes, fused_attention
+from hiresdiff.cost.shapes import TraceMode
 from hiresdiff.cost.trace import BASES, Trace, derive, map_tensors, take_rows
 from hiresdiff.patches.context import active_signature
 
@@ -248,12 +248,11 @@ class MetaModule:
                     host.bump(kept.rise)
                 return kept
         meta_args, meta_kwargs = to_device(args, torch.device("meta")), to_device(kwargs, torch.device("meta"))
-        live = LiveBytes("meta", trail=True)
         rise = host.rise() if host is not None else contextlib.nullcontext([0])
-        with torch.no_grad(), fused_attention(), FlopCounterMode(display=False) as counter, live, rise as up:
+        with torch.no_grad(), fused_attention(), TraceMode() as live, rise as up:
             out = fn(*meta_args, **meta_kwargs)
         trail = torch.tensor(live.trail, dtype=torch.int64)
-        trace = Trace(float(counter.get_total_flops()), out, live.peak, up[0], trail)
+        trace = Trace(float(live.flops), out, live.peak, up[0], trail)
         if name is not None:
             store.save(name, trace)
         return trace

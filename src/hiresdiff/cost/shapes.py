@@ -1,0 +1,165 @@
+"""One dispatch mode for a shape-only call: FLOPs, live bytes and the meta kernels' results, memoised per operation.
+
+Tracing a full-size denoiser on ``meta`` (:meth:`hiresdiff.cost.meta.MetaModule._trace`) runs thousands of aten
+operations, and most of the time goes into PyTorch's Python meta functions (the ``torch._refs`` elementwise rules:
+broadcasting, type promotion, strides) and into two stacked dispatch modes (the FLOP counter, :class:`LiveBytes`).
+Yet an SDXL UNet call of 5,329 operations has fewer than 200 distinct ones (the same convolution, norm, linear and
+attention of a block repeat at every level), and what a meta kernel returns — the shapes, strides and dtypes of
+its outputs — and what the FLOP counter books depend only on the operation and its arguments' shapes, strides,
+dtypes and constants. :class:`TraceMode` therefore answers an operation seen before from a table: its outputs made
+again as empty ``meta`` tensors of the recorded layout and its recorded FLOPs, which makes a trace several times
+cheaper. What the mode reports is what :class:`~torch.utils.flop_counter.FlopCounterMode` and
+:class:`LiveBytes` stacked (the counter below) report, operation for operation (tested):
+
+* FLOPs: PyTorch's formula registry (``torch.utils.flop_counter``) applied to each operation's overload packet;
+  an operation without a formula is decomposed (``OpOverload.decompose``) when it has a composite implementation
+  and its parts are counted, as the counter does; metadata queries are not counted;
+* live bytes: each operation that reaches the mode is accounted once, by its outputs (the parts of a
+  decomposition are the counter's business, as below a :class:`LiveBytes` stacked above it);
+* only operations whose outputs are fresh storages are answered from the table: views, in-place and ``out=``
+  operations (any alias in the schema), operations found to return an input's storage anyway (``_unsafe_view``),
+  outputs on other devices and unhashable arguments run for real.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch.utils._pytree import tree_flatten, tree_unflatten
+from torch.utils.flop_counter import FlopCounterMode
+
+from hiresdiff.cost.memory import LiveBytes
+
+#: what an operation's arguments may hold to be looked up (tensors are described by their layout)
+_ATOMS = (int, float, bool, str, type(None), torch.dtype, torch.device, torch.memory_format, torch.layout)
+#: metadata queries, which FlopCounterMode passes on uncounted
+_QUERIES = frozenset(
+    getattr(torch.ops.aten, name).default
+    for name in (
+        "sym_is_contiguous",
+        "is_contiguous",
+        "is_strides_like_format",
+        "is_non_overlapping_and_dense",
+        "size",
+        "sym_size",
+        "stride",
+        "sym_stride",
+        "storage_offset",
+        "sym_storage_offset",
+        "numel",
+        "sym_numel",
+        "dim",
+    )
+) | {torch.ops.aten.is_contiguous.memory_format, torch.ops.prim.layout.default}
+#: recorded operations kept per process (the table is cleared when it grows past this)
+MEMO_SIZE = 100_000
+#: (operation, argument descriptions) → (output leaves: layouts or constants, output structure, FLOPs)
+_MEMO: dict[Any, tuple[list[Any], Any, int]] = {}
+#: per operation: may its result be looked up (no alias in its schema)?
+_FRESH: dict[Any, bool] = {}
+_REGISTRY = FlopCounterMode(display=False).flop_registry
+
+
+def _describe(value: Any) -> Any:
+    """A hashable description of an argument: tensors by shape, strides, dtype, device and offset."""
+    if isinstance(value, torch.Tensor):
+        return (tuple(value.shape), value.stride(), value.dtype, value.device.type, value.storage_offset())
+    if isinstance(value, (list, tuple)):
+        return tuple(_describe(v) for v in value)
+    if isinstance(value, _ATOMS):
+        return value
+    raise TypeError(type(value).__name__)
+
+
+def _fresh(func: Any) -> bool:
+    """Whether ``func`` returns new storages only (no view, no in-place or ``out=`` argument)."""
+    known = _FRESH.get(func)
+    if known is None:
+        schema = func._schema
+        aliased = any(r.alias_info is not None for r in schema.returns)
+        written = any(a.alias_info is not None and a.alias_info.is_write for a in schema.arguments)
+        known = _FRESH[func] = not aliased and not written
+    return known
+
+
+def _layouts(out: Any, args: Any, kwargs: dict[str, Any]) -> tuple[list[Any], Any] | str:
+    """The output's leaves as layouts or constants, and its structure — or why it cannot be rebuilt: ``"shared"``
+    (a tensor on an input's storage although the schema has no alias: ``_unsafe_view`` and kin; or two outputs
+    on one storage), ``"elsewhere"`` (a tensor not on a new ``meta`` storage: another device, an offset)."""
+    leaves, spec = tree_flatten(out)
+    given = {t.untyped_storage()._cdata for t in tree_flatten((args, kwargs))[0] if isinstance(t, torch.Tensor)}
+    described: list[Any] = []
+    for leaf in leaves:
+        if isinstance(leaf, torch.Tensor):
+            if leaf.device.type != "meta" or leaf.storage_offset() != 0:
+                return "elsewhere"
+            storage = leaf.untyped_storage()._cdata
+            if storage in given:
+                return "shared"
+            given.add(storage)
+            described.append((tuple(leaf.shape), leaf.stride(), leaf.dtype))
+        else:
+            described.append(("constant", leaf))
+    return described, spec
+
+
+def _rebuilt(leaves: list[Any], spec: Any) -> Any:
+    made = [
+        leaf[1] if leaf[0] == "constant" else torch.empty_strided(leaf[0], leaf[1], dtype=leaf[2], device="meta")
+        for leaf in leaves
+    ]
+    return tree_unflatten(made, spec)
+
+
+class TraceMode(LiveBytes):
+    """FLOPs (``flops``), live ``meta`` bytes, their peak and trail of one shape-only call, in one dispatch mode
+    with memoised meta kernels (module docstring)."""
+
+    def __init__(self) -> None:
+        super().__init__("meta", trail=True)
+        self.flops = 0
+        self._decomposing = 0
+
+    def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        kwargs = kwargs or {}
+        out = self._run(func, args, kwargs)
+        if not self._decomposing:
+            self.account(out, args, kwargs)
+        return out
+
+    def _run(self, func: Any, args: Any, kwargs: dict[str, Any]) -> Any:
+        """``func``'s result and its FLOPs booked: from the table, by decomposition, or by running it."""
+        if func in _QUERIES or isinstance(func, torch._ops.HigherOrderOperator):
+            return func(*args, **kwargs)
+        key = None
+        if _fresh(func):
+            try:
+                key = (func, _describe(args), _describe(tuple(sorted(kwargs.items()))))
+            except TypeError:
+                key = None
+        if key is not None and (seen := _MEMO.get(key)) is not None:
+            self.flops += seen[2]
+            return _rebuilt(seen[0], seen[1])
+        packet = func._overloadpacket
+        if packet not in _REGISTRY and func is not torch.ops.prim.device.default:
+            self._decomposing += 1
+            try:
+                with self:
+                    parts = func.decompose(*args, **kwargs)
+            finally:
+                self._decomposing -= 1
+            if parts is not NotImplemented:
+                return parts
+        out = func(*args, **kwargs)
+        flops = int(_REGISTRY[packet](*args, **kwargs, out_val=out)) if packet in _REGISTRY else 0
+        self.flops += flops
+        if key is not None:
+            layouts = _layouts(out, args, kwargs)
+            if layouts == "shared":
+                _FRESH[func] = False  # returns its input's storage: always run it
+            elif not isinstance(layouts, str):
+                if len(_MEMO) >= MEMO_SIZE:
+                    _MEMO.clear()
+                _MEMO[key] = (layouts[0], layouts[1], flops)
+        return out
