@@ -50,6 +50,8 @@ ALTERNATIVES: dict[str, Any] = {
     "base_size": (256.0, 256.0),
     "table": "mid=2",
     "light_table": "mid=1.5",
+    "global_mode": "dilated",
+    "blur_axes": "hw",
     "dilate_fraction": 0.5,
     "ndcfg_fraction": 0.4,
     "dwt_steps": 2,
@@ -96,7 +98,8 @@ def _alternative(name: str, default: Any, method: str = "") -> Any:
 
 
 def _cases() -> list[tuple[str, str]]:
-    out = [(m, f.name) for m, method in METHODS.items() for f in dataclasses.fields(method.params)]
+    methods = [m for m in METHODS.values() if not m.own_control]  # accdiffusion-v2: tests/test_accdiffusion_v2.py
+    out = [(m.name, f.name) for m in methods for f in dataclasses.fields(m.params)]
     return out + [("demofusion", name) for name in PIXEL_SETTINGS]
 
 

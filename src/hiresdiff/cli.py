@@ -296,7 +296,11 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser("methods", help="list methods, their parameters and defaults")
     t = sub.add_parser("make-tiny", help="write a tiny random ControlNet folder and LoRA file for a tiny model")
     t.add_argument("--model", default="tiny-sdxl", help="tiny-sdxl or tiny-sd")
-    t.add_argument("--out", default="tiny-addons", help="folder: OUT/controlnet and OUT/lora/…safetensors")
+    t.add_argument(
+        "--out",
+        default="tiny-addons",
+        help="folder: OUT/controlnet and OUT/lora/…safetensors (tiny-sdxl: also OUT/controlnet-canny)",
+    )
     t.add_argument("--seed", type=int, default=0)
     t.add_argument(
         "--upscaler", action="store_true", help="write OUT/upscaler.safetensors instead: a tiny random ×4 ESRGAN"

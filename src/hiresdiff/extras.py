@@ -182,6 +182,7 @@ def prepare_extras(
     upscaler: str | os.PathLike[str] | None = None,
     allow_pickle: bool = False,
     expected: dict[str, Any] | None = None,
+    own_control: bool = False,
 ) -> tuple[Extras, int, int]:
     """Validate the extras and decide the target size: ``(extras, width, height)``.
 
@@ -191,7 +192,8 @@ def prepare_extras(
     ``loras``, ``upscaler``): a file that differs is refused. ``upscaler`` is loaded here (cached), so a file that is
     not an SR model stops before any generation work. A ControlNet or LoRA made for another family than ``family``
     (ControlNet: also another text width than ``text_width``, the denoiser's ``cross_attention_dim``) is refused
-    from its config or tensor names, before any weights load.
+    from its config or tensor names, before any weights load. ``own_control``: the method makes its own control
+    images (:attr:`~hiresdiff.methods.base.Method.own_control`), so ``--controlnet`` needs none and takes none.
     """
     given = (image, scale, fit, controlnet, control_image, control_scale, loras, upscaler, expected)
     typed = typed_extras(dict(zip(EXTRA_ARGS, given, strict=True)))
@@ -222,12 +224,16 @@ def prepare_extras(
         require(family != "flux", "ControlNet works with SD 1.x/2.x and SDXL models here; FLUX is not supported")
         net = resolve_controlnet(controlnet, allow_pickle=allow_pickle)
         check_controlnet_fits(net, text_width, family)
+        require(
+            not (own_control and control_image is not None),
+            "this method makes its own ControlNet condition (edges of each phase's image): drop --control-image",
+        )
         if control_image is not None:
             cond = load_source_image(control_image)
             _same_file("--control-image", cond, exp.get("control_image"))
             check_aspect(cond.height, cond.width, (height, width), grid, fit)
         require(
-            cond is not None or source is not None,
+            cond is not None or source is not None or own_control,
             "--controlnet needs a control image: pass --control-image, or --image (then also the control image)",
         )
     else:

@@ -301,10 +301,11 @@ class HiresPipeline:
         source = None if ex.source is None else fit_to_aspect(ex.source.pixels, target, ex.fit, grid=grid)
         if ex.controlnet is None:
             return source, None, None
-        picture = ex.control_source
-        assert picture is not None  # prepare_extras guarantees one
-        pixels = fit_to_aspect(picture.pixels, target, ex.fit, grid=grid)
-        control = ControlCondition((pixels + 1.0) / 2.0, self.adapter.vae_scale_factor)
+        picture = ex.control_source  # none where the method makes its own (Method.own_control)
+        control = None
+        if picture is not None:
+            pixels = fit_to_aspect(picture.pixels, target, ex.fit, grid=grid)
+            control = ControlCondition((pixels + 1.0) / 2.0, self.adapter.vae_scale_factor)
         return source, control, self._controlnet(ex.controlnet)
 
     def run(
@@ -575,6 +576,7 @@ def validate_request(
         width=width,
         height=height,
         allow_pickle=allow_pickle,
+        own_control=get_method(method).own_control,
     )
     require(
         not (model.family == "flux" and kwargs.get("negative_prompt")),
@@ -584,6 +586,7 @@ def validate_request(
     check_for_model(req, model.native, model.grid)
     req.method.check_family(model.family, req.params)
     req.params.check_model(req.settings, model)
+    req.params.check_controlnet(req.extras.controlnet)
     req.method.check_controlnet(req.extras.controlnet is not None, req.settings.hidiffusion)
     require(
         not (req.settings.hidiffusion and model.family == "flux"),

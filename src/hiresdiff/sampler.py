@@ -286,20 +286,24 @@ class Run:
         return self.adapter.decode(latents, self.inner_tile_area, clamp=clamp)
 
     def pixel_upsample(
-        self, latents: torch.Tensor | None, size: tuple[int, int], pixels: torch.Tensor | None = None
+        self,
+        latents: torch.Tensor | None,
+        size: tuple[int, int],
+        pixels: torch.Tensor | None = None,
+        resample: Callable[[torch.Tensor, tuple[int, int]], torch.Tensor] | None = None,
     ) -> torch.Tensor:
         """Decode (unclamped), plain bicubic upsample to ``size`` pixels, clamp, encode (posterior mean) — the
         pixel-space step of AP-LDM (SPEC §5) and ScaleDiff's ``Z_RU`` (SPEC §6). The decoded image is kept as
         a preview. ``pixels`` (the caller's input picture standing for ``latents``) replace the decode; they are
         resized like a photo (antialiased where they shrink). With an SR model both go through it
-        (:meth:`upsample_image`)."""
+        (:meth:`upsample_image`); ``resample`` replaces both resizes otherwise (FreeScale: bicubic, no clamp)."""
         with self.adapter.borrowed(self.adapter.vae):  # low-VRAM: one denoiser round trip for decode and encode
             if pixels is None:
                 assert latents is not None
                 image = self.decode_inner(latents, clamp=False)
-                resized = self.upsample_image(image, size)
+                resized = self.upsample_image(image, size, resample=resample)
             else:
-                image, resized = pixels, self.upsample_image(pixels, size, photo=True)
+                image, resized = pixels, self.upsample_image(pixels, size, photo=True, resample=resample)
             self.keep_preview(image.clamp(-1, 1))
             return self.adapter.encode(resized, self.inner_tile_area)
 

@@ -567,6 +567,8 @@ def row_problem(row: TableRow) -> str | None:
     method = METHODS.get(str(row.method))
     if method is None:
         return f"not runnable yet: hiresdiff has no method {row.method!r}"
+    if method.own_control:
+        return f"not runnable yet: {row.method!r} needs a canny SDXL ControlNet, which bench does not load"
     if row.preset is not None and row.preset not in method.presets:
         return f"not runnable yet: method {row.method!r} has no preset {row.preset!r}"
     names = {f.name for f in dataclasses.fields(method.params)}

@@ -25,6 +25,16 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
 
+def _tensors(obj: Any) -> list[torch.Tensor]:
+    """The tensors in an operation's arguments or outputs: a tensor, flat tuples and lists of tensors and
+    constants walked directly (nearly every aten operation), anything else by :func:`tree_leaves`."""
+    if isinstance(obj, torch.Tensor):
+        return [obj]
+    if isinstance(obj, (tuple, list)) and not any(isinstance(v, (tuple, list, dict)) for v in obj):
+        return [v for v in obj if isinstance(v, torch.Tensor)]
+    return [t for t in tree_leaves(obj) if isinstance(t, torch.Tensor)]
+
+
 class LiveBytes(TorchDispatchMode):
     """Bytes of the live storages created under this mode on ``device_type`` tensors: ``current`` and ``peak``;
     ``window_peak`` is the peak since the last :meth:`mark` (one denoising step, :mod:`hiresdiff.cost.replay`).
@@ -76,10 +86,10 @@ class LiveBytes(TorchDispatchMode):
     def account(self, out: Any, args: Any, kwargs: Any) -> None:
         """Count the new storages among an operation's outputs ``out`` (views of its inputs allocate nothing) and
         extend the trail."""
-        made = [t for t in tree_leaves(out) if isinstance(t, torch.Tensor) and t.device.type == self.device_type]
+        made = [t for t in _tensors(out) if t.device.type == self.device_type]
         fresh = [s for s in (t.untyped_storage() for t in made) if s._cdata not in self.live]
         if fresh:
-            given = {t.untyped_storage()._cdata for t in tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)}
+            given = {t.untyped_storage()._cdata for t in _tensors((args, kwargs))}
             for storage in fresh:
                 key, nbytes = storage._cdata, storage.nbytes()
                 if key in given or key in self.live:  # a view of an input (a weight) allocates nothing

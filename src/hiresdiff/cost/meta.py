@@ -139,7 +139,8 @@ def _recording(processors: Any) -> bool:
 
 
 def processor_signature(module: torch.nn.Module) -> tuple[Any, ...] | None:
-    """What the installed attention processors do: their types and the canvas size they were set up for.
+    """What the installed attention processors do: their types, the canvas size they were set up for and their
+    ``cost_key`` (settings that change their work at equal shapes, e.g. FreeScale's global branch and blur).
 
     ``None`` when a processor records something per call (``cost_cacheable = False``, e.g. AccDiffusion's
     attention capture): such calls must really run every time.
@@ -149,7 +150,10 @@ def processor_signature(module: torch.nn.Module) -> tuple[Any, ...] | None:
         return ()
     if not all(getattr(p, "cost_cacheable", True) for p in processors.values()):
         return None
-    return tuple((type(p).__name__, getattr(getattr(p, "state", None), "latent_hw", None)) for p in processors.values())
+    return tuple(
+        (type(p).__name__, getattr(getattr(p, "state", None), "latent_hw", None), getattr(p, "cost_key", None))
+        for p in processors.values()
+    )
 
 
 #: How many samples a call has and how many native-size samples they are worth: ``(args, kwargs) -> (n, native)``

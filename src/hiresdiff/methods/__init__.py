@@ -10,12 +10,14 @@ from hiresdiff.errors import HiresError
 from hiresdiff.methods.base import Method, MethodOutput, Params
 from hiresdiff.methods.specs import (
     accdiffusion,
+    accdiffusion_v2,
     apldm,
     apt,
     demofusion,
     diffusehigh,
     direct,
     fouriscale,
+    freescale,
     hidiffusion,
     multidiffusion,
     resize,
@@ -30,6 +32,7 @@ _SPECS = (
     multidiffusion,
     demofusion,
     accdiffusion,
+    accdiffusion_v2,
     apt,
     apldm,
     scalediff,
@@ -38,6 +41,7 @@ _SPECS = (
     scalecrafter,
     fouriscale,
     upsample_guidance,
+    freescale,
 )
 METHODS: dict[str, Method] = {spec.METHOD.name: spec.METHOD for spec in _SPECS}
 

@@ -19,6 +19,7 @@ from hiresdiff.patches.tables import FREEU_RULES
 if TYPE_CHECKING:
     import torch
 
+    from hiresdiff.models.controlnet import ControlNetSpec
     from hiresdiff.pipeline import ModelFacts
     from hiresdiff.sampler import Run
 
@@ -42,6 +43,10 @@ class Params:
         """Raise a one-line error for values that cannot run on ``model``, a model of a family the method runs on
         (family, native size, text width: facts known before its weights load), e.g. a size none of the family's
         official tables covers — so the refusal comes before any model work, not from inside the recipe."""
+
+    def check_controlnet(self, controlnet: ControlNetSpec | None) -> None:
+        """Raise a one-line error when the run's ControlNet (``None``: none), known from its config and reference
+        before weights load, does not fit these parameters (AccDiffusion v2 needs a canny one)."""
 
     def check_fractions(self, *names: str) -> None:
         """One line for a parameter of ``names`` that is set (not None) and is no fraction of the steps in [0, 1]."""
@@ -143,6 +148,9 @@ class Method:
     unsupported: dict[str, dict[str, Any]] = field(default_factory=dict)
     #: whether the recipe feeds a ControlNet's residuals to its denoiser calls (checked before any model work)
     takes_controlnet: bool = True
+    #: whether the recipe makes its ControlNet conditions itself (AccDiffusion v2's edge maps): it takes no control
+    #: image, and its parameters check the ControlNet (:meth:`Params.check_controlnet`)
+    own_control: bool = False
     #: where the HiDiffusion switch applies (:data:`SWITCH_PHASES`; checked before any model work)
     hidiffusion_switch: str = "noise"
     #: whether the recipe enlarges decoded images in pixel space (``Run.pixel_upsample``/``upsample_image``), which

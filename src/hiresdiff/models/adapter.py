@@ -70,7 +70,9 @@ class Request:
     when ``embeds`` has unconditional rows, else :data:`~hiresdiff.models.guidance.NO_GUIDANCE`; resolved on
     construction). ``timestep`` is the timestep the model is given for these views (``None``: the step's own; Upsample
     Guidance predicts its low-resolution canvas at τ in the same step): requests at other timesteps run in calls of
-    their own.
+    their own. ``control_weight`` multiplies the run's ControlNet scale for these views (0: they opt out of the
+    ControlNet and need no ``control``; AccDiffusion v2 steers its local views only): requests of other weights still
+    share calls, since residuals scale linearly (:meth:`ModelAdapter._control_residuals`).
     """
 
     x: torch.Tensor
@@ -84,6 +86,7 @@ class Request:
     control: torch.Tensor | None = None  # ControlNet condition per view (n, 3, h·f, w·f) in [0, 1]
     rule: GuidanceRule | None = None
     timestep: torch.Tensor | None = None
+    control_weight: float = 1.0
 
     def __post_init__(self) -> None:
         if self.rule is None:
@@ -136,6 +139,11 @@ def branch_rows(rule: GuidanceRule, chunk: Chunk) -> Iterator[tuple[Branch, Requ
 def call_rows(rule: GuidanceRule, chunk: Chunk) -> list[tuple[int, str]]:
     """``(canvas sample or −1, branch name)`` of every row of a call (:attr:`ModelAdapter.call_info`)."""
     return [(req.samples[i] if req.samples else -1, branch.name) for branch, req, i in branch_rows(rule, chunk)]
+
+
+def _rows_of(added: dict[str, torch.Tensor], rows: torch.Tensor) -> dict[str, torch.Tensor]:
+    """The SDXL ``added_cond_kwargs`` (pooled text, time ids) of the call's rows ``rows``."""
+    return {name: value.index_select(0, rows.to(value.device)) for name, value in added.items()}
 
 
 class ModelAdapter:
@@ -384,24 +392,46 @@ class ModelAdapter:
     ) -> dict[str, Any]:
         """ControlNet residuals for the views of one UNet call: each view's own condition (every guidance branch
         sees it, as both halves do in diffusers' ControlNet pipelines without guess mode), scaled by
-        :attr:`control_scale`."""
-        missing = [req for req, _ in chunk if req.control is None]
-        if missing:
+        :attr:`control_scale` times the view's :attr:`Request.control_weight`.
+
+        diffusers multiplies the residuals by ``conditioning_scale`` after the ControlNet, so a per-row weight is
+        the same product done row by row: views of one weight pass it in the scale (bit for bit today's call when
+        every weight is 1), views of several get the weights applied per row. Views of weight 0 are left out of the
+        ControlNet call and get zero residuals (``x + 0`` leaves their UNet rows as without a ControlNet); a call
+        whose views all have weight 0 runs no ControlNet."""
+        weights = [req.control_weight for req, _ in chunk]
+        used = [k for k, w in enumerate(weights) if w != 0.0]
+        if not used:
+            return {}
+        if any(chunk[k][0].control is None for k in used):
             raise RuntimeError("a denoiser request carries no ControlNet condition while a ControlNet is active")
-        cond = torch.cat([req.control[i : i + 1] for req, i in chunk])  # type: ignore[index]
+        cond = torch.cat([chunk[k][0].control[chunk[k][1] : chunk[k][1] + 1] for k in used])  # type: ignore[index]
         cond = torch.cat([cond] * branches)
         if not cond.is_meta:  # the cost model's shape-only conditions stay on the meta device
             cond = cond.to(self.device, self.controlnet.dtype)  # type: ignore[union-attr]
+        rows = None
+        if len(used) < len(chunk):  # branch-major rows of the views that use the ControlNet
+            rows = torch.tensor([b * len(chunk) + k for b in range(branches) for k in used], device=model_in.device)
+            model_in, context = model_in.index_select(0, rows), context.index_select(0, rows.to(context.device))
+            kwargs = {name: _rows_of(value, rows) for name, value in kwargs.items()}  # SDXL's added_cond_kwargs
+        distinct = {weights[k] for k in used}
         down, mid = self.controlnet(  # type: ignore[misc]
             model_in,
             t,
             encoder_hidden_states=context,
             controlnet_cond=cond,
-            conditioning_scale=self.control_scale,
+            conditioning_scale=self.control_scale * (weights[used[0]] if len(distinct) == 1 else 1.0),
             return_dict=False,
             **kwargs,
         )
-        return {"down_block_additional_residuals": down, "mid_block_additional_residual": mid}
+        residuals = [*down, mid]
+        if len(distinct) > 1:
+            per_row = torch.tensor([weights[k] for _ in range(branches) for k in used], dtype=torch.float32)
+            residuals = [(r * per_row.to(r.device).view(-1, 1, 1, 1)).to(r.dtype) for r in residuals]
+        if rows is not None:
+            total = len(chunk) * branches
+            residuals = [r.new_zeros((total, *r.shape[1:])).index_copy_(0, rows.to(r.device), r) for r in residuals]
+        return {"down_block_additional_residuals": residuals[:-1], "mid_block_additional_residual": residuals[-1]}
 
     @contextmanager
     def use_controlnet(self, controlnet: torch.nn.Module | None, scale: float) -> Iterator[None]:

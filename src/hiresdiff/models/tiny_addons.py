@@ -58,15 +58,22 @@ def save_tiny_lora(model: str, folder: Path, seed: int = 0) -> Path:
     return folder / "pytorch_lora_weights.safetensors"
 
 
-def save_tiny_addons(model: str, out: Path, seed: int = 0) -> tuple[Path, Path]:
-    """``out/controlnet`` (a ControlNet folder) and ``out/lora/pytorch_lora_weights.safetensors`` for ``model``."""
+def save_tiny_addons(model: str, out: Path, seed: int = 0) -> tuple[Path, ...]:
+    """``out/controlnet`` (a ControlNet folder) and ``out/lora/pytorch_lora_weights.safetensors`` for ``model``;
+    for tiny-sdxl also ``out/controlnet-canny``, a ControlNet that counts as canny-type by its name (accdiffusion-v2
+    feeds it edge maps; random weights have no type), with another seed."""
     require(
         model in BUILTIN_MODELS and BUILTIN_MODELS[model].family != "flux" and model.startswith("tiny-"),
         f"tiny ControlNets and LoRAs are made for tiny-sd and tiny-sdxl, not {model!r}",
     )
     controlnet = out / "controlnet"
-    tiny_controlnet(build_builtin_unet(model), seed).save_pretrained(controlnet)
-    return controlnet, save_tiny_lora(model, out / "lora", seed + 1)
+    unet = build_builtin_unet(model)
+    tiny_controlnet(unet, seed).save_pretrained(controlnet)
+    paths = (controlnet, save_tiny_lora(model, out / "lora", seed + 1))
+    if BUILTIN_MODELS[model].family == "sdxl":
+        tiny_controlnet(unet, seed + 2).save_pretrained(out / "controlnet-canny")
+        paths += (out / "controlnet-canny",)
+    return paths
 
 
 #: shape of the tiny SR model: ×4 (two upsampling convs), like ESRGAN/BSRGAN, with few features and one block

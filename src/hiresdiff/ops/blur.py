@@ -40,3 +40,19 @@ def gaussian_blur(x: torch.Tensor, kernel_size: int, sigma: float, padding: str 
     y = F.conv2d(y, g.view(1, 1, 1, -1), padding=(0, pad))
     y = F.conv2d(y, g.view(1, 1, -1, 1), padding=(pad, 0))
     return y.reshape(b, c, h, w)
+
+
+def gaussian_blur_axes(x: torch.Tensor, dims: tuple[int, ...], kernel_size: int, sigma: float) -> torch.Tensor:
+    """Blur ``x`` along each of ``dims`` with the normalised 1-D Gaussian (:func:`gaussian_kernel1d`), zero padding
+    ``k // 2`` on every blurred axis: the separable form of one convolution with the outer-product kernel over those
+    axes (FreeScale's 3-D Gaussian over rows, columns and feature channels, SPEC-baselines-progressive §2.2, is
+    ``dims`` = the three of them). The output keeps the shape of ``x``; ``kernel_size = 1`` returns ``x``."""
+    g = gaussian_kernel1d(kernel_size, sigma, dtype=x.dtype).to(x.device)
+    if kernel_size == 1:
+        return x
+    for dim in dims:
+        moved = x.movedim(dim, -1)
+        shape = moved.shape
+        y = F.conv1d(moved.reshape(-1, 1, shape[-1]), g.view(1, 1, -1), padding=kernel_size // 2)
+        x = y.reshape(shape).movedim(-1, dim)
+    return x

@@ -51,20 +51,22 @@ def _jitter_bounds(start: int, size: int, side: int, j: int) -> tuple[int, int]:
 
 
 def jitter_views(
-    views: list[View], height: int, width: int, max_jitter: int, generator: torch.Generator | None
+    views: list[View], height: int, width: int, max_jitter: int | tuple[int, int], generator: torch.Generator | None
 ) -> list[View]:
     """Shift each view by integers drawn uniformly from its jitter range (SPEC §2.2), using ``generator``.
 
-    One uniform draw per view and axis; the ranges depend on whether the view touches a border.
+    One uniform draw per view and axis; the ranges depend on whether the view touches a border. ``max_jitter`` is
+    one bound for both axes or (rows, columns) (FreeScale's windows jitter by ⅛ of each side).
     """
-    if max_jitter <= 0 or not views:
+    jh, jw = max_jitter if isinstance(max_jitter, tuple) else (max_jitter, max_jitter)
+    if max(jh, jw) <= 0 or not views:
         return list(views)
     device = generator.device if generator is not None else torch.device("cpu")
     u = torch.rand((len(views), 2), generator=generator, device=device).tolist()
     out = []
     for v, (uh, uw) in zip(views, u, strict=True):
-        lo_h, hi_h = _jitter_bounds(v.top, v.height, height, max_jitter)
-        lo_w, hi_w = _jitter_bounds(v.left, v.width, width, max_jitter)
+        lo_h, hi_h = _jitter_bounds(v.top, v.height, height, jh)
+        lo_w, hi_w = _jitter_bounds(v.left, v.width, width, jw)
         dh = lo_h + min(int(uh * (hi_h - lo_h + 1)), hi_h - lo_h)
         dw = lo_w + min(int(uw * (hi_w - lo_w + 1)), hi_w - lo_w)
         out.append(View(v.top + dh, v.left + dw, v.height, v.width))

@@ -20,10 +20,10 @@ from hiresdiff.ops.npa import npa_attention, npa_supported
 from hiresdiff.patches.attention_flux import flux_neighborhood_attention
 from hiresdiff.patches.processors import (
     NPAState,
+    SelfAttentionPatch,
     attention_level,
     attention_output,
     grid_at_level,
-    plain_self_attention,
     self_attention_qkv,
 )
 
@@ -128,7 +128,7 @@ def capture_cross_attention(
         unet.set_attn_processor(original)
 
 
-class NPAProcessor:
+class NPAProcessor(SelfAttentionPatch):
     """Self-attention with neighborhood patch attention (SPEC §6) on a layer of native grid ``native × native``.
 
     Layers whose current grid is too small or not a multiple of ``native/2``, and any call with an attention mask
@@ -138,20 +138,16 @@ class NPAProcessor:
     def __init__(self, inner: Any, state: NPAState, level: int, native: int) -> None:
         self.inner, self.state, self.level, self.native = inner, state, level, native
 
-    def __call__(
-        self,
-        attn: Any,
-        hidden_states: torch.Tensor,
-        encoder_hidden_states: torch.Tensor | None = None,
-        attention_mask: torch.Tensor | None = None,
-        *args: Any,
-        **kwargs: Any,
-    ) -> torch.Tensor:
-        grid = grid_at_level(*self.state.latent_hw, self.level)
-        plain = plain_self_attention(hidden_states, encoder_hidden_states, attention_mask)
-        if plain or hidden_states.shape[1] != grid[0] * grid[1] or not npa_supported(grid, self.native):
-            return self.inner(attn, hidden_states, encoder_hidden_states, attention_mask, *args, **kwargs)
-        b = hidden_states.shape[0]
+    @property
+    def grid(self) -> tuple[int, int]:
+        return grid_at_level(*self.state.latent_hw, self.level)
+
+    def takes(self, hidden_states: torch.Tensor) -> bool:
+        grid = self.grid
+        return hidden_states.shape[1] == grid[0] * grid[1] and npa_supported(grid, self.native)
+
+    def attend_self(self, attn: Any, hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        grid, b = self.grid, hidden_states.shape[0]
         q, k, v = self_attention_qkv(attn, hidden_states)
         shifts = self.state.shifts(b, self.native // 2)
         if all(s == shifts[0] for s in shifts):

@@ -40,7 +40,7 @@ from hiresdiff.ops.fouriscale import (
 from hiresdiff.patches.clock import PatchClock
 from hiresdiff.patches.context import ConvSetting, InputConvPatch, Patch, patched
 from hiresdiff.patches.levels import adapt, address_index
-from hiresdiff.patches.processors import attention_output, plain_self_attention, self_attention_qkv
+from hiresdiff.patches.processors import SelfAttentionPatch, attention_output, self_attention_qkv
 from hiresdiff.patches.tables import LEVELS, FouriScaleModel
 
 #: ``base_of(h_feat, w_feat)`` → the layer's base size (b_h, b_w) in feature cells
@@ -163,25 +163,18 @@ def weak_pairs(info: Sequence[tuple[int, str]], rows: int) -> list[tuple[int, in
     return pairs
 
 
-class QKShareProcessor:
+class QKShareProcessor(SelfAttentionPatch):
     """Self-attention where ``weak`` rows take the queries and keys of their view's ``cond`` row (SPEC §2.1);
     calls without weak rows, cross-attention and masked calls run the wrapped processor."""
 
     def __init__(self, inner: Any, adapter: ModelAdapter) -> None:
         self.inner, self.adapter = inner, adapter
 
-    def __call__(
-        self,
-        attn: Any,
-        hidden_states: torch.Tensor,
-        encoder_hidden_states: torch.Tensor | None = None,
-        attention_mask: torch.Tensor | None = None,
-        *args: Any,
-        **kwargs: Any,
-    ) -> torch.Tensor:
+    def takes(self, hidden_states: torch.Tensor) -> bool:
+        return bool(weak_pairs(self.adapter.call_info, hidden_states.shape[0]))
+
+    def attend_self(self, attn: Any, hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         pairs = weak_pairs(self.adapter.call_info, hidden_states.shape[0])
-        if not pairs or plain_self_attention(hidden_states, encoder_hidden_states, attention_mask):
-            return self.inner(attn, hidden_states, encoder_hidden_states, attention_mask, *args, **kwargs)
         q, k, v = self.projections(attn, hidden_states, pairs)
         return attention_output(attn, self.attend(q, k, v), hidden_states, q.dtype)
 

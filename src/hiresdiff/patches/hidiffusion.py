@@ -28,7 +28,7 @@ from hiresdiff.ops.windows import NUM_SHIFTS, token_grid, windowed_attention
 from hiresdiff.patches.clock import PatchClock
 from hiresdiff.patches.context import ConvPatch, ConvSetting, OutputPatch, Patch, in_steps, patched
 from hiresdiff.patches.freeu import freeu_installed
-from hiresdiff.patches.processors import attention_output, plain_self_attention, row_samples, self_attention_qkv
+from hiresdiff.patches.processors import SelfAttentionPatch, attention_output, row_samples, self_attention_qkv
 from hiresdiff.patches.tables import model_kind
 
 if TYPE_CHECKING:  # the sampler installs these patches for ``hidiffusion=true`` (Run.switched_patches)
@@ -99,24 +99,14 @@ class MSWState:
         return self.shifts[sample % len(self.shifts)][layer] if self.shifts else 0
 
 
-class MSWMSAProcessor:
+class MSWMSAProcessor(SelfAttentionPatch):
     """Self-attention as MSW-MSA (SPEC §3.2); other calls (cross-attention, masks) run the wrapped processor."""
 
     def __init__(self, inner: Any, adapter: ModelAdapter, state: MSWState) -> None:
         self.inner, self.adapter, self.state = inner, adapter, state
         self.layer = state.new_layer()
 
-    def __call__(
-        self,
-        attn: Any,
-        hidden_states: torch.Tensor,
-        encoder_hidden_states: torch.Tensor | None = None,
-        attention_mask: torch.Tensor | None = None,
-        *args: Any,
-        **kwargs: Any,
-    ) -> torch.Tensor:
-        if plain_self_attention(hidden_states, encoder_hidden_states, attention_mask):
-            return self.inner(attn, hidden_states, encoder_hidden_states, attention_mask, *args, **kwargs)
+    def attend_self(self, attn: Any, hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         b, n, _ = hidden_states.shape
         grid = token_grid(n, self.state.latent_hw)
         q, k, v = self_attention_qkv(attn, hidden_states)

@@ -8,6 +8,9 @@ modules form no import circle.
 
 from __future__ import annotations
 
+import abc
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -70,6 +73,37 @@ def plain_self_attention(hidden_states: torch.Tensor, encoder_hidden_states: Any
     return encoder_hidden_states is not None or attention_mask is not None or hidden_states.dim() != 3
 
 
+class SelfAttentionPatch(abc.ABC):
+    """Base of the processors that change maskless token self-attention (NPA, MSW-MSA, FouriScale's shared maps,
+    FreeScale's scale fusion): every other call (:func:`plain_self_attention`) and every self-attention call that
+    :meth:`takes` declines go to the wrapped processor :attr:`inner` unchanged, with diffusers' processor arguments;
+    the rest to :meth:`attend_self`."""
+
+    inner: Any
+
+    def __call__(
+        self,
+        attn: Any,
+        hidden_states: torch.Tensor,
+        encoder_hidden_states: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        *args: Any,
+        **kwargs: Any,
+    ) -> torch.Tensor:
+        if plain_self_attention(hidden_states, encoder_hidden_states, attention_mask) or not self.takes(hidden_states):
+            return self.inner(attn, hidden_states, encoder_hidden_states, attention_mask, *args, **kwargs)
+        return self.attend_self(attn, hidden_states, *args, **kwargs)
+
+    def takes(self, hidden_states: torch.Tensor) -> bool:
+        """Whether this maskless self-attention call (B, tokens, D) is one the patch changes (default: all)."""
+        return True
+
+    @abc.abstractmethod
+    def attend_self(self, attn: Any, hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        """The patched self-attention of ``hidden_states`` (``args``/``kwargs``: the call's other arguments, for
+        the wrapped processor where the patch calls it)."""
+
+
 def self_attention_qkv(attn: Any, hidden_states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Multi-head q, k, v (B, heads, N, d) of a diffusers ``Attention`` on tokens (B, N, C), q/k normed as its
     processor does."""
@@ -90,3 +124,27 @@ def attention_output(attn: Any, out: torch.Tensor, residual: torch.Tensor, dtype
     if getattr(attn, "residual_connection", False):
         out = out + residual
     return out / getattr(attn, "rescale_output_factor", 1.0)
+
+
+@contextmanager
+def self_attention_wrapped(adapter: ModelAdapter, wrap: Callable[[Any, Any, int], Any]) -> Iterator[None]:
+    """Every self-attention processor (``attn1``) of the UNet and of the active ControlNet (its encoder copy sees
+    the same canvas) replaced by ``wrap(module, processor, level)`` while the block runs, ``module`` the UNet or
+    the ControlNet, ``level`` the layer's number of downsamplings; all restored on exit, exceptions included."""
+    modules = [m for m in (adapter.unet, adapter.controlnet) if m is not None]
+    originals = [dict(m.attn_processors) for m in modules]
+    try:
+        for module, original in zip(modules, originals, strict=True):
+            levels = len(module.config.down_block_types)
+            module.set_attn_processor(
+                {
+                    name: wrap(module, proc, attention_level(name, levels))
+                    if name.endswith("attn1.processor")
+                    else proc
+                    for name, proc in original.items()
+                }
+            )
+        yield
+    finally:
+        for module, original in zip(modules, originals, strict=True):
+            module.set_attn_processor(original)

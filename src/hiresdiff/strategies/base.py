@@ -25,7 +25,8 @@ class Denoiser:
 
     ``rows[b]`` is the prompt row of canvas sample ``b``; ``timestep_map`` (optional) changes the timestep the
     model is given (APT's ``relabel`` mode); ``control`` is the ControlNet condition of the run, which the
-    strategies cut per request (:mod:`hiresdiff.control`).
+    strategies cut per request (:mod:`hiresdiff.control`), and ``control_weight`` the share of the run's ControlNet
+    scale its requests get (:attr:`Request.control_weight`; 0: no ControlNet, no condition cut).
     """
 
     adapter: ModelAdapter
@@ -36,6 +37,7 @@ class Denoiser:
     max_batch: int
     timestep_map: Callable[[torch.Tensor], torch.Tensor] | None = None
     control: ControlCondition | None = None
+    control_weight: float = 1.0
 
     def request(
         self,
@@ -54,8 +56,8 @@ class Denoiser:
         at the views' own pixel size, right for full canvases and dilated samples); unused without a ControlNet.
         """
         cond = None
-        if self.control is not None:
-            cond = control(self.control) if control is not None else self.control.full(x.shape[-2:], x.shape[0])
+        if self.control is not None and self.control_weight != 0.0:
+            cond = self.control.full(x.shape[-2:], x.shape[0], samples) if control is None else control(self.control)
         return Request(
             x=x,
             rows=rows if rows is not None else [self.rows[b] for b in samples],
@@ -65,6 +67,7 @@ class Denoiser:
             size=self.size,
             samples=list(samples),
             control=cond,
+            control_weight=self.control_weight,
         )
 
     def predict(self, requests: list[Request], t: torch.Tensor) -> list[torch.Tensor]:

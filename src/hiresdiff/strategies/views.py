@@ -77,7 +77,7 @@ class LocalViews:
         views = [v for per_sample in self.last_views for v in per_sample]
 
         def control(c: ControlCondition) -> torch.Tensor:
-            return c.crops((h, w), views, j)  # the control image under each view (SPEC §2.2 geometry)
+            return c.crops((h, w), views, j, samples)  # the control image under each view (SPEC §2.2 geometry)
 
         if cond is None:
             req = den.request(torch.stack(patches), samples, crops, control=control)

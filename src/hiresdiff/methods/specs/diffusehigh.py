@@ -14,8 +14,9 @@ from typing import Any
 from hiresdiff.config import GenerationSettings, check_finite
 from hiresdiff.errors import require
 from hiresdiff.methods.base import Method, Params
+from hiresdiff.methods.specs.cascade import cascade_canvases, check_stages, checked_stages
 from hiresdiff.ops.schedule import start_index, steps_of_fraction
-from hiresdiff.stages import canvas_at, progressive_phases
+from hiresdiff.stages import progressive_phases
 
 #: the negative prompt of the official README examples
 OFFICIAL_NEGATIVE = "blurry, ugly, duplicate, poorly drawn, deformed, mosaic"
@@ -79,16 +80,7 @@ class DiffuseHighParams(Params):
         check_finite("sharpen_alpha", self.sharpen_alpha, low=0.0)
         if self.stage_guidance is not None:
             check_finite("stage_guidance", self.stage_guidance, low=0.0)
-        if self.stages is not None:
-            self.stages = tuple(self.stages)
-            require(len(self.stages) > 0, "stages needs at least one long side in pixels, e.g. 2048")
-            for side in self.stages:
-                check_finite("stages", side)
-                require(float(side).is_integer() and side > 0, f"stages are long sides in whole pixels, got {side}")
-            require(
-                all(a < b for a, b in zip(self.stages, self.stages[1:], strict=False)),
-                f"stages must ascend, got {','.join(f'{s:g}' for s in self.stages)}",
-            )
+        self.stages = checked_stages(self.stages)
 
     def guided_steps(self, steps: int) -> int:
         """K_g: the number of wavelet-guided steps at the start of each stage."""
@@ -99,15 +91,7 @@ class DiffuseHighParams(Params):
             start_index(settings.steps, self.restart) < settings.steps,
             f"restart {self.restart} leaves no step to denoise at {settings.steps} steps",
         )
-        if self.stages is None:
-            return
-        long = max(settings.height, settings.width)
-        last = int(self.stages[-1])
-        require(last == long, f"the last of stages must be the target's long side {long} px, got {last}")
-        first = int(self.stages[0])
-        require(first > native, f"stages start above the base canvas ({native} px long side), got {first}")
-        for side in self.stages:
-            require(int(side) % grid == 0, f"stage {int(side)} px is not a multiple of the latent grid ({grid} px)")
+        check_stages(self.stages, settings, native, grid)
 
     def canvases(self, height: int, width: int, native: int, grid: int) -> list[tuple[int, int]]:
         """The canvases the run samples, for the plan (:func:`stage_sizes`)."""
@@ -118,9 +102,7 @@ def stage_sizes(params: DiffuseHighParams, height: int, width: int, native: int,
     """The canvases in sampling order: the base (long side n at the target's aspect), then one per stage (the
     last exactly the target); only the base when the target is no larger."""
     phases = [(p.height, p.width) for p in progressive_phases(height, width, native, grid)]
-    if params.stages is None or len(phases) == 1:
-        return phases
-    return [phases[0], *(canvas_at(height, width, int(side), grid) for side in params.stages[:-1]), (height, width)]
+    return cascade_canvases(phases, params.stages, height, width, grid)
 
 
 def stage_guidance(params: DiffuseHighParams, family: str, guidance: float) -> float:
