@@ -268,3 +268,55 @@ def test_cost_command_settles_auto_as_the_generate_plan(free: int, monkeypatch: 
     assert f"{priced['model_flops'] / 1e12:,.4g} TFLOP" in shown
     with_previews = model_cost("demofusion", "tiny-sdxl", 768, 768, steps=3, max_batch=chosen, previews=True)
     assert priced["vae_calls"] == with_previews.vae_calls  # the phase previews are priced, as generate runs them
+
+
+def test_probes_that_cannot_fit_stop_early_and_the_choice_is_brute_force(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Probes hand the cost model a watch; a probe whose run so far exceeds the room stops there (the fake run
+    reports its peak to the watch before finishing) and leaves no report — and the choice is still brute force's
+    for every amount of free memory."""
+    calls: list[int] = []
+    cost = fake_cost(rows_needed=50, per_row=97 * MIB, calls=calls)
+    finished: list[int] = []
+
+    def watched(req: Any, model: str, watch: Any = None, **overrides: Any) -> CostReport:
+        report = cost(req, model, **overrides)
+        if watch is not None:
+            watch(report.weights_bytes, report.peaks, report.canvas_bytes, report.vae_upcast)
+        finished.append(overrides["max_batch"])
+        return report
+
+    monkeypatch.setattr(plan, "request_cost", watched)
+    candidates = plan.batch_candidates(50, 2)
+    peaks = {c: peak_at(cost, c) for c in candidates}
+    stops = 0
+    for free in range(2 * GIB, 9 * GIB, 173 * MIB):
+        req = build_request("a fox", "demofusion", 512, 512, steps=2)
+        calls.clear()
+        finished.clear()
+        plan.choose_max_batch(req, "tiny-sdxl", torch.float32, free)
+        room = plan.auto_room(free)
+        assert req.settings.max_batch == max((c for c in candidates if peaks[c] <= room), default=candidates[0])
+        stopped = [c for c in calls if c not in finished]
+        assert all(peaks[c] > room for c in stopped)
+        stops += len(stopped)
+    assert stops > 10
+
+
+def test_a_watch_sees_the_run_so_far_and_can_stop_it() -> None:
+    """The cost model hands its watch the weights, the call peaks and the canvas of the run so far whenever a call
+    raises a peak: the last view equals the report's peaks, no view exceeds the final estimate; an exception
+    raised by the watch stops the run."""
+    seen: list[tuple[Any, ...]] = []
+    report = model_cost("demofusion", "tiny-sdxl", 512, 512, steps=2, watch=lambda *view: seen.append(view))
+    final = MemoryEstimate.of(report, torch.float32, False).peak
+    assert seen and seen[-1][0] == report.weights_bytes and seen[-1][1] == report.peaks
+    assert all(MemoryEstimate.of_parts(*view, torch.float32, False).peak <= final for view in seen)
+
+    class Stop(Exception):
+        pass
+
+    def stop(*view: Any) -> None:
+        raise Stop
+
+    with pytest.raises(Stop):
+        model_cost("demofusion", "tiny-sdxl", 512, 512, steps=2, watch=stop)

@@ -50,12 +50,26 @@ class MemoryEstimate:
     @classmethod
     def of(cls, report: CostReport, dtype: torch.dtype, low_vram: bool) -> MemoryEstimate:
         """The report's float32 measurements at ``dtype``."""
+        return cls.of_parts(report.weights_bytes, report.peaks, report.canvas_bytes, report.vae_upcast, dtype, low_vram)
+
+    @classmethod
+    def of_parts(
+        cls,
+        weights_bytes: dict[str, int],
+        peaks: dict[str, CallPeak],
+        canvas: int,
+        vae_upcast: bool,
+        dtype: torch.dtype,
+        low_vram: bool,
+    ) -> MemoryEstimate:
+        """Float32 weights, call peaks and canvas bytes (a whole report's, or those of a run so far) at ``dtype``;
+        ``vae_upcast``: the VAE stays float32 under float16."""
         size = torch.empty((), dtype=dtype).element_size() / 4
-        vae = 1.0 if report.vae_upcast and dtype == torch.float16 else size
-        scale = {name: vae if name == "vae" else size for name in {*report.weights_bytes, *report.peaks}}
-        weights = {name: int(n * scale[name]) for name, n in report.weights_bytes.items() if n}
-        peaks = {n: dataclasses.replace(p, activations=int(p.activations * scale[n])) for n, p in report.peaks.items()}
-        return cls(weights, peaks, low_vram, report.canvas_bytes)
+        vae = 1.0 if vae_upcast and dtype == torch.float16 else size
+        scale = {name: vae if name == "vae" else size for name in {*weights_bytes, *peaks}}
+        weights = {name: int(n * scale[name]) for name, n in weights_bytes.items() if n}
+        scaled = {n: dataclasses.replace(p, activations=int(p.activations * scale[n])) for n, p in peaks.items()}
+        return cls(weights, scaled, low_vram, canvas)
 
     def resident(self, component: str) -> int:
         """Weight bytes on the device while ``component`` runs (low-VRAM mode: its own, or the denoiser's and the

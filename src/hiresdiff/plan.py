@@ -17,7 +17,8 @@ import torch
 
 from hiresdiff import pipeline
 from hiresdiff.config import AUTO, LOW_VRAM_DEFAULTS, GenerationSettings, fallback_batch
-from hiresdiff.cost.model import CostReport
+from hiresdiff.cost.meta import CallPeak
+from hiresdiff.cost.model import CostReport, Watch
 from hiresdiff.errors import HiresError
 from hiresdiff.memory import GIB, MemoryEstimate, free_memory, gib, loaded_bytes, rows_that_fit, side_scale_that_fits
 from hiresdiff.models.builtins import BUILTIN_MODELS
@@ -51,14 +52,15 @@ def plan_phases(req: Any, native: int, grid: int) -> list[tuple[int, int]]:
     return stage_sizes(req.method.name, s.height, s.width, native, grid, stages)
 
 
-def request_cost(req: Any, model: str, **overrides: Any) -> CostReport:
+def request_cost(req: Any, model: str, watch: Watch | None = None, **overrides: Any) -> CostReport:
     """The cost model's report (FLOPs, memory) of a validated request on ``model``'s architecture; ``overrides``
     change settings (e.g. what ``--low-vram`` implies). An input image is left out (a generation from noise).
 
     Reports are kept per request signature (:func:`cost_key`): the auto batch search, the advice and every later
     API call of the same request shape reuse them instead of running the estimate again; reports of fixed
     architectures (built-in names, known hub ids) are also kept on disk for later processes
-    (:func:`hiresdiff.cost.store.load_report`)."""
+    (:func:`hiresdiff.cost.store.load_report`). ``watch`` goes to the cost model (:data:`hiresdiff.cost.model.Watch`:
+    it may stop a run that is known not to fit, which then raises and keeps nothing)."""
     from hiresdiff.cost import model_cost, store
     from hiresdiff.cost.model import ARCHITECTURES
 
@@ -79,7 +81,15 @@ def request_cost(req: Any, model: str, **overrides: Any) -> CostReport:
         report = CostReport.from_dict(kept)
     else:
         report = model_cost(
-            req.method.name, model, width, height, prompt=s.prompt, seed=s.seed or 0, controlnet=controlnet, **kwargs
+            req.method.name,
+            model,
+            width,
+            height,
+            prompt=s.prompt,
+            seed=s.seed or 0,
+            controlnet=controlnet,
+            watch=watch,
+            **kwargs,
         )
         if fixed:
             store.save_report(key, report.to_dict())
@@ -212,6 +222,21 @@ def choose_max_batch(req: Any, model: str, dtype: torch.dtype, free: int | None)
             reports[rows] = request_cost(req, model, max_batch=rows)
         return MemoryEstimate.of(reports[rows], dtype, s.low_vram)
 
+    def over(weights: dict[str, int], peaks: dict[str, CallPeak], canvas: int, upcast: bool) -> None:
+        """Stop a probe whose run so far already exceeds the room (its peak can only grow)."""
+        so_far = MemoryEstimate.of_parts(weights, peaks, canvas, upcast, dtype, s.low_vram).peak
+        if so_far > room:
+            raise _Exceeded(so_far)
+
+    def probe(rows: int) -> int:
+        """The peak at ``rows``, or the peak so far of a run stopped once it exceeded the room."""
+        if rows not in reports:
+            try:
+                reports[rows] = request_cost(req, model, watch=over, max_batch=rows)
+            except _Exceeded as stop:
+                return stop.peak
+        return estimate(rows).peak
+
     if estimate(cap).peak <= room:
         s.max_batch = cap
         return top
@@ -222,9 +247,19 @@ def choose_max_batch(req: Any, model: str, dtype: torch.dtype, free: int | None)
         return request_cost(req, model, max_batch=s.max_batch)
     linear = rows_that_fit(estimate(cap), room, branches == 2) or 0
     guess = max(0, sum(c <= linear for c in candidates) - 1)
-    s.max_batch = largest_fitting(candidates, lambda rows: estimate(rows).peak, room, guess)
-    estimate(s.max_batch)
+    s.max_batch = largest_fitting(candidates, probe, room, guess)
+    estimate(s.max_batch)  # the smallest candidate, when none fits, may have been a stopped probe
     return reports[s.max_batch]
+
+
+class _Exceeded(BaseException):
+    """Stops a probe of :func:`choose_max_batch` once its estimate exceeds the room: the run's peak so far
+    (``peak``) already rules the candidate out. A :class:`BaseException` so no handler in the generation code on
+    its way up takes it for a failure."""
+
+    def __init__(self, peak: int) -> None:
+        super().__init__(peak)
+        self.peak = peak
 
 
 #: architectures whose guidance is one branch per view (FLUX.1 is guidance-distilled: no unconditional half)

@@ -26,13 +26,18 @@ from torch.utils._pytree import tree_leaves
 
 
 def _tensors(obj: Any) -> list[torch.Tensor]:
-    """The tensors in an operation's arguments or outputs: a tensor, flat tuples and lists of tensors and
-    constants walked directly (nearly every aten operation), anything else by :func:`tree_leaves`."""
+    """The tensors in an operation's arguments or outputs: tensors, and those inside tuples, lists and dicts
+    (walked directly: nearly every aten operation takes and returns only these), anything else by
+    :func:`tree_leaves`."""
     if isinstance(obj, torch.Tensor):
         return [obj]
-    if isinstance(obj, (tuple, list)) and not any(isinstance(v, (tuple, list, dict)) for v in obj):
-        return [v for v in obj if isinstance(v, torch.Tensor)]
-    return [t for t in tree_leaves(obj) if isinstance(t, torch.Tensor)]
+    if isinstance(obj, (tuple, list)):
+        if type(obj) not in (tuple, list):  # named tuples and other registered structures
+            return [t for t in tree_leaves(obj) if isinstance(t, torch.Tensor)]
+        return [t for v in obj for t in _tensors(v)]
+    if isinstance(obj, dict):
+        return [t for v in obj.values() for t in _tensors(v)]
+    return []
 
 
 class LiveBytes(TorchDispatchMode):

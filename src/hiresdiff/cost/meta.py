@@ -78,6 +78,9 @@ class Ledger:
     #: price a call of more rows than :data:`~hiresdiff.cost.trace.BASES` from the traces of its 2- and 3-row cuts
     #: (:func:`~hiresdiff.cost.trace.derive`) instead of tracing it; off: every signature is traced (exact mode)
     derive_rows: bool = False
+    #: called whenever a booking raises a component's peak (a probe of the auto batch search may stop the run
+    #: there: :func:`hiresdiff.plan.choose_max_batch`)
+    watch: Callable[[Ledger], None] | None = None
 
     def book(
         self, component: str, flops: float, samples: int, native: float = 0.0, peak: CallPeak | None = None
@@ -92,6 +95,8 @@ class Ledger:
         t.rows = max(t.rows, samples)
         if peak is not None and (t.peak is None or peak.total > t.peak.total):
             t.peak = peak
+            if self.watch is not None:
+                self.watch(self)
 
     def canvas_now(self) -> int:
         """Bytes of the orchestration's tensors alive now (0 when not tracked)."""

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import math
 import warnings
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
@@ -277,6 +278,15 @@ def _weights(pipe: Any, controlnet: MetaModule | None) -> dict[str, int]:
     return {name: sum(module_bytes(m._module) for m in ms if m is not None) for name, ms in held.items()}
 
 
+#: what a run's memory so far is handed to, after each booking that raised a peak: ``(weights, peaks, canvas,
+#: vae_upcast)`` as the report will hold them; it may stop the run by raising
+Watch = Callable[[dict[str, int], dict[str, CallPeak], int, bool], None]
+
+
+def _peaks(ledger: Ledger) -> dict[str, CallPeak]:
+    return {name: t.peak for name, t in ledger.tallies.items() if t.peak is not None}
+
+
 def model_cost(
     method: str,
     model: str = "random-sdxl",
@@ -292,10 +302,12 @@ def model_cost(
     ``controlnet=True`` adds a ControlNet of the architecture's UNet to every denoiser call (its own line).
     The settled steps of each denoising loop are booked again rather than run (:mod:`hiresdiff.cost.replay`) and
     calls of many rows are derived from two traced calls of fewer (:mod:`hiresdiff.cost.trace`); ``exact=True``
-    runs every step and traces every call signature (the full trace both are tested against).
+    runs every step and traces every call signature (the full trace both are tested against). ``watch`` (a
+    :data:`Watch`) sees the memory of the run so far whenever a call raises a peak, and may stop it by raising.
     """
     controlnet = bool(kwargs.pop("controlnet", False))
     exact = bool(kwargs.pop("exact", False))
+    watch: Watch | None = kwargs.pop("watch", None)
     ranks = int(kwargs.pop("ranks", 1))
     require(ranks >= 1, f"--ranks must be ≥ 1, got {ranks}")
     from hiresdiff.config import (
@@ -329,17 +341,21 @@ def model_cost(
     generators = [torch.Generator().manual_seed(seed + i) for i in range(req.settings.batch_size)]
     counting = CountingParallel(ranks, ledger)
     hp.adapter.parallel = counting
+    weights = _weights(hp.adapter.pipe, _CONTROLNETS.get(arch) if controlnet else None)
+    upcast = bool(getattr(hp.adapter.pipe.vae.config, "force_upcast", False))
     try:
         with LiveBytes("cpu") as host, warnings.catch_warnings(), contextlib.ExitStack() as stack:
             warnings.simplefilter("ignore", HiresWarning)  # the generation itself says what it has to say
             ledger.host, ledger.derive_rows = host, not exact
+            if watch is not None:
+                ledger.watch = lambda led: watch(weights, _peaks(led), host.peak, upcast)
             if not exact:
                 stack.enter_context(replaying(ledger, host, counting.charge))
             hp.run(req, generator=generators, progress=False, pictures=False)
     finally:
         hp.adapter.parallel, ledger.host, ledger.journal, ledger.derive_rows = Serial(), None, None, False
+        ledger.watch = None
     den, vae, text, net = (ledger.get(c) for c in ("denoiser", "vae", "text_encoder", "controlnet"))
-    weights = _weights(hp.adapter.pipe, _CONTROLNETS.get(arch) if controlnet else None)
     return CostReport(
         method=req.method.name,
         model=model,
@@ -362,8 +378,8 @@ def model_cost(
         rank_flops=counting.rank_flops,
         allreduce_bytes=counting.allreduce_bytes,
         weights_bytes=weights,
-        peaks={name: t.peak for name, t in ledger.tallies.items() if t.peak is not None},
+        peaks=_peaks(ledger),
         canvas_bytes=host.peak,
-        vae_upcast=bool(getattr(hp.adapter.pipe.vae.config, "force_upcast", False)),
+        vae_upcast=upcast,
         denoiser_rows=den.rows,
     )
