@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import re
 from pathlib import Path
@@ -207,3 +208,37 @@ def test_upscaler_on_a_latent_only_method_is_refused_unless_a_picture_is_enlarge
     Image.fromarray(np.full((256, 256, 3), 120, np.uint8)).save(picture)
     ok = ["--image", str(picture), "--width", "512", "--height", "512", "--no-previews"]
     assert main([*argv, *ok, "--upscaler", str(sr_file), "--out", str(tmp_path / "b")]) == 0
+
+
+@pytest.mark.parametrize("method", ["resize", "apldm"])
+def test_cost_model_prices_the_sr_network_as_its_own_component(method: str, sr_file: Path) -> None:
+    """With ``--upscaler`` the cost model books the SR network's tile calls as the ``upscaler`` component: FLOPs
+    equal to the network's own on each tile shape (PyTorch's FLOP counter), its weights and call peak in the
+    memory estimate, equal in the fast and the exact estimate; the plan's reports tell the two requests apart."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from hiresdiff import plan
+    from hiresdiff.cost import model_cost
+    from hiresdiff.cost.memory import module_bytes
+    from hiresdiff.extras import Extras
+    from hiresdiff.pipeline import build_request
+
+    spec = resolve_upscaler(sr_file)
+    settings = {"steps": 3, "previews": False}
+    fast = model_cost(method, "tiny-sdxl", 512, 512, upscaler=spec, **settings)
+    exact = model_cost(method, "tiny-sdxl", 512, 512, upscaler=spec, exact=True, **settings)
+    plain = model_cost(method, "tiny-sdxl", 512, 512, **settings)
+    assert fast.to_dict() == exact.to_dict()
+    assert fast.upscaler_calls > 0 and plain.upscaler_calls == 0 and "upscaler" not in plain.peaks
+    net = load_upscaler(spec).module
+    assert fast.weights_bytes["upscaler"] == module_bytes(net) > 0 and "upscaler" in fast.peaks
+    tile = fast.peaks["upscaler"]
+    side = int(tile.cells**0.5)
+    with torch.device("meta"), FlopCounterMode(display=False) as counter:
+        copy.deepcopy(net).to("meta")(torch.zeros(tile.rows, 3, side, side))
+    assert fast.upscaler_flops == fast.upscaler_calls * counter.get_total_flops()  # one tile shape per call here
+    assert fast.model_flops == pytest.approx(plain.model_flops + fast.upscaler_flops, rel=1e-12)
+    with_sr = build_request("x", method, 512, 512, extras=Extras(upscaler=spec), **settings)
+    without = build_request("x", method, 512, 512, **settings)
+    assert plan.request_cost(with_sr, "tiny-sdxl").upscaler_calls == fast.upscaler_calls
+    assert plan.request_cost(without, "tiny-sdxl").upscaler_calls == 0

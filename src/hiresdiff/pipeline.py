@@ -35,7 +35,7 @@ from hiresdiff.methods.base import Params
 from hiresdiff.models.controlnet import ControlNetSpec, check_controlnet_fits, load_controlnet
 from hiresdiff.models.flux import adapter_for
 from hiresdiff.models.lora import applied_loras
-from hiresdiff.models.upscalers import load_upscaler
+from hiresdiff.models.upscalers import Upscaler, UpscalerSpec, load_upscaler
 from hiresdiff.parallel import Serial, ViewParallel
 from hiresdiff.sampler import PreviewCallback, Run, StepCallback
 from hiresdiff.schedulers import MODEL_DEFAULT, check_scheduler_eta, make_scheduler
@@ -211,6 +211,8 @@ class HiresPipeline:
         self._base_scheduler = pipe.scheduler
         self._base_scheduler_config = dict(pipe.scheduler.config)
         self._controlnets: dict[str, Any] = {}
+        #: how a request's SR model (``--upscaler``) becomes its network (the cost model counts a shape-only one)
+        self.upscaler_loader: Callable[[UpscalerSpec], Upscaler] = self._load_upscaler
 
     @classmethod
     def from_pipe(cls, pipe: Any, model_name: str = "custom") -> HiresPipeline:
@@ -277,6 +279,9 @@ class HiresPipeline:
             prompt, method, width, height, model, allow_pickle=self.allow_pickle, generator=generator, **kwargs
         )
         return self.run(req, generator=generator, progress=progress, callback=callback)
+
+    def _load_upscaler(self, spec: UpscalerSpec) -> Upscaler:
+        return load_upscaler(spec, allow_pickle=self.allow_pickle)
 
     def provide_controlnet(self, ref: str, module: Any) -> None:
         """Use ``module`` (already built) whenever a request names the ControlNet ``ref`` (the cost model's
@@ -355,7 +360,7 @@ class HiresPipeline:
             embeds = ad.encode_prompt(s.prompt, s.negative_prompt, s.cfg)
             rows = [b // s.num_images_per_prompt for b in range(s.batch_size)]
             spec = req.extras.upscaler
-            up = None if spec is None else load_upscaler(spec, allow_pickle=self.allow_pickle)
+            up = None if spec is None else self.upscaler_loader(spec)
             run = Run(ad, s, embeds, rows, gens, progress, callback, source=source, control=control, upscaler=up)
             run.on_preview = on_preview
             out = req.method.run(run, req.params)

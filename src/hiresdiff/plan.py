@@ -54,7 +54,8 @@ def plan_phases(req: Any, native: int, grid: int) -> list[tuple[int, int]]:
 
 def request_cost(req: Any, model: str, watch: Watch | None = None, **overrides: Any) -> CostReport:
     """The cost model's report (FLOPs, memory) of a validated request on ``model``'s architecture; ``overrides``
-    change settings (e.g. what ``--low-vram`` implies). An input image is left out (a generation from noise).
+    change settings (e.g. what ``--low-vram`` implies). An input image is left out (a generation from noise); an
+    SR model (``--upscaler``) is priced as its own component wherever the method enlarges pixels.
 
     Reports are kept per request signature (:func:`cost_key`): the auto batch search, the advice and every later
     API call of the same request shape reuse them instead of running the estimate again; reports of fixed
@@ -69,8 +70,9 @@ def request_cost(req: Any, model: str, watch: Watch | None = None, **overrides: 
     settings = {k: v for k, v in dataclasses.asdict(s).items() if k not in skip}
     width, height = overrides.pop("width", s.width), overrides.pop("height", s.height)
     kwargs = {**settings, **dataclasses.asdict(req.params), **overrides}
-    controlnet = req.extras.controlnet is not None
-    key = cost_key(req.method.name, model, width, height, len(s.prompt), controlnet, kwargs)
+    controlnet, upscaler = req.extras.controlnet is not None, req.extras.upscaler
+    shaped = {**kwargs, "upscaler": None if upscaler is None else upscaler.sha256}
+    key = cost_key(req.method.name, model, width, height, len(s.prompt), controlnet, shaped)
     with _PRICED_LOCK:
         if key in _PRICED:
             _PRICED.move_to_end(key)
@@ -88,6 +90,7 @@ def request_cost(req: Any, model: str, watch: Watch | None = None, **overrides: 
             prompt=s.prompt,
             seed=s.seed or 0,
             controlnet=controlnet,
+            upscaler=upscaler,
             watch=watch,
             **kwargs,
         )

@@ -8,11 +8,12 @@ and FLUX.1 generations are computed offline in seconds.
 from __future__ import annotations
 
 import contextlib
+import copy
 import math
 import warnings
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field, fields
-from typing import Any
+from dataclasses import asdict, dataclass, field, fields, replace
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -21,6 +22,9 @@ from hiresdiff.cost.meta import CallPeak, Ledger, MetaModule
 from hiresdiff.cost.replay import replaying
 from hiresdiff.errors import HiresError, HiresWarning, require
 from hiresdiff.parallel import Replicating, Serial, owners
+
+if TYPE_CHECKING:
+    from hiresdiff.models.upscalers import Upscaler, UpscalerSpec
 
 #: Hub ids whose architecture equals a built-in random model's
 ARCHITECTURES = {
@@ -60,6 +64,9 @@ class CostReport:
     text_encoder_calls: int
     controlnet_flops: float = 0.0
     controlnet_calls: int = 0
+    #: the SR model of ``--upscaler`` (its network calls on the tiles)
+    upscaler_flops: float = 0.0
+    upscaler_calls: int = 0
     #: view-parallel runs (``ranks`` > 1): denoiser (+ ControlNet) FLOPs each rank runs, bytes all-reduced
     ranks: int = 1
     rank_flops: list[float] = field(default_factory=list)
@@ -80,7 +87,9 @@ class CostReport:
 
     @property
     def model_flops(self) -> float:
-        return self.denoiser_flops + self.vae_flops + self.text_encoder_flops + self.controlnet_flops
+        return (
+            self.denoiser_flops + self.vae_flops + self.text_encoder_flops + self.controlnet_flops + self.upscaler_flops
+        )
 
     @property
     def native_samples_per_step(self) -> float:
@@ -270,12 +279,33 @@ def _controlnet_extras(info: Any, net: Any) -> Any:
     return Extras(controlnet=ControlNetSpec(COST_CONTROLNET, None, config), control_image=blank)
 
 
-def _weights(pipe: Any, controlnet: MetaModule | None) -> dict[str, int]:
+def _weights(pipe: Any, controlnet: MetaModule | None, upscaler: MetaModule | None = None) -> dict[str, int]:
     """float32 bytes of each component's parameters and buffers (text encoders together)."""
     parts = {"denoiser": ("unet", "transformer"), "vae": ("vae",), "text_encoder": ("text_encoder", "text_encoder_2")}
     held = {name: [getattr(pipe, a, None) for a in attrs] for name, attrs in parts.items()}
     held["controlnet"] = [controlnet]
+    held["upscaler"] = [upscaler]
     return {name: sum(module_bytes(m._module) for m in ms if m is not None) for name, ms in held.items()}
+
+
+#: the shape-only network of each SR model file priced so far (by its bytes' sha256)
+_UPSCALERS: dict[str, torch.nn.Module] = {}
+
+
+def counting_upscaler(spec: UpscalerSpec, ledger: Ledger) -> tuple[Upscaler, MetaModule]:
+    """An SR model (``--upscaler``) whose network calls are shape-only and booked as the ``upscaler`` component:
+    the network moved to ``meta`` (a copy, kept per file), its tiles' orchestration on the CPU as in a real run.
+    ``spec`` comes from a validated request (:func:`~hiresdiff.models.upscalers.resolve_upscaler` applied the
+    pickle rule), so the file is loaded as it was checked."""
+    from hiresdiff.models.upscalers import Upscaler, load_upscaler
+
+    real = load_upscaler(spec, allow_pickle=True)
+    if spec.sha256 not in _UPSCALERS:
+        _UPSCALERS.clear()  # one SR model at a time, as its loader keeps them
+        _UPSCALERS[spec.sha256] = copy.deepcopy(real.module).to("meta").eval()
+    net = MetaModule(_UPSCALERS[spec.sha256], "upscaler", ledger, _rows)
+    # no parameters on the wrapper: the tiles run on the CPU canvas, in float32 (what the cost model counts)
+    return Upscaler(torch.nn.Module(), net, real.scale, real.arch, real.multiple_of, real.half), net
 
 
 #: what a run's memory so far is handed to, after each booking that raised a peak: ``(weights, peaks, canvas,
@@ -306,6 +336,7 @@ def model_cost(
     :data:`Watch`) sees the memory of the run so far whenever a call raises a peak, and may stop it by raising.
     """
     controlnet = bool(kwargs.pop("controlnet", False))
+    upscaler: UpscalerSpec | None = kwargs.pop("upscaler", None)
     exact = bool(kwargs.pop("exact", False))
     watch: Watch | None = kwargs.pop("watch", None)
     ranks = int(kwargs.pop("ranks", 1))
@@ -334,6 +365,10 @@ def model_cost(
     # attentive guidance (PFSA) is non-model work: it changes no call, and on the CPU it costs more than the rest
     kwargs["ag_lambda"] = 0.0
     extras = _controlnet_extras(info, _CONTROLNETS.get(arch)) if controlnet else None
+    if upscaler is not None:
+        from hiresdiff.extras import Extras
+
+        extras = replace(extras or Extras(), upscaler=upscaler)
     req = build_request(kwargs.pop("prompt"), method, width, height, extras=extras, **kwargs)
     check_for_model(req, info.native_size, info.vae_scale_factor * (2 if info.family == "flux" else 1))
     ledger.tallies.clear()
@@ -341,7 +376,9 @@ def model_cost(
     generators = [torch.Generator().manual_seed(seed + i) for i in range(req.settings.batch_size)]
     counting = CountingParallel(ranks, ledger)
     hp.adapter.parallel = counting
-    weights = _weights(hp.adapter.pipe, _CONTROLNETS.get(arch) if controlnet else None)
+    sr, sr_net = counting_upscaler(upscaler, ledger) if upscaler is not None else (None, None)
+    hp.upscaler_loader = lambda spec: sr
+    weights = _weights(hp.adapter.pipe, _CONTROLNETS.get(arch) if controlnet else None, sr_net)
     upcast = bool(getattr(hp.adapter.pipe.vae.config, "force_upcast", False))
     try:
         with LiveBytes("cpu") as host, warnings.catch_warnings(), contextlib.ExitStack() as stack:
@@ -355,7 +392,9 @@ def model_cost(
     finally:
         hp.adapter.parallel, ledger.host, ledger.journal, ledger.derive_rows = Serial(), None, None, False
         ledger.watch = None
-    den, vae, text, net = (ledger.get(c) for c in ("denoiser", "vae", "text_encoder", "controlnet"))
+    den, vae, text, net, sr_tally = (
+        ledger.get(c) for c in ("denoiser", "vae", "text_encoder", "controlnet", "upscaler")
+    )
     return CostReport(
         method=req.method.name,
         model=model,
@@ -374,6 +413,8 @@ def model_cost(
         text_encoder_calls=text.calls,
         controlnet_flops=net.flops,
         controlnet_calls=net.calls,
+        upscaler_flops=sr_tally.flops,
+        upscaler_calls=sr_tally.calls,
         ranks=ranks,
         rank_flops=counting.rank_flops,
         allreduce_bytes=counting.allreduce_bytes,
