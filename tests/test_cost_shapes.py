@@ -116,3 +116,53 @@ def test_a_whole_estimate_equals_the_stacked_modes(method, model, side, settings
         monkeypatch.setattr(meta_mod, "TraceMode", mode)
         results.append(model_cost(method, model, side, side, exact=True, **settings).to_dict())
     assert results[0] == results[1]
+
+
+def test_value_free_operations_allocate_as_they_run_and_compute_nothing():
+    """A wavelet swap and a sharpen of a 3 × 96 × 80 image under :class:`AllocationsOnly`: outputs of the real
+    shapes and dtypes (zeros), and the CPU live-bytes mode sees the same peak and final bytes as the real run."""
+    from hiresdiff.cost.shapes import AllocationsOnly
+    from hiresdiff.ops.sharpen import sharpen
+    from hiresdiff.ops.wavelet import dwt2, swap_low
+
+    g = torch.Generator().manual_seed(0)
+    image = torch.rand(2, 3, 96, 80, generator=g) * 2 - 1
+    ref = dwt2(torch.rand(2, 3, 96, 80, generator=g))[0]
+
+    def work():
+        return swap_low(image, ref, "db4"), sharpen(image, [0.5, 1.5], 0.7)
+
+    with LiveBytes("cpu") as real:
+        want = work()
+    with LiveBytes("cpu") as shaped, AllocationsOnly():
+        got = work()
+    assert [(t.shape, t.dtype) for t in got] == [(t.shape, t.dtype) for t in want]
+    assert all(not t.any() for t in got) and all(t.abs().sum() > 0 for t in want)
+    assert (shaped.peak, shaped.now()) == (real.peak, real.now()) and real.peak > 0
+
+
+@pytest.mark.parametrize("method", ["diffusehigh"])
+def test_the_cost_model_skips_value_free_work_with_the_same_numbers(method, monkeypatch):
+    """DiffuseHigh (wavelet guidance and sharpening in every stage, tiles forced small): the estimates with
+    value-free operations skipped equal those computing them, fast and exact, to the byte — and the skipping did
+    happen."""
+    from contextvars import ContextVar
+
+    from hiresdiff.cost.shapes import AllocationsOnly
+
+    used = []
+    real = AllocationsOnly.__torch_dispatch__
+
+    def spy(self, *args, **kwargs):
+        used.append(1)
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(AllocationsOnly, "__torch_dispatch__", spy)
+    settings = {"steps": 6, "previews": True, "decode_tile_area": 256 * 256}
+    skipping = [model_cost(method, "tiny-sdxl", 768, 768, exact=e, **settings).to_dict() for e in (False, True)]
+    assert used
+    monkeypatch.setattr(model_mod, "COSTING", ContextVar("elsewhere", default=False))  # value-free work runs
+    used.clear()
+    computing = [model_cost(method, "tiny-sdxl", 768, 768, exact=e, **settings).to_dict() for e in (False, True)]
+    assert not used
+    assert skipping == computing and skipping[0] == skipping[1]

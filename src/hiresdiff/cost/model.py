@@ -20,6 +20,7 @@ import torch
 from hiresdiff.cost.memory import LiveBytes, module_bytes
 from hiresdiff.cost.meta import CallPeak, Ledger, MetaModule
 from hiresdiff.cost.replay import replaying
+from hiresdiff.cost.shapes import COSTING
 from hiresdiff.errors import HiresError, HiresWarning, require
 from hiresdiff.parallel import Replicating, Serial, owners
 
@@ -388,6 +389,8 @@ def model_cost(
                 ledger.watch = lambda led: watch(weights, _peaks(led), host.peak, upcast)
             if not exact:
                 stack.enter_context(replaying(ledger, host, counting.charge))
+            costing = COSTING.set(True)  # value-free operations allocate and compute nothing (cost/shapes.py)
+            stack.callback(COSTING.reset, costing)
             hp.run(req, generator=generators, progress=False, pictures=False)
     finally:
         hp.adapter.parallel, ledger.host, ledger.journal, ledger.derive_rows = Serial(), None, None, False

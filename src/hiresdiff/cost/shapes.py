@@ -23,9 +23,13 @@ cheaper. What the mode reports is what :class:`~torch.utils.flop_counter.FlopCou
 
 from __future__ import annotations
 
-from typing import Any
+import functools
+from collections.abc import Callable
+from contextvars import ContextVar
+from typing import Any, ParamSpec, TypeVar
 
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten, tree_unflatten
 from torch.utils.flop_counter import FlopCounterMode
 
@@ -56,9 +60,13 @@ _QUERIES = frozenset(
 MEMO_SIZE = 100_000
 #: (operation, argument descriptions) → (output leaves: layouts or constants, output structure, FLOPs)
 _MEMO: dict[Any, tuple[list[Any], Any, int]] = {}
+#: :class:`AllocationsOnly`'s table (CPU arguments): the same, kept apart so a trace never rebuilds a CPU result
+_CPU_MEMO: dict[Any, tuple[list[Any], Any, int]] = {}
 #: per operation: may its result be looked up (no alias in its schema)?
 _FRESH: dict[Any, bool] = {}
 _REGISTRY = FlopCounterMode(display=False).flop_registry
+P = ParamSpec("P")
+R = TypeVar("R")
 
 
 def _describe(value: Any) -> Any:
@@ -163,3 +171,88 @@ class TraceMode(LiveBytes):
                     _MEMO.clear()
                 _MEMO[key] = (layouts[0], layouts[1], flops)
         return out
+
+
+# ---------------------------------------------------------------------------------------- value-free operations
+
+#: set while the cost model runs a generation (:func:`hiresdiff.cost.model.model_cost`)
+COSTING: ContextVar[bool] = ContextVar("hiresdiff_costing", default=False)
+#: in-place operations that change a tensor's metadata, not only its values: they always run
+_RESHAPING = frozenset(
+    {"resize_", "resize_as_", "set_", "as_strided_", "squeeze_", "unsqueeze_", "transpose_", "t_", "swapdims_"}
+)
+
+
+def _on_meta(value: Any) -> Any:
+    """``value`` with every tensor replaced by an empty ``meta`` tensor of the same layout."""
+    if isinstance(value, torch.Tensor):
+        return torch.empty_strided(value.shape, value.stride(), dtype=value.dtype, device="meta")
+    if isinstance(value, (list, tuple)):
+        return type(value)(_on_meta(v) for v in value)
+    if isinstance(value, dict):
+        return {k: _on_meta(v) for k, v in value.items()}
+    return value
+
+
+def _on_cpu(args: Any, kwargs: dict[str, Any]) -> bool:
+    """Whether an operation works on the CPU: every tensor argument there, and no other target ``device``
+    (shape-only model calls inside, their moves to ``meta`` included, run as they are)."""
+    device = kwargs.get("device")
+    if device is not None and torch.device(device).type != "cpu":
+        return False
+    return all(t.device.type == "cpu" for t in tree_flatten((args, kwargs))[0] if isinstance(t, torch.Tensor))
+
+
+class AllocationsOnly(TorchDispatchMode):
+    """Inside, CPU operations allocate their outputs (as zeros, through the modes below: the cost model's
+    :class:`LiveBytes` counts them as a real run's) but compute nothing: each output's layout comes from the meta
+    kernel, looked up like :class:`TraceMode`'s. In-place operations leave their target as it is; views, metadata
+    operations, operations on other devices (the shape-only model calls within) and anything this cannot shape
+    (scalar outputs such as ``.item()``) run."""
+
+    def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        kwargs = kwargs or {}
+        if func in _QUERIES or isinstance(func, torch._ops.HigherOrderOperator) or not _on_cpu(args, kwargs):
+            return func(*args, **kwargs)
+        if not _fresh(func):
+            name = func._overloadpacket.__name__
+            written = func._schema.arguments[:1] and func._schema.arguments[0].alias_info is not None
+            if name.endswith("_") and name not in _RESHAPING and written and "out" not in kwargs:
+                return args[0]  # its values do not matter here
+            return func(*args, **kwargs)
+        try:
+            key = (func, _describe(args), _describe(tuple(sorted(kwargs.items()))))
+        except TypeError:
+            return func(*args, **kwargs)
+        seen = _CPU_MEMO.get(key)
+        if seen is None:
+            try:
+                layouts = _layouts(func(*_on_meta(args), **_on_meta(kwargs)), (), {})
+            except (RuntimeError, NotImplementedError):  # no meta kernel, or a value it needs (``.item()``)
+                return func(*args, **kwargs)
+            if isinstance(layouts, str) or any(leaf[0] == "constant" for leaf in layouts[0]):
+                return func(*args, **kwargs)
+            if len(_CPU_MEMO) >= MEMO_SIZE:
+                _CPU_MEMO.clear()
+            seen = _CPU_MEMO[key] = (layouts[0], layouts[1], 0)
+        made = [torch.empty_strided(s, st, dtype=dt, device="cpu").zero_() for s, st, dt in seen[0]]
+        return tree_unflatten(made, seen[1])
+
+
+def value_free(fn: Callable[P, R]) -> Callable[P, R]:
+    """Marks an operation whose results' values never steer a run — only their shapes and the memory they take
+    do (a wavelet transform of decoded pixels on their way back into the VAE): in the cost model's runs it
+    allocates what it would and computes nothing (:class:`AllocationsOnly`); elsewhere it is ``fn`` itself.
+
+    Worth it for compute-heavy work on large images (DiffuseHigh's DWT and sharpening at 4096²: 3 s of CPU per
+    call computed, a fraction allocated); for light elementwise work (tile blending) the per-operation lookup
+    costs more than the work it saves (measured: a tiled VAE pass got slower), so such code is left unmarked."""
+
+    @functools.wraps(fn)
+    def run(*args: P.args, **kwargs: P.kwargs) -> R:
+        if not COSTING.get():
+            return fn(*args, **kwargs)
+        with AllocationsOnly():
+            return fn(*args, **kwargs)
+
+    return run

@@ -7,6 +7,7 @@ from collections.abc import Sequence
 
 import torch
 
+from hiresdiff.cost.shapes import value_free
 from hiresdiff.ops.blur import gaussian_blur
 
 #: the official blur: torchvision ``GaussianBlur(kernel_size=3)`` (reflect padding)
@@ -19,6 +20,7 @@ def draw_sigma(generator: torch.Generator, low: float, high: float) -> float:
     return low + (high - low) * float(u)
 
 
+@value_free
 def sharpen(images: torch.Tensor, sigmas: Sequence[float], alpha: float) -> torch.Tensor:
     """``(1 + α)·x − α·G_σ * x`` per image (B, C, H, W), image ``b`` blurred with σ = ``sigmas[b]`` by a 3 × 3
     Gaussian with reflect padding. α = 0 returns the images; a constant image is a fixed point (the kernel sums

@@ -19,6 +19,8 @@ import math
 import torch
 import torch.nn.functional as F
 
+from hiresdiff.cost.shapes import value_free
+
 #: Daubechies-4 (8 taps) decomposition low-pass filter, PyWavelets' ``Wavelet("db4").dec_lo`` (SPEC §1.6)
 DB4_DEC_LO = (
     -0.010597401785069032,
@@ -85,6 +87,7 @@ def _synthesis(a: torch.Tensor, d: torch.Tensor, lo: torch.Tensor, hi: torch.Ten
     return y[..., start : start + n].reshape(*lead, n)
 
 
+@value_free
 def dwt2(x: torch.Tensor, wavelet: str = "db4") -> tuple[torch.Tensor, Bands]:
     """``(ll, (lh, hl, hh))`` of ``x`` (…, H, W): PyWavelets' ``dwt2(x, wavelet, mode="symmetric")``; each band is
     (…, ⌊(H + L − 1)/2⌋, ⌊(W + L − 1)/2⌋)."""
@@ -105,6 +108,7 @@ def idwt2(ll: torch.Tensor, bands: Bands, size: tuple[int, int], wavelet: str = 
     return _synthesis(a, d, lo, hi, size[1])
 
 
+@value_free
 def swap_low(x: torch.Tensor, ref_low: torch.Tensor, wavelet: str = "db4") -> torch.Tensor:
     """``IDWT(ref_low, H(x))``: ``x`` with its low band replaced by ``ref_low`` (the ``ll`` band of a reference of
     the same size), its high bands kept — DiffuseHigh's structure guidance (SPEC-baselines-progressive §1.2).
