@@ -80,6 +80,22 @@ def _describe(value: Any) -> Any:
     raise TypeError(type(value).__name__)
 
 
+def _key(func: Any, args: Any, kwargs: dict[str, Any]) -> Any:
+    """What an operation's result layout depends on, or ``None`` when an argument has no description."""
+    try:
+        return func, _describe(args), _describe(tuple(sorted(kwargs.items())))
+    except TypeError:
+        return None
+
+
+def _remember(memo: dict[Any, Any], key: Any, entry: tuple[list[Any], Any, int]) -> tuple[list[Any], Any, int]:
+    """Keep ``entry`` under ``key`` (the table is emptied when it reaches :data:`MEMO_SIZE`)."""
+    if len(memo) >= MEMO_SIZE:
+        memo.clear()
+    memo[key] = entry
+    return entry
+
+
 def _fresh(func: Any) -> bool:
     """Whether ``func`` returns new storages only (no view, no in-place or ``out=`` argument)."""
     known = _FRESH.get(func)
@@ -140,12 +156,7 @@ class TraceMode(LiveBytes):
         """``func``'s result and its FLOPs booked: from the table, by decomposition, or by running it."""
         if func in _QUERIES or isinstance(func, torch._ops.HigherOrderOperator):
             return func(*args, **kwargs)
-        key = None
-        if _fresh(func):
-            try:
-                key = (func, _describe(args), _describe(tuple(sorted(kwargs.items()))))
-            except TypeError:
-                key = None
+        key = _key(func, args, kwargs) if _fresh(func) else None
         if key is not None and (seen := _MEMO.get(key)) is not None:
             self.flops += seen[2]
             return _rebuilt(seen[0], seen[1])
@@ -167,9 +178,7 @@ class TraceMode(LiveBytes):
             if layouts == "shared":
                 _FRESH[func] = False  # returns its input's storage: always run it
             elif not isinstance(layouts, str):
-                if len(_MEMO) >= MEMO_SIZE:
-                    _MEMO.clear()
-                _MEMO[key] = (layouts[0], layouts[1], flops)
+                _remember(_MEMO, key, (layouts[0], layouts[1], flops))
         return out
 
 
@@ -220,21 +229,18 @@ class AllocationsOnly(TorchDispatchMode):
             if name.endswith("_") and name not in _RESHAPING and written and "out" not in kwargs:
                 return args[0]  # its values do not matter here
             return func(*args, **kwargs)
-        try:
-            key = (func, _describe(args), _describe(tuple(sorted(kwargs.items()))))
-        except TypeError:
+        key = _key(func, args, kwargs)
+        if key is None:
             return func(*args, **kwargs)
         seen = _CPU_MEMO.get(key)
         if seen is None:
             try:
                 layouts = _layouts(func(*_on_meta(args), **_on_meta(kwargs)), (), {})
-            except (RuntimeError, NotImplementedError):  # no meta kernel, or a value it needs (``.item()``)
+            except RuntimeError:  # no meta kernel (PyTorch raises a RuntimeError subclass), or a value it needs
                 return func(*args, **kwargs)
             if isinstance(layouts, str) or any(leaf[0] == "constant" for leaf in layouts[0]):
                 return func(*args, **kwargs)
-            if len(_CPU_MEMO) >= MEMO_SIZE:
-                _CPU_MEMO.clear()
-            seen = _CPU_MEMO[key] = (layouts[0], layouts[1], 0)
+            seen = _remember(_CPU_MEMO, key, (layouts[0], layouts[1], 0))
         made = [torch.empty_strided(s, st, dtype=dt, device="cpu").zero_() for s, st, dt in seen[0]]
         return tree_unflatten(made, seen[1])
 
