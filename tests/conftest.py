@@ -74,9 +74,11 @@ def _api_auto_batch_from_fallback(request: pytest.FixtureRequest, monkeypatch: p
     call). Tests of a method's numerics and call structure spy on that very code, and the estimate on the tiny
     models chooses the cap anyway: they run with auto's fallback (8, the former default). Tests marked
     ``auto_batch`` keep the planner; the command line settles auto in its plan either way."""
+    import hiresdiff.pipeline as pipeline
+    import hiresdiff.plan  # (registers the planner; patched below for this test only)
+
+    monkeypatch.setattr(hiresdiff.plan, "_STOPPED", {})  # stopped estimates' bounds: none from other tests
     if request.node.get_closest_marker("auto_batch") is not None:
         return
-    import hiresdiff.pipeline as pipeline
-    import hiresdiff.plan  # noqa: F401  (registers the planner; patched below for this test only)
 
     monkeypatch.setattr(pipeline, "BATCH_PLANNER", None)

@@ -302,6 +302,48 @@ def test_probes_that_cannot_fit_stop_early_and_the_choice_is_brute_force(monkeyp
     assert stops > 10
 
 
+def test_stopped_probes_are_remembered_and_the_choice_stays_brute_force(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """A probe stopped once is not run again: its peak so far (a lower bound) answers later searches of the same
+    request whose room it exceeds — in this process and, from the report store, in a later one — and the choice
+    stays brute force's at every amount of free memory."""
+    calls: list[int] = []
+    cost = fake_cost(rows_needed=50, per_row=97 * MIB, calls=calls)
+    finished: list[int] = []
+
+    def watched(req: Any, model: str, watch: Any = None, **overrides: Any) -> CostReport:
+        report = cost(req, model, **overrides)
+        if watch is not None:
+            watch(report.weights_bytes, report.peaks, report.canvas_bytes, report.vae_upcast)
+        finished.append(overrides["max_batch"])
+        return report
+
+    monkeypatch.setattr(plan, "request_cost", watched)
+    monkeypatch.setenv("HIRESDIFF_TRACE_CACHE", str(tmp_path))
+    candidates = plan.batch_candidates(50, 2)
+    peaks = {c: peak_at(cost, c) for c in candidates}
+    stopped_before: set[int] = set()
+    for round_ in range(3):
+        if round_ == 2:
+            monkeypatch.setattr(plan, "_STOPPED", {})  # a new process: the bounds come from the store
+        for free in range(2 * GIB, 9 * GIB, 373 * MIB):
+            req = build_request("a fox", "demofusion", 512, 512, steps=2)
+            calls.clear()
+            finished.clear()
+            plan.choose_max_batch(req, "tiny-sdxl", torch.float32, free)
+            room = plan.auto_room(free)
+            assert req.settings.max_batch == max((c for c in candidates if peaks[c] <= room), default=candidates[0])
+            stopped = {c for c in calls if c not in finished}
+            if round_ == 0:
+                stopped_before |= stopped
+            else:
+                assert not stopped, "a probe stopped before ran again"
+    assert stopped_before
+    assert any(plan.stopped_peak(build_request("a fox", "demofusion", 512, 512, steps=2), "tiny-sdxl",
+                                 torch.float32, max_batch=c) > 0 for c in stopped_before)  # fmt: skip
+
+
 def test_a_watch_sees_the_run_so_far_and_can_stop_it() -> None:
     """The cost model hands its watch the weights, the call peaks and the canvas of the run so far whenever a call
     raises a peak: the last view equals the report's peaks, no view exceeds the final estimate; an exception

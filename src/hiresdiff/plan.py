@@ -63,21 +63,15 @@ def request_cost(req: Any, model: str, watch: Watch | None = None, **overrides: 
     (:func:`hiresdiff.cost.store.load_report`). ``watch`` goes to the cost model (:data:`hiresdiff.cost.model.Watch`:
     it may stop a run that is known not to fit, which then raises and keeps nothing)."""
     from hiresdiff.cost import model_cost, store
-    from hiresdiff.cost.model import ARCHITECTURES
 
     s = req.settings
-    skip = {"prompt", "width", "height", "max_pixels", "strength", "seed"}
-    settings = {k: v for k, v in dataclasses.asdict(s).items() if k not in skip}
-    width, height = overrides.pop("width", s.width), overrides.pop("height", s.height)
-    kwargs = {**settings, **dataclasses.asdict(req.params), **overrides}
+    key, width, height, kwargs = _request_key(req, model, overrides)
     controlnet, upscaler = req.extras.controlnet is not None, req.extras.upscaler
-    shaped = {**kwargs, "upscaler": None if upscaler is None else upscaler.sha256}
-    key = cost_key(req.method.name, model, width, height, len(s.prompt), controlnet, shaped)
     with _PRICED_LOCK:
         if key in _PRICED:
             _PRICED.move_to_end(key)
             return copy.deepcopy(_PRICED[key])
-    fixed = model in BUILTIN_MODELS or model in ARCHITECTURES  # a name whose architecture cannot change
+    fixed = _fixed(model)
     kept = fixed and store.load_report(key)
     if kept:
         report = CostReport.from_dict(kept)
@@ -103,10 +97,60 @@ def request_cost(req: Any, model: str, watch: Watch | None = None, **overrides: 
     return report
 
 
+def _request_key(req: Any, model: str, overrides: dict[str, Any]) -> tuple[str, int, int, dict[str, Any]]:
+    """The report key of ``req`` with ``overrides`` (:func:`cost_key`), its size, and the cost model's keywords."""
+    s = req.settings
+    skip = {"prompt", "width", "height", "max_pixels", "strength", "seed"}
+    settings = {k: v for k, v in dataclasses.asdict(s).items() if k not in skip}
+    overrides = dict(overrides)
+    width, height = overrides.pop("width", s.width), overrides.pop("height", s.height)
+    kwargs = {**settings, **dataclasses.asdict(req.params), **overrides}
+    controlnet, upscaler = req.extras.controlnet is not None, req.extras.upscaler
+    shaped = {**kwargs, "upscaler": None if upscaler is None else upscaler.sha256}
+    return cost_key(req.method.name, model, width, height, len(s.prompt), controlnet, shaped), width, height, kwargs
+
+
+def _fixed(model: str) -> bool:
+    """Whether ``model`` names an architecture that cannot change (built-in names, known hub ids): its reports
+    may be kept on disk."""
+    from hiresdiff.cost.model import ARCHITECTURES
+
+    return model in BUILTIN_MODELS or model in ARCHITECTURES
+
+
 #: reports kept by :func:`request_cost` (least recently used dropped first)
 PRICED_SIZE = 256
 _PRICED: OrderedDict[str, CostReport] = OrderedDict()
 _PRICED_LOCK = threading.Lock()
+#: lower bounds of estimated peaks (bytes) of requests whose estimate was stopped (:class:`_Exceeded`), by report
+#: key and dtype: a later search at less room knows without running that they do not fit
+_STOPPED: dict[str, int] = {}
+
+
+def stopped_peak(req: Any, model: str, dtype: torch.dtype, **overrides: Any) -> int:
+    """The largest peak (bytes, at ``dtype``) an estimate of ``req`` with ``overrides`` was stopped at so far — a
+    lower bound of its peak — or 0 when none was stopped (kept in the process and, for fixed architectures, on
+    disk beside the reports)."""
+    from hiresdiff.cost import store
+
+    key = _request_key(req, model, overrides)[0] + f" stopped at {dtype}"
+    with _PRICED_LOCK:
+        known = _STOPPED.get(key, 0)
+    kept = _fixed(model) and store.load_report(key) or {}
+    return max(known, int(kept.get("peak_at_least", 0)))
+
+
+def keep_stopped_peak(req: Any, model: str, dtype: torch.dtype, peak: int, **overrides: Any) -> None:
+    """Remember that the estimate of ``req`` with ``overrides`` at ``dtype`` exceeds ``peak`` bytes."""
+    from hiresdiff.cost import store
+
+    key = _request_key(req, model, overrides)[0] + f" stopped at {dtype}"
+    if peak <= stopped_peak(req, model, dtype, **overrides):
+        return
+    with _PRICED_LOCK:
+        _STOPPED[key] = peak
+    if _fixed(model):
+        store.save_report(key, {"peak_at_least": peak})
 
 
 def cost_key(
@@ -232,11 +276,16 @@ def choose_max_batch(req: Any, model: str, dtype: torch.dtype, free: int | None)
             raise _Exceeded(so_far)
 
     def probe(rows: int) -> int:
-        """The peak at ``rows``, or the peak so far of a run stopped once it exceeded the room."""
+        """The peak at ``rows``, or a lower bound above the room: one a stopped estimate of the same request found
+        before (no run), or the peak so far of a run stopped now once it exceeded the room (kept for later)."""
         if rows not in reports:
+            bound = stopped_peak(req, model, dtype, max_batch=rows)
+            if bound > room:
+                return bound
             try:
                 reports[rows] = request_cost(req, model, watch=over, max_batch=rows)
             except _Exceeded as stop:
+                keep_stopped_peak(req, model, dtype, stop.peak, max_batch=rows)
                 return stop.peak
         return estimate(rows).peak
 

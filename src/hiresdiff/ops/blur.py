@@ -5,6 +5,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from hiresdiff.cost.shapes import value_free
+
 
 def gaussian_kernel1d(kernel_size: int, sigma: float, *, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """Normalised 1-D Gaussian ``g[i] ∝ exp(−x_i²/(2σ²))`` on ``x_i = i − (k−1)/2``, ``i = 0 … k−1``."""
@@ -17,6 +19,7 @@ def gaussian_kernel1d(kernel_size: int, sigma: float, *, dtype: torch.dtype = to
     return (g / g.sum()).to(dtype)
 
 
+@value_free
 def gaussian_blur(x: torch.Tensor, kernel_size: int, sigma: float, padding: str = "zeros") -> torch.Tensor:
     """Blur each channel of ``x`` (B, C, H, W) with a ``k × k`` Gaussian (outer product of 1-D kernels).
 
@@ -25,7 +28,8 @@ def gaussian_blur(x: torch.Tensor, kernel_size: int, sigma: float, padding: str 
     ``pipeline_demofusion_sdxl.py``), so values near the border are pulled towards 0 (SPEC §2.3). The output
     keeps the size of ``x``; ``kernel_size = 1`` returns ``x`` unchanged. Computed separably (two 1-D passes),
     which equals the 2-D convolution with the outer-product kernel. ``padding="reflect"`` mirrors the border
-    without repeating it (torchvision's ``GaussianBlur``, used by DiffuseHigh's sharpening) instead.
+    without repeating it (torchvision's ``GaussianBlur``, used by DiffuseHigh's sharpening) instead. Value-free in
+    the cost model (:func:`~hiresdiff.cost.shapes.value_free`): blurred values steer no shape or call.
     """
     g = gaussian_kernel1d(kernel_size, sigma, dtype=x.dtype).to(x.device)
     if kernel_size == 1:
