@@ -136,7 +136,7 @@ def stopped_peak(req: Any, model: str, dtype: torch.dtype, **overrides: Any) -> 
     key = _request_key(req, model, overrides)[0] + f" stopped at {dtype}"
     with _PRICED_LOCK:
         known = _STOPPED.get(key, 0)
-    kept = _fixed(model) and store.load_report(key) or {}
+    kept = (_fixed(model) and store.load_report(key)) or {}
     return max(known, int(kept.get("peak_at_least", 0)))
 
 
