@@ -32,6 +32,7 @@ from hiresdiff.images import to_pil, to_uint8
 from hiresdiff.inputs import fit_to_aspect
 from hiresdiff.methods import METHODS, Method, get_method
 from hiresdiff.methods.base import Params
+from hiresdiff.models.adapter import ModelAdapter
 from hiresdiff.models.controlnet import ControlNetSpec, check_controlnet_fits, load_controlnet
 from hiresdiff.models.flux import adapter_for
 from hiresdiff.models.lora import applied_loras
@@ -204,12 +205,16 @@ def _generators(settings: GenerationSettings, generator: Any) -> tuple[list[torc
 class HiresPipeline:
     """High-resolution generation with any registered method over one loaded SD, SDXL or FLUX pipeline."""
 
-    def __init__(self, pipe: Any, model_name: str = "custom", *, allow_pickle: bool = False) -> None:
-        self.adapter = adapter_for(pipe)
+    def __init__(
+        self, pipe: Any, model_name: str = "custom", *, allow_pickle: bool = False, adapter: ModelAdapter | None = None
+    ) -> None:
+        """``pipe``: a loaded diffusers pipeline; or ``adapter``: another model backend (``pipe`` is then ``None``:
+        :class:`~hiresdiff.comfy.adapter.ComfyAdapter` runs the methods on the models ComfyUI has loaded)."""
+        self.adapter = adapter if adapter is not None else adapter_for(pipe)
         self.model_name = model_name
         self.allow_pickle = allow_pickle
-        self._base_scheduler = pipe.scheduler
-        self._base_scheduler_config = dict(pipe.scheduler.config)
+        self._base_scheduler = self.adapter.scheduler
+        self._base_scheduler_config = dict(self.adapter.scheduler.config)
         self._controlnets: dict[str, Any] = {}
         #: how a request's SR model (``--upscaler``) becomes its network (the cost model counts a shape-only one)
         self.upscaler_loader: Callable[[UpscalerSpec], Upscaler] = self._load_upscaler
@@ -291,7 +296,7 @@ class HiresPipeline:
     def _controlnet(self, spec: ControlNetSpec) -> Any:
         """The ControlNet of ``spec``, loaded once and kept on the denoiser's device and dtype."""
         ad = self.adapter
-        check_controlnet_fits(spec, None if ad.family == "flux" else int(ad.unet.config.cross_attention_dim), ad.family)
+        check_controlnet_fits(spec, ad.text_width, ad.family)
         net = self._controlnets.get(spec.ref)
         if net is None:
             self._controlnets.clear()
@@ -457,8 +462,9 @@ class ModelFacts:
     def of_pipeline(cls, hp: HiresPipeline) -> ModelFacts:
         """The facts of a loaded pipeline (its base scheduler's config, its UNet's text width)."""
         ad = hp.adapter
-        width = None if ad.family == "flux" else int(ad.unet.config.cross_attention_dim)
-        return cls(ad.native_size, ad.pixel_grid, ad.family, ad.sampling_defaults, hp._base_scheduler_config, width)
+        return cls(
+            ad.native_size, ad.pixel_grid, ad.family, ad.sampling_defaults, hp._base_scheduler_config, ad.text_width
+        )
 
 
 #: the scheduler settings of the SD/SDXL releases (and the built-in models), assumed where a model's own scheduler

@@ -38,7 +38,7 @@ def amplified(rule: GuidanceRule, factor: float) -> GuidanceRule:
 
 def run_fouriscale(run: Run, params: FouriScaleParams) -> MethodOutput:
     s, ad = run.settings, run.adapter
-    kind = model_kind(ad.family, ad.unet.config.cross_attention_dim)
+    kind = model_kind(ad.family, ad.text_width)
     arch = FOURISCALE_MODELS[kind]
     start, stop = switch_steps(params, kind, ad.native_size, s.height, s.width, s.steps)
     base, d0 = base_and_dilation(arch, params.base_size, ad.native_size, s.height, s.width)

@@ -49,7 +49,7 @@ def on_unet(ad: ModelAdapter, table: Mapping[str, float], levels: int | None, dr
 
 def run_scalecrafter(run: Run, params: ScaleCrafterParams) -> MethodOutput:
     s, ad = run.settings, run.adapter
-    kind = model_kind(ad.family, ad.unet.config.cross_attention_dim)
+    kind = model_kind(ad.family, ad.text_width)
     p = plan(params, kind, ad.native_size, s.height, s.width, s.steps)
     dropped: list[str] = []
     strong = Redilation(on_unet(ad, p.strong, p.strong_levels, dropped), p.dilate_steps, p.progressive)

@@ -221,6 +221,11 @@ class ModelAdapter:
         return self.vae_scale_factor
 
     @property
+    def text_width(self) -> int | None:
+        """Width of the text embeddings the denoiser attends to (a ControlNet must take the same); ``None``: FLUX."""
+        return int(self.unet.config.cross_attention_dim)
+
+    @property
     def prediction_type(self) -> str:
         return str(self.scheduler.config.get("prediction_type", "epsilon"))
 
@@ -530,16 +535,21 @@ class ModelAdapter:
         """Latent core ``w/4`` and context margin ``3w/8`` (SPEC §2.4), ``w`` = native latent side."""
         return max(1, self.native_latent // 4), max(1, (3 * self.native_latent) // 8)
 
+    def _vae_decode(self, z: torch.Tensor) -> torch.Tensor:
+        """The VAE's images (B, 3, H·f, W·f) in about [−1, 1], float32, of raw (unscaled) latents ``z``."""
+        return self.vae.decode(z, return_dict=False)[0].float()
+
+    def _vae_encode(self, x: torch.Tensor) -> torch.Tensor:
+        """Raw latents (the posterior mean, float32) of images ``x`` (B, 3, H, W) in [−1, 1]."""
+        return self.vae.encode(x).latent_dist.mean.float()
+
     @torch.no_grad()
     def decode(self, latents: torch.Tensor, tile_area: int | None, *, clamp: bool = True) -> torch.Tensor:
         """Latents → images (float32, on CPU), clamped to [−1, 1] unless ``clamp=False`` (pixel-space methods
         resample the raw VAE output first); tiled when the image area exceeds ``tile_area`` px."""
         scale, shift = self._vae_factors()
         z = (latents / scale + shift).to(self.device, self.vae_dtype)
-
-        def run(tile: torch.Tensor) -> torch.Tensor:
-            return self.vae.decode(tile, return_dict=False)[0].float()
-
+        run = self._vae_decode
         area = z.shape[-2] * z.shape[-1] * self.vae_scale_factor**2
         with self.borrowed(self.vae):
             if tile_area is not None and area > tile_area:
@@ -554,10 +564,7 @@ class ModelAdapter:
         """Images in [−1, 1] → latents (posterior mean × scaling factor); tiled like :meth:`decode`."""
         scale, shift = self._vae_factors()
         x = images.to(self.device, self.vae_dtype)
-
-        def run(tile: torch.Tensor) -> torch.Tensor:
-            return self.vae.encode(tile).latent_dist.mean.float()
-
+        run = self._vae_encode
         with self.borrowed(self.vae):
             if tile_area is not None and x.shape[-2] * x.shape[-1] > tile_area:
                 core, margin = self._tile_geometry()

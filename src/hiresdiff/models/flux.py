@@ -180,6 +180,10 @@ class FluxAdapter(ModelAdapter):
 
     family = "flux"
 
+    @property
+    def text_width(self) -> int | None:
+        return None  # no ControlNet of a UNet's text width applies
+
     def __init__(self, pipe: Any) -> None:
         self.pipe = pipe
         self.transformer = pipe.transformer

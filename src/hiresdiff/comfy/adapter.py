@@ -1,0 +1,212 @@
+"""A second model backend: hiresdiff's methods on the models ComfyUI has loaded (``MODEL``, ``VAE``, ``CONDITIONING``).
+
+:class:`ComfyAdapter` offers the interface the methods already use (:class:`~hiresdiff.models.adapter.ModelAdapter`)
+over a ComfyUI ``ModelPatcher`` — so LoRAs and model patches applied by other nodes take part — without loading a
+second copy of the model through diffusers. Only the model's own calls change; the sampler, the strategies, the
+guidance rules and every method run as with diffusers. The conversions (facts of ComfyUI 0.3.x–0.33):
+
+* **denoiser**: ComfyUI's ``BaseModel.apply_model(x, σ, c_crossattn=…, y=…)`` takes σ-space latents
+  ``x = x0 + σ·ε`` and returns x̂0 (it divides by ``√(σ²+1)`` itself and maps σ to the nearest training timestep).
+  hiresdiff's model input is the variance-preserving ``x_in = √ᾱ·x0 + √(1−ᾱ)·ε`` (:mod:`hiresdiff.models.
+  parametrization`), so a call passes ``x = x_in·√(σ²+1)`` with ``σ = √((1−ᾱ)/ᾱ)`` and turns the returned x̂0 into
+  the model's own output type (ε or v) with :func:`~hiresdiff.models.parametrization.prediction_from_x0` — the
+  inverse of the conversion the methods apply, so a method sees what the diffusers backend gives it;
+* **scheduler**: a diffusers scheduler made from the model's ``model_sampling`` (its training σ table as
+  ``trained_betas``: ``ᾱ_t = 1/(1+σ_t²)``, ``β_t = 1 − ᾱ_t/ᾱ_{t−1}``; ε or v prediction from the model type) with
+  the SD/SDXL schedulers' integer ("leading") timesteps, which ComfyUI's nearest-timestep lookup keeps exactly;
+* **SDXL conditioning**: the ``y`` vector of each view from the model's own ``encode_adm`` (pooled text, original
+  size, crop, target size — per view, as the diffusers backend's ``time_ids``);
+* **VAE**: ComfyUI's VAE takes raw latents and pixels as ``(B, H, W, C)`` in ``[0, 1]``; hiresdiff's images are
+  ``(B, C, H, W)`` in ``[−1, 1]``, its latents scaled by the model's latent format (``process_latent_in``);
+* **prompts**: CONDITIONING tensors (the text encoders' output) given when the adapter is made.
+
+ComfyUI is never imported by this module: it works on the objects ComfyUI hands a node; the one function of
+ComfyUI it calls (``comfy.model_management.load_models_gpu``) is imported where the model is placed.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import torch
+
+from hiresdiff.errors import HiresError, require
+from hiresdiff.models.adapter import Chunk, ModelAdapter, PromptEmbeds, branch_rows, call_rows
+from hiresdiff.models.guidance import GuidanceRule
+from hiresdiff.models.parametrization import alpha_bar
+
+#: ComfyUI model config class name → (hiresdiff family, native size in pixels)
+FAMILIES = {
+    "SD15": ("sd", 512),
+    "SD20": ("sd", 768),  # the v-prediction release; the 512 px base is told apart by its model type below
+    "SD21UnclipL": ("sd", 768),
+    "SDXL": ("sdxl", 1024),
+    "SSD1B": ("sdxl", 1024),
+    "Segmind_Vega": ("sdxl", 1024),
+    "KOALA_700M": ("sdxl", 1024),
+    "KOALA_1B": ("sdxl", 1024),
+}
+#: ComfyUI ``ModelType`` names → diffusers ``prediction_type``
+PREDICTIONS = {"EPS": "epsilon", "V_PREDICTION": "v_prediction"}
+
+
+def comfy_family(model: Any) -> tuple[str, int]:
+    """``(family, native size)`` of a ComfyUI ``BaseModel``, or one line saying why hiresdiff cannot run it."""
+    config = type(model.model_config).__name__
+    kind = getattr(model.model_type, "name", str(model.model_type))
+    if config.startswith("Flux") or "flux" in type(model).__name__.lower():
+        raise HiresError("this ComfyUI backend runs SD 1.x/2.x and SDXL models; FLUX is not supported by it yet")
+    known = FAMILIES.get(config)
+    if known is None:  # an SD/SDXL-class model of another name (custom configs): by its conditioning
+        adm = int(getattr(model, "adm_channels", 0) or 0)
+        known = ("sdxl", 1024) if adm == 2816 else ("sd", 512) if adm == 0 else None
+    require(known is not None, f"hiresdiff cannot run a {config} model (SD 1.x/2.x and SDXL only)")
+    require(kind in PREDICTIONS, f"hiresdiff cannot run a {kind} model (ε and v prediction only)")
+    family, native = known  # type: ignore[misc]
+    if config == "SD20" and kind == "EPS":
+        native = 512  # SD 2.x base
+    return family, native
+
+
+def scheduler_from_sampling(model_sampling: Any, prediction_type: str) -> Any:
+    """A diffusers Euler scheduler over the model's own training noise levels (module docstring)."""
+    from diffusers import EulerDiscreteScheduler
+
+    sigmas = model_sampling.sigmas.detach().to("cpu", torch.float64)
+    abar = 1.0 / (1.0 + sigmas**2)
+    betas = 1.0 - abar / torch.cat([abar.new_ones(1), abar[:-1]])
+    return EulerDiscreteScheduler(
+        num_train_timesteps=len(sigmas),
+        trained_betas=betas.tolist(),
+        prediction_type=prediction_type,
+        timestep_spacing="leading",
+        steps_offset=1,
+    )
+
+
+class ComfyAdapter(ModelAdapter):
+    """The adapter over a ComfyUI ``ModelPatcher`` (``patcher``), its ``vae`` (a ComfyUI ``VAE``; ``None``: no
+    pixel work) and the prompts' CONDITIONING as :class:`PromptEmbeds` (``embeds``: one row per prompt; the
+    unconditional half for classifier-free guidance); ``native_size``: the model's training resolution when it is
+    not its family's (:data:`FAMILIES`: a 768 px SD 1.5 fine-tune)."""
+
+    def __init__(
+        self, patcher: Any, vae: Any = None, embeds: PromptEmbeds | None = None, native_size: int | None = None
+    ) -> None:
+        model = patcher.model
+        self.patcher, self.model, self.pipe = patcher, model, None
+        self.family, native = comfy_family(model)
+        #: the training resolution (pixels): the family's unless given (a ComfyUI model does not record it)
+        self.native_size = native_size or native
+        kind = getattr(model.model_type, "name", str(model.model_type))
+        self.unet = model.diffusion_model
+        self.vae = vae
+        self.embeds = embeds
+        self.scheduler = scheduler_from_sampling(model.model_sampling, PREDICTIONS[kind])
+        self.vae_scale_factor = 8
+        self.latent_channels = int(model.latent_format.latent_channels)
+        self.native_latent = self.native_size // self.vae_scale_factor
+        self.vae_dtype = torch.float32
+        self.call_info: list[tuple[int, str]] = []
+
+    def _setup_vae(self) -> None:
+        """ComfyUI's VAE picks its own device and dtype."""
+
+    @property
+    def text_width(self) -> int | None:
+        return int(self.model.model_config.unet_config["context_dim"])
+
+    @property
+    def transformer_options(self) -> dict[str, Any]:
+        """The patches other nodes put on the model (attention replacements, block patches …)."""
+        return dict(self.patcher.model_options.get("transformer_options", {}))
+
+    def refresh_placement(self) -> tuple[torch.device, torch.dtype]:
+        """Load the model where ComfyUI puts it (its memory manager may have moved it since the last run)."""
+        import comfy.model_management
+
+        comfy.model_management.load_models_gpu([self.patcher])
+        self._placement = (torch.device(self.patcher.load_device), self.model.get_dtype_inference())
+        return self._placement
+
+    # --- text: CONDITIONING from ComfyUI's text encoders -------------------------------------------------
+    def encode_prompt(self, prompts: list[str], negatives: list[str] | None, cfg: bool) -> PromptEmbeds:
+        """The CONDITIONING given to the adapter (the prompts' text was encoded by ComfyUI's CLIP nodes)."""
+        embeds = self.embeds
+        require(embeds is not None, "no conditioning was given to the ComfyUI backend")
+        assert embeds is not None
+        require(embeds.cond.shape[0] == len(prompts), "one conditioning per prompt is needed")
+        require(not cfg or embeds.uncond is not None, "guidance needs the negative conditioning")
+        if self.family == "sdxl":
+            require(embeds.pooled_cond is not None, "SDXL needs the pooled output of its text encoders")
+        return embeds
+
+    def count_tokens(self, text: str) -> int:
+        return 0  # the text was encoded by ComfyUI (its own tokenizers)
+
+    def truncated(self, prompt: str) -> tuple[int, str] | None:
+        return None
+
+    # --- denoiser ----------------------------------------------------------------------------------------
+    def _adm(self, pooled: torch.Tensor, size: tuple[int, int], crop: tuple[int, int]) -> torch.Tensor:
+        """SDXL's ``y`` of one view: pooled text and (original size, crop, target size) embedded by the model."""
+        h, w = size
+        top, left = crop
+        return self.model.encode_adm(
+            pooled_output=pooled, width=w, height=h, crop_w=left, crop_h=top, target_width=w, target_height=h
+        )
+
+    def _forward(self, x: torch.Tensor, t: torch.Tensor, chunk: Chunk, rule: GuidanceRule) -> torch.Tensor:
+        """One ``apply_model`` call for the views of ``chunk`` (every branch of ``rule``, rows branch-major): the
+        model's raw output (ε or v, float32) recovered from ComfyUI's x̂0 (module docstring)."""
+        require(self.controlnet is None, "the ComfyUI backend takes ControlNets through ComfyUI's own nodes")
+        text, ys = [], []
+        for branch, req, i in branch_rows(rule, chunk):
+            row = req.rows[i]
+            text.append(getattr(req.embeds, branch.text)[row : row + 1])
+            if self.family == "sdxl":
+                pooled = getattr(req.embeds, f"pooled_{branch.text}")[row : row + 1]
+                ys.append(self._adm(pooled, req.size, req.crops[i]))
+        self.call_info = call_rows(rule, chunk)
+        x_in = torch.cat([x] * len(rule.branches))
+        wide = torch.float32 if x_in.device.type == "mps" else torch.float64  # MPS has no float64
+        abar = alpha_bar(self.scheduler, t)
+        sigma = ((1.0 - abar) / abar) ** 0.5
+        sigmas = torch.full((x_in.shape[0],), sigma, dtype=wide, device=x_in.device)
+        kwargs: dict[str, Any] = {"c_crossattn": torch.cat(text)}
+        if ys:
+            kwargs["y"] = torch.cat(ys)
+        # in float64 around the call, x̂0 = x − σ·ε and its inverse lose nothing at small σ (float32 would lose
+        # |x|·2⁻²⁴/σ); the model itself runs in its own dtype
+        x0 = self.model.apply_model(
+            x_in.to(wide) * (sigma**2 + 1.0) ** 0.5, sigmas, transformer_options=self.transformer_options, **kwargs
+        )
+        return self.from_x0(x0.to(wide), x_in.to(wide), t).float()
+
+    # --- VAE: ComfyUI's, (B, H, W, C) in [0, 1] ----------------------------------------------------------
+    def _vae_factors(self) -> tuple[float, float]:
+        fmt = self.model.latent_format
+        return float(fmt.scale_factor), float(getattr(fmt, "shift_factor", 0.0) or 0.0)
+
+    def _comfy_vae(self) -> Any:
+        require(self.vae is not None, "this run decodes or encodes pixels: connect a VAE to the node")
+        return self.vae
+
+    def _vae_decode(self, z: torch.Tensor) -> torch.Tensor:
+        pixels = self._comfy_vae().decode(z)  # (B, H, W, C) in [0, 1], clamped by ComfyUI
+        return pixels.movedim(-1, 1).float().cpu() * 2.0 - 1.0
+
+    def _vae_encode(self, x: torch.Tensor) -> torch.Tensor:
+        pixels = ((x.float() + 1.0) / 2.0).clamp(0, 1).movedim(1, -1)
+        return self._comfy_vae().encode(pixels).float().cpu()
+
+    @contextmanager
+    def borrowed(self, *modules: torch.nn.Module) -> Iterator[None]:
+        """ComfyUI's memory manager moves its models itself (it loads the VAE for a decode, the model for a call)."""
+        yield
+
+    def set_offload(self, on: bool) -> None:
+        """Low-VRAM placement is ComfyUI's (its ``--lowvram``/``--novram`` modes); only the setting is kept."""
+        self.offload = on

@@ -1,0 +1,135 @@
+"""The ComfyUI backend (:mod:`hiresdiff.comfy.adapter`) against the diffusers one, in process, on tiny twins.
+
+Both backends get the same weights (:mod:`comfy_twins`), the same conditioning and the same noise: their denoiser
+predictions, x̂0 conversions, VAE passes and whole DemoFusion runs must agree to float rounding. Needs a ComfyUI
+checkout (``$HIRESDIFF_COMFYUI``) and its requirements; skipped without them unless ``HIRESDIFF_REQUIRE_COMFYUI=1``.
+"""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+from typing import Any
+
+import pytest
+import torch
+
+from comfy_twins import LATENT, NATIVE, SDXL_POOLED, comfy, sd_vae, twin
+from hiresdiff.errors import HiresError
+from hiresdiff.models.adapter import ModelAdapter, PromptEmbeds, Request
+
+pytestmark = pytest.mark.slow
+
+
+class GivenEmbeds(ModelAdapter):
+    """The diffusers backend with the prompts' embeddings given (as ComfyUI's CONDITIONING is)."""
+
+    def __init__(self, pipe: Any, embeds: PromptEmbeds) -> None:
+        super().__init__(pipe)
+        self.embeds = embeds
+
+    def encode_prompt(self, prompts: list[str], negatives: list[str] | None, cfg: bool) -> PromptEmbeds:
+        return self.embeds
+
+    def truncated(self, prompt: str) -> tuple[int, str] | None:
+        return None
+
+
+def embeds_for(family: str, context: int, seed: int = 1) -> PromptEmbeds:
+    g = torch.Generator().manual_seed(seed)
+    cond, uncond = torch.randn(1, 7, context, generator=g), torch.randn(1, 7, context, generator=g)
+    if family == "sd":
+        return PromptEmbeds(cond, uncond)
+    pooled = torch.randn(2, SDXL_POOLED, generator=g)
+    return PromptEmbeds(cond, uncond, pooled[:1], pooled[1:])
+
+
+@pytest.fixture(scope="module", params=["sd", "sdxl"])
+def backends(request: pytest.FixtureRequest) -> SimpleNamespace:
+    """(diffusers adapter, ComfyUI adapter) over the twins of one family, sharing scheduler config and embeds."""
+    from hiresdiff.comfy.adapter import ComfyAdapter
+
+    family = request.param
+    tw = twin(family)
+    embeds = embeds_for(family, tw.context)
+    vae_d, vae_c = sd_vae(float(tw.model.latent_format.scale_factor))
+    ours = ComfyAdapter(tw.patcher, vae_c, embeds, native_size=NATIVE)
+    pipe = SimpleNamespace(unet=tw.unet, vae=vae_d, scheduler=type(ours.scheduler).from_config(ours.scheduler.config))
+    if family == "sdxl":
+        pipe.text_encoder_2 = None  # the diffusers backend tells SDXL by this attribute
+    ref = GivenEmbeds(pipe, embeds)
+    return SimpleNamespace(family=family, ref=ref, ours=ours, embeds=embeds, twin=tw)
+
+
+def _requests(b: SimpleNamespace, seed: int) -> list[Request]:
+    """Two requests of views (different sizes, crops, guidance scales), one prompt row."""
+    g = torch.Generator().manual_seed(seed)
+    big = torch.randn(3, 4, LATENT, LATENT, generator=g)
+    small = torch.randn(2, 4, LATENT // 2, LATENT // 2, generator=g)
+    size = (2 * NATIVE, 2 * NATIVE)
+    return [
+        Request(big, [0, 0, 0], [(0, 0), (0, 64), (64, 0)], b.embeds, 7.5, size),
+        Request(small, [0, 0], [(0, 0), (32, 32)], b.embeds, 3.0, size),
+    ]
+
+
+@pytest.mark.parametrize("max_batch", [2, 64])
+def test_predictions_and_x0_equal_the_diffusers_backend(backends: SimpleNamespace, max_batch: int) -> None:
+    """Guided predictions of batched views (per-view SDXL size/crop conditioning) and their x̂0 agree to 1e-5 at
+    several timesteps, whatever the chunking."""
+    b = backends
+    for ad in (b.ref, b.ours):
+        ad.set_timesteps(10)
+        ad.refresh_placement()
+    steps = b.ref.scheduler.timesteps
+    assert torch.equal(steps, b.ours.scheduler.timesteps)
+    for t in (steps[0], steps[4], steps[-1]):
+        ref = b.ref.predict(_requests(b, 3), t, max_batch)
+        ours = b.ours.predict(_requests(b, 3), t, max_batch)
+        for r, o, x in zip(ref, ours, _requests(b, 3), strict=True):
+            assert r.shape == o.shape
+            torch.testing.assert_close(o, r, atol=1e-5, rtol=0)
+            torch.testing.assert_close(b.ours.to_x0(o, x.x, t), b.ref.to_x0(r, x.x, t), atol=1e-5, rtol=1e-5)
+
+
+def test_vae_passes_equal_the_diffusers_backend(backends: SimpleNamespace) -> None:
+    """Decode (untiled and tiled) and encode through ComfyUI's VAE equal diffusers' AutoencoderKL on the same
+    weights: layouts, ranges and the latent scaling converted."""
+    b = backends
+    g = torch.Generator().manual_seed(5)
+    latents = torch.randn(1, 4, LATENT, LATENT, generator=g)
+    for tile_area in (None, (NATIVE // 2) ** 2):
+        torch.testing.assert_close(b.ours.decode(latents, tile_area), b.ref.decode(latents, tile_area), atol=2e-4,
+                                   rtol=0)  # fmt: skip
+    images = torch.rand(1, 3, NATIVE, NATIVE, generator=g) * 2 - 1
+    torch.testing.assert_close(b.ours.encode(images, None), b.ref.encode(images, None), atol=2e-4, rtol=0)
+
+
+def test_a_whole_demofusion_run_gives_the_same_latents(backends: SimpleNamespace) -> None:
+    """The same request and noise through both backends: DemoFusion's phases, views, dilated sampling and
+    skip-residuals see the same predictions, so the final latents agree."""
+    from hiresdiff.pipeline import HiresPipeline
+
+    b = backends
+    runs = []
+    for ad in (b.ref, b.ours):
+        hp = HiresPipeline(None, "twin", adapter=ad)
+        out = hp("a twin", "demofusion", 2 * NATIVE, 2 * NATIVE, steps=4, guidance=5.0, seed=7, max_batch=8,
+                 previews=False, progress=False)  # fmt: skip
+        runs.append(out.latents)
+    torch.testing.assert_close(runs[1], runs[0], atol=1e-4, rtol=1e-4)
+
+
+def test_models_hiresdiff_cannot_run_are_refused_in_one_line() -> None:
+    """A model type or family the backend does not handle is named in one line, before any work."""
+    from hiresdiff.comfy.adapter import ComfyAdapter
+
+    c = comfy()
+    tw = twin("sd")
+    model = tw.model
+    original = model.model_type
+    try:
+        model.model_type = c.model_base.ModelType.EDM
+        with pytest.raises(HiresError, match="EDM"):
+            ComfyAdapter(tw.patcher)
+    finally:
+        model.model_type = original
