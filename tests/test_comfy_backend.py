@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from comfy_twins import LATENT, NATIVE, SDXL_POOLED, comfy, sd_vae, twin
+from hiresdiff.comfy.nodes import COMFY_METHODS
 from hiresdiff.errors import HiresError
 from hiresdiff.models.adapter import ModelAdapter, PromptEmbeds, Request
 
@@ -104,16 +105,18 @@ def test_vae_passes_equal_the_diffusers_backend(backends: SimpleNamespace) -> No
     torch.testing.assert_close(b.ours.encode(images, None), b.ref.encode(images, None), atol=2e-4, rtol=0)
 
 
-def test_a_whole_demofusion_run_gives_the_same_latents(backends: SimpleNamespace) -> None:
-    """The same request and noise through both backends: DemoFusion's phases, views, dilated sampling and
-    skip-residuals see the same predictions, so the final latents agree."""
+@pytest.mark.parametrize("method", COMFY_METHODS)
+def test_a_whole_run_gives_the_same_latents(backends: SimpleNamespace, method: str) -> None:
+    """The same request and noise through both backends, for every method the ComfyUI backend offers: phases,
+    views, dilated sampling, skip-residuals, pixel-space passes see the same predictions and VAE results, so the
+    final latents agree."""
     from hiresdiff.pipeline import HiresPipeline
 
     b = backends
     runs = []
     for ad in (b.ref, b.ours):
         hp = HiresPipeline(None, "twin", adapter=ad)
-        out = hp("a twin", "demofusion", 2 * NATIVE, 2 * NATIVE, steps=4, guidance=5.0, seed=7, max_batch=8,
+        out = hp("a twin", method, 2 * NATIVE, 2 * NATIVE, steps=4, guidance=5.0, seed=7, max_batch=8,
                  previews=False, progress=False)  # fmt: skip
         runs.append(out.latents)
     torch.testing.assert_close(runs[1], runs[0], atol=1e-4, rtol=1e-4)

@@ -8,12 +8,12 @@ guidance rules and every method run as with diffusers. The conversions (facts of
 * **denoiser**: ComfyUI's ``BaseModel.apply_model(x, σ, c_crossattn=…, y=…)`` takes σ-space latents
   ``x = x0 + σ·ε`` and returns x̂0 (it divides by ``√(σ²+1)`` itself and maps σ to the nearest training timestep).
   hiresdiff's model input is the variance-preserving ``x_in = √ᾱ·x0 + √(1−ᾱ)·ε`` (:mod:`hiresdiff.models.
-  parametrization`), so a call passes ``x = x_in·√(σ²+1)`` with ``σ = √((1−ᾱ)/ᾱ)`` and turns the returned x̂0 into
-  the model's own output type (ε or v) with :func:`~hiresdiff.models.parametrization.prediction_from_x0` — the
-  inverse of the conversion the methods apply, so a method sees what the diffusers backend gives it;
-* **scheduler**: a diffusers scheduler made from the model's ``model_sampling`` (its training σ table as
-  ``trained_betas``: ``ᾱ_t = 1/(1+σ_t²)``, ``β_t = 1 − ᾱ_t/ᾱ_{t−1}``; ε or v prediction from the model type) with
-  the SD/SDXL schedulers' integer ("leading") timesteps, which ComfyUI's nearest-timestep lookup keeps exactly;
+  parametrization`), so a call at timestep ``t`` passes the model's training σ at ``t`` with ``x = x_in·√(σ²+1)``
+  (ComfyUI's UNet then sees ``x_in`` and ``t``, as the diffusers one does) and turns the returned x̂0 back into the
+  model's raw output (ε or v) with the same σ — in float64, so nothing is lost at small σ;
+* **scheduler**: a diffusers Euler scheduler of the model's own training schedule (ComfyUI's ``linear`` β is
+  diffusers' ``scaled_linear`` over the same range; ε or v prediction from the model type) with the SD/SDXL
+  schedulers' integer ("leading") timesteps, which ComfyUI's nearest-timestep lookup keeps exactly;
 * **SDXL conditioning**: the ``y`` vector of each view from the model's own ``encode_adm`` (pooled text, original
   size, crop, target size — per view, as the diffusers backend's ``time_ids``);
 * **VAE**: ComfyUI's VAE takes raw latents and pixels as ``(B, H, W, C)`` in ``[0, 1]``; hiresdiff's images are
@@ -35,7 +35,7 @@ import torch
 from hiresdiff.errors import HiresError, require
 from hiresdiff.models.adapter import Chunk, ModelAdapter, PromptEmbeds, branch_rows, call_rows
 from hiresdiff.models.guidance import GuidanceRule
-from hiresdiff.models.parametrization import alpha_bar
+from hiresdiff.models.parametrization import prediction_from_x0
 
 #: ComfyUI model config class name → (hiresdiff family, native size in pixels)
 FAMILIES = {
@@ -70,20 +70,29 @@ def comfy_family(model: Any) -> tuple[str, int]:
     return family, native
 
 
-def scheduler_from_sampling(model_sampling: Any, prediction_type: str) -> Any:
-    """A diffusers Euler scheduler over the model's own training noise levels (module docstring)."""
+def scheduler_from_sampling(model: Any, prediction_type: str) -> Any:
+    """A diffusers Euler scheduler over the model's own training noise levels (module docstring): ComfyUI's
+    ``linear`` schedule is diffusers' ``scaled_linear`` over the same β range (a diffusers pipeline of the checkpoint
+    has this very config, so methods that rebuild the schedule from it — APT's scale-aware β — see the same); any
+    other schedule is taken from the σ table as ``trained_betas``."""
     from diffusers import EulerDiscreteScheduler
 
-    sigmas = model_sampling.sigmas.detach().to("cpu", torch.float64)
+    sampling = model.model_sampling
+    settings = dict(getattr(model.model_config, "sampling_settings", {}) or {})
+    common = {"prediction_type": prediction_type, "timestep_spacing": "leading", "steps_offset": 1}
+    if settings.get("beta_schedule", "linear") == "linear" and hasattr(sampling, "linear_start"):
+        return EulerDiscreteScheduler(
+            num_train_timesteps=int(sampling.num_timesteps),
+            beta_start=float(sampling.linear_start),
+            beta_end=float(sampling.linear_end),
+            beta_schedule="scaled_linear",
+            rescale_betas_zero_snr=bool(settings.get("zsnr", False)),
+            **common,
+        )
+    sigmas = sampling.sigmas.detach().to("cpu", torch.float64)
     abar = 1.0 / (1.0 + sigmas**2)
     betas = 1.0 - abar / torch.cat([abar.new_ones(1), abar[:-1]])
-    return EulerDiscreteScheduler(
-        num_train_timesteps=len(sigmas),
-        trained_betas=betas.tolist(),
-        prediction_type=prediction_type,
-        timestep_spacing="leading",
-        steps_offset=1,
-    )
+    return EulerDiscreteScheduler(num_train_timesteps=len(sigmas), trained_betas=betas.tolist(), **common)
 
 
 class ComfyAdapter(ModelAdapter):
@@ -104,7 +113,7 @@ class ComfyAdapter(ModelAdapter):
         self.unet = model.diffusion_model
         self.vae = vae
         self.embeds = embeds
-        self.scheduler = scheduler_from_sampling(model.model_sampling, PREDICTIONS[kind])
+        self.scheduler = scheduler_from_sampling(model, PREDICTIONS[kind])
         self.vae_scale_factor = 8
         self.latent_channels = int(model.latent_format.latent_channels)
         self.native_latent = self.native_size // self.vae_scale_factor
@@ -172,8 +181,8 @@ class ComfyAdapter(ModelAdapter):
         self.call_info = call_rows(rule, chunk)
         x_in = torch.cat([x] * len(rule.branches))
         wide = torch.float32 if x_in.device.type == "mps" else torch.float64  # MPS has no float64
-        abar = alpha_bar(self.scheduler, t)
-        sigma = ((1.0 - abar) / abar) ** 0.5
+        sigma = self._sigma(t)
+        abar = 1.0 / (1.0 + sigma**2)
         sigmas = torch.full((x_in.shape[0],), sigma, dtype=wide, device=x_in.device)
         kwargs: dict[str, Any] = {"c_crossattn": torch.cat(text)}
         if ys:
@@ -183,7 +192,14 @@ class ComfyAdapter(ModelAdapter):
         x0 = self.model.apply_model(
             x_in.to(wide) * (sigma**2 + 1.0) ** 0.5, sigmas, transformer_options=self.transformer_options, **kwargs
         )
-        return self.from_x0(x0.to(wide), x_in.to(wide), t).float()
+        return prediction_from_x0(x0.to(wide), x_in.to(wide), abar, self.prediction_type).float()
+
+    def _sigma(self, t: torch.Tensor) -> float:
+        """σ of the model call at timestep ``t``: the model's own training σ there, so that ComfyUI, which maps σ
+        back to the nearest training timestep, gives the UNet ``t`` — also when a method samples on another
+        schedule (APT's scale-aware β) or at a timestep off the step's schedule (Upsample Guidance's τ); the
+        model input is hiresdiff's already, and the conversions around the call use this σ both ways."""
+        return float(self.model.model_sampling.sigma(torch.as_tensor(float(t), dtype=torch.float32)))
 
     # --- VAE: ComfyUI's, (B, H, W, C) in [0, 1] ----------------------------------------------------------
     def _vae_factors(self) -> tuple[float, float]:
@@ -195,11 +211,20 @@ class ComfyAdapter(ModelAdapter):
         return self.vae
 
     def _vae_decode(self, z: torch.Tensor) -> torch.Tensor:
-        pixels = self._comfy_vae().decode(z)  # (B, H, W, C) in [0, 1], clamped by ComfyUI
-        return pixels.movedim(-1, 1).float().cpu() * 2.0 - 1.0
+        """ComfyUI's decode (its batching and memory handling) with the VAE's raw output kept: ComfyUI maps it to
+        ``[0, 1]`` and clamps (``VAE.process_output``), while hiresdiff clamps only where the method says so
+        (pixel-space methods resample the raw output first, as the diffusers backend gives it them)."""
+        vae = self._comfy_vae()
+        to_unit = vae.process_output
+        vae.process_output = _raw
+        try:
+            pixels = vae.decode(z)  # (B, H, W, C), the raw output in about [−1, 1]
+        finally:
+            vae.process_output = to_unit
+        return pixels.movedim(-1, 1).float().cpu()
 
     def _vae_encode(self, x: torch.Tensor) -> torch.Tensor:
-        pixels = ((x.float() + 1.0) / 2.0).clamp(0, 1).movedim(1, -1)
+        pixels = ((x.float() + 1.0) / 2.0).movedim(1, -1)  # ComfyUI maps [0, 1] back to [−1, 1] (no clamp)
         return self._comfy_vae().encode(pixels).float().cpu()
 
     @contextmanager
@@ -210,3 +235,8 @@ class ComfyAdapter(ModelAdapter):
     def set_offload(self, on: bool) -> None:
         """Low-VRAM placement is ComfyUI's (its ``--lowvram``/``--novram`` modes); only the setting is kept."""
         self.offload = on
+
+
+def _raw(image: torch.Tensor) -> torch.Tensor:
+    """The VAE's output as it is (in place of ComfyUI's map to ``[0, 1]`` with clamping)."""
+    return image

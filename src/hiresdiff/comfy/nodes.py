@@ -1,0 +1,267 @@
+"""ComfyUI nodes: hiresdiff's methods on the MODEL, CONDITIONING and VAE a workflow has already loaded.
+
+* ``Hiresdiff Sample`` (:class:`HiresdiffSample`): MODEL, positive/negative CONDITIONING, VAE, method, preset, size,
+  steps, cfg, seed; optionally an input picture (IMAGE, or a LATENT decoded through the VAE) with ``strength`` and
+  the method's parameters. Outputs the final LATENT (ComfyUI's raw latent) and the previews as a list of IMAGEs
+  (each phase before the last at its own size, then the final image).
+* ``Hiresdiff <method> Parameters`` (one per method, :func:`parameter_node`): the fields of the method's parameter
+  dataclass with their defaults, the ranges its own checks accept and the help of its docstring as tooltips
+  (:func:`hiresdiff.web.fields.method_fields`, as the web page shows them); output HIRESDIFF_PARAMS.
+
+Bad input (a size off the grid, a method the backend cannot run, parameters of another method, a FLUX model …)
+raises :class:`~hiresdiff.errors.HiresError`: ComfyUI shows its one line in the error dialog. ComfyUI's progress bar
+follows every step and its cancel button stops the run between steps (ComfyUI's interrupt exception is let through).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from hiresdiff.errors import require
+
+#: what a HIRESDIFF_PARAMS output holds: ``{"method": name, "set": {field: text}}``
+PARAMS_TYPE = "HIRESDIFF_PARAMS"
+CATEGORY = "sampling/hiresdiff"
+#: the prompt text hiresdiff records for a run whose prompts ComfyUI encoded (CONDITIONING carries no text)
+PROMPT_LABEL = "(ComfyUI conditioning)"
+#: methods the ComfyUI backend runs (tested against the diffusers backend); the others patch the diffusers UNet's
+#: attention processors or blocks, which ComfyUI's UNet does not have
+COMFY_METHODS = ("demofusion", "multidiffusion", "apt", "apldm", "diffusehigh", "upsample-guidance", "resize", "direct")
+
+
+def check_method(method: str) -> None:
+    """One line when ``method`` is not one the ComfyUI backend runs."""
+    from hiresdiff.methods import METHODS
+
+    require(method in METHODS, f"unknown method {method!r}; choose one of: {', '.join(COMFY_METHODS)}")
+    require(
+        method in COMFY_METHODS,
+        f"{method} patches the diffusers UNet's attention, which ComfyUI's model does not have yet; "
+        f"in ComfyUI choose one of: {', '.join(COMFY_METHODS)}",
+    )
+
+
+def embeds_of(positive: Any, negative: Any, cfg: bool, family: str) -> Any:
+    """CONDITIONING → :class:`~hiresdiff.models.adapter.PromptEmbeds` (one entry each: the text encoders' output
+    and, for SDXL, its ``pooled_output``)."""
+    from hiresdiff.models.adapter import PromptEmbeds
+
+    def one(cond: Any, name: str) -> tuple[torch.Tensor, torch.Tensor | None]:
+        require(
+            isinstance(cond, list) and len(cond) == 1 and len(cond[0]) == 2,
+            f"hiresdiff takes one {name} conditioning (a CLIP Text Encode output); combined or area conditioning "
+            "is not supported",
+        )
+        tensor, extra = cond[0]
+        pooled = extra.get("pooled_output") if isinstance(extra, dict) else None
+        require(tensor.shape[0] == 1, f"the {name} conditioning must be for one prompt (batch 1)")
+        if family == "sdxl":
+            require(pooled is not None, f"the {name} conditioning has no pooled output: encode it with SDXL's CLIP")
+        return tensor.float(), None if pooled is None else pooled.float()
+
+    cond, pooled = one(positive, "positive")
+    uncond, pooled_uncond = one(negative, "negative") if cfg else (None, None)
+    if uncond is not None and uncond.shape[1] != cond.shape[1]:  # different token lengths: pad the shorter one
+        length = max(cond.shape[1], uncond.shape[1])
+        cond, uncond = (_padded(t, length) for t in (cond, uncond))
+    return PromptEmbeds(cond, uncond, pooled, pooled_uncond)
+
+
+def _padded(t: torch.Tensor, length: int) -> torch.Tensor:
+    """``t`` (1, n, c) extended to ``length`` tokens by repeating its last token (CLIP's padding embedding)."""
+    extra = length - t.shape[1]
+    return t if extra <= 0 else torch.cat([t, t[:, -1:].expand(-1, extra, -1)], dim=1)
+
+
+def _picture(image: Any, latent: Any, vae: Any, model: Any) -> Any:
+    """The input picture as a PIL image: an IMAGE (first of its batch) or a LATENT decoded through the VAE."""
+    from PIL import Image
+
+    if image is None and latent is not None:
+        require(vae is not None, "decoding the input LATENT needs the VAE")
+        image = vae.decode(latent["samples"])
+    if image is None:
+        return None
+    pixels = (image[0].float().clamp(0, 1) * 255).round().to(torch.uint8).cpu().numpy()
+    return Image.fromarray(pixels)
+
+
+def _images(previews: list[list[Any]]) -> list[torch.Tensor]:
+    """Previews (per phase, one PIL image per sample) → ComfyUI IMAGEs (B, H, W, 3) in [0, 1], one per phase."""
+    import numpy as np
+
+    def tensor(picture: Any) -> torch.Tensor:
+        return torch.from_numpy(np.asarray(picture.convert("RGB"), dtype=np.float32) / 255.0)
+
+    return [torch.stack([tensor(p) for p in phase]) for phase in previews]
+
+
+def _progress(node_id: Any = None) -> Any:
+    """A step callback that moves ComfyUI's progress bar per phase and honours its cancel button."""
+    import comfy.model_management
+    import comfy.utils
+
+    bars: dict[str, Any] = {}
+
+    def step(name: str, done: int, total: int) -> None:
+        comfy.model_management.throw_exception_if_processing_interrupted()
+        bar = bars.get(name)
+        if bar is None:
+            bar = bars[name] = comfy.utils.ProgressBar(total)
+        bar.update_absolute(done, total)
+
+    return step
+
+
+class HiresdiffSample:
+    """The ``Hiresdiff Sample`` node (module docstring)."""
+
+    CATEGORY = CATEGORY
+    FUNCTION = "sample"
+    RETURN_TYPES = ("LATENT", "IMAGE")
+    RETURN_NAMES = ("latent", "previews")
+    OUTPUT_IS_LIST = (False, True)
+    OUTPUT_TOOLTIPS = ("The final latent (decode it with the same VAE).", "Each phase's preview, the final image last.")
+    DESCRIPTION = "Generates far beyond the model's training resolution without training (hiresdiff)."
+
+    @classmethod
+    def INPUT_TYPES(cls) -> dict[str, Any]:
+        from hiresdiff.methods import METHODS
+
+        presets = sorted({p for m in COMFY_METHODS for p in METHODS[m].presets})
+        size = {"default": 2048, "min": 64, "max": 16384, "step": 8}
+        return {
+            "required": {
+                "model": ("MODEL", {"tooltip": "An SD 1.x/2.x or SDXL model (LoRAs and patches applied)."}),
+                "positive": ("CONDITIONING",),
+                "negative": ("CONDITIONING",),
+                "vae": ("VAE",),
+                "method": (list(COMFY_METHODS), {"default": "demofusion"}),
+                "preset": (["none", *presets], {"tooltip": "A named preset of the method (none: its defaults)."}),
+                "width": ("INT", {**size, "tooltip": "Target width in pixels (a multiple of 8)."}),
+                "height": ("INT", {**size, "tooltip": "Target height in pixels (a multiple of 8)."}),
+                "steps": ("INT", {"default": 50, "min": 1, "max": 1000}),
+                "cfg": ("FLOAT", {"default": 7.5, "min": 0.0, "max": 100.0, "step": 0.1}),
+                "seed": ("INT", {"default": 0, "min": 0, "max": 2**63 - 1, "control_after_generate": True}),
+            },
+            "optional": {
+                "image": ("IMAGE", {"tooltip": "A picture to upscale (its aspect is kept)."}),
+                "latent": ("LATENT", {"tooltip": "A latent to upscale (decoded through the VAE first)."}),
+                "strength": ("FLOAT", {"default": 1.0, "min": 0.0, "max": 1.0, "step": 0.01}),
+                "params": (PARAMS_TYPE, {"tooltip": "The method's parameters (a Hiresdiff … Parameters node)."}),
+                "native_size": (
+                    "INT",
+                    {
+                        "default": 0,
+                        "min": 0,
+                        "max": 4096,
+                        "step": 8,
+                        "tooltip": "The model's training resolution (0: its family's, "
+                        "512 for SD 1.x, 1024 for SDXL; set it for fine-tunes at other sizes).",
+                    },
+                ),
+            },
+            "hidden": {"node_id": "UNIQUE_ID"},
+        }
+
+    def sample(
+        self,
+        model: Any,
+        positive: Any,
+        negative: Any,
+        vae: Any,
+        method: str,
+        preset: str,
+        width: int,
+        height: int,
+        steps: int,
+        cfg: float,
+        seed: int,
+        **optional: Any,
+    ) -> tuple[dict[str, torch.Tensor], list[torch.Tensor]]:
+        """Run ``method``; ``optional`` holds the connected optional inputs (``image``, ``latent``, ``strength``,
+        ``params``, ``native_size``) and ComfyUI's hidden ``node_id``."""
+        from hiresdiff.comfy.adapter import ComfyAdapter
+        from hiresdiff.pipeline import HiresPipeline
+
+        image, latent, params = optional.get("image"), optional.get("latent"), optional.get("params")
+        strength, native_size = optional.get("strength", 1.0), int(optional.get("native_size") or 0)
+
+        check_method(method)
+        if params is not None:
+            require(
+                params.get("method") == method,
+                f"the parameters are {params.get('method')}'s but the method is {method}: connect its own node",
+            )
+        adapter = ComfyAdapter(model, vae, None, native_size=native_size or None)
+        adapter.embeds = embeds_of(positive, negative, cfg > 1.0, adapter.family)
+        hp = HiresPipeline(None, "comfyui", adapter=adapter)
+        picture = _picture(image, latent, vae, adapter.model)
+        kwargs: dict[str, Any] = {"steps": steps, "guidance": cfg, "seed": seed, "previews": True}
+        if preset != "none":
+            kwargs["preset"] = preset
+        if picture is not None:
+            kwargs.update(image=picture, strength=strength)
+        if params:
+            kwargs.update(params.get("set", {}))  # ``--set`` strings, checked as the command line's
+        step = _progress(optional.get("node_id"))
+        out = hp(PROMPT_LABEL, method, width, height, progress=False, callback=step, **kwargs)
+        scale, shift = adapter._vae_factors()
+        return {"samples": (out.latents.float() / scale + shift).cpu()}, _images(out.previews)
+
+
+def parameter_node(method_name: str) -> type:
+    """The ``Hiresdiff <method> Parameters`` node class of a method, generated from its parameter dataclass."""
+    from hiresdiff.methods import METHODS
+    from hiresdiff.web.fields import changed_values, method_fields
+
+    fields = method_fields(METHODS[method_name])
+
+    def input_types(cls: type) -> dict[str, Any]:
+        required: dict[str, Any] = {}
+        for f in fields:
+            options: dict[str, Any] = {"tooltip": f.help} if f.help else {}
+            if f.kind == "bool":
+                required[f.name] = ("BOOLEAN", {**options, "default": bool(f.default)})
+            elif f.kind in ("int", "float"):
+                kind = "INT" if f.kind == "int" else "FLOAT"
+                bounds = {k: v for k, v in (("min", f.minimum), ("max", f.maximum)) if v is not None}
+                step = {} if f.kind == "int" else {"step": 0.01}
+                required[f.name] = (kind, {**options, **bounds, **step, "default": f.default})
+            else:
+                required[f.name] = ("STRING", {**options, "default": f.text_default()})
+        return {"required": required}
+
+    def make(self: Any, **values: Any) -> tuple[dict[str, Any]]:
+        return ({"method": method_name, "set": changed_values(fields, [values[f.name] for f in fields])},)
+
+    label = method_name.replace("-", " ").title().replace(" ", "")
+    return type(
+        f"Hiresdiff{label}Parameters",
+        (),
+        {
+            "CATEGORY": CATEGORY,
+            "FUNCTION": "make",
+            "RETURN_TYPES": (PARAMS_TYPE,),
+            "DESCRIPTION": METHODS[method_name].summary,
+            "INPUT_TYPES": classmethod(input_types),
+            "make": make,
+        },
+    )
+
+
+def node_mappings() -> tuple[dict[str, type], dict[str, str]]:
+    """``NODE_CLASS_MAPPINGS`` and ``NODE_DISPLAY_NAME_MAPPINGS`` of the pack."""
+    from hiresdiff.methods import METHODS
+
+    classes: dict[str, type] = {"HiresdiffSample": HiresdiffSample}
+    names = {"HiresdiffSample": "Hiresdiff Sample"}
+    for name in COMFY_METHODS:
+        if not METHODS[name].params.__dataclass_fields__:
+            continue  # nothing to set
+        node = parameter_node(name)
+        classes[node.__name__] = node
+        names[node.__name__] = f"Hiresdiff {name} Parameters"
+    return classes, names

@@ -1,0 +1,146 @@
+"""The ComfyUI node pack (:mod:`hiresdiff.comfy.nodes`, the repository's ``__init__.py``) called in process, as
+ComfyUI's executor calls a node, on the tiny SD twin (:mod:`comfy_twins`). Skipped without ComfyUI unless
+``HIRESDIFF_REQUIRE_COMFYUI=1``."""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import pytest
+import torch
+
+from comfy_twins import NATIVE, comfy, sd_vae, twin
+from hiresdiff.comfy.nodes import COMFY_METHODS, HiresdiffSample, node_mappings, parameter_node
+from hiresdiff.errors import HiresError
+from hiresdiff.methods import METHODS
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def sd() -> SimpleNamespace:
+    tw = twin("sd")
+    _, vae = sd_vae(float(tw.model.latent_format.scale_factor))
+    g = torch.Generator().manual_seed(2)
+    positive = [[torch.randn(1, 7, tw.context, generator=g), {}]]
+    negative = [[torch.randn(1, 7, tw.context, generator=g), {}]]
+    return SimpleNamespace(twin=tw, vae=vae, positive=positive, negative=negative)
+
+
+def run(sd: SimpleNamespace, **changes: Any) -> tuple[dict[str, torch.Tensor], list[torch.Tensor]]:
+    args: dict[str, Any] = {"model": sd.twin.patcher, "positive": sd.positive, "negative": sd.negative,
+                            "vae": sd.vae, "method": "demofusion", "preset": "none", "width": 2 * NATIVE,
+                            "height": 2 * NATIVE, "steps": 3, "cfg": 5.0, "seed": 7, "native_size": NATIVE}  # fmt: skip
+    return HiresdiffSample().sample(**{**args, **changes})
+
+
+def test_the_pack_loads_as_comfyui_loads_it() -> None:
+    """The repository's ``__init__.py`` (what ComfyUI imports from ``custom_nodes/``) exports the mappings: the
+    Sample node and one parameter node per method with parameters, each with ComfyUI's class attributes."""
+    root = Path(__file__).resolve().parents[1] / "__init__.py"
+    spec = importlib.util.spec_from_file_location("custom_nodes_x_hiresdiff", root)
+    assert spec is not None and spec.loader is not None
+    pack = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(pack)
+    classes, names = pack.NODE_CLASS_MAPPINGS, pack.NODE_DISPLAY_NAME_MAPPINGS
+    assert classes["HiresdiffSample"] is HiresdiffSample and names["HiresdiffSample"] == "Hiresdiff Sample"
+    assert set(classes) == set(names) == set(node_mappings()[0])
+    for cls in classes.values():
+        types = cls.INPUT_TYPES()
+        assert "required" in types and callable(getattr(cls(), cls.FUNCTION))
+        assert isinstance(cls.RETURN_TYPES, tuple)
+    sample = HiresdiffSample.INPUT_TYPES()
+    assert sample["required"]["method"][0] == list(COMFY_METHODS)
+    assert {"image", "latent", "strength", "params"} <= set(sample["optional"])
+
+
+def test_parameter_nodes_are_the_dataclass() -> None:
+    """A method's parameter node shows every field with its default (tooltips from the docstring); its output
+    carries only the changed values, as ``--set`` strings."""
+    node = parameter_node("demofusion")
+    required = node.INPUT_TYPES()["required"]
+    params = METHODS["demofusion"].params
+    fields = {f.name: f for f in dataclasses.fields(params)}
+    assert list(required) == list(fields)
+    for name, (kind, options) in required.items():
+        default = fields[name].default
+        if kind in ("INT", "FLOAT", "BOOLEAN"):
+            assert options["default"] == default
+    defaults = {name: options["default"] for name, (_, options) in required.items()}
+    assert node().make(**defaults) == ({"method": "demofusion", "set": {}},)
+    changed = node().make(**{**defaults, "alpha1": 1.5})[0]
+    assert changed == {"method": "demofusion", "set": {"alpha1": "1.5"}}
+
+
+def test_sample_gives_the_backend_run_as_comfyui_latents_and_previews(sd: SimpleNamespace) -> None:
+    """The node's LATENT is the hiresdiff run's final latents in ComfyUI's raw form (``process_latent_out``), its
+    previews each phase at its own size and the final image last; parameters from a parameter node take effect."""
+    from hiresdiff.comfy.adapter import ComfyAdapter
+    from hiresdiff.comfy.nodes import embeds_of
+    from hiresdiff.pipeline import HiresPipeline
+
+    latent, previews = run(sd)
+    adapter = ComfyAdapter(sd.twin.patcher, sd.vae, embeds_of(sd.positive, sd.negative, True, "sd"), NATIVE)
+    direct = HiresPipeline(None, "twin", adapter=adapter)("x", "demofusion", 2 * NATIVE, 2 * NATIVE, steps=3,
+                                                         guidance=5.0, seed=7, progress=False)  # fmt: skip
+    expected = sd.twin.model.process_latent_out(direct.latents.float())
+    torch.testing.assert_close(latent["samples"], expected, atol=1e-6, rtol=1e-6)
+    assert latent["samples"].shape == (1, 4, 2 * NATIVE // 8, 2 * NATIVE // 8)
+    sizes = [NATIVE, 2 * NATIVE]  # DemoFusion's first phase, then the final image (the last phase's)
+    assert [tuple(p.shape) for p in previews] == [(1, side, side, 3) for side in sizes]
+    assert all(float(p.min()) >= 0.0 and float(p.max()) <= 1.0 for p in previews)
+    node = parameter_node("demofusion")
+    defaults = {name: options["default"] for name, (_, options) in node.INPUT_TYPES()["required"].items()}
+    (params,) = node().make(**{**defaults, "alpha1": 0.5})
+    other, _ = run(sd, params=params)
+    assert not torch.allclose(other["samples"], latent["samples"])
+
+
+def test_an_input_picture_is_upscaled(sd: SimpleNamespace) -> None:
+    """An IMAGE (or a LATENT, decoded by the VAE) with a strength below 1 is the run's input picture."""
+    g = torch.Generator().manual_seed(3)
+    picture = torch.rand(1, NATIVE, NATIVE, 3, generator=g)
+    latent, _ = run(sd, image=picture, strength=0.6)
+    assert latent["samples"].shape == (1, 4, 2 * NATIVE // 8, 2 * NATIVE // 8)
+    from_latent, _ = run(sd, latent={"samples": sd.vae.encode(picture)}, strength=0.6)
+    assert from_latent["samples"].shape == latent["samples"].shape
+
+
+@pytest.mark.parametrize(
+    ("changes", "message"),
+    [
+        ({"width": 2 * NATIVE + 4}, "not a multiple of the latent grid"),
+        ({"method": "scalediff"}, "in ComfyUI choose one of"),
+        ({"params": {"method": "apt", "set": {}}}, "are apt's but the method is demofusion"),
+        ({"positive": [[torch.zeros(2, 7, 32), {}]]}, "batch 1"),
+        ({"steps": 0}, "steps"),
+    ],
+)
+def test_bad_input_is_one_line_before_any_work(sd: SimpleNamespace, changes: dict[str, Any], message: str) -> None:
+    with pytest.raises(HiresError, match=message) as caught:
+        run(sd, **changes)
+    assert "\n" not in str(caught.value)
+
+
+def test_a_flux_model_is_refused_in_one_line() -> None:
+    from hiresdiff.comfy.adapter import comfy_family
+
+    Flux = type("Flux", (), {})
+    model = SimpleNamespace(model_config=Flux(), model_type=SimpleNamespace(name="FLUX"))
+    with pytest.raises(HiresError, match="FLUX"):
+        comfy_family(model)
+
+
+def test_the_cancel_button_stops_the_run(sd: SimpleNamespace) -> None:
+    """ComfyUI's interrupt flag stops the run at the next step with ComfyUI's own exception (not an error)."""
+    mm = comfy().model_management
+    mm.interrupt_current_processing(True)
+    try:
+        with pytest.raises(mm.InterruptProcessingException):
+            run(sd)
+    finally:
+        mm.interrupt_current_processing(False)
