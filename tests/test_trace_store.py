@@ -78,3 +78,51 @@ def test_a_new_process_estimates_the_same_from_stored_traces(cache: Path, monkey
     monkeypatch.setattr(store, "load", lambda name: loads.append(True) or real_load(name))
     reused = model_mod.model_cost("demofusion", "tiny-sdxl", 512, 512, **kw)
     assert loads and reused.to_dict() == traced.to_dict()
+
+
+#: set by :class:`_Payload` when it is unpickled (it must never be)
+UNPICKLED: list[str] = []
+
+
+def _unpickled(note: str) -> str:
+    UNPICKLED.append(note)
+    return note
+
+
+class _Payload:
+    """Runs code when unpickled — what a planted cache file could carry."""
+
+    def __reduce__(self) -> Any:
+        return (_unpickled, ("ran",))
+
+
+def test_stored_traces_are_data_only(cache: Path) -> None:
+    """Trace files are read without unpickling objects: a planted file whose pickle would run code is treated as
+    absent (and nothing runs); a real trace's outputs (``ModelOutput``s, diffusers' posterior) come back as the
+    same structures of ``meta`` tensors from a description of plain data."""
+    import io
+
+    from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
+    from transformers.modeling_outputs import BaseModelOutputWithPooling
+
+    from hiresdiff.cost.trace import Trace
+
+    planted = io.BytesIO()
+    torch.save({"flops": 1.0, "out": _Payload(), "peak": 1, "rise": 0, "trail": torch.zeros(1)}, planted)
+    cache.mkdir(parents=True, exist_ok=True)
+    (cache / "planted.pt").write_bytes(planted.getvalue())
+    assert store.load("planted.pt") is None and UNPICKLED == []
+
+    posterior = DiagonalGaussianDistribution(torch.empty(2, 8, 4, 4, device="meta"))
+    text = BaseModelOutputWithPooling(last_hidden_state=torch.empty(2, 77, 32, device="meta"),
+                                      pooler_output=torch.empty(2, 32, device="meta"))  # fmt: skip
+    out = (text, {"latent_dist": posterior}, [torch.empty(3, 5, device="meta").t(), None, 2, "x"])
+    store.save("real.pt", Trace(5.0, out, 7, 1, torch.arange(3)))
+    back = store.load("real.pt")
+    assert back is not None and (back.flops, back.peak, back.rise) == (5.0, 7, 1)
+    text2, dist2, rest = back.out
+    assert type(text2) is BaseModelOutputWithPooling and text2.last_hidden_state.shape == (2, 77, 32)
+    assert text2["pooler_output"].shape == (2, 32)
+    assert type(dist2["latent_dist"]) is DiagonalGaussianDistribution
+    assert dist2["latent_dist"].mean.shape == posterior.mean.shape and dist2["latent_dist"].mean.is_meta
+    assert rest[0].shape == (5, 3) and rest[0].stride() == (1, 5) and rest[1:] == [None, 2, "x"]

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import importlib
 import io
 import json
 import os
@@ -85,32 +86,91 @@ def trace_name(identity: str, key: Any) -> str:
     return hashlib.sha256(repr((identity, key, _versions())).encode()).hexdigest() + ".pt"
 
 
+#: where the classes of stored call outputs may come from (``ModelOutput``s, diffusers' Gaussian posterior)
+OUTPUT_MODULES = ("diffusers.", "transformers.")
+
+
+def _encode(obj: Any) -> Any:
+    """A call's output as plain data (dicts, lists, strings, numbers): tensors by layout, structures by kind and
+    class name — what :func:`_decode` rebuilds without unpickling any object. ``TypeError``: not storable."""
+    if isinstance(obj, torch.Tensor):
+        return {"tensor": [list(obj.shape), list(obj.stride()), str(obj.dtype).removeprefix("torch.")]}
+    if type(obj) in (list, tuple):
+        return {"seq": type(obj).__name__, "items": [_encode(v) for v in obj]}
+    if obj is None or type(obj) in (bool, int, float, str):
+        return {"value": obj}
+    name = f"{type(obj).__module__}:{type(obj).__qualname__}"
+    if hasattr(obj, "keys") and hasattr(obj, "items") and all(isinstance(k, str) for k, _ in obj.items()):
+        return {"map": name, "items": [[k, _encode(v)] for k, v in obj.items()]}
+    if hasattr(obj, "__dict__") and type(obj).__module__.startswith(OUTPUT_MODULES):
+        return {"object": name, "fields": {k: _encode(v) for k, v in vars(obj).items()}}
+    raise TypeError(f"cannot store a {name}")
+
+
+def _output_class(name: str) -> type:
+    """The class ``module:qualname`` of a stored output — only from :data:`OUTPUT_MODULES` (else ``ValueError``)."""
+    module, _, qualname = name.partition(":")
+    if module == "builtins" and qualname == "dict":
+        return dict
+    if not module.startswith(OUTPUT_MODULES):
+        raise ValueError(f"a stored output names {name}")
+    cls: Any = importlib.import_module(module)
+    for part in qualname.split("."):
+        cls = getattr(cls, part)
+    if not isinstance(cls, type):
+        raise ValueError(f"{name} is not a class")
+    return cls
+
+
+def _decode(data: Any) -> Any:
+    """The output :func:`_encode` described: ``meta`` tensors of the recorded layouts in the recorded structures."""
+    if "tensor" in data:
+        shape, stride, dtype = data["tensor"]
+        kind = getattr(torch, dtype)
+        if not isinstance(kind, torch.dtype):
+            raise ValueError(f"no dtype {dtype}")
+        return torch.empty_strided(shape, stride, dtype=kind, device="meta")
+    if "seq" in data:
+        items = [_decode(v) for v in data["items"]]
+        return tuple(items) if data["seq"] == "tuple" else items
+    if "value" in data:
+        return data["value"]
+    if "map" in data:
+        return _output_class(data["map"])(**{k: _decode(v) for k, v in data["items"]})
+    cls = _output_class(data["object"])
+    out = cls.__new__(cls)
+    out.__dict__.update({k: _decode(v) for k, v in data["fields"].items()})
+    return out
+
+
 def load(name: str) -> Trace | None:
-    """A stored trace, or ``None`` (absent, unreadable, of another format, off)."""
+    """A stored trace, or ``None`` (absent, unreadable, of another format, off). Files are read as data only
+    (``weights_only``: no object in them is unpickled; outputs are rebuilt by :func:`_decode`)."""
     base = folder()
     if base is None:
         return None
     try:
-        data = torch.load(io.BytesIO((base / name).read_bytes()), weights_only=False)
+        data = torch.load(io.BytesIO((base / name).read_bytes()), weights_only=True)
         trail = data["trail"]
         if not isinstance(trail, torch.Tensor):
             return None
-        return Trace(float(data["flops"]), data["out"], int(data["peak"]), int(data["rise"]), trail)
+        return Trace(float(data["flops"]), _decode(data["out"]), int(data["peak"]), int(data["rise"]), trail)
     except Exception:  # absent, truncated or foreign: trace again (and replace it)
         return None
 
 
 def save(name: str, trace: Trace) -> None:
-    """Keep a trace (best effort: a folder that cannot be written leaves the cache without it)."""
+    """Keep a trace (best effort: a folder that cannot be written, an output that cannot be described, leave the
+    cache without it)."""
     base = folder()
     if base is None:
         return
     buffer = io.BytesIO()
-    record = {"flops": trace.flops, "out": trace.out, "peak": trace.peak, "rise": trace.rise, "trail": trace.trail}
     try:
-        torch.save(record, buffer)
+        record = {"flops": trace.flops, "out": _encode(trace.out), "peak": trace.peak, "rise": trace.rise}
+        torch.save({**record, "trail": trace.trail}, buffer)
         atomic_write_bytes(base / name, buffer.getvalue())
-    except (OSError, RuntimeError, TypeError, AttributeError, pickle.PicklingError):  # unwritable, unpicklable
+    except (OSError, RuntimeError, TypeError, AttributeError, pickle.PicklingError):  # unwritable, unstorable
         return
 
 
