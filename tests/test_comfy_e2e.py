@@ -13,12 +13,7 @@ from __future__ import annotations
 
 import json
 import os
-import socket
-import subprocess
-import sys
 import time
-import urllib.error
-import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 from types import SimpleNamespace
@@ -27,30 +22,13 @@ from typing import Any
 import pytest
 from PIL import Image
 
+from comfy_server import REPO, comfyui_server, get, post
 from comfy_twins import NATIVE, comfy
 
 pytestmark = pytest.mark.slow
-REPO = Path(__file__).resolve().parents[1]
 #: how the examples' loaders are replaced: their outputs → the test twin's
 STAND_INS = {("ckpt", 0): ["twin", 0], ("ckpt", 2): ["twin", 1], ("positive", 0): ["twin", 2],
              ("negative", 0): ["twin", 3]}  # fmt: skip
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def _get(url: str) -> Any:
-    with urllib.request.urlopen(url, timeout=10) as response:
-        return json.loads(response.read())
-
-
-def _post(url: str, data: dict[str, Any]) -> Any:
-    request = urllib.request.Request(url, json.dumps(data).encode(), {"Content-Type": "application/json"})
-    with urllib.request.urlopen(request, timeout=30) as response:
-        return json.loads(response.read())
 
 
 @pytest.fixture(scope="module")
@@ -59,36 +37,11 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SimpleNamespace
     checkout = Path(os.environ.get("HIRESDIFF_COMFYUI", ""))
     if not (checkout / "main.py").is_file():
         pytest.skip("HIRESDIFF_COMFYUI does not name a ComfyUI checkout")
-    base = tmp_path_factory.mktemp("comfy")
-    nodes = base / "custom_nodes"
-    nodes.mkdir()
-    (nodes / "hiresdiff").symlink_to(REPO, target_is_directory=True)  # as `git clone` into custom_nodes would
-    (nodes / "hiresdiff_test").symlink_to(REPO / "tests" / "comfy_e2e_nodes", target_is_directory=True)
-    port = _free_port()
-    log = (base / "server.log").open("w")
-    command = [sys.executable, "main.py", "--cpu", "--listen", "127.0.0.1", "--port", str(port),
-               "--disable-auto-launch", "--base-directory", str(base)]  # fmt: skip
-    proc = subprocess.Popen(command, cwd=checkout, stdout=log, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 180
-        while True:
-            try:
-                _get(f"{url}/system_stats")
-                break
-            except (urllib.error.URLError, ConnectionError, OSError):
-                if proc.poll() is not None or time.monotonic() > deadline:
-                    pytest.fail("ComfyUI did not start:\n" + (base / "server.log").read_text()[-3000:])
-                time.sleep(1)
-        yield SimpleNamespace(url=url, base=base, log=base / "server.log")
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-        log.close()
+        with comfyui_server(checkout, tmp_path_factory.mktemp("comfy")) as running:
+            yield running
+    except RuntimeError as error:
+        pytest.fail(str(error))
 
 
 def example(name: str, **changes: Any) -> dict[str, Any]:
@@ -108,10 +61,10 @@ def example(name: str, **changes: Any) -> dict[str, Any]:
 
 def run(server: SimpleNamespace, workflow: dict[str, Any]) -> dict[str, Any]:
     """Queue ``workflow`` and return its history entry once it has finished."""
-    prompt_id = _post(f"{server.url}/prompt", {"prompt": workflow, "client_id": "hiresdiff-tests"})["prompt_id"]
+    prompt_id = post(f"{server.url}/prompt", {"prompt": workflow, "client_id": "hiresdiff-tests"})["prompt_id"]
     deadline = time.monotonic() + 300
     while time.monotonic() < deadline:
-        entry = _get(f"{server.url}/history/{prompt_id}").get(prompt_id)
+        entry = get(f"{server.url}/history/{prompt_id}").get(prompt_id)
         if entry and entry["status"].get("completed") is not None and entry["status"]["status_str"] != "running":
             return entry
         time.sleep(0.5)
@@ -125,9 +78,9 @@ def saved(server: SimpleNamespace, entry: dict[str, Any], node: str) -> list[tup
 
 
 def test_the_pack_loads_without_errors(server: SimpleNamespace) -> None:
-    info = _get(f"{server.url}/object_info/HiresdiffSample")["HiresdiffSample"]
+    info = get(f"{server.url}/object_info/HiresdiffSample")["HiresdiffSample"]
     assert info["output"] == ["LATENT", "IMAGE"] and info["output_is_list"] == [False, True]
-    assert "HiresdiffDemofusionParameters" in _get(f"{server.url}/object_info")
+    assert "HiresdiffDemofusionParameters" in get(f"{server.url}/object_info")
     assert "IMPORT FAILED" not in server.log.read_text()
 
 
@@ -159,3 +112,36 @@ def test_bad_input_shows_hiresdiffs_one_line(server: SimpleNamespace) -> None:
     assert errors and errors[0]["exception_type"].endswith("HiresError")
     message = errors[0]["exception_message"].strip()
     assert "not a multiple of the latent grid" in message and "\n" not in message
+
+
+def test_ui_workflows_are_the_api_examples_in_the_page(server: SimpleNamespace) -> None:
+    """The UI-format examples (made by ``docs/make_comfyui_docs.py``) load in ComfyUI's page and are the same
+    workflows as the API-format ones: the page turns each into the API prompt it would queue."""
+    chromium = Path("/usr/bin/chromium")
+    try:
+        from playwright.sync_api import sync_playwright
+    except ImportError:
+        if os.environ.get("HIRESDIFF_REQUIRE_COMFYUI") == "1":
+            raise
+        pytest.skip("playwright is not installed in ComfyUI's environment")
+    if not chromium.exists():
+        pytest.skip("no /usr/bin/chromium")
+    with sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=str(chromium), args=["--no-sandbox"])
+        try:
+            page = browser.new_page()
+            page.goto(server.url, wait_until="networkidle")
+            page.wait_for_function("window.app && window.app.graph", timeout=60_000)
+            for ui in sorted((REPO / "workflows").glob("*-ui.json")):
+                api = json.loads(ui.with_name(ui.name.replace("-ui.json", "-api.json")).read_text())
+                page.evaluate("g => window.app.loadGraphData(g)", json.loads(ui.read_text()))
+                queued = page.evaluate("async () => (await window.app.graphToPrompt()).output")
+                assert sorted(n["class_type"] for n in queued.values()) == sorted(
+                    n["class_type"] for n in api.values()
+                ), ui.name
+                sample = next(n["inputs"] for n in queued.values() if n["class_type"] == "HiresdiffSample")
+                expected = next(n["inputs"] for n in api.values() if n["class_type"] == "HiresdiffSample")
+                widgets = {k: v for k, v in expected.items() if not isinstance(v, list)}
+                assert {k: sample[k] for k in widgets} == widgets, ui.name
+        finally:
+            browser.close()
