@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 import torch
 
-from comfy_twins import NATIVE, comfy, sd_vae, twin
+from comfy_twins import LATENT, NATIVE, comfy, sd_vae, twin
 from hiresdiff.comfy.nodes import COMFY_METHODS, HiresdiffSample, node_mappings, parameter_node
 from hiresdiff.errors import HiresError
 from hiresdiff.methods import METHODS
@@ -100,6 +100,15 @@ def test_sample_gives_the_backend_run_as_comfyui_latents_and_previews(sd: Simple
     assert not torch.allclose(other["samples"], latent["samples"])
 
 
+def test_previews_off_gives_the_final_image_only(sd: SimpleNamespace) -> None:
+    """With ``previews`` off no phase is decoded for the output; the list still holds the final image (ComfyUI's
+    SaveImage fails on an empty list) and the latent is the same."""
+    latent, previews = run(sd)
+    quiet, final = run(sd, previews=False)
+    torch.testing.assert_close(quiet["samples"], latent["samples"], atol=0, rtol=0)
+    assert len(final) == 1 and torch.equal(final[0], previews[-1])
+
+
 def test_an_input_picture_is_upscaled(sd: SimpleNamespace) -> None:
     """An IMAGE (or a LATENT, decoded by the VAE) with a strength below 1 is the run's input picture."""
     g = torch.Generator().manual_seed(3)
@@ -118,6 +127,7 @@ def test_an_input_picture_is_upscaled(sd: SimpleNamespace) -> None:
         ({"params": {"method": "apt", "set": {}}}, "are apt's but the method is demofusion"),
         ({"positive": [[torch.zeros(2, 7, 32), {}]]}, "batch 1"),
         ({"steps": 0}, "steps"),
+        ({"latent": {"samples": torch.zeros(1, 4, LATENT // 2, LATENT // 2)}}, "smaller than the model's base"),
     ],
 )
 def test_bad_input_is_one_line_before_any_work(sd: SimpleNamespace, changes: dict[str, Any], message: str) -> None:

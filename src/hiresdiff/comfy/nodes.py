@@ -3,7 +3,7 @@
 * ``Hiresdiff Sample`` (:class:`HiresdiffSample`): MODEL, positive/negative CONDITIONING, VAE, method, preset, size,
   steps, cfg, seed; optionally an input picture (IMAGE, or a LATENT decoded through the VAE) with ``strength`` and
   the method's parameters. Outputs the final LATENT (ComfyUI's raw latent) and the previews as a list of IMAGEs
-  (each phase before the last at its own size, then the final image).
+  (each phase before the last at its own size, then the final image; only the final image with ``previews`` off).
 * ``Hiresdiff <method> Parameters`` (one per method, :func:`parameter_node`): the fields of the method's parameter
   dataclass with their defaults, the ranges its own checks accept and the help of its docstring as tooltips
   (:func:`hiresdiff.web.fields.method_fields`, as the web page shows them); output HIRESDIFF_PARAMS.
@@ -15,6 +15,7 @@ follows every step and its cancel button stops the run between steps (ComfyUI's 
 
 from __future__ import annotations
 
+from types import SimpleNamespace
 from typing import Any
 
 import torch
@@ -75,7 +76,7 @@ def _padded(t: torch.Tensor, length: int) -> torch.Tensor:
     return t if extra <= 0 else torch.cat([t, t[:, -1:].expand(-1, extra, -1)], dim=1)
 
 
-def _picture(image: Any, latent: Any, vae: Any, model: Any) -> Any:
+def _picture(image: Any, latent: Any, vae: Any) -> Any:
     """The input picture as a PIL image: an IMAGE (first of its batch) or a LATENT decoded through the VAE."""
     from PIL import Image
 
@@ -151,6 +152,14 @@ class HiresdiffSample:
                 "latent": ("LATENT", {"tooltip": "A latent to upscale (decoded through the VAE first)."}),
                 "strength": ("FLOAT", {"default": 1.0, "min": 0.0, "max": 1.0, "step": 0.01}),
                 "params": (PARAMS_TYPE, {"tooltip": "The method's parameters (a Hiresdiff … Parameters node)."}),
+                "previews": (
+                    "BOOLEAN",
+                    {
+                        "default": True,
+                        "tooltip": "Decode every phase for the previews output "
+                        "(off: only the final image; less memory at 4K).",
+                    },
+                ),
                 "native_size": (
                     "INT",
                     {
@@ -182,9 +191,10 @@ class HiresdiffSample:
         **optional: Any,
     ) -> tuple[dict[str, torch.Tensor], list[torch.Tensor]]:
         """Run ``method``; ``optional`` holds the connected optional inputs (``image``, ``latent``, ``strength``,
-        ``params``, ``native_size``) and ComfyUI's hidden ``node_id``."""
+        ``params``, ``previews``, ``native_size``) and ComfyUI's hidden ``node_id``."""
         from hiresdiff.comfy.adapter import ComfyAdapter
-        from hiresdiff.pipeline import HiresPipeline
+        from hiresdiff.inputs import check_min_size
+        from hiresdiff.pipeline import HiresPipeline, ModelFacts, validate_request
 
         image, latent, params = optional.get("image"), optional.get("latent"), optional.get("params")
         strength, native_size = optional.get("strength", 1.0), int(optional.get("native_size") or 0)
@@ -198,18 +208,26 @@ class HiresdiffSample:
         adapter = ComfyAdapter(model, vae, None, native_size=native_size or None)
         adapter.embeds = embeds_of(positive, negative, cfg > 1.0, adapter.family)
         hp = HiresPipeline(None, "comfyui", adapter=adapter)
-        picture = _picture(image, latent, vae, adapter.model)
-        kwargs: dict[str, Any] = {"steps": steps, "guidance": cfg, "seed": seed, "previews": True}
+        previews = bool(optional.get("previews", True))
+        kwargs: dict[str, Any] = {"steps": steps, "guidance": cfg, "seed": seed, "previews": previews}
         if preset != "none":
             kwargs["preset"] = preset
-        if picture is not None:
-            kwargs.update(image=picture, strength=strength)
         if params:
             kwargs.update(params.get("set", {}))  # ``--set`` strings, checked as the command line's
+        # everything but the input picture is checked before any model work (decoding an input LATENT included)
+        validate_request(PROMPT_LABEL, method, width, height, ModelFacts.of_pipeline(hp), **kwargs)
+        if image is None and latent is not None:
+            rows, cols = latent["samples"].shape[-2:]
+            f = adapter.vae_scale_factor
+            check_min_size(SimpleNamespace(height=rows * f, width=cols * f), adapter.native_size)  # type: ignore[arg-type]
+        picture = _picture(image, latent, vae)
+        if picture is not None:
+            kwargs.update(image=picture, strength=strength)
         step = _progress(optional.get("node_id"))
         out = hp(PROMPT_LABEL, method, width, height, progress=False, callback=step, **kwargs)
         scale, shift = adapter._vae_factors()
-        return {"samples": (out.latents.float() / scale + shift).cpu()}, _images(out.previews)
+        shown = out.previews if previews else [out.images]  # never an empty list (SaveImage fails on one)
+        return {"samples": (out.latents.float() / scale + shift).cpu()}, _images(shown)
 
 
 def parameter_node(method_name: str) -> type:
