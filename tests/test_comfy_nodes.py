@@ -126,6 +126,7 @@ def test_an_input_picture_is_upscaled(sd: SimpleNamespace) -> None:
         ({"method": "scalediff"}, "in ComfyUI choose one of"),
         ({"params": {"method": "apt", "set": {}}}, "are apt's but the method is demofusion"),
         ({"positive": [[torch.zeros(2, 7, 32), {}]]}, "batch 1"),
+        ({"positive": [[torch.zeros(1, 7, 32), {"control": object()}]]}, "carries control, which hiresdiff"),
         ({"steps": 0}, "steps"),
         ({"latent": {"samples": torch.zeros(1, 4, LATENT // 2, LATENT // 2)}}, "smaller than the model's base"),
     ],

@@ -25,6 +25,9 @@ from hiresdiff.errors import require
 #: what a HIRESDIFF_PARAMS output holds: ``{"method": name, "set": {field: text}}``
 PARAMS_TYPE = "HIRESDIFF_PARAMS"
 CATEGORY = "sampling/hiresdiff"
+#: conditioning entries other nodes add that hiresdiff would otherwise silently leave out (ControlNet, GLiGEN,
+#: area and mask conditioning): refused in one line
+IGNORED_CONDITIONING = frozenset({"control", "gligen", "area", "mask", "hooks"})
 #: the prompt text hiresdiff records for a run whose prompts ComfyUI encoded (CONDITIONING carries no text)
 PROMPT_LABEL = "(ComfyUI conditioning)"
 #: methods the ComfyUI backend runs (tested against the diffusers backend); the others patch the diffusers UNet's
@@ -56,7 +59,14 @@ def embeds_of(positive: Any, negative: Any, cfg: bool, family: str) -> Any:
             "is not supported",
         )
         tensor, extra = cond[0]
-        pooled = extra.get("pooled_output") if isinstance(extra, dict) else None
+        extra = extra if isinstance(extra, dict) else {}
+        unused = sorted(k for k in IGNORED_CONDITIONING & set(extra) if extra[k] is not None)
+        require(
+            not unused,
+            f"the {name} conditioning carries {', '.join(unused)}, which hiresdiff does not apply yet: connect the "
+            "plain CLIP Text Encode output",
+        )
+        pooled = extra.get("pooled_output")
         require(tensor.shape[0] == 1, f"the {name} conditioning must be for one prompt (batch 1)")
         if family == "sdxl":
             require(pooled is not None, f"the {name} conditioning has no pooled output: encode it with SDXL's CLIP")
