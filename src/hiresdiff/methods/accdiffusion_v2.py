@@ -15,6 +15,7 @@ the batch), the Euler index and randomness as SPEC §0.1, and the last phase's e
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
@@ -58,7 +59,10 @@ class AccDiffusionV2(AccDiffusion):
         self.edges: torch.Tensor | None = None  # E of the previous phase (B, 3, H, W) in {0, 1}
         self.conditions: list[ControlCondition] = []  # each later phase's, in order
         if params.controlled and self.controlnet is not None:
-            self.transforms.append(self.edges_of_previous)
+            # through a weak reference: the loop holding a bound method of itself would be a cycle, freed (with its
+            # edge maps and conditions) only when the GC runs — what is alive at the final decode would vary
+            loop = weakref.proxy(self)
+            self.transforms.append(lambda z_up, z, phase: loop.edges_of_previous(z_up, z, phase))
 
     @contextmanager
     def control(self, condition: ControlCondition | None) -> Iterator[None]:
