@@ -270,13 +270,12 @@ def test_cost_command_settles_auto_as_the_generate_plan(free: int, monkeypatch: 
     assert priced["vae_calls"] == with_previews.vae_calls  # the phase previews are priced, as generate runs them
 
 
-def test_probes_that_cannot_fit_stop_early_and_the_choice_is_brute_force(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Probes hand the cost model a watch; a probe whose run so far exceeds the room stops there (the fake run
-    reports its peak to the watch before finishing) and leaves no report — and the choice is still brute force's
-    for every amount of free memory."""
+def watched_fake(monkeypatch: pytest.MonkeyPatch) -> tuple[list[int], list[int]]:
+    """Install a :func:`fake_cost` that reports its run to the probe's watch before finishing (so a watch can stop
+    it); returns the max_batch values priced and those whose run finished."""
     calls: list[int] = []
-    cost = fake_cost(rows_needed=50, per_row=97 * MIB, calls=calls)
     finished: list[int] = []
+    cost = fake_cost(rows_needed=50, per_row=97 * MIB, calls=calls)
 
     def watched(req: Any, model: str, watch: Any = None, **overrides: Any) -> CostReport:
         report = cost(req, model, **overrides)
@@ -286,18 +285,33 @@ def test_probes_that_cannot_fit_stop_early_and_the_choice_is_brute_force(monkeyp
         return report
 
     monkeypatch.setattr(plan, "request_cost", watched)
+    return calls, finished
+
+
+def search_as_brute_force(free: int, calls: list[int], finished: list[int], peaks: dict[int, int]) -> set[int]:
+    """Settle auto for ``free`` bytes with :func:`watched_fake` installed, assert the choice is brute force's over
+    the candidates' ``peaks``, and return the candidates whose probe was stopped."""
+    req = build_request("a fox", "demofusion", 512, 512, steps=2)
+    calls.clear()
+    finished.clear()
+    plan.choose_max_batch(req, "tiny-sdxl", torch.float32, free)
+    room, candidates = plan.auto_room(free), sorted(peaks)
+    assert req.settings.max_batch == max((c for c in candidates if peaks[c] <= room), default=candidates[0])
+    return {c for c in calls if c not in finished}
+
+
+def test_probes_that_cannot_fit_stop_early_and_the_choice_is_brute_force(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Probes hand the cost model a watch; a probe whose run so far exceeds the room stops there (the fake run
+    reports its peak to the watch before finishing) and leaves no report — and the choice is still brute force's
+    for every amount of free memory."""
+    calls, finished = watched_fake(monkeypatch)
+    cost = fake_cost(rows_needed=50, per_row=97 * MIB, calls=[])
     candidates = plan.batch_candidates(50, 2)
     peaks = {c: peak_at(cost, c) for c in candidates}
     stops = 0
     for free in range(2 * GIB, 9 * GIB, 173 * MIB):
-        req = build_request("a fox", "demofusion", 512, 512, steps=2)
-        calls.clear()
-        finished.clear()
-        plan.choose_max_batch(req, "tiny-sdxl", torch.float32, free)
-        room = plan.auto_room(free)
-        assert req.settings.max_batch == max((c for c in candidates if peaks[c] <= room), default=candidates[0])
-        stopped = [c for c in calls if c not in finished]
-        assert all(peaks[c] > room for c in stopped)
+        stopped = search_as_brute_force(free, calls, finished, peaks)
+        assert all(peaks[c] > plan.auto_room(free) for c in stopped)
         stops += len(stopped)
     assert stops > 10
 
@@ -308,18 +322,8 @@ def test_stopped_probes_are_remembered_and_the_choice_stays_brute_force(
     """A probe stopped once is not run again: its peak so far (a lower bound) answers later searches of the same
     request whose room it exceeds — in this process and, from the report store, in a later one — and the choice
     stays brute force's at every amount of free memory."""
-    calls: list[int] = []
-    cost = fake_cost(rows_needed=50, per_row=97 * MIB, calls=calls)
-    finished: list[int] = []
-
-    def watched(req: Any, model: str, watch: Any = None, **overrides: Any) -> CostReport:
-        report = cost(req, model, **overrides)
-        if watch is not None:
-            watch(report.weights_bytes, report.peaks, report.canvas_bytes, report.vae_upcast)
-        finished.append(overrides["max_batch"])
-        return report
-
-    monkeypatch.setattr(plan, "request_cost", watched)
+    calls, finished = watched_fake(monkeypatch)
+    cost = fake_cost(rows_needed=50, per_row=97 * MIB, calls=[])
     monkeypatch.setenv("HIRESDIFF_TRACE_CACHE", str(tmp_path))
     candidates = plan.batch_candidates(50, 2)
     peaks = {c: peak_at(cost, c) for c in candidates}
@@ -328,13 +332,7 @@ def test_stopped_probes_are_remembered_and_the_choice_stays_brute_force(
         if round_ == 2:
             monkeypatch.setattr(plan, "_STOPPED", {})  # a new process: the bounds come from the store
         for free in range(2 * GIB, 9 * GIB, 373 * MIB):
-            req = build_request("a fox", "demofusion", 512, 512, steps=2)
-            calls.clear()
-            finished.clear()
-            plan.choose_max_batch(req, "tiny-sdxl", torch.float32, free)
-            room = plan.auto_room(free)
-            assert req.settings.max_batch == max((c for c in candidates if peaks[c] <= room), default=candidates[0])
-            stopped = {c for c in calls if c not in finished}
+            stopped = search_as_brute_force(free, calls, finished, peaks)
             if round_ == 0:
                 stopped_before |= stopped
             else:
