@@ -221,8 +221,8 @@ def _rows(args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[int, float]:
 
 
 _PIPES: dict[str, tuple[Any, Ledger]] = {}
-#: the shape-only ControlNet of each counting pipeline (SD/SDXL architectures)
-_CONTROLNETS: dict[str, Any] = {}
+#: the shape-only ControlNet of each counting pipeline (SD/SDXL architectures), with the pipeline it was made for
+_CONTROLNETS: dict[str, tuple[Any, MetaModule]] = {}
 #: the reference under which the counting pipelines hold their shape-only ControlNet
 COST_CONTROLNET = "controlnet-of-the-architecture"
 
@@ -248,33 +248,39 @@ def counting_pipeline(architecture: str) -> tuple[Any, Ledger]:
     for name in ("text_encoder", "text_encoder_2"):
         if getattr(pipe, name, None) is not None:
             wrapped[name] = MetaModule(getattr(pipe, name), "text_encoder", ledger, _rows)
-    net = None
-    if info.family != "flux":  # a ControlNet of the UNet's own architecture (encoder copy + zero convolutions)
-        from diffusers import ControlNetModel
-
-        with torch.device("meta"):
-            controlnet = ControlNetModel.from_unet(pipe.unet, load_weights_from_unet=False)
-        net = MetaModule(controlnet, "controlnet", ledger, counter, answer_on_meta=True)  # residuals feed the UNet
     for name, module in wrapped.items():
         object.__setattr__(pipe, name, module)  # bypass DiffusionPipeline's config registration
     hp = HiresPipeline(pipe, architecture)
-    for module in (wrapped[denoiser], net):
-        if module is not None:
-            module.__dict__["branches"] = lambda: tuple(branch for _, branch in hp.adapter.call_info)
-    if net is not None:
-        hp.provide_controlnet(COST_CONTROLNET, net)
-        _CONTROLNETS[architecture] = net
+    wrapped[denoiser].__dict__["branches"] = lambda: tuple(branch for _, branch in hp.adapter.call_info)
     _PIPES[architecture] = (hp, ledger)
     return _PIPES[architecture]
 
 
-def _controlnet_extras(info: Any, net: Any) -> Any:
+def counting_controlnet(architecture: str) -> MetaModule:
+    """The shape-only ControlNet of ``architecture``'s counting pipeline (its UNet's encoder copy + zero
+    convolutions), built and handed to that pipeline on first use: a request without a ControlNet never builds it."""
+    hp, ledger = counting_pipeline(architecture)
+    if (kept := _CONTROLNETS.get(architecture)) is not None and kept[0] is hp:
+        return kept[1]
+    from diffusers import ControlNetModel
+
+    require(hp.adapter.family != "flux", "ControlNet FLOPs are counted for SD/SDXL architectures (no FLUX ControlNet)")
+    with torch.device("meta"):
+        controlnet = ControlNetModel.from_unet(hp.adapter.pipe.unet._module, load_weights_from_unet=False)
+    counter = hp.adapter.pipe.unet._counter
+    net = MetaModule(controlnet, "controlnet", ledger, counter, answer_on_meta=True)  # residuals feed the UNet
+    net.__dict__["branches"] = lambda: tuple(branch for _, branch in hp.adapter.call_info)
+    hp.provide_controlnet(COST_CONTROLNET, net)
+    _CONTROLNETS[architecture] = (hp, net)
+    return net
+
+
+def _controlnet_extras(net: Any) -> Any:
     """Extras that run the counting pipeline's ControlNet on a blank control image of the target size."""
     from hiresdiff.extras import Extras
     from hiresdiff.inputs import SourceImage
     from hiresdiff.models.controlnet import ControlNetSpec
 
-    require(info.family != "flux", "ControlNet FLOPs are counted for SD/SDXL architectures (no FLUX ControlNet)")
     config = dict(net.config)
     blank = SourceImage(torch.zeros(1, 3, 8, 8, device="meta"), "<blank control image>", "0" * 64)  # shapes only
     return Extras(controlnet=ControlNetSpec(COST_CONTROLNET, None, config), control_image=blank)
@@ -365,7 +371,8 @@ def model_cost(
     hp, ledger = counting_pipeline(arch)
     # attentive guidance (PFSA) is non-model work: it changes no call, and on the CPU it costs more than the rest
     kwargs["ag_lambda"] = 0.0
-    extras = _controlnet_extras(info, _CONTROLNETS.get(arch)) if controlnet else None
+    control = counting_controlnet(arch) if controlnet else None
+    extras = _controlnet_extras(control) if control is not None else None
     if upscaler is not None:
         from hiresdiff.extras import Extras
 
@@ -379,7 +386,7 @@ def model_cost(
     hp.adapter.parallel = counting
     sr, sr_net = counting_upscaler(upscaler, ledger) if upscaler is not None else (None, None)
     hp.upscaler_loader = lambda spec: sr
-    weights = _weights(hp.adapter.pipe, _CONTROLNETS.get(arch) if controlnet else None, sr_net)
+    weights = _weights(hp.adapter.pipe, control, sr_net)
     upcast = bool(getattr(hp.adapter.pipe.vae.config, "force_upcast", False))
     try:
         with LiveBytes("cpu") as host, warnings.catch_warnings(), contextlib.ExitStack() as stack:
