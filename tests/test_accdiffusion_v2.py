@@ -74,7 +74,7 @@ def test_weight_one_is_todays_call_bit_for_bit(adapter):
     e = req.embeds  # CFG rows are branch-major: every view's unconditional row, then every conditional one
     pooled = torch.cat([e.pooled_uncond[req.rows], e.pooled_cond[req.rows]])
     context = torch.cat([e.uncond[req.rows], e.cond[req.rows]])
-    time_ids = torch.cat([ad._time_ids(req.size, req.crops)] * 2)
+    time_ids = torch.cat([ad._time_ids([(req.size, crop) for crop in req.crops])] * 2)
     added = {"text_embeds": pooled, "time_ids": time_ids}
     x = torch.cat([req.x] * 2)
     with torch.no_grad():

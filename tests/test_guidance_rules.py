@@ -244,7 +244,7 @@ class TwoHalfAdapter(ModelAdapter):
                 rows = torch.tensor(req.rows[i : i + 1], device=self.device)
                 text.append(getattr(req.embeds, half).index_select(0, rows))
                 pooled.append(getattr(req.embeds, f"pooled_{half}").index_select(0, rows))
-                time_ids.append(self._time_ids(req.size, req.crops[i : i + 1]))
+                time_ids.append(self._time_ids([(req.size, req.crops[i])]))
         self.call_info = [(req.samples[i] if req.samples else -1, half) for half in halves for req, i in chunk]
         model_in = torch.cat([x] * len(halves)).to(self.dtype)
         kwargs = {"added_cond_kwargs": {"text_embeds": torch.cat(pooled), "time_ids": torch.cat(time_ids)}}

@@ -367,9 +367,9 @@ def test_sdxl_size_conditioning_is_final_target(sdxl, monkeypatch):
     seen: list[tuple[tuple[int, int], list[tuple[int, int]]]] = []
     original = sdxl.adapter._time_ids
 
-    def spy(size, crops):
-        seen.append((tuple(size), list(crops)))
-        return original(size, crops)
+    def spy(views):
+        seen.extend((tuple(size), [crop]) for size, crop in views)
+        return original(views)
 
     monkeypatch.setattr(sdxl.adapter, "_time_ids", spy)
     sdxl("a", "demofusion", 640, 384, steps=2, progress=False, seed=2)

@@ -141,6 +141,20 @@ def call_rows(rule: GuidanceRule, chunk: Chunk) -> list[tuple[int, str]]:
     return [(req.samples[i] if req.samples else -1, branch.name) for branch, req, i in branch_rows(rule, chunk)]
 
 
+def gather_rows(pieces: list[tuple[torch.Tensor, int]]) -> torch.Tensor:
+    """Row ``row`` of each ``source`` of ``pieces`` (``(source, row)``), stacked in order: the conditioning rows of a
+    denoiser call, taken with one ``index_select`` per run of consecutive rows of one tensor rather than one per row
+    (a call of many views gathers its prompts in a few operations; the values are the same)."""
+    runs: list[tuple[torch.Tensor, list[int]]] = []
+    for source, row in pieces:
+        if runs and runs[-1][0] is source:
+            runs[-1][1].append(row)
+        else:
+            runs.append((source, [row]))
+    parts = [source.index_select(0, torch.tensor(rows, device=source.device)) for source, rows in runs]
+    return parts[0] if len(parts) == 1 else torch.cat(parts)
+
+
 def _rows_of(added: dict[str, torch.Tensor], rows: torch.Tensor) -> dict[str, torch.Tensor]:
     """The SDXL ``added_cond_kwargs`` (pooled text, time ids) of the call's rows ``rows``."""
     return {name: value.index_select(0, rows.to(value.device)) for name, value in added.items()}
@@ -360,27 +374,24 @@ class ModelAdapter:
         return len(ids) - keep, tokenizer.decode(ids[:keep]).strip()
 
     # --- denoiser ----------------------------------------------------------------------------------------
-    def _time_ids(self, size: tuple[int, int], crops: list[tuple[int, int]]) -> torch.Tensor:
-        """SDXL ``add_time_ids`` per view: (orig_h, orig_w, crop_top, crop_left, target_h, target_w)."""
-        rows = [[size[0], size[1], top, left, size[0], size[1]] for top, left in crops]
+    def _time_ids(self, views: list[tuple[tuple[int, int], tuple[int, int]]]) -> torch.Tensor:
+        """SDXL ``add_time_ids`` of views given as ``(size, crop)``: (orig_h, orig_w, crop_top, crop_left, target_h,
+        target_w) per view."""
+        rows = [[size[0], size[1], top, left, size[0], size[1]] for size, (top, left) in views]
         return torch.tensor(rows, dtype=self.dtype, device=self.device)
 
     def _forward(self, x: torch.Tensor, t: torch.Tensor, chunk: Chunk, rule: GuidanceRule) -> torch.Tensor:
         """One UNet call for the views of ``chunk`` (same spatial size, inputs ``x``): every branch of ``rule`` per
         view, rows branch-major; returns the raw outputs of all rows (float32)."""
-        text, pooled, time_ids = [], [], []
-        for branch, req, i in branch_rows(rule, chunk):
-            rows = torch.tensor(req.rows[i : i + 1], device=self.device)
-            text.append(getattr(req.embeds, branch.text).index_select(0, rows))
-            if self.family == "sdxl":
-                pooled.append(getattr(req.embeds, f"pooled_{branch.text}").index_select(0, rows))
-                time_ids.append(self._time_ids(req.size, req.crops[i : i + 1]))
-        self.call_info = call_rows(rule, chunk)
-        model_in = torch.cat([x] * len(rule.branches)).to(self.dtype)
-        context = torch.cat(text)
+        rows = list(branch_rows(rule, chunk))
+        context = gather_rows([(getattr(req.embeds, branch.text), req.rows[i]) for branch, req, i in rows])
         kwargs: dict[str, Any] = {}
         if self.family == "sdxl":
-            kwargs["added_cond_kwargs"] = {"text_embeds": torch.cat(pooled), "time_ids": torch.cat(time_ids)}
+            pooled = gather_rows([(getattr(req.embeds, f"pooled_{b.text}"), req.rows[i]) for b, req, i in rows])
+            time_ids = self._time_ids([(req.size, req.crops[i]) for _, req, i in rows])
+            kwargs["added_cond_kwargs"] = {"text_embeds": pooled, "time_ids": time_ids}
+        self.call_info = call_rows(rule, chunk)
+        model_in = torch.cat([x] * len(rule.branches)).to(self.dtype)
         if self.controlnet is not None:
             kwargs.update(self._control_residuals(model_in, t, context, chunk, len(rule.branches), kwargs))
         out = self.unet(model_in, t, encoder_hidden_states=context, return_dict=False, **kwargs)[0]

@@ -43,6 +43,7 @@ from hiresdiff.models.adapter import (
     branch_rows,
     call_rows,
     call_timestep,
+    gather_rows,
     quiet_text_libraries,
     step_value,
     timestep_key,
@@ -334,27 +335,40 @@ class FluxAdapter(ModelAdapter):
     ) -> torch.Tensor:
         """One transformer call for same-size, same-position views (inputs ``x``): every branch of ``rule`` per
         view, rows branch-major; returns the unpacked velocity of all rows (float32)."""
-        _b, _c, h, w = x.shape
-        cond, pooled, scales = [], [], []
-        for branch, req, i in branch_rows(rule, chunk):
-            text_rows, pooled_rows = getattr(req.embeds, branch.text), getattr(req.embeds, f"pooled_{branch.text}")
-            if pooled_rows is None:
-                raise HiresError("FLUX needs pooled CLIP embeddings; encode prompts with the FLUX adapter")
-            cond.append(text_rows[req.rows[i]])
-            pooled.append(pooled_rows[req.rows[i]])
-            scales.append(req.guidance)
-        text = torch.stack(cond).to(self.device, self.dtype)
+        rows = list(branch_rows(rule, chunk))
+        if any(getattr(req.embeds, f"pooled_{branch.text}") is None for branch, req, _ in rows):
+            raise HiresError("FLUX needs pooled CLIP embeddings; encode prompts with the FLUX adapter")
+        text = gather_rows([(getattr(req.embeds, branch.text), req.rows[i]) for branch, req, i in rows])
+        pooled = gather_rows([(getattr(req.embeds, f"pooled_{b.text}"), req.rows[i]) for b, req, i in rows])
+        scales = [req.guidance for _, req, _ in rows]
+        text = text.to(self.device, self.dtype)
         self.call_info = call_rows(rule, chunk)
         guidance = None
         if self.guidance_distilled:
             guidance = torch.tensor(scales, device=self.device, dtype=torch.float32)
         model_in = torch.cat([x] * len(rule.branches))
+        return self._velocity(model_in, t, text, pooled, guidance, offset)
+
+    def _velocity(
+        self,
+        model_in: torch.Tensor,
+        t: torch.Tensor,
+        text: torch.Tensor,
+        pooled: torch.Tensor,
+        guidance: torch.Tensor | None,
+        offset: tuple[float, float],
+    ) -> torch.Tensor:
+        """The one transformer call of :meth:`_forward_views`: the velocity (unpacked, float32) of the unpacked
+        latents ``model_in`` at timestep ``t``, given its rows' T5 ``text``, pooled CLIP (``pooled``) and FLUX
+        ``guidance`` (``None``: schnell), the views at canvas position ``offset``; another backend (ComfyUI's)
+        replaces only this call."""
+        _b, _c, h, w = model_in.shape
         timestep = t.to(self.device).reshape(-1)[:1].expand(model_in.shape[0]).to(self.dtype) / TIMESTEP_SCALE
         out = self.transformer(
             hidden_states=pack_latents(model_in.to(self.device, self.dtype)),
             timestep=timestep,
             guidance=guidance,
-            pooled_projections=torch.stack(pooled).to(self.device, self.dtype),
+            pooled_projections=pooled.to(self.device, self.dtype),
             encoder_hidden_states=text,
             txt_ids=torch.zeros(text.shape[1], 3, device=self.device, dtype=self.dtype),
             img_ids=image_ids(h, w, offset, device=self.device, dtype=self.dtype),
