@@ -248,13 +248,13 @@ def _pass(x: torch.Tensor, model: Upscaler, tile: int, overlap: int, max_batch: 
         for x0 in xs:
             mask = (_ramp(y, th, h, overlap, s)[:, None] * _ramp(x0, tw, w, overlap, s)[None, :]).to(x.device)
             masks[y, x0] = mask
-            weight[y * s : (y + th) * s, x0 * s : (x0 + tw) * s] += mask
+            weight[y * s : (y + th) * s, x0 * s : (x0 + tw) * s].add_(mask)
     boxes = [(i, y, x0) for i in range(b) for y in ys for x0 in xs]
     for first in range(0, len(boxes), max_batch):
         chunk = boxes[first : first + max_batch]
         crops = torch.stack([x[i, :, y : y + th, x0 : x0 + tw] for i, y, x0 in chunk])
         for (i, y, x0), up in zip(chunk, model(crops).float(), strict=True):
-            out[i, :, y * s : (y + th) * s, x0 * s : (x0 + tw) * s] += up * masks[y, x0]
+            out[i, :, y * s : (y + th) * s, x0 * s : (x0 + tw) * s].add_(up * masks[y, x0])
     return out / weight
 
 

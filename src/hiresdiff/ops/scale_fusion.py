@@ -82,8 +82,8 @@ def average_windows(
     for b, row in enumerate(views):
         for v in row:
             rows, cols = slice(v.top + ph, v.top + ph + v.height), slice(v.left + pw, v.left + pw + v.width)
-            value[b, rows, cols] += out[k].view(v.height, v.width, d)
-            count[b, rows, cols] += 1
+            value[b, rows, cols].add_(out[k].view(v.height, v.width, d))  # in place on the slice
+            count[b, rows, cols].add_(1)
             k += 1
     value, count = value[:, ph : ph + gh, pw : pw + gw], count[:, ph : ph + gh, pw : pw + gw]
     return value / count.clamp_min(1)

@@ -41,7 +41,8 @@ def tiled_apply(
             ct, cl = round((top - h0) * scale), round((left - w0) * scale)
             ch, cw = round(min(core, h) * scale), round(min(core, w) * scale)
             ot, ol = round(top * scale), round(left * scale)
-            out[:, :, ot : ot + ch, ol : ol + cw] += y[:, :, ct : ct + ch, cl : cl + cw]
-            count[:, :, ot : ot + ch, ol : ol + cw] += 1
+            # in place on the slices (``a[i] += b`` would also write each slice back onto itself: more operations)
+            out[:, :, ot : ot + ch, ol : ol + cw].add_(y[:, :, ct : ct + ch, cl : cl + cw])
+            count[:, :, ot : ot + ch, ol : ol + cw].add_(1)
     assert out is not None and count is not None
     return out / count

@@ -100,8 +100,8 @@ class LocalViews:
             for s, views in enumerate(self.last_views):
                 for v in views:
                     sl = (slice(v.top + j, v.top + j + v.height), slice(v.left + j, v.left + j + v.width))
-                    value[s, :, sl[0], sl[1]] += preds[0][k]
-                    count[s, :, sl[0], sl[1]] += 1
+                    value[s, :, sl[0], sl[1]].add_(preds[0][k])  # in place on the slice (no write-back)
+                    count[s, :, sl[0], sl[1]].add_(1)
                     k += 1
             value, count = value[:, :, j : j + h, j : j + w], count[:, :, j : j + h, j : j + w]
             return value / count
