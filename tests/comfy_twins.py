@@ -1,4 +1,4 @@
-"""Tiny SD 1.x / SDXL models that both diffusers and ComfyUI can build, with the same weights (test fixtures).
+"""Tiny SD 1.x / SDXL / FLUX models that both diffusers and ComfyUI can build, with the same weights (test fixtures).
 
 ComfyUI's model detection accepts only the real architectures and its UNet hard-codes 32-group GroupNorm (and,
 for SDXL, 64-channel attention heads), so hiresdiff's ``tiny-*`` models cannot be loaded by it. These twins are
@@ -7,6 +7,11 @@ built twice instead: a seeded diffusers ``UNet2DConditionModel`` (channels multi
 diffusers ones renamed with ``comfy.utils.unet_to_diffusers``. ComfyUI is imported from the checkout named by
 ``$HIRESDIFF_COMFYUI`` (or an importable ``comfy``); without it the tests that use these twins are skipped, unless
 ``HIRESDIFF_REQUIRE_COMFYUI=1`` makes that a failure (as in CI).
+
+The FLUX twin is a seeded diffusers ``FluxTransformer2DModel`` of one double and one single block that ComfyUI loads
+as its loaders load any diffusers FLUX file (``comfy.sd.load_diffusion_model_state_dict``: key conversion and model
+detection from the weights). ComfyUI's FLUX detection fixes the RoPE axes (16, 56, 56) and so 128-channel heads;
+one head and narrow text/pooled widths keep it at about 1.2 M parameters.
 """
 
 from __future__ import annotations
@@ -23,6 +28,9 @@ import torch
 LATENT = 16
 NATIVE = LATENT * 8
 SDXL_POOLED = 32
+#: widths of the FLUX twin's T5 sequence and pooled CLIP conditioning
+FLUX_TEXT = 32
+FLUX_POOLED = 32
 
 
 def comfy() -> Any:
@@ -38,6 +46,7 @@ def comfy() -> Any:
 
         comfy.options.enable_args_parsing()
         sys.argv = ["hiresdiff-tests", "--cpu"]  # ComfyUI parses its command line when first imported
+        import comfy.latent_formats
         import comfy.model_management
         import comfy.model_patcher
         import comfy.sd
@@ -103,21 +112,55 @@ def twin(family: str, seed: int = 0) -> SimpleNamespace:
     return SimpleNamespace(unet=unet, model=model, patcher=patcher, context=context, family=family)
 
 
-def sd_vae(scaling_factor: float, seed: int = 0) -> tuple[Any, Any]:
+def sd_vae(scaling_factor: float, seed: int = 0, flux: bool = False) -> tuple[Any, Any]:
     """An SD VAE with random weights as (diffusers ``AutoencoderKL``, ComfyUI ``VAE``) — ComfyUI's VAE has the
-    real channel widths (128 … 512), so this one is full width; ``scaling_factor``: the latent format's."""
+    real channel widths (128 … 512), so this one is full width; ``scaling_factor``: the latent format's.
+    ``flux``: FLUX.1's VAE instead (16 latent channels, no quant convs, FLUX's shift factor)."""
     c = comfy()
     from diffusers import AutoencoderKL
 
     torch.manual_seed(seed)
+    kind: dict[str, Any] = {"latent_channels": 4}
+    if flux:
+        shift = float(c.latent_formats.Flux().shift_factor)
+        kind = {"latent_channels": 16, "use_quant_conv": False, "use_post_quant_conv": False, "shift_factor": shift}
     vae = AutoencoderKL(
         block_out_channels=(128, 256, 512, 512),
         down_block_types=("DownEncoderBlock2D",) * 4,
         up_block_types=("UpDecoderBlock2D",) * 4,
-        latent_channels=4,
         layers_per_block=2,
         norm_num_groups=32,
         sample_size=NATIVE,
         scaling_factor=scaling_factor,
+        **kind,
     ).eval()
     return vae, c.sd.VAE(sd={k: v.clone() for k, v in vae.state_dict().items()})
+
+
+def flux_twin(guidance: bool = True, seed: int = 0) -> SimpleNamespace:
+    """The FLUX twins (module docstring): ``transformer`` (diffusers), ``patcher`` (ComfyUI's ``ModelPatcher`` of
+    the model its loader detects: ``Flux`` — dev — with a guidance embedding, ``FluxSchnell`` without), ``model``;
+    float32 on the CPU."""
+    c = comfy()
+    from diffusers import FluxTransformer2DModel
+
+    torch.manual_seed(seed)
+    transformer = FluxTransformer2DModel(
+        patch_size=1,
+        in_channels=64,
+        num_layers=1,
+        num_single_layers=1,
+        attention_head_dim=128,
+        num_attention_heads=1,
+        joint_attention_dim=FLUX_TEXT,
+        pooled_projection_dim=FLUX_POOLED,
+        guidance_embeds=guidance,
+        axes_dims_rope=(16, 56, 56),
+    ).eval()
+    with torch.no_grad():  # random weights large enough that every block matters; RMS norms about 1
+        for name, p in transformer.named_parameters():
+            p.normal_(1.0 if name.endswith(("norm_q.weight", "norm_k.weight")) or "norm_added" in name else 0.0, 0.05)
+    weights = {k: v.clone() for k, v in transformer.state_dict().items()}
+    patcher = c.sd.load_diffusion_model_state_dict(weights, model_options={"dtype": torch.float32})
+    assert patcher is not None, "ComfyUI did not recognise the FLUX twin"
+    return SimpleNamespace(transformer=transformer, model=patcher.model, patcher=patcher, family="flux")

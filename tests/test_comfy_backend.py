@@ -1,8 +1,9 @@
 """The ComfyUI backend (:mod:`hiresdiff.comfy.adapter`) against the diffusers one, in process, on tiny twins.
 
 Both backends get the same weights (:mod:`comfy_twins`), the same conditioning and the same noise: their denoiser
-predictions, x̂0 conversions, VAE passes and whole DemoFusion runs must agree to float rounding. Needs a ComfyUI
-checkout (``$HIRESDIFF_COMFYUI``) and its requirements; skipped without them unless ``HIRESDIFF_REQUIRE_COMFYUI=1``.
+predictions, x̂0 conversions, VAE passes and whole runs of every method the ComfyUI backend offers must agree to float
+rounding, for SD 1.x, SDXL and FLUX.1 (dev; schnell's predictions too). Needs a ComfyUI checkout
+(``$HIRESDIFF_COMFYUI``) and its requirements; skipped without them unless ``HIRESDIFF_REQUIRE_COMFYUI=1``.
 """
 
 from __future__ import annotations
@@ -13,20 +14,23 @@ from typing import Any
 import pytest
 import torch
 
-from comfy_twins import LATENT, NATIVE, SDXL_POOLED, comfy, sd_vae, twin
+from comfy_twins import FLUX_POOLED, FLUX_TEXT, LATENT, NATIVE, SDXL_POOLED, comfy, flux_twin, sd_vae, twin
 from hiresdiff.comfy.nodes import COMFY_METHODS
 from hiresdiff.errors import HiresError
+from hiresdiff.methods import METHODS
 from hiresdiff.models.adapter import ModelAdapter, PromptEmbeds, Request
+from hiresdiff.models.flux import FluxAdapter
 
 pytestmark = pytest.mark.slow
 
+#: method parameters a FLUX run needs (APT's scale-aware scheduling changes a DDPM β schedule: SD/SDXL only)
+FLUX_PARAMS: dict[str, dict[str, Any]] = {"apt": {"sas": False}}
 
-class GivenEmbeds(ModelAdapter):
+
+class Given:
     """The diffusers backend with the prompts' embeddings given (as ComfyUI's CONDITIONING is)."""
 
-    def __init__(self, pipe: Any, embeds: PromptEmbeds) -> None:
-        super().__init__(pipe)
-        self.embeds = embeds
+    embeds: PromptEmbeds
 
     def encode_prompt(self, prompts: list[str], negatives: list[str] | None, cfg: bool) -> PromptEmbeds:
         return self.embeds
@@ -35,37 +39,80 @@ class GivenEmbeds(ModelAdapter):
         return None
 
 
+class GivenEmbeds(Given, ModelAdapter):
+    def __init__(self, pipe: Any, embeds: PromptEmbeds) -> None:
+        super().__init__(pipe)
+        self.embeds = embeds
+
+
+class GivenFluxEmbeds(Given, FluxAdapter):
+    def __init__(self, pipe: Any, embeds: PromptEmbeds) -> None:
+        super().__init__(pipe)
+        self.embeds = embeds
+
+
 def embeds_for(family: str, context: int, seed: int = 1) -> PromptEmbeds:
     g = torch.Generator().manual_seed(seed)
     cond, uncond = torch.randn(1, 7, context, generator=g), torch.randn(1, 7, context, generator=g)
     if family == "sd":
         return PromptEmbeds(cond, uncond)
+    if family == "flux":  # T5 sequence and pooled CLIP; no negative prompt
+        return PromptEmbeds(cond, None, torch.randn(1, FLUX_POOLED, generator=g))
     pooled = torch.randn(2, SDXL_POOLED, generator=g)
     return PromptEmbeds(cond, uncond, pooled[:1], pooled[1:])
 
 
-@pytest.fixture(scope="module", params=["sd", "sdxl"])
-def backends(request: pytest.FixtureRequest) -> SimpleNamespace:
-    """(diffusers adapter, ComfyUI adapter) over the twins of one family, sharing scheduler config and embeds."""
-    from hiresdiff.comfy.adapter import ComfyAdapter
+def native_shift(patcher: Any) -> Any:
+    """The model patched by ComfyUI's own ModelSamplingFlux node for the twins' native size, as a FLUX workflow
+    sets it: the shift its schedule then has must be the μ hiresdiff's FLUX schedule uses at that size."""
+    from comfy_extras.nodes_model_advanced import ModelSamplingFlux
 
-    family = request.param
-    tw = twin(family)
-    embeds = embeds_for(family, tw.context)
-    vae_d, vae_c = sd_vae(float(tw.model.latent_format.scale_factor))
-    ours = ComfyAdapter(tw.patcher, vae_c, embeds, native_size=NATIVE)
-    pipe = SimpleNamespace(unet=tw.unet, vae=vae_d, scheduler=type(ours.scheduler).from_config(ours.scheduler.config))
-    if family == "sdxl":
-        pipe.text_encoder_2 = None  # the diffusers backend tells SDXL by this attribute
-    ref = GivenEmbeds(pipe, embeds)
+    (patched,) = ModelSamplingFlux().patch(patcher, max_shift=1.15, base_shift=0.5, width=NATIVE, height=NATIVE)
+    return patched
+
+
+def make_backends(family: str) -> SimpleNamespace:
+    """(diffusers adapter, ComfyUI adapter) over the twins of ``family`` (``sd``, ``sdxl``, ``flux`` — FLUX.1-dev —
+    or ``flux-schnell``) with the same embeds; SD/SDXL share the scheduler config, FLUX's diffusers backend has
+    FLUX.1's own (the ComfyUI one's comes from the model's shift)."""
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    from hiresdiff.comfy.adapter import comfy_adapter
+    from hiresdiff.models.tiny import make_flux_scheduler
+
+    if family.startswith("flux"):
+        dev = family == "flux"
+        tw = flux_twin(guidance=dev)
+        embeds = embeds_for("flux", FLUX_TEXT)
+        vae_d, vae_c = sd_vae(float(tw.model.latent_format.scale_factor), flux=True)
+        ours = comfy_adapter(native_shift(tw.patcher) if dev else tw.patcher, vae_c, embeds, native_size=NATIVE)
+        own = make_flux_scheduler() if dev else FlowMatchEulerDiscreteScheduler(shift=1.0, use_dynamic_shifting=False)
+        pipe = SimpleNamespace(transformer=tw.transformer, vae=vae_d, scheduler=own, default_sample_size=LATENT)
+        ref: ModelAdapter = GivenFluxEmbeds(pipe, embeds)
+    else:
+        tw = twin(family)
+        embeds = embeds_for(family, tw.context)
+        vae_d, vae_c = sd_vae(float(tw.model.latent_format.scale_factor))
+        ours = comfy_adapter(tw.patcher, vae_c, embeds, native_size=NATIVE)
+        same = type(ours.scheduler).from_config(ours.scheduler.config)
+        pipe = SimpleNamespace(unet=tw.unet, vae=vae_d, scheduler=same)
+        if family == "sdxl":
+            pipe.text_encoder_2 = None  # the diffusers backend tells SDXL by this attribute
+        ref = GivenEmbeds(pipe, embeds)
     return SimpleNamespace(family=family, ref=ref, ours=ours, embeds=embeds, twin=tw)
+
+
+@pytest.fixture(scope="module", params=["sd", "sdxl", "flux"])
+def backends(request: pytest.FixtureRequest) -> SimpleNamespace:
+    return make_backends(request.param)
 
 
 def _requests(b: SimpleNamespace, seed: int) -> list[Request]:
     """Two requests of views (different sizes, crops, guidance scales), one prompt row."""
     g = torch.Generator().manual_seed(seed)
-    big = torch.randn(3, 4, LATENT, LATENT, generator=g)
-    small = torch.randn(2, 4, LATENT // 2, LATENT // 2, generator=g)
+    channels = b.ours.latent_channels
+    big = torch.randn(3, channels, LATENT, LATENT, generator=g)
+    small = torch.randn(2, channels, LATENT // 2, LATENT // 2, generator=g)
     size = (2 * NATIVE, 2 * NATIVE)
     return [
         Request(big, [0, 0, 0], [(0, 0), (0, 64), (64, 0)], b.embeds, 7.5, size),
@@ -75,9 +122,20 @@ def _requests(b: SimpleNamespace, seed: int) -> list[Request]:
 
 @pytest.mark.parametrize("max_batch", [2, 64])
 def test_predictions_and_x0_equal_the_diffusers_backend(backends: SimpleNamespace, max_batch: int) -> None:
-    """Guided predictions of batched views (per-view SDXL size/crop conditioning) and their x̂0 agree to 1e-5 at
-    several timesteps, whatever the chunking."""
-    b = backends
+    """Guided predictions of batched views (per-view SDXL size/crop conditioning, FLUX canvas positions and
+    guidance) and their x̂0 agree to 1e-5 at several timesteps, whatever the chunking; the schedules are equal."""
+    check_predictions(backends, max_batch)
+
+
+@pytest.mark.parametrize("max_batch", [2, 64])
+def test_flux_schnell_predictions_equal_the_diffusers_backend(max_batch: int) -> None:
+    """FLUX.1-schnell (no guidance embedding, ComfyUI's discrete-flow σ with shift 1): the same agreement."""
+    b = make_backends("flux-schnell")
+    assert b.ours.guidance_distilled is False and b.ours.model_kind == "FLOW"
+    check_predictions(b, max_batch)
+
+
+def check_predictions(b: SimpleNamespace, max_batch: int) -> None:
     for ad in (b.ref, b.ours):
         ad.set_timesteps(10)
         ad.refresh_placement()
@@ -97,7 +155,7 @@ def test_vae_passes_equal_the_diffusers_backend(backends: SimpleNamespace) -> No
     weights: layouts, ranges and the latent scaling converted."""
     b = backends
     g = torch.Generator().manual_seed(5)
-    latents = torch.randn(1, 4, LATENT, LATENT, generator=g)
+    latents = torch.randn(1, b.ours.latent_channels, LATENT, LATENT, generator=g)
     for tile_area in (None, (NATIVE // 2) ** 2):
         torch.testing.assert_close(b.ours.decode(latents, tile_area), b.ref.decode(latents, tile_area), atol=2e-4,
                                    rtol=0)  # fmt: skip
@@ -107,17 +165,20 @@ def test_vae_passes_equal_the_diffusers_backend(backends: SimpleNamespace) -> No
 
 @pytest.mark.parametrize("method", COMFY_METHODS)
 def test_a_whole_run_gives_the_same_latents(backends: SimpleNamespace, method: str) -> None:
-    """The same request and noise through both backends, for every method the ComfyUI backend offers: phases,
-    views, dilated sampling, skip-residuals, pixel-space passes see the same predictions and VAE results, so the
-    final latents agree."""
+    """The same request and noise through both backends, for every method the ComfyUI backend offers on the
+    family: phases, views, dilated sampling, skip-residuals, pixel-space passes see the same predictions and VAE
+    results, so the final latents agree."""
     from hiresdiff.pipeline import HiresPipeline
 
     b = backends
+    if b.family not in METHODS[method].families:
+        pytest.skip(f"{method} does not run on {b.family}")
+    params = FLUX_PARAMS.get(method, {}) if b.family == "flux" else {}
     runs = []
     for ad in (b.ref, b.ours):
         hp = HiresPipeline(None, "twin", adapter=ad)
         out = hp("a twin", method, 2 * NATIVE, 2 * NATIVE, steps=4, guidance=5.0, seed=7, max_batch=8,
-                 previews=False, progress=False)  # fmt: skip
+                 previews=False, progress=False, **params)  # fmt: skip
         runs.append(out.latents)
     torch.testing.assert_close(runs[1], runs[0], atol=1e-4, rtol=1e-4)
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib.util
+import re
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -13,7 +14,7 @@ from typing import Any
 import pytest
 import torch
 
-from comfy_twins import LATENT, NATIVE, comfy, sd_vae, twin
+from comfy_twins import FLUX_POOLED, FLUX_TEXT, LATENT, NATIVE, comfy, flux_twin, sd_vae, twin
 from hiresdiff.comfy.nodes import COMFY_METHODS, HiresdiffSample, node_mappings, parameter_node
 from hiresdiff.errors import HiresError
 from hiresdiff.methods import METHODS
@@ -28,6 +29,18 @@ def sd() -> SimpleNamespace:
     g = torch.Generator().manual_seed(2)
     positive = [[torch.randn(1, 7, tw.context, generator=g), {}]]
     negative = [[torch.randn(1, 7, tw.context, generator=g), {}]]
+    return SimpleNamespace(twin=tw, vae=vae, positive=positive, negative=negative)
+
+
+@pytest.fixture(scope="module")
+def flux() -> SimpleNamespace:
+    """The FLUX.1-dev twin with its VAE and conditioning as ComfyUI's FLUX text encoder gives it (the T5 sequence,
+    CLIP's ``pooled_output``)."""
+    tw = flux_twin()
+    _, vae = sd_vae(float(tw.model.latent_format.scale_factor), flux=True)
+    g = torch.Generator().manual_seed(2)
+    positive = [[torch.randn(1, 7, FLUX_TEXT, generator=g), {"pooled_output": torch.randn(1, FLUX_POOLED)}]]
+    negative = [[torch.zeros(1, 7, FLUX_TEXT), {"pooled_output": torch.zeros(1, FLUX_POOLED)}]]
     return SimpleNamespace(twin=tw, vae=vae, positive=positive, negative=negative)
 
 
@@ -137,13 +150,58 @@ def test_bad_input_is_one_line_before_any_work(sd: SimpleNamespace, changes: dic
     assert "\n" not in str(caught.value)
 
 
-def test_a_flux_model_is_refused_in_one_line() -> None:
+def test_flux_1_is_taken_and_other_flux_models_are_refused_in_one_line() -> None:
+    """FLUX.1-dev and schnell are the FLUX family; FLUX inpainting, FLUX.2 or a FLUX model of another sampling type
+    are named in one line."""
     from hiresdiff.comfy.adapter import comfy_family
 
-    Flux = type("Flux", (), {})
-    model = SimpleNamespace(model_config=Flux(), model_type=SimpleNamespace(name="FLUX"))
-    with pytest.raises(HiresError, match="FLUX"):
-        comfy_family(model)
+    def model(config: str, kind: str) -> SimpleNamespace:
+        return SimpleNamespace(model_config=type(config, (), {})(), model_type=SimpleNamespace(name=kind))
+
+    assert comfy_family(model("Flux", "FLUX")) == ("flux", 1024)
+    assert comfy_family(model("FluxSchnell", "FLOW")) == ("flux", 1024)
+    for config, kind, message in [("FluxInpaint", "FLUX", "not a FluxInpaint model"),
+                                  ("Flux2", "FLUX", "not a Flux2 model"),
+                                  ("Flux", "EPS", "cannot run a EPS FLUX model")]:  # fmt: skip
+        with pytest.raises(HiresError, match=message) as caught:
+            comfy_family(model(config, kind))
+        assert "\n" not in str(caught.value)
+
+
+def test_sample_runs_a_flux_model(flux: SimpleNamespace) -> None:
+    """A FLUX.1 MODEL runs through the node: cfg is its guidance value (no negative rows), and the LATENT is the
+    run's latents in ComfyUI's raw form (FLUX's latent format: scale and shift)."""
+    from hiresdiff.comfy.adapter import ComfyFluxAdapter, comfy_adapter
+    from hiresdiff.comfy.nodes import embeds_of
+    from hiresdiff.pipeline import HiresPipeline
+
+    latent, previews = run(flux, model=flux.twin.patcher, positive=flux.positive, negative=flux.negative,
+                           vae=flux.vae, steps=2, cfg=3.5, previews=False)  # fmt: skip
+    adapter = comfy_adapter(flux.twin.patcher, flux.vae, embeds_of(flux.positive, None, False, "flux"), NATIVE)
+    assert isinstance(adapter, ComfyFluxAdapter)
+    direct = HiresPipeline(None, "twin", adapter=adapter)("x", "demofusion", 2 * NATIVE, 2 * NATIVE, steps=2,
+                                                         guidance=3.5, seed=7, progress=False)  # fmt: skip
+    expected = flux.twin.model.process_latent_out(direct.latents.float())
+    assert latent["samples"].shape == (1, 16, 2 * NATIVE // 8, 2 * NATIVE // 8)
+    torch.testing.assert_close(latent["samples"], expected, atol=1e-6, rtol=1e-6)
+    assert [tuple(p.shape) for p in previews] == [(1, 2 * NATIVE, 2 * NATIVE, 3)]
+    other, _ = run(flux, model=flux.twin.patcher, positive=flux.positive, negative=flux.negative, vae=flux.vae,
+                   steps=2, cfg=1.5, previews=False)  # fmt: skip
+    assert not torch.allclose(other["samples"], latent["samples"])  # the guidance value reaches the model
+    guided = [[flux.positive[0][0], {**flux.positive[0][1], "guidance": 3.5}]]  # as ComfyUI's FluxGuidance sets it
+    same, _ = run(flux, model=flux.twin.patcher, positive=guided, negative=flux.negative, vae=flux.vae, steps=2,
+                  cfg=1.5, previews=False)  # fmt: skip
+    torch.testing.assert_close(same["samples"], latent["samples"], atol=0, rtol=0)  # the conditioning's value wins
+
+
+def test_a_flux_model_with_a_unet_only_method_is_refused_in_one_line(flux: SimpleNamespace) -> None:
+    """A method that needs a UNet names the families it runs on and the methods a FLUX model can use, before any
+    work."""
+    message = "accdiffusion runs on SD 1.x/2.x, SDXL models, not FLUX; with this model choose one of: demofusion"
+    with pytest.raises(HiresError, match=re.escape(message)) as caught:
+        run(flux, model=flux.twin.patcher, positive=flux.positive, negative=flux.negative, vae=flux.vae,
+            method="accdiffusion")  # fmt: skip
+    assert "\n" not in str(caught.value)
 
 
 def test_the_cancel_button_stops_the_run(sd: SimpleNamespace) -> None:

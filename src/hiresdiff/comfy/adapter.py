@@ -18,7 +18,19 @@ guidance rules and every method run as with diffusers. The conversions (facts of
   size, crop, target size — per view, as the diffusers backend's ``time_ids``);
 * **VAE**: ComfyUI's VAE takes raw latents and pixels as ``(B, H, W, C)`` in ``[0, 1]``; hiresdiff's images are
   ``(B, C, H, W)`` in ``[−1, 1]``, its latents scaled by the model's latent format (``process_latent_in``);
-* **prompts**: CONDITIONING tensors (the text encoders' output) given when the adapter is made.
+* **prompts**: CONDITIONING tensors (the text encoders' output) given when the adapter is made;
+* **FLUX.1** (:class:`ComfyFluxAdapter`): hiresdiff's :class:`~hiresdiff.models.flux.FluxAdapter` (packing, RoPE
+  positions, schedule, parametrisation) with only the transformer call replaced. ComfyUI's FLUX takes the unpacked
+  ``(B, 16, h, w)`` latents and patchifies inside; its ``apply_model`` returns x̂0 = ``x − σ·v`` (``CONST``) for
+  the σ it is given and hands the transformer ``model_sampling.timestep(σ)`` (FLUX-dev: σ itself; schnell's
+  discrete flow: ``σ·multiplier``, ``multiplier`` 1), which the transformer scales by 1000 — so a call passes
+  ``σ = t/1000/multiplier`` (what the diffusers backend gives its transformer) and recovers the velocity
+  ``v = (x − x̂0)/σ`` in float64. The view's canvas position goes in as ComfyUI's RoPE shift
+  (``transformer_options["rope_options"]``), FLUX-dev's guidance value as ``guidance``, the pooled CLIP as ``y``.
+  The schedule's shift is the model's own (``model_sampling.shift``, which ComfyUI's ModelSamplingFlux node sets):
+  ComfyUI's dev σ(t) = ``e^s/(e^s + 1/t − 1)`` is diffusers' exponential time shift with μ = ``s``, and its
+  default 1.15 is μ at FLUX.1's native 1024 px (4096 tokens), which hiresdiff uses for every stage; schnell's
+  σ(t) = ``s·t/(1 + (s − 1)·t)`` is the static shift ``s``.
 
 ComfyUI is never imported by this module: it works on the objects ComfyUI hands a node; the one function of
 ComfyUI it calls (``comfy.model_management.load_models_gpu``) is imported where the model is placed.
@@ -32,8 +44,9 @@ from typing import Any
 
 import torch
 
-from hiresdiff.errors import HiresError, require
+from hiresdiff.errors import require
 from hiresdiff.models.adapter import Chunk, ModelAdapter, PromptEmbeds, branch_rows, call_rows
+from hiresdiff.models.flux import SHIFT_DEFAULTS, TIMESTEP_SCALE, FluxAdapter
 from hiresdiff.models.guidance import GuidanceRule
 from hiresdiff.models.parametrization import prediction_from_x0
 
@@ -47,22 +60,28 @@ FAMILIES = {
     "Segmind_Vega": ("sdxl", 1024),
     "KOALA_700M": ("sdxl", 1024),
     "KOALA_1B": ("sdxl", 1024),
+    "Flux": ("flux", 1024),  # FLUX.1-dev (guidance-distilled)
+    "FluxSchnell": ("flux", 1024),
 }
 #: ComfyUI ``ModelType`` names → diffusers ``prediction_type``
 PREDICTIONS = {"EPS": "epsilon", "V_PREDICTION": "v_prediction"}
+#: ComfyUI ``ModelType`` names of FLUX.1: dev's time-shifted σ (``ModelSamplingFlux``), schnell's discrete flow
+FLUX_TYPES = ("FLUX", "FLOW")
 
 
 def comfy_family(model: Any) -> tuple[str, int]:
     """``(family, native size)`` of a ComfyUI ``BaseModel``, or one line saying why hiresdiff cannot run it."""
     config = type(model.model_config).__name__
     kind = getattr(model.model_type, "name", str(model.model_type))
-    if config.startswith("Flux") or "flux" in type(model).__name__.lower():
-        raise HiresError("this ComfyUI backend runs SD 1.x/2.x and SDXL models; FLUX is not supported by it yet")
     known = FAMILIES.get(config)
+    if config.startswith("Flux") or "flux" in type(model).__name__.lower():  # inpainting, FLUX.2 …: refused
+        require(known is not None, f"hiresdiff runs FLUX.1 dev and schnell text-to-image models, not a {config} model")
+        require(kind in FLUX_TYPES, f"hiresdiff cannot run a {kind} FLUX model (FLUX.1's flow matching only)")
+        return known  # type: ignore[return-value]
     if known is None:  # an SD/SDXL-class model of another name (custom configs): by its conditioning
         adm = int(getattr(model, "adm_channels", 0) or 0)
         known = ("sdxl", 1024) if adm == 2816 else ("sd", 512) if adm == 0 else None
-    require(known is not None, f"hiresdiff cannot run a {config} model (SD 1.x/2.x and SDXL only)")
+    require(known is not None, f"hiresdiff cannot run a {config} model (SD 1.x/2.x, SDXL and FLUX.1 only)")
     require(kind in PREDICTIONS, f"hiresdiff cannot run a {kind} model (ε and v prediction only)")
     family, native = known  # type: ignore[misc]
     if config == "SD20" and kind == "EPS":
@@ -95,25 +114,24 @@ def scheduler_from_sampling(model: Any, prediction_type: str) -> Any:
     return EulerDiscreteScheduler(num_train_timesteps=len(sigmas), trained_betas=betas.tolist(), **common)
 
 
-class ComfyAdapter(ModelAdapter):
-    """The adapter over a ComfyUI ``ModelPatcher`` (``patcher``), its ``vae`` (a ComfyUI ``VAE``; ``None``: no
-    pixel work) and the prompts' CONDITIONING as :class:`PromptEmbeds` (``embeds``: one row per prompt; the
-    unconditional half for classifier-free guidance); ``native_size``: the model's training resolution when it is
-    not its family's (:data:`FAMILIES`: a 768 px SD 1.5 fine-tune)."""
+class ComfyBackend(ModelAdapter):
+    """What the ComfyUI adapters share: the ``ModelPatcher`` (``patcher``) and its model, ComfyUI's ``vae`` (``None``:
+    no pixel work), the prompts' CONDITIONING as :class:`PromptEmbeds` (``embeds``: one row per prompt; for
+    classifier-free guidance the unconditional half), placement and memory left to ComfyUI. ``native_size``: the
+    model's training resolution when it is not its family's (:data:`FAMILIES`: a 768 px SD 1.5 fine-tune).
 
-    def __init__(
-        self, patcher: Any, vae: Any = None, embeds: PromptEmbeds | None = None, native_size: int | None = None
-    ) -> None:
+    A family's adapter derives from this class first and from the diffusers backend's adapter of the family second,
+    so these members replace the diffusers ones and everything else (packing, schedules, guidance) is shared."""
+
+    def _attach(self, patcher: Any, vae: Any, embeds: PromptEmbeds | None, native_size: int | None) -> None:
+        """Set the facts every ComfyUI adapter has (what a diffusers adapter reads from its pipeline)."""
         model = patcher.model
         self.patcher, self.model, self.pipe = patcher, model, None
         self.family, native = comfy_family(model)
         #: the training resolution (pixels): the family's unless given (a ComfyUI model does not record it)
         self.native_size = native_size or native
-        kind = getattr(model.model_type, "name", str(model.model_type))
-        self.unet = model.diffusion_model
         self.vae = vae
         self.embeds = embeds
-        self.scheduler = scheduler_from_sampling(model, PREDICTIONS[kind])
         self.vae_scale_factor = 8
         self.latent_channels = int(model.latent_format.latent_channels)
         self.native_latent = self.native_size // self.vae_scale_factor
@@ -124,8 +142,9 @@ class ComfyAdapter(ModelAdapter):
         """ComfyUI's VAE picks its own device and dtype."""
 
     @property
-    def text_width(self) -> int | None:
-        return int(self.model.model_config.unet_config["context_dim"])
+    def model_kind(self) -> str:
+        """ComfyUI's ``ModelType`` name of the model (``EPS``, ``V_PREDICTION``, ``FLUX`` …)."""
+        return str(getattr(self.model.model_type, "name", self.model.model_type))
 
     @property
     def transformer_options(self) -> dict[str, Any]:
@@ -142,11 +161,15 @@ class ComfyAdapter(ModelAdapter):
 
     # --- text: CONDITIONING from ComfyUI's text encoders -------------------------------------------------
     def encode_prompt(self, prompts: list[str], negatives: list[str] | None, cfg: bool) -> PromptEmbeds:
-        """The CONDITIONING given to the adapter (the prompts' text was encoded by ComfyUI's CLIP nodes)."""
+        """The CONDITIONING given to the adapter (the prompts' text was encoded by ComfyUI's CLIP nodes); FLUX.1
+        takes no negative prompt (guidance-distilled or guidance-free), so its unconditional rows are dropped."""
         embeds = self.embeds
         require(embeds is not None, "no conditioning was given to the ComfyUI backend")
         assert embeds is not None
         require(embeds.cond.shape[0] == len(prompts), "one conditioning per prompt is needed")
+        if self.family == "flux":
+            require(embeds.pooled_cond is not None, "FLUX needs the pooled CLIP output of its text encoders")
+            return PromptEmbeds(embeds.cond, None, embeds.pooled_cond, None)
         require(not cfg or embeds.uncond is not None, "guidance needs the negative conditioning")
         if self.family == "sdxl":
             require(embeds.pooled_cond is not None, "SDXL needs the pooled output of its text encoders")
@@ -157,6 +180,57 @@ class ComfyAdapter(ModelAdapter):
 
     def truncated(self, prompt: str) -> tuple[int, str] | None:
         return None
+
+    # --- VAE: ComfyUI's, (B, H, W, C) in [0, 1] ----------------------------------------------------------
+    def _vae_factors(self) -> tuple[float, float]:
+        fmt = self.model.latent_format
+        return float(fmt.scale_factor), float(getattr(fmt, "shift_factor", 0.0) or 0.0)
+
+    def _comfy_vae(self) -> Any:
+        require(self.vae is not None, "this run decodes or encodes pixels: connect a VAE to the node")
+        return self.vae
+
+    def _vae_decode(self, z: torch.Tensor) -> torch.Tensor:
+        """ComfyUI's decode (its batching and memory handling) with the VAE's raw output kept: ComfyUI maps it to
+        ``[0, 1]`` and clamps (``VAE.process_output``), while hiresdiff clamps only where the method says so
+        (pixel-space methods resample the raw output first, as the diffusers backend gives it them)."""
+        vae = self._comfy_vae()
+        to_unit = vae.process_output
+        vae.process_output = _raw
+        try:
+            pixels = vae.decode(z)  # (B, H, W, C), the raw output in about [−1, 1]
+        finally:
+            vae.process_output = to_unit
+        return pixels.movedim(-1, 1).float().cpu()
+
+    def _vae_encode(self, x: torch.Tensor) -> torch.Tensor:
+        pixels = ((x.float() + 1.0) / 2.0).movedim(1, -1)  # ComfyUI maps [0, 1] back to [−1, 1] (no clamp)
+        return self._comfy_vae().encode(pixels).float().cpu()
+
+    @contextmanager
+    def borrowed(self, *modules: torch.nn.Module) -> Iterator[None]:
+        """ComfyUI's memory manager moves its models itself (it loads the VAE for a decode, the model for a call)."""
+        yield
+
+    def set_offload(self, on: bool) -> None:
+        """Low-VRAM placement is ComfyUI's (its ``--lowvram``/``--novram`` modes); only the setting is kept."""
+        self.offload = on
+
+
+class ComfyAdapter(ComfyBackend):
+    """The SD 1.x/2.x and SDXL adapter over a ComfyUI ``ModelPatcher`` (arguments: :class:`ComfyBackend`)."""
+
+    def __init__(
+        self, patcher: Any, vae: Any = None, embeds: PromptEmbeds | None = None, native_size: int | None = None
+    ) -> None:
+        self._attach(patcher, vae, embeds, native_size)
+        require(self.family != "flux", "a FLUX model runs through ComfyFluxAdapter (comfy_adapter picks it)")
+        self.unet = self.model.diffusion_model
+        self.scheduler = scheduler_from_sampling(self.model, PREDICTIONS[self.model_kind])
+
+    @property
+    def text_width(self) -> int | None:
+        return int(self.model.model_config.unet_config["context_dim"])
 
     # --- denoiser ----------------------------------------------------------------------------------------
     def _adm(self, pooled: torch.Tensor, size: tuple[int, int], crop: tuple[int, int]) -> torch.Tensor:
@@ -201,40 +275,77 @@ class ComfyAdapter(ModelAdapter):
         model input is hiresdiff's already, and the conversions around the call use this σ both ways."""
         return float(self.model.model_sampling.sigma(torch.as_tensor(float(t), dtype=torch.float32)))
 
-    # --- VAE: ComfyUI's, (B, H, W, C) in [0, 1] ----------------------------------------------------------
-    def _vae_factors(self) -> tuple[float, float]:
-        fmt = self.model.latent_format
-        return float(fmt.scale_factor), float(getattr(fmt, "shift_factor", 0.0) or 0.0)
 
-    def _comfy_vae(self) -> Any:
-        require(self.vae is not None, "this run decodes or encodes pixels: connect a VAE to the node")
-        return self.vae
+class ComfyFluxAdapter(ComfyBackend, FluxAdapter):
+    """The FLUX.1 (dev, schnell) adapter over a ComfyUI ``ModelPatcher`` (arguments: :class:`ComfyBackend`):
+    hiresdiff's :class:`~hiresdiff.models.flux.FluxAdapter` with the transformer call made through ComfyUI's
+    ``apply_model`` (module docstring)."""
 
-    def _vae_decode(self, z: torch.Tensor) -> torch.Tensor:
-        """ComfyUI's decode (its batching and memory handling) with the VAE's raw output kept: ComfyUI maps it to
-        ``[0, 1]`` and clamps (``VAE.process_output``), while hiresdiff clamps only where the method says so
-        (pixel-space methods resample the raw output first, as the diffusers backend gives it them)."""
-        vae = self._comfy_vae()
-        to_unit = vae.process_output
-        vae.process_output = _raw
-        try:
-            pixels = vae.decode(z)  # (B, H, W, C), the raw output in about [−1, 1]
-        finally:
-            vae.process_output = to_unit
-        return pixels.movedim(-1, 1).float().cpu()
+    def __init__(
+        self, patcher: Any, vae: Any = None, embeds: PromptEmbeds | None = None, native_size: int | None = None
+    ) -> None:
+        self._attach(patcher, vae, embeds, native_size)
+        require(self.family == "flux", "an SD or SDXL model runs through ComfyAdapter (comfy_adapter picks it)")
+        self.transformer = self.model.diffusion_model
+        #: the model's σ schedule as ComfyUI samples it (a ModelSamplingFlux node's patch included)
+        self.sampling = patcher.get_model_object("model_sampling")
+        self.guidance_distilled = bool(self.model.model_config.unet_config.get("guidance_embed", False))
+        scheduler = flux_scheduler(self.sampling, self.model_kind)
+        self._base_scheduler_config = dict(scheduler.config)
+        self.scheduler = scheduler
 
-    def _vae_encode(self, x: torch.Tensor) -> torch.Tensor:
-        pixels = ((x.float() + 1.0) / 2.0).movedim(1, -1)  # ComfyUI maps [0, 1] back to [−1, 1] (no clamp)
-        return self._comfy_vae().encode(pixels).float().cpu()
+    def _velocity(
+        self,
+        model_in: torch.Tensor,
+        t: torch.Tensor,
+        text: torch.Tensor,
+        pooled: torch.Tensor,
+        guidance: torch.Tensor | None,
+        offset: tuple[float, float],
+    ) -> torch.Tensor:
+        """The velocity from one ``apply_model`` call (module docstring): σ so that the transformer sees the
+        diffusers backend's timestep, the rows' canvas position as ComfyUI's RoPE shift, x̂0 turned back into the
+        velocity with the same σ in float64 (float32 on MPS)."""
+        wide = torch.float32 if model_in.device.type == "mps" else torch.float64
+        multiplier = float(getattr(self.sampling, "multiplier", 1.0))
+        sigma = float(t.reshape(-1)[0]) / TIMESTEP_SCALE / multiplier
+        x = model_in.to(self.device, wide)
+        options = self.transformer_options
+        rope = dict(options.get("rope_options") or {})
+        rope["shift_y"] = float(rope.get("shift_y", 0.0)) + offset[0]
+        rope["shift_x"] = float(rope.get("shift_x", 0.0)) + offset[1]
+        options["rope_options"] = rope
+        kwargs: dict[str, Any] = {"c_crossattn": text, "y": pooled.to(self.device)}
+        if guidance is not None:
+            kwargs["guidance"] = guidance
+        sigmas = torch.full((x.shape[0],), sigma, dtype=wide, device=x.device)
+        x0 = self.model.apply_model(x, sigmas, transformer_options=options, **kwargs)
+        return ((x - x0.to(wide)) / sigma).float()
 
-    @contextmanager
-    def borrowed(self, *modules: torch.nn.Module) -> Iterator[None]:
-        """ComfyUI's memory manager moves its models itself (it loads the VAE for a decode, the model for a call)."""
-        yield
 
-    def set_offload(self, on: bool) -> None:
-        """Low-VRAM placement is ComfyUI's (its ``--lowvram``/``--novram`` modes); only the setting is kept."""
-        self.offload = on
+def flux_scheduler(sampling: Any, kind: str) -> Any:
+    """FLUX's flow-matching Euler scheduler with the shift of the model's ``sampling`` (module docstring): FLUX-dev
+    (``kind`` ``FLUX``) shifts by μ = its ``shift`` — given as both ends of the dynamic-shift line, so that
+    :meth:`FluxAdapter.set_timesteps` gets that μ whatever sequence length it asks at — and schnell (``FLOW``) by
+    its static ``shift``."""
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    shift = float(sampling.shift)
+    if kind == "FLUX":
+        lengths = {k: SHIFT_DEFAULTS[k] for k in ("base_image_seq_len", "max_image_seq_len")}
+        return FlowMatchEulerDiscreteScheduler(
+            num_train_timesteps=1000, use_dynamic_shifting=True, base_shift=shift, max_shift=shift, **lengths
+        )
+    return FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=shift, use_dynamic_shifting=False)
+
+
+def comfy_adapter(
+    patcher: Any, vae: Any = None, embeds: PromptEmbeds | None = None, native_size: int | None = None
+) -> ComfyBackend:
+    """The ComfyUI adapter for the model of ``patcher``: :class:`ComfyFluxAdapter` for FLUX.1, else
+    :class:`ComfyAdapter` (one line for a model hiresdiff cannot run)."""
+    family, _ = comfy_family(patcher.model)
+    return (ComfyFluxAdapter if family == "flux" else ComfyAdapter)(patcher, vae, embeds, native_size)
 
 
 def _raw(image: torch.Tensor) -> torch.Tensor:

@@ -8,9 +8,10 @@
   dataclass with their defaults, the ranges its own checks accept and the help of its docstring as tooltips
   (:func:`hiresdiff.web.fields.method_fields`, as the web page shows them); output HIRESDIFF_PARAMS.
 
-Bad input (a size off the grid, a method the backend cannot run, parameters of another method, a FLUX model …)
-raises :class:`~hiresdiff.errors.HiresError`: ComfyUI shows its one line in the error dialog. ComfyUI's progress bar
-follows every step and its cancel button stops the run between steps (ComfyUI's interrupt exception is let through).
+Bad input (a size off the grid, a method the backend cannot run, parameters of another method, a FLUX model with a
+UNet-only method …) raises :class:`~hiresdiff.errors.HiresError`: ComfyUI shows its one line in the error dialog.
+ComfyUI's progress bar follows every step and its cancel button stops the run between steps (ComfyUI's interrupt
+exception is let through).
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from typing import Any
 
 import torch
 
-from hiresdiff.errors import require
+from hiresdiff.errors import HiresError, require
 
 #: what a HIRESDIFF_PARAMS output holds: ``{"method": name, "set": {field: text}}``
 PARAMS_TYPE = "HIRESDIFF_PARAMS"
@@ -35,11 +36,18 @@ PROMPT_LABEL = "(ComfyUI conditioning)"
 COMFY_METHODS = ("demofusion", "multidiffusion", "apt", "apldm", "diffusehigh", "upsample-guidance", "resize", "direct")
 
 
-def check_method(method: str) -> None:
-    """One line when ``method`` is not one the ComfyUI backend runs."""
+def check_method(method: str, family: str | None = None) -> None:
+    """One line when ``method`` is not one the ComfyUI backend runs (on a ``family`` model, when given)."""
     from hiresdiff.methods import METHODS
+    from hiresdiff.methods.base import FAMILY_NAMES
 
     require(method in METHODS, f"unknown method {method!r}; choose one of: {', '.join(COMFY_METHODS)}")
+    if family is not None and family not in METHODS[method].families:
+        runs = [m for m in COMFY_METHODS if family in METHODS[m].families]
+        raise HiresError(
+            f"{method} runs on {', '.join(FAMILY_NAMES[f] for f in METHODS[method].families)} models, not "
+            f"{FAMILY_NAMES[family]}; with this model choose one of: {', '.join(runs)}"
+        )
     require(
         method in COMFY_METHODS,
         f"{method} patches the diffusers UNet's attention, which ComfyUI's model does not have yet; "
@@ -68,8 +76,8 @@ def embeds_of(positive: Any, negative: Any, cfg: bool, family: str) -> Any:
         )
         pooled = extra.get("pooled_output")
         require(tensor.shape[0] == 1, f"the {name} conditioning must be for one prompt (batch 1)")
-        if family == "sdxl":
-            require(pooled is not None, f"the {name} conditioning has no pooled output: encode it with SDXL's CLIP")
+        if family in ("sdxl", "flux"):
+            require(pooled is not None, f"the {name} conditioning has no pooled output (encode it with the CLIP)")
         return tensor.float(), None if pooled is None else pooled.float()
 
     cond, pooled = one(positive, "positive")
@@ -78,6 +86,14 @@ def embeds_of(positive: Any, negative: Any, cfg: bool, family: str) -> Any:
         length = max(cond.shape[1], uncond.shape[1])
         cond, uncond = (_padded(t, length) for t in (cond, uncond))
     return PromptEmbeds(cond, uncond, pooled, pooled_uncond)
+
+
+def flux_guidance(positive: Any, cfg: float) -> float:
+    """FLUX.1-dev's guidance value: the one the positive conditioning carries (ComfyUI's FluxGuidance and
+    CLIPTextEncodeFlux nodes set it, and ComfyUI's own samplers use it), else the node's ``cfg``."""
+    extra = positive[0][1] if isinstance(positive, list) and positive and len(positive[0]) == 2 else {}
+    value = extra.get("guidance") if isinstance(extra, dict) else None
+    return cfg if value is None else float(value)
 
 
 def _padded(t: torch.Tensor, length: int) -> torch.Tensor:
@@ -145,7 +161,7 @@ class HiresdiffSample:
         size = {"default": 2048, "min": 64, "max": 16384, "step": 8}
         return {
             "required": {
-                "model": ("MODEL", {"tooltip": "An SD 1.x/2.x or SDXL model (LoRAs and patches applied)."}),
+                "model": ("MODEL", {"tooltip": "An SD 1.x/2.x, SDXL or FLUX.1 model (LoRAs and patches applied)."}),
                 "positive": ("CONDITIONING",),
                 "negative": ("CONDITIONING",),
                 "vae": ("VAE",),
@@ -154,7 +170,18 @@ class HiresdiffSample:
                 "width": ("INT", {**size, "tooltip": "Target width in pixels (a multiple of 8)."}),
                 "height": ("INT", {**size, "tooltip": "Target height in pixels (a multiple of 8)."}),
                 "steps": ("INT", {"default": 50, "min": 1, "max": 1000}),
-                "cfg": ("FLOAT", {"default": 7.5, "min": 0.0, "max": 100.0, "step": 0.1}),
+                "cfg": (
+                    "FLOAT",
+                    {
+                        "default": 7.5,
+                        "min": 0.0,
+                        "max": 100.0,
+                        "step": 0.1,
+                        "tooltip": "Classifier-free guidance scale; for FLUX.1-dev its guidance value when the "
+                        "positive conditioning carries none (a FluxGuidance node's value wins; 3.5 is typical; no "
+                        "negative prompt is used), unused by schnell.",
+                    },
+                ),
                 "seed": ("INT", {"default": 0, "min": 0, "max": 2**63 - 1, "control_after_generate": True}),
             },
             "optional": {
@@ -178,7 +205,7 @@ class HiresdiffSample:
                         "max": 4096,
                         "step": 8,
                         "tooltip": "The model's training resolution (0: its family's, "
-                        "512 for SD 1.x, 1024 for SDXL; set it for fine-tunes at other sizes).",
+                        "512 for SD 1.x, 1024 for SDXL and FLUX.1; set it for fine-tunes at other sizes).",
                     },
                 ),
             },
@@ -202,24 +229,26 @@ class HiresdiffSample:
     ) -> tuple[dict[str, torch.Tensor], list[torch.Tensor]]:
         """Run ``method``; ``optional`` holds the connected optional inputs (``image``, ``latent``, ``strength``,
         ``params``, ``previews``, ``native_size``) and ComfyUI's hidden ``node_id``."""
-        from hiresdiff.comfy.adapter import ComfyAdapter
+        from hiresdiff.comfy.adapter import comfy_adapter
         from hiresdiff.inputs import check_min_size
         from hiresdiff.pipeline import HiresPipeline, ModelFacts, validate_request
 
         image, latent, params = optional.get("image"), optional.get("latent"), optional.get("params")
         strength, native_size = optional.get("strength", 1.0), int(optional.get("native_size") or 0)
 
-        check_method(method)
+        adapter = comfy_adapter(model, vae, None, native_size=native_size or None)
+        check_method(method, adapter.family)
         if params is not None:
             require(
                 params.get("method") == method,
                 f"the parameters are {params.get('method')}'s but the method is {method}: connect its own node",
             )
-        adapter = ComfyAdapter(model, vae, None, native_size=native_size or None)
-        adapter.embeds = embeds_of(positive, negative, cfg > 1.0, adapter.family)
+        # FLUX.1 takes no negative prompt; its guidance value is the conditioning's (FluxGuidance) or cfg
+        adapter.embeds = embeds_of(positive, negative, cfg > 1.0 and adapter.family != "flux", adapter.family)
+        guidance = flux_guidance(positive, cfg) if adapter.family == "flux" else cfg
         hp = HiresPipeline(None, "comfyui", adapter=adapter)
         previews = bool(optional.get("previews", True))
-        kwargs: dict[str, Any] = {"steps": steps, "guidance": cfg, "seed": seed, "previews": previews}
+        kwargs: dict[str, Any] = {"steps": steps, "guidance": guidance, "seed": seed, "previews": previews}
         if preset != "none":
             kwargs["preset"] = preset
         if params:
