@@ -169,10 +169,6 @@ class Run:
             raise RuntimeError(f"a {x.shape[0]}-sample canvas stepped with η in a run of {self.batch} image(s)")
         return {"variance_noise": self.standard_normal(tuple(x.shape[1:])).to(x.dtype)}
 
-    def _scheduler_step(self, pred: torch.Tensor, t: torch.Tensor, x: torch.Tensor, kwargs: dict[str, Any]) -> Any:
-        """``x`` one step on from ``t`` with the prediction ``pred`` (the scheduler's step, its noise per image)."""
-        return self.scheduler.step(pred, t, x, return_dict=False, **kwargs, **self._step_noise(x, kwargs))[0]
-
     # --- the loop -----------------------------------------------------------------------------------------
     def denoise(
         self,
@@ -197,7 +193,7 @@ class Run:
             index = (first + i) // order  # the step index model patches switch on (never a count of model calls)
             state = tuple(hook.signature_at(index) for hook in hooks)
             if replay is not None and replay.repeats(i, state):  # the cost model books a recorded step again
-                x = replay.advance(self._scheduler_step, pred, t, x, kwargs)
+                x = sched.step(pred, t, x, return_dict=False, **kwargs, **self._step_noise(x, kwargs))[0]
                 continue
             for hook in hooks:
                 hook.at_step(index, t)
@@ -208,7 +204,7 @@ class Run:
             pred = assemble(den.predict(requests, t))
             for hook in hooks:
                 pred = hook.on_prediction(t, x_in, pred)
-            x = self._scheduler_step(pred, t, x, kwargs)
+            x = sched.step(pred, t, x, return_dict=False, **kwargs, **self._step_noise(x, kwargs))[0]
             for hook in hooks:
                 x = hook.after_step(t, x)
             bar.update(1)

@@ -23,16 +23,13 @@ full trace (``model_cost(..., exact=True)``), which the tests check for every me
 
 from __future__ import annotations
 
-from collections.abc import Callable, Hashable, Iterator
+from collections.abc import Hashable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any, TypeVar
+from typing import Any
 
 from hiresdiff.cost.memory import LiveBytes
 from hiresdiff.cost.meta import Ledger
-from hiresdiff.cost.shapes import value_free
-
-R = TypeVar("R")
 
 #: steps at the end of every loop that always run (lower-order final steps, the weight at t = 0)
 TAIL = 2
@@ -80,13 +77,6 @@ class StepReplay:
         self.ledger.journal = []
         self._start, self._running, self._state = self.host.mark(), True, state
         return False
-
-    @staticmethod
-    def advance(step: Callable[..., R], *args: Any) -> R:
-        """Advance the loop over a replayed step: ``step`` (the scheduler's step with the last prediction) allocates
-        what it would and computes nothing (:func:`~hiresdiff.cost.shapes.value_free`) — the step's values steer
-        nothing in an estimate, and on a large canvas the scheduler's arithmetic was a sixth of its time."""
-        return value_free(step)(*args)
 
     def _period(self) -> int:
         """The cycle the last records settled into: 1 (every step alike), 2 (alternating steps, e.g. Heun's
