@@ -256,9 +256,9 @@ def test_stage_one_unet_sees_the_official_size_conditioning(tiny_sdxl_pipe, monk
     real = ad._time_ids
     seen: list[tuple[tuple[int, int], tuple[int, ...]]] = []
 
-    def time_ids(size: tuple[int, int], crops: list[tuple[int, int]]) -> torch.Tensor:
-        ids = real(size, crops)
-        seen.append((size, tuple(int(v) for v in ids[0])))
+    def time_ids(views: list[tuple[tuple[int, int], tuple[int, int]]]) -> torch.Tensor:
+        ids = real(views)
+        seen.extend((size, tuple(int(v) for v in row)) for (size, _), row in zip(views, ids, strict=True))
         return ids
 
     monkeypatch.setattr(ad, "_time_ids", time_ids)
