@@ -319,6 +319,41 @@ def test_replayed_steps_equal_the_full_trace(method, model, side, settings, monk
     assert fast.peaks == full.peaks and fast.canvas_bytes == full.canvas_bytes > 0
 
 
+@pytest.mark.parametrize(
+    ("method", "model", "side", "settings"),
+    [
+        ("demofusion", "tiny-sdxl", 768, {"steps": 5, "previews": True, "decode_tile_area": 256 * 256}),
+        ("apldm", "tiny-sdxl", 768, {"steps": 5, "previews": True}),
+        ("demofusion", "tiny-flux", 512, {"steps": 5, "previews": True}),
+    ],
+)
+def test_decodes_seen_before_are_booked_again_and_equal_a_fresh_estimate(method, model, side, settings, monkeypatch):
+    """A later estimate of the same request at other rows per call (the auto batch search's next probe) books the
+    decodes an earlier one recorded (same latents, settings and bytes alive) instead of running them, and its
+    report equals a fresh pipeline's estimate to the byte."""
+    import hiresdiff.cost.model as model_mod
+    from hiresdiff.cost.replay import SegmentReplay
+
+    monkeypatch.setattr(model_mod, "_PIPES", {})
+    monkeypatch.setattr(model_mod, "_CONTROLNETS", {})
+    hits: list[bool] = []
+    real_run = SegmentReplay.run
+
+    def run(self, key, fn, *args):
+        hits.append((key, self.host.now()) in self.records)
+        return real_run(self, key, fn, *args)
+
+    monkeypatch.setattr(SegmentReplay, "run", run)
+    model_cost(method, model, side, side, max_batch=4, **settings)
+    assert hits and not any(hits)  # a new pipeline records every decode
+    hits.clear()
+    again = model_cost(method, model, side, side, max_batch=2, **settings)
+    assert any(hits)
+    monkeypatch.setattr(model_mod, "_PIPES", {})
+    fresh = model_cost(method, model, side, side, max_batch=2, **settings)
+    assert again.to_dict() == fresh.to_dict()
+
+
 def test_replay_books_settled_steps_without_running_them():
     """A loop of 50 alike steps runs two (to see them settle) and the last two; the 46 between are booked again,
     and a new loop starts over."""

@@ -45,6 +45,8 @@ class StepReplay(Protocol):
 
     def repeats(self, step: int, state: Hashable = ()) -> bool: ...
 
+    def end(self) -> None: ...
+
 
 #: set only while the cost model counts a generation; ``None`` in real runs
 STEP_REPLAY: ContextVar[StepReplay | None] = ContextVar("hiresdiff_step_replay", default=None)
@@ -210,6 +212,8 @@ class Run:
             bar.update(1)
             if self.callback is not None:
                 self.callback(name, i + 1, total)
+        if replay is not None:
+            replay.end()
         bar.close()
         return x
 

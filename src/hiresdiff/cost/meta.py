@@ -81,6 +81,8 @@ class Ledger:
     #: called whenever a booking raises a component's peak (a probe of the auto batch search may stop the run
     #: there: :func:`hiresdiff.plan.choose_max_batch`)
     watch: Callable[[Ledger], None] | None = None
+    #: whole calls recorded in earlier estimates of this pipeline (:class:`hiresdiff.cost.replay.SegmentReplay`)
+    segments: dict[Any, Any] = field(default_factory=dict)
 
     def book(
         self, component: str, flops: float, samples: int, native: float = 0.0, peak: CallPeak | None = None

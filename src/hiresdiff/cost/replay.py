@@ -23,10 +23,12 @@ full trace (``model_cost(..., exact=True)``), which the tests check for every me
 
 from __future__ import annotations
 
-from collections.abc import Hashable, Iterator
+from collections.abc import Callable, Hashable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
+
+import torch
 
 from hiresdiff.cost.memory import LiveBytes
 from hiresdiff.cost.meta import Ledger
@@ -101,20 +103,72 @@ class StepReplay:
             else:
                 self.charge(*entry)
 
+    def end(self) -> None:
+        """The loop is over: its last step's record closes here, so what runs after the loop (a decode) is not
+        counted into it."""
+        self._close()
+
     def finish(self) -> None:
         """Stop recording (the generation is over)."""
         self._close()
 
 
+@dataclass
+class SegmentReplay:
+    """Whole calls that an estimate repeats unchanged — the VAE decodes of the auto batch search's probes, which
+    differ only in the rows of their denoiser calls — recorded once and booked again.
+
+    A record is kept by the call's key and the bytes alive when it starts (:meth:`run`): its bookings (the VAE's
+    calls and their :class:`~hiresdiff.cost.meta.CallPeak`, whose canvas bytes are then the same), how far the live
+    bytes rose above those it ends with, and its result's layout. Booking it again makes the same tallies, raises
+    the host peak by the same bytes and allocates the same result (zeros) — what running it would have counted. The
+    records live as long as the counting pipeline's ledger (``records``). Only calls made outside a recorded step
+    are kept (a step's own record covers what it calls), and only those that leave nothing alive but their result.
+    """
+
+    ledger: Ledger
+    host: LiveBytes
+    records: dict[Hashable, tuple[tuple[tuple[Any, ...], ...], int, tuple[Any, ...]]]
+
+    def run(self, key: Hashable, fn: Callable[..., torch.Tensor], *args: Any) -> torch.Tensor:
+        """``fn(*args)``, or its record booked again when one of ``key`` started from the bytes alive now."""
+        if self.ledger.journal is not None:  # inside a step being recorded
+            return fn(*args)
+        start = self.host.now()
+        found = self.records.get((key, start))
+        if found is not None:
+            journal, rise, (shape, dtype) = found
+            for _kind, *entry in journal:
+                self.ledger.book(*entry)
+            out = torch.zeros(shape, dtype=dtype)
+            self.host.bump(rise)
+            return out
+        self.ledger.journal = []
+        try:
+            with self.host.rise() as up:
+                out = fn(*args)
+        finally:
+            journal, self.ledger.journal = tuple(self.ledger.journal or ()), None
+        alone = self.host.now() - start == out.untyped_storage().nbytes() and out.storage_offset() == 0
+        if alone and out.is_contiguous() and all(kind == "book" for kind, *_ in journal):
+            self.records[(key, start)] = (journal, up[0], (tuple(out.shape), out.dtype))
+        return out
+
+
 @contextmanager
 def replaying(ledger: Ledger, host: LiveBytes, charge: Any) -> Iterator[StepReplay]:
-    """Denoising loops run inside replay their settled steps (:data:`hiresdiff.sampler.STEP_REPLAY`)."""
+    """Denoising loops run inside replay their settled steps (:data:`hiresdiff.sampler.STEP_REPLAY`) and decodes
+    seen in an earlier estimate of the same pipeline are booked again (:class:`SegmentReplay`,
+    :data:`hiresdiff.models.adapter.DECODE_REPLAY`)."""
+    from hiresdiff.models.adapter import DECODE_REPLAY
     from hiresdiff.sampler import STEP_REPLAY
 
     replay = StepReplay(ledger, host, charge)
     token = STEP_REPLAY.set(replay)
+    decodes = DECODE_REPLAY.set(SegmentReplay(ledger, host, ledger.segments))
     try:
         yield replay
     finally:
+        DECODE_REPLAY.reset(decodes)
         STEP_REPLAY.reset(token)
         replay.finish()

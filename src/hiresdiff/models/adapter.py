@@ -11,6 +11,7 @@ from __future__ import annotations
 import functools
 from collections.abc import Callable, Hashable, Iterator
 from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -139,6 +140,11 @@ def branch_rows(rule: GuidanceRule, chunk: Chunk) -> Iterator[tuple[Branch, Requ
 def call_rows(rule: GuidanceRule, chunk: Chunk) -> list[tuple[int, str]]:
     """``(canvas sample or −1, branch name)`` of every row of a call (:attr:`ModelAdapter.call_info`)."""
     return [(req.samples[i] if req.samples else -1, branch.name) for branch, req, i in branch_rows(rule, chunk)]
+
+
+#: set by the cost model while it estimates (:class:`hiresdiff.cost.replay.SegmentReplay`): a decode it has seen
+#: in an earlier estimate of the same request is booked again rather than run (its values steer nothing there)
+DECODE_REPLAY: ContextVar[Any] = ContextVar("hiresdiff_decode_replay", default=None)
 
 
 def gather_rows(pieces: list[tuple[torch.Tensor, int]]) -> torch.Tensor:
@@ -557,7 +563,17 @@ class ModelAdapter:
     @torch.no_grad()
     def decode(self, latents: torch.Tensor, tile_area: int | None, *, clamp: bool = True) -> torch.Tensor:
         """Latents → images (float32, on CPU), clamped to [−1, 1] unless ``clamp=False`` (pixel-space methods
-        resample the raw VAE output first); tiled when the image area exceeds ``tile_area`` px."""
+        resample the raw VAE output first); tiled when the image area exceeds ``tile_area`` px.
+
+        In the cost model's estimates a decode seen before (same latents' layout, settings and bytes alive) is
+        booked again instead of run (:data:`DECODE_REPLAY`)."""
+        replay = DECODE_REPLAY.get()
+        if replay is not None:
+            key = ("decode", id(self), tuple(latents.shape), latents.dtype, tile_area, clamp, self.vae_dtype)
+            return replay.run(key, self._decode, latents, tile_area, clamp)
+        return self._decode(latents, tile_area, clamp)
+
+    def _decode(self, latents: torch.Tensor, tile_area: int | None, clamp: bool) -> torch.Tensor:
         scale, shift = self._vae_factors()
         z = (latents / scale + shift).to(self.device, self.vae_dtype)
         run = self._vae_decode
