@@ -15,7 +15,6 @@ the batch), the Euler index and randomness as SPEC §0.1, and the last phase's e
 
 from __future__ import annotations
 
-import weakref
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
@@ -25,7 +24,7 @@ import torch
 from hiresdiff.control import ControlCondition
 from hiresdiff.images import to_uint8
 from hiresdiff.methods.accdiffusion import AccDiffusion
-from hiresdiff.methods.base import MethodOutput
+from hiresdiff.methods.base import MethodOutput, weakly
 from hiresdiff.methods.demofusion import PhaseSetup
 from hiresdiff.methods.specs.accdiffusion_v2 import AccDiffusionV2Params
 from hiresdiff.models.adapter import Request
@@ -59,10 +58,7 @@ class AccDiffusionV2(AccDiffusion):
         self.edges: torch.Tensor | None = None  # E of the previous phase (B, 3, H, W) in {0, 1}
         self.conditions: list[ControlCondition] = []  # each later phase's, in order
         if params.controlled and self.controlnet is not None:
-            # through a weak reference: the loop holding a bound method of itself would be a cycle, freed (with its
-            # edge maps and conditions) only when the GC runs — what is alive at the final decode would vary
-            loop = weakref.proxy(self)
-            self.transforms.append(lambda z_up, z, phase: loop.edges_of_previous(z_up, z, phase))
+            self.transforms.append(weakly(self.edges_of_previous))  # a bound method of itself: a cycle otherwise
 
     @contextmanager
     def control(self, condition: ControlCondition | None) -> Iterator[None]:

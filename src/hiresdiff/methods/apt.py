@@ -17,7 +17,7 @@ import torch
 
 from hiresdiff.errors import require
 from hiresdiff.methods.accdiffusion import AccDiffusion
-from hiresdiff.methods.base import MethodOutput
+from hiresdiff.methods.base import MethodOutput, weakly
 from hiresdiff.methods.demofusion import PhaseSetup, Progressive
 from hiresdiff.methods.specs.apt import HOST_NAMES, APTParams
 from hiresdiff.methods.specs.apt import PRESETS as PRESETS  # re-exported: the APT table rows
@@ -59,9 +59,9 @@ class APT:
             "use --set sas=false",
         )
         self.host = HOSTS[params.host](run, params)
-        if params.sm:
-            self.host.transforms.append(self.match)
-        self.host.configure.append(self.setup)
+        if params.sm:  # weakly: the host's lists holding bound methods of the APT holding the host is a cycle
+            self.host.transforms.append(weakly(self.match))
+        self.host.configure.append(weakly(self.setup))
 
     def match(self, z_up: torch.Tensor, z: torch.Tensor, phase: Phase) -> torch.Tensor:
         """SM (§4.1) with the phase's dilation."""

@@ -8,6 +8,7 @@ line's ``--help``, ``methods`` and settings checks import this module without to
 from __future__ import annotations
 
 import importlib
+import weakref
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -22,6 +23,22 @@ if TYPE_CHECKING:
     from hiresdiff.models.controlnet import ControlNetSpec
     from hiresdiff.pipeline import ModelFacts
     from hiresdiff.sampler import Run
+
+
+def weakly(method: Callable[..., Any]) -> Callable[..., Any]:
+    """The bound ``method`` called through a weak reference to its object. A phase loop that keeps a bound method
+    of itself (or of the object that holds the loop) in its own lists would be a reference cycle, freed — with the
+    canvases, edge maps and conditions it holds — only when Python's cyclic GC happens to run: what is alive at the
+    final decode (the peak memory, the estimate) would then vary with the GC's timing."""
+    ref, name = weakref.WeakMethod(method), method.__qualname__  # nothing that holds the object itself
+
+    def call(*args: Any, **kwargs: Any) -> Any:
+        bound = ref()
+        if bound is None:
+            raise RuntimeError(f"{name} called after its object was freed")
+        return bound(*args, **kwargs)
+
+    return call
 
 
 @dataclass
