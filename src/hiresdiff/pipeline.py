@@ -26,7 +26,7 @@ from hiresdiff.config import (
     parse_fields,
 )
 from hiresdiff.control import ControlCondition
-from hiresdiff.cost.shapes import value_free
+from hiresdiff.cost.shapes import discarded
 from hiresdiff.errors import HiresError, HiresWarning, require
 from hiresdiff.extras import EXTRA_ARGS, Extras, split_extras, typed_extras
 from hiresdiff.images import to_pil, to_uint8
@@ -378,9 +378,9 @@ class HiresPipeline:
         for m in meta:
             if m["prompt"] in seen:
                 m["prompt_seen"] = seen[m["prompt"]][1]
-        if not pictures:  # the cost model: the conversion's memory counts, its values do not
+        if not pictures:  # the cost model: the conversion's memory counts, its result is not kept
             for picture in (images, *run.previews):
-                value_free(to_uint8)(picture)
+                discarded(to_uint8, picture)
         return GenerationResult(
             images=to_pil(images) if pictures else [],
             previews=[to_pil(p) for p in run.previews] if pictures else [],
