@@ -15,9 +15,8 @@ import pytest
 import torch
 
 from comfy_twins import FLUX_POOLED, FLUX_TEXT, LATENT, NATIVE, SDXL_POOLED, comfy, flux_twin, sd_vae, twin
-from hiresdiff.comfy.nodes import COMFY_METHODS
+from hiresdiff.comfy.nodes import COMFY_METHODS, comfy_methods
 from hiresdiff.errors import HiresError
-from hiresdiff.methods import METHODS
 from hiresdiff.models.adapter import ModelAdapter, PromptEmbeds, Request
 from hiresdiff.models.flux import FluxAdapter
 
@@ -171,8 +170,8 @@ def test_a_whole_run_gives_the_same_latents(backends: SimpleNamespace, method: s
     from hiresdiff.pipeline import HiresPipeline
 
     b = backends
-    if b.family not in METHODS[method].families:
-        pytest.skip(f"{method} does not run on {b.family}")
+    if method not in comfy_methods(b.family):
+        pytest.skip(f"{method} does not run on {b.family} in ComfyUI")
     params = FLUX_PARAMS.get(method, {}) if b.family == "flux" else {}
     runs = []
     for ad in (b.ref, b.ours):
@@ -181,6 +180,132 @@ def test_a_whole_run_gives_the_same_latents(backends: SimpleNamespace, method: s
                  previews=False, progress=False, **params)  # fmt: skip
         runs.append(out.latents)
     torch.testing.assert_close(runs[1], runs[0], atol=1e-4, rtol=1e-4)
+
+
+@pytest.fixture(scope="module", params=["sd", "sdxl"])
+def unets(request: pytest.FixtureRequest) -> SimpleNamespace:
+    return make_backends(request.param)
+
+
+def _npa_layer(b: SimpleNamespace) -> tuple[Any, str, int]:
+    """The first self-attention of the diffusers twin: (its ``Attention``, processor name, level)."""
+    from hiresdiff.models.self_attention import attention_level
+
+    unet = b.ref.unet
+    name = next(n for n in unet.attn_processors if n.endswith("attn1.processor"))
+    return unet.get_submodule(name.removesuffix(".processor")), name, attention_level(name, 2)
+
+
+def test_the_comfyui_npa_patch_equals_the_diffusers_processor(unets: SimpleNamespace) -> None:
+    """ScaleDiff's NPA (with a query shift) as ComfyUI's ``attn1`` replacement of a transformer block, on q, k, v
+    projected from the same tokens, equals the diffusers NPA processor to 1e-5 (and is not full attention); a call
+    it declines (another grid) runs ComfyUI's own attention, and nothing is left installed afterwards."""
+    from hiresdiff.comfy.attention import comfy_attention, transformer_block_keys
+    from hiresdiff.patches.attention import neighborhood_attention
+
+    b = unets
+    attn, name, level = _npa_layer(b)
+    latent_hw = (2 * LATENT, 2 * LATENT)
+    gh, gw = latent_hw[0] >> level, latent_hw[1] >> level
+    g = torch.Generator().manual_seed(4)
+    tokens = torch.randn(2, gh * gw, attn.to_q.in_features, generator=g)
+    key = transformer_block_keys(b.twin.model.diffusion_model)[0]
+    options = {"n_heads": attn.heads, "original_shape": [2, 4, *latent_hw], "attn_precision": None}
+    with torch.no_grad():
+        q, k, v = attn.to_q(tokens), attn.to_k(tokens), attn.to_v(tokens)
+        with neighborhood_attention(b.ref, latent_hw, [torch.Generator().manual_seed(9)]):
+            ref = b.ref.unet.attn_processors[name](attn, tokens)
+        with neighborhood_attention(b.ours, latent_hw, [torch.Generator().manual_seed(9)]):
+            patch = b.ours.transformer_options["patches_replace"]["attn1"][key]
+            ours = attn.to_out[0](patch(q, k, v, options))
+            small = torch.randn(2, 12 * 12, q.shape[-1], generator=g)  # a 12 × 12 canvas: not NPA's grid
+            declined = patch(small, small, small, {**options, "original_shape": [2, 4, 12, 12]})
+    torch.testing.assert_close(ours, ref, atol=1e-5, rtol=0)
+    full = attn.to_out[0](comfy_attention(q, k, v, options))
+    assert (full - ours).abs().max() > 1e-3  # NPA changed the attention
+    heads = small.view(2, -1, attn.heads, small.shape[-1] // attn.heads).transpose(1, 2)
+    plain = torch.nn.functional.scaled_dot_product_attention(heads, heads, heads).transpose(1, 2).flatten(2)
+    torch.testing.assert_close(declined, plain, atol=1e-5, rtol=0)
+    assert "patches_replace" not in b.ours.transformer_options  # restored
+
+
+def test_an_attention_replacement_of_another_node_stays_the_fallback(unets: SimpleNamespace) -> None:
+    """A node's ``attn1`` replacement on the model keeps running every call NPA declines (and only those), the
+    patcher's own options are left as they were, and a patch that is not a q/k/v kernel is refused in one line."""
+    from hiresdiff.comfy.adapter import ComfyAdapter
+    from hiresdiff.patches.attention import neighborhood_attention
+    from hiresdiff.patches.freescale import ScaleFusionProcessor
+
+    b = unets
+    seen: list[int] = []
+
+    def other_node(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, extra: dict[str, Any]) -> torch.Tensor:
+        seen.append(q.shape[1])
+        return torch.zeros_like(q)
+
+    patcher = b.twin.patcher.clone()
+    key = next(k for k in _keys(b) if k[0] == "input")
+    patcher.set_model_attn1_replace(other_node, key[0], key[1])  # the block's two-part key, as most nodes set it
+    before = patcher.model_options["transformer_options"]["patches_replace"]["attn1"].copy()
+    adapter = ComfyAdapter(patcher, None, b.embeds, NATIVE)
+    latent_hw = (2 * LATENT, 2 * LATENT)
+    options = {"n_heads": 1, "original_shape": [1, 4, *latent_hw], "attn_precision": None}
+    _, _, level = _npa_layer(b)
+    taken = torch.randn(1, (latent_hw[0] >> level) * (latent_hw[1] >> level), 64)
+    other = torch.randn(1, 12 * 12, 64)
+    with neighborhood_attention(adapter, latent_hw):
+        patch = adapter.transformer_options["patches_replace"]["attn1"][key]
+        assert torch.count_nonzero(patch(taken, taken, taken, options)) > 0  # NPA ran
+        patch(other, other, other, {**options, "original_shape": [1, 4, 12, 12]})  # declined: the node's
+    assert seen == [12 * 12]
+    assert patcher.model_options["transformer_options"]["patches_replace"]["attn1"] == before
+    assert adapter.transformer_options["patches_replace"]["attn1"] == before
+
+    def fusion(module: Any, inner: Any, level: int) -> Any:
+        return ScaleFusionProcessor(inner, None, level)  # type: ignore[arg-type]
+
+    with adapter.self_attention_patched(fusion), pytest.raises(HiresError, match="cannot run in ComfyUI") as caught:
+        adapter.transformer_options["patches_replace"]["attn1"][key](taken, taken, taken, options)
+    assert "\n" not in str(caught.value)
+
+
+def _keys(b: SimpleNamespace) -> list[tuple[str, int, int]]:
+    from hiresdiff.comfy.attention import transformer_block_keys
+
+    return transformer_block_keys(b.twin.model.diffusion_model)
+
+
+def test_predictions_with_npa_equal_the_diffusers_backend(
+    unets: SimpleNamespace, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With NPA installed through each adapter (one replacement per transformer block of ComfyUI's UNet, as many as
+    the diffusers UNet has self-attention processors), batched guided predictions of two canvas samples (each its
+    own query shift) on a 2× canvas run NPA in ComfyUI's UNet calls and agree with the diffusers backend's to 1e-5."""
+    import hiresdiff.patches.attention as attention_mod
+    from hiresdiff.patches.attention import neighborhood_attention
+
+    b = unets
+    assert len(_keys(b)) == sum(n.endswith("attn1.processor") for n in b.ref.unet.attn_processors)
+    grids: list[tuple[int, int]] = []
+    real = attention_mod.npa_attention
+
+    def spy(*args: Any, **kwargs: Any) -> torch.Tensor:
+        grids.append(args[3])
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(attention_mod, "npa_attention", spy)
+    latent_hw = (2 * LATENT, 2 * LATENT)
+    x = torch.randn(2, 4, *latent_hw, generator=torch.Generator().manual_seed(6))
+    preds = []
+    for ad in (b.ref, b.ours):
+        ad.set_timesteps(10)
+        ad.refresh_placement()
+        request = Request(x, [0, 0], [(0, 0), (0, 0)], b.embeds, 5.0, (2 * NATIVE, 2 * NATIVE), [0, 1])
+        with neighborhood_attention(ad, latent_hw, [torch.Generator().manual_seed(s) for s in (1, 2)]):
+            preds.append(ad.predict([request], ad.scheduler.timesteps[3], 8)[0])
+        assert grids and set(grids) <= {(2 * LATENT >> level,) * 2 for level in (0, 1)}
+        grids.clear()
+    torch.testing.assert_close(preds[1], preds[0], atol=1e-5, rtol=0)
 
 
 def test_models_hiresdiff_cannot_run_are_refused_in_one_line() -> None:

@@ -136,7 +136,7 @@ def test_an_input_picture_is_upscaled(sd: SimpleNamespace) -> None:
     ("changes", "message"),
     [
         ({"width": 2 * NATIVE + 4}, "not a multiple of the latent grid"),
-        ({"method": "scalediff"}, "in ComfyUI choose one of"),
+        ({"method": "fouriscale"}, "in ComfyUI choose one of"),
         ({"params": {"method": "apt", "set": {}}}, "are apt's but the method is demofusion"),
         ({"positive": [[torch.zeros(2, 7, 32), {}]]}, "batch 1"),
         ({"positive": [[torch.zeros(1, 7, 32), {"control": object()}]]}, "carries control, which hiresdiff"),
@@ -202,6 +202,28 @@ def test_a_flux_model_with_a_unet_only_method_is_refused_in_one_line(flux: Simpl
         run(flux, model=flux.twin.patcher, positive=flux.positive, negative=flux.negative, vae=flux.vae,
             method="accdiffusion")  # fmt: skip
     assert "\n" not in str(caught.value)
+
+
+def test_scalediff_on_a_flux_model_is_refused_in_one_line_before_any_work(
+    flux: SimpleNamespace, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """ScaleDiff runs on FLUX with diffusers but its NPA is not hooked into ComfyUI's FLUX: the node names that and
+    the methods a FLUX model can use, before the model or the VAE is called; on SD and SDXL it is offered."""
+    from hiresdiff.comfy.nodes import check_method, comfy_methods
+
+    def no_work(*args: Any, **kwargs: Any) -> None:
+        raise AssertionError("the model was called")
+
+    monkeypatch.setattr(flux.twin.model, "apply_model", no_work)
+    monkeypatch.setattr(flux.vae, "decode", no_work)
+    with pytest.raises(HiresError, match="scalediff cannot run on a FLUX model in ComfyUI") as caught:
+        run(flux, model=flux.twin.patcher, positive=flux.positive, negative=flux.negative, vae=flux.vae,
+            method="scalediff")  # fmt: skip
+    message = str(caught.value)
+    assert "\n" not in message and message.endswith(", ".join(comfy_methods("flux")))
+    assert "scalediff" not in comfy_methods("flux")
+    assert "scalediff" in comfy_methods("sd") and "scalediff" in comfy_methods("sdxl")
+    check_method("scalediff", "sdxl")  # offered: no error
 
 
 def test_the_cancel_button_stops_the_run(sd: SimpleNamespace) -> None:

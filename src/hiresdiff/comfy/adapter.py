@@ -32,6 +32,10 @@ guidance rules and every method run as with diffusers. The conversions (facts of
   default 1.15 is μ at FLUX.1's native 1024 px (4096 tokens), which hiresdiff uses for every stage; schnell's
   σ(t) = ``s·t/(1 + (s − 1)·t)`` is the static shift ``s``.
 
+* **self-attention patches** (NPA …, :meth:`ComfyAdapter.self_attention_patched`): ComfyUI's ``attn1`` replacement
+  on every transformer block of the UNet (:mod:`hiresdiff.comfy.attention`), added to the ``transformer_options``
+  each ``apply_model`` call gets; a replacement another node installed stays in force for the calls a patch leaves.
+
 ComfyUI is never imported by this module: it works on the objects ComfyUI hands a node; the one function of
 ComfyUI it calls (``comfy.model_management.load_models_gpu``) is imported where the model is placed.
 """
@@ -44,11 +48,13 @@ from typing import Any
 
 import torch
 
+from hiresdiff.comfy.attention import self_attention_replacements
 from hiresdiff.errors import require
 from hiresdiff.models.adapter import Chunk, ModelAdapter, PromptEmbeds, branch_rows, call_rows
 from hiresdiff.models.flux import SHIFT_DEFAULTS, TIMESTEP_SCALE, FluxAdapter
 from hiresdiff.models.guidance import GuidanceRule
 from hiresdiff.models.parametrization import prediction_from_x0
+from hiresdiff.models.self_attention import WrapSelfAttention
 
 #: ComfyUI model config class name → (hiresdiff family, native size in pixels)
 FAMILIES = {
@@ -137,6 +143,8 @@ class ComfyBackend(ModelAdapter):
         self.native_latent = self.native_size // self.vae_scale_factor
         self.vae_dtype = torch.float32
         self.call_info: list[tuple[int, str]] = []
+        #: the ``attn1`` replacements of the self-attention patches in force (``ComfyAdapter.self_attention_patched``)
+        self.attn1: dict[Any, Any] = {}
 
     def _setup_vae(self) -> None:
         """ComfyUI's VAE picks its own device and dtype."""
@@ -148,8 +156,14 @@ class ComfyBackend(ModelAdapter):
 
     @property
     def transformer_options(self) -> dict[str, Any]:
-        """The patches other nodes put on the model (attention replacements, block patches …)."""
-        return dict(self.patcher.model_options.get("transformer_options", {}))
+        """The patches other nodes put on the model (attention replacements, block patches …) and hiresdiff's
+        self-attention replacements in force (a fresh dict per call: the UNet writes its block position into it)."""
+        options = dict(self.patcher.model_options.get("transformer_options", {}))
+        if self.attn1:
+            replace = dict(options.get("patches_replace", {}))
+            replace["attn1"] = {**replace.get("attn1", {}), **self.attn1}
+            options["patches_replace"] = replace
+        return options
 
     def refresh_placement(self) -> tuple[torch.device, torch.dtype]:
         """Load the model where ComfyUI puts it (its memory manager may have moved it since the last run)."""
@@ -231,6 +245,21 @@ class ComfyAdapter(ComfyBackend):
     @property
     def text_width(self) -> int | None:
         return int(self.model.model_config.unet_config["context_dim"])
+
+    @contextmanager
+    def self_attention_patched(self, wrap: WrapSelfAttention) -> Iterator[None]:
+        """Every self-attention (``attn1``) of the UNet's transformer blocks runs ``wrap(model, None, level)`` — a
+        :class:`~hiresdiff.patches.processors.SelfAttentionKernel` — while the block runs, through ComfyUI's ``attn1``
+        replacement (:mod:`hiresdiff.comfy.attention`: the level from each call's token count and the UNet input's
+        shape); calls the patch leaves run the replacement in force before (another node's, an enclosing patch's)
+        or ComfyUI's own attention. The patcher's options are not touched."""
+        installed = self.transformer_options.get("patches_replace", {}).get("attn1", {})
+        previous = self.attn1
+        self.attn1 = self_attention_replacements(wrap, self.unet, installed)
+        try:
+            yield
+        finally:
+            self.attn1 = previous
 
     # --- denoiser ----------------------------------------------------------------------------------------
     def _adm(self, pooled: torch.Tensor, size: tuple[int, int], crop: tuple[int, int]) -> torch.Tensor:

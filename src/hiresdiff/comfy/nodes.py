@@ -9,9 +9,9 @@
   (:func:`hiresdiff.web.fields.method_fields`, as the web page shows them); output HIRESDIFF_PARAMS.
 
 Bad input (a size off the grid, a method the backend cannot run, parameters of another method, a FLUX model with a
-UNet-only method …) raises :class:`~hiresdiff.errors.HiresError`: ComfyUI shows its one line in the error dialog.
-ComfyUI's progress bar follows every step and its cancel button stops the run between steps (ComfyUI's interrupt
-exception is let through).
+UNet-only method or with ScaleDiff …) raises :class:`~hiresdiff.errors.HiresError`: ComfyUI shows its one line in the
+error dialog. ComfyUI's progress bar follows every step and its cancel button stops the run between steps (ComfyUI's
+interrupt exception is let through).
 """
 
 from __future__ import annotations
@@ -33,7 +33,27 @@ IGNORED_CONDITIONING = frozenset({"control", "gligen", "area", "mask", "hooks"})
 PROMPT_LABEL = "(ComfyUI conditioning)"
 #: methods the ComfyUI backend runs (tested against the diffusers backend); the others patch the diffusers UNet's
 #: attention processors or blocks, which ComfyUI's UNet does not have
-COMFY_METHODS = ("demofusion", "multidiffusion", "apt", "apldm", "diffusehigh", "upsample-guidance", "resize", "direct")
+COMFY_METHODS = (
+    "demofusion",
+    "multidiffusion",
+    "apt",
+    "apldm",
+    "diffusehigh",
+    "upsample-guidance",
+    "scalediff",
+    "resize",
+    "direct",
+)
+#: method → {family it runs on with diffusers but not in ComfyUI: why}: ScaleDiff's neighborhood attention reaches
+#: ComfyUI's UNets (``attn1`` replacement), not its FLUX transformer yet
+COMFY_FAMILY_GAPS = {"scalediff": {"flux": "its neighborhood attention is not hooked into ComfyUI's FLUX yet"}}
+
+
+def comfy_methods(family: str) -> list[str]:
+    """The methods the ComfyUI backend runs on a ``family`` model."""
+    from hiresdiff.methods import METHODS
+
+    return [m for m in COMFY_METHODS if family in METHODS[m].families and family not in COMFY_FAMILY_GAPS.get(m, {})]
 
 
 def check_method(method: str, family: str | None = None) -> None:
@@ -43,10 +63,15 @@ def check_method(method: str, family: str | None = None) -> None:
 
     require(method in METHODS, f"unknown method {method!r}; choose one of: {', '.join(COMFY_METHODS)}")
     if family is not None and family not in METHODS[method].families:
-        runs = [m for m in COMFY_METHODS if family in METHODS[m].families]
         raise HiresError(
             f"{method} runs on {', '.join(FAMILY_NAMES[f] for f in METHODS[method].families)} models, not "
-            f"{FAMILY_NAMES[family]}; with this model choose one of: {', '.join(runs)}"
+            f"{FAMILY_NAMES[family]}; with this model choose one of: {', '.join(comfy_methods(family))}"
+        )
+    why = COMFY_FAMILY_GAPS.get(method, {}).get(family or "")
+    if family is not None and why is not None:
+        raise HiresError(
+            f"{method} cannot run on a {FAMILY_NAMES[family]} model in ComfyUI ({why}); with this model choose one "
+            f"of: {', '.join(comfy_methods(family))}"
         )
     require(
         method in COMFY_METHODS,

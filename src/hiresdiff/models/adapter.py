@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Callable, Hashable, Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from contextvars import ContextVar
 from dataclasses import dataclass, field
 from typing import Any
@@ -21,6 +21,7 @@ from hiresdiff.config import model_sampling_defaults
 from hiresdiff.errors import HiresError, require
 from hiresdiff.models.guidance import Branch, GuidanceRule, default_rule
 from hiresdiff.models.parametrization import alpha_bar, prediction_from_x0, x0_from_prediction
+from hiresdiff.models.self_attention import WrapSelfAttention, diffusers_self_attention
 from hiresdiff.ops.tiling import tiled_apply
 from hiresdiff.parallel import Serial, ViewParallel
 
@@ -454,6 +455,13 @@ class ModelAdapter:
             total = len(chunk) * branches
             residuals = [r.new_zeros((total, *r.shape[1:])).index_copy_(0, rows.to(r.device), r) for r in residuals]
         return {"down_block_additional_residuals": residuals[:-1], "mid_block_additional_residual": residuals[-1]}
+
+    def self_attention_patched(self, wrap: WrapSelfAttention) -> AbstractContextManager[None]:
+        """Every UNet self-attention layer (``attn1``) runs ``wrap(module, processor, level)`` in place of its
+        diffusers processor while the block runs — also the active ControlNet's, whose encoder copy sees the same
+        canvas (``module``: the UNet or the ControlNet; :mod:`hiresdiff.models.self_attention`)."""
+        require(self.family != "flux", "self-attention patches of UNet layers need an SD or SDXL model")
+        return diffusers_self_attention([m for m in (self.unet, self.controlnet) if m is not None], wrap)
 
     @contextmanager
     def use_controlnet(self, controlnet: torch.nn.Module | None, scale: float) -> Iterator[None]:

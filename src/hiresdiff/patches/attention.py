@@ -14,18 +14,13 @@ from typing import Any
 
 import torch
 
+from hiresdiff.errors import require
 from hiresdiff.models.adapter import ModelAdapter
 from hiresdiff.models.guidance import COND
+from hiresdiff.models.self_attention import attention_level, grid_at_level
 from hiresdiff.ops.npa import npa_attention, npa_supported
 from hiresdiff.patches.attention_flux import flux_neighborhood_attention
-from hiresdiff.patches.processors import (
-    NPAState,
-    SelfAttentionPatch,
-    attention_level,
-    attention_output,
-    grid_at_level,
-    self_attention_qkv,
-)
+from hiresdiff.patches.processors import NPAState, SelfAttentionKernel
 
 #: AccDiffusion records the layers whose query grid is w/4 × w/4, i.e. two downsamplings deep
 CAPTURE_LEVEL = 2
@@ -128,11 +123,12 @@ def capture_cross_attention(
         unet.set_attn_processor(original)
 
 
-class NPAProcessor(SelfAttentionPatch):
-    """Self-attention with neighborhood patch attention (SPEC §6) on a layer of native grid ``native × native``.
+class NPAProcessor(SelfAttentionKernel):
+    """Self-attention with neighborhood patch attention (SPEC §6) on a layer of native grid ``native × native``, as
+    a kernel on q, k, v (both backends: :class:`~hiresdiff.patches.processors.SelfAttentionKernel`).
 
     Layers whose current grid is too small or not a multiple of ``native/2``, and any call with an attention mask
-    or cross-attention, run the wrapped processor unchanged.
+    or cross-attention, run the wrapped attention unchanged.
     """
 
     def __init__(self, inner: Any, state: NPAState, level: int, native: int) -> None:
@@ -142,24 +138,18 @@ class NPAProcessor(SelfAttentionPatch):
     def grid(self) -> tuple[int, int]:
         return grid_at_level(*self.state.latent_hw, self.level)
 
-    def takes(self, hidden_states: torch.Tensor) -> bool:
+    def takes(self, tokens: torch.Tensor) -> bool:
         grid = self.grid
-        return hidden_states.shape[1] == grid[0] * grid[1] and npa_supported(grid, self.native)
+        return tokens.shape[1] == grid[0] * grid[1] and npa_supported(grid, self.native)
 
-    def attend_self(self, attn: Any, hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
-        grid, b = self.grid, hidden_states.shape[0]
-        q, k, v = self_attention_qkv(attn, hidden_states)
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        grid, b = self.grid, q.shape[0]
         shifts = self.state.shifts(b, self.native // 2)
         if all(s == shifts[0] for s in shifts):
-            out = npa_attention(q, k, v, grid, self.native, shifts[0])
-        else:
-            out = torch.cat(
-                [
-                    npa_attention(q[i : i + 1], k[i : i + 1], v[i : i + 1], grid, self.native, shifts[i])
-                    for i in range(b)
-                ]
-            )
-        return attention_output(attn, out, hidden_states, q.dtype)
+            return npa_attention(q, k, v, grid, self.native, shifts[0])
+        return torch.cat(
+            [npa_attention(q[i : i + 1], k[i : i + 1], v[i : i + 1], grid, self.native, shifts[i]) for i in range(b)]
+        )
 
 
 @contextmanager
@@ -167,10 +157,12 @@ def neighborhood_attention(
     adapter: ModelAdapter, latent_hw: tuple[int, int], generators: list[torch.Generator] | None = None
 ) -> Iterator[NPAState]:
     """Install NPA on every UNet self-attention layer (``attn1``) while sampling a ``latent_hw`` canvas — and on
-    the active ControlNet's, whose encoder copy sees the same canvas.
+    the active ControlNet's, whose encoder copy sees the same canvas — as the adapter installs self-attention
+    patches (:meth:`~hiresdiff.models.adapter.ModelAdapter.self_attention_patched`: diffusers processors, or
+    ComfyUI's ``attn1`` replacement).
 
     Each layer's native grid is the native latent side after its downsamplings. ``generators`` turn on the
-    random query shift. The original processors are restored afterwards. FLUX transformers get
+    random query shift. The original attention is restored afterwards. FLUX transformers get
     :func:`hiresdiff.patches.attention_flux.flux_neighborhood_attention` instead.
     """
     # query shifts are drawn inside the calls: in view-parallel runs every rank must run them all
@@ -184,24 +176,18 @@ def _installed_npa(
     adapter: ModelAdapter, latent_hw: tuple[int, int], generators: list[torch.Generator] | None
 ) -> Iterator[NPAState]:
     if getattr(adapter, "family", None) == "flux":
+        require(
+            hasattr(adapter.denoiser_module, "set_attn_processor"),
+            "neighborhood attention on FLUX needs diffusers' transformer (not available in ComfyUI yet)",
+        )
         with flux_neighborhood_attention(adapter, latent_hw, generators) as flux_state:
             yield flux_state
         return
-    modules = [m for m in (adapter.unet, adapter.controlnet) if m is not None]
-    originals = [dict(m.attn_processors) for m in modules]
     state = NPAState(adapter, latent_hw, generators)
-    for module, original in zip(modules, originals, strict=True):
-        num_levels = len(module.config.down_block_types)
-        wrapped = {}
-        for name, proc in original.items():
-            if name.endswith("attn1.processor"):
-                level = attention_level(name, num_levels)
-                native = grid_at_level(adapter.native_latent, adapter.native_latent, level)[0]
-                proc = NPAProcessor(proc, state, level, native)
-            wrapped[name] = proc
-        module.set_attn_processor(wrapped)
-    try:
+
+    def wrap(module: Any, inner: Any, level: int) -> NPAProcessor:
+        native = grid_at_level(adapter.native_latent, adapter.native_latent, level)[0]
+        return NPAProcessor(inner, state, level, native)
+
+    with adapter.self_attention_patched(wrap):
         yield state
-    finally:
-        for module, original in zip(modules, originals, strict=True):
-            module.set_attn_processor(original)

@@ -40,7 +40,7 @@ from hiresdiff.ops.fouriscale import (
 from hiresdiff.patches.clock import PatchClock
 from hiresdiff.patches.context import ConvSetting, InputConvPatch, Patch, patched
 from hiresdiff.patches.levels import adapt, address_index
-from hiresdiff.patches.processors import SelfAttentionPatch, attention_output, self_attention_qkv
+from hiresdiff.patches.processors import SelfAttentionKernel, attention_output, self_attention_qkv
 from hiresdiff.patches.tables import LEVELS, FouriScaleModel
 
 #: ``base_of(h_feat, w_feat)`` → the layer's base size (b_h, b_w) in feature cells
@@ -163,20 +163,27 @@ def weak_pairs(info: Sequence[tuple[int, str]], rows: int) -> list[tuple[int, in
     return pairs
 
 
-class QKShareProcessor(SelfAttentionPatch):
-    """Self-attention where ``weak`` rows take the queries and keys of their view's ``cond`` row (SPEC §2.1);
-    calls without weak rows, cross-attention and masked calls run the wrapped processor."""
+class QKShareProcessor(SelfAttentionKernel):
+    """Self-attention where ``weak`` rows take the queries and keys of their view's ``cond`` row (SPEC §2.1), a
+    kernel on q, k, v (:meth:`attend`); calls without weak rows, cross-attention and masked calls run the wrapped
+    attention."""
 
     def __init__(self, inner: Any, adapter: ModelAdapter) -> None:
         self.inner, self.adapter = inner, adapter
 
-    def takes(self, hidden_states: torch.Tensor) -> bool:
-        return bool(weak_pairs(self.adapter.call_info, hidden_states.shape[0]))
+    def takes(self, tokens: torch.Tensor) -> bool:
+        return bool(weak_pairs(self.adapter.call_info, tokens.shape[0]))
 
     def attend_self(self, attn: Any, hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        """The diffusers processor's path: :meth:`projections` (the hook where the shared q, k are made) and
+        attention of them."""
         pairs = weak_pairs(self.adapter.call_info, hidden_states.shape[0])
         q, k, v = self.projections(attn, hidden_states, pairs)
-        return attention_output(attn, self.attend(q, k, v), hidden_states, q.dtype)
+        return attention_output(attn, F.scaled_dot_product_attention(q, k, v), hidden_states, q.dtype)
+
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        q, k = shared_qk(q, k, weak_pairs(self.adapter.call_info, q.shape[0]))
+        return F.scaled_dot_product_attention(q, k, v)
 
     @staticmethod
     def projections(
@@ -184,13 +191,13 @@ class QKShareProcessor(SelfAttentionPatch):
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Multi-head q, k, v (B, heads, N, d) with the weak rows' q and k replaced by their cond rows'."""
         q, k, v = self_attention_qkv(attn, hidden_states)
-        weak, cond = (torch.tensor(rows, device=q.device) for rows in zip(*pairs, strict=True))
-        q, k = (t.index_copy(0, weak, t.index_select(0, cond)) for t in (q, k))
-        return q, k, v
+        return (*shared_qk(q, k, pairs), v)
 
-    @staticmethod
-    def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        return F.scaled_dot_product_attention(q, k, v)
+
+def shared_qk(q: torch.Tensor, k: torch.Tensor, pairs: Sequence[tuple[int, int]]) -> tuple[torch.Tensor, torch.Tensor]:
+    """``q``, ``k`` (B, …) with the rows of each (weak, cond) pair's weak row replaced by its cond row's."""
+    weak, cond = (torch.tensor(rows, device=q.device) for rows in zip(*pairs, strict=True))
+    return q.index_copy(0, weak, q.index_select(0, cond)), k.index_copy(0, weak, k.index_select(0, cond))
 
 
 @contextmanager

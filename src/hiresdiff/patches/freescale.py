@@ -24,6 +24,7 @@ from typing import Any
 import torch
 
 from hiresdiff.models.adapter import ModelAdapter
+from hiresdiff.models.self_attention import grid_at_level
 from hiresdiff.ops.geometry import View, jitter_views
 from hiresdiff.ops.scale_fusion import (
     average_windows,
@@ -35,12 +36,7 @@ from hiresdiff.ops.scale_fusion import (
 )
 from hiresdiff.patches.context import ConvPatch, ConvSetting, in_steps
 from hiresdiff.patches.levels import address_index, unet_levels
-from hiresdiff.patches.processors import (
-    SelfAttentionPatch,
-    grid_at_level,
-    row_samples,
-    self_attention_wrapped,
-)
+from hiresdiff.patches.processors import SelfAttentionPatch, row_samples
 
 
 class ScaleFusionState:
@@ -82,7 +78,11 @@ class ScaleFusionState:
 class ScaleFusionProcessor(SelfAttentionPatch):
     """Self-attention with FreeScale's scale fusion on a layer ``level`` downsamplings deep. Cross-attention, masked
     calls, 4-D inputs, calls whose tokens are not the canvas's grid at this level and s = 1 run the wrapped
-    processor unchanged."""
+    processor unchanged.
+
+    Not a q, k, v kernel (:class:`~hiresdiff.patches.processors.SelfAttentionKernel`): it runs the wrapped
+    processor on other token sets (windows, sub-lattices) and fuses its outputs after the output projection with a
+    blur that also mixes channels, as the official fuses ``attn1``'s outputs — so it is a diffusers processor only."""
 
     def __init__(self, inner: Any, state: ScaleFusionState, level: int) -> None:
         self.inner, self.state, self.level = inner, state, level
@@ -138,7 +138,7 @@ def scale_fusion_installed(adapter: ModelAdapter, state: ScaleFusionState) -> It
     def wrap(module: Any, proc: Any, level: int) -> ScaleFusionProcessor:
         return ScaleFusionProcessor(proc, control if module is adapter.controlnet else state, level)
 
-    with replicate, self_attention_wrapped(adapter, wrap):
+    with replicate, adapter.self_attention_patched(wrap):
         yield state
 
 

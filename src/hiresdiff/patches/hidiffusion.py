@@ -28,7 +28,7 @@ from hiresdiff.ops.windows import NUM_SHIFTS, token_grid, windowed_attention
 from hiresdiff.patches.clock import PatchClock
 from hiresdiff.patches.context import ConvPatch, ConvSetting, OutputPatch, Patch, in_steps, patched
 from hiresdiff.patches.freeu import freeu_installed
-from hiresdiff.patches.processors import SelfAttentionPatch, attention_output, row_samples, self_attention_qkv
+from hiresdiff.patches.processors import SelfAttentionKernel, row_samples
 from hiresdiff.patches.tables import model_kind
 
 if TYPE_CHECKING:  # the sampler installs these patches for ``hidiffusion=true`` (Run.switched_patches)
@@ -99,24 +99,24 @@ class MSWState:
         return self.shifts[sample % len(self.shifts)][layer] if self.shifts else 0
 
 
-class MSWMSAProcessor(SelfAttentionPatch):
-    """Self-attention as MSW-MSA (SPEC §3.2); other calls (cross-attention, masks) run the wrapped processor."""
+class MSWMSAProcessor(SelfAttentionKernel):
+    """Self-attention as MSW-MSA (SPEC §3.2), a kernel on q, k, v; other calls (cross-attention, masks) run the
+    wrapped attention."""
 
     def __init__(self, inner: Any, adapter: ModelAdapter, state: MSWState) -> None:
         self.inner, self.adapter, self.state = inner, adapter, state
         self.layer = state.new_layer()
 
-    def attend_self(self, attn: Any, hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
-        b, n, _ = hidden_states.shape
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        b, _, n, _ = q.shape
         grid = token_grid(n, self.state.latent_hw)
-        q, k, v = self_attention_qkv(attn, hidden_states)
         ks = [self.state.shift(sample, self.layer) for sample in row_samples(self.adapter, b)]
         out = torch.empty_like(v)
         for shift in dict.fromkeys(ks):
             rows = torch.tensor([r for r, s in enumerate(ks) if s == shift], device=q.device)
             sel = (t.index_select(0, rows) for t in (q, k, v))
             out[rows] = windowed_attention(*sel, grid, shift).to(out.dtype)
-        return attention_output(attn, out, hidden_states, q.dtype)
+        return out
 
 
 @contextmanager

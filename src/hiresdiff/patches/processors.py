@@ -1,39 +1,29 @@
-"""What every attention processor of :mod:`hiresdiff.patches` shares: UNet levels of processor names, query grids,
-the per-call state of processors that draw random shifts, and diffusers' self-attention projections.
+"""What every attention processor of :mod:`hiresdiff.patches` shares: the per-call state of processors that draw
+random shifts, the two forms of a self-attention patch and diffusers' self-attention projections.
+
+A self-attention patch that is a kernel on multi-head q, k, v (:class:`SelfAttentionKernel`: NPA, MSW-MSA,
+FouriScale's shared Q/K) can run in both backends: as a diffusers processor (project → kernel → output projection)
+and through ComfyUI's ``attn1`` replacement (:mod:`hiresdiff.comfy.attention`), whichever the adapter installs
+(:meth:`~hiresdiff.models.adapter.ModelAdapter.self_attention_patched`; NPA goes through it, MSW-MSA and the shared
+Q/K are still installed with their conv patches on diffusers UNets only). One that works on the processor's input
+and output (:class:`SelfAttentionPatch`: FreeScale's scale fusion) runs on diffusers models only.
 
 The base of the processor modules (:mod:`~hiresdiff.patches.attention`, :mod:`~hiresdiff.patches.attention_flux`,
-:mod:`~hiresdiff.patches.msw_msa`): they import from here and never from each other's installers, so the processor
+:mod:`~hiresdiff.patches.hidiffusion`): they import from here and never from each other's installers, so the processor
 modules form no import circle.
 """
 
 from __future__ import annotations
 
 import abc
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
 from typing import Any
 
 import torch
 
 from hiresdiff.models.adapter import ModelAdapter
 from hiresdiff.models.guidance import COND
-
-
-def attention_level(name: str, num_levels: int) -> int:
-    """Resolution level (number of downsamplings) of the UNet attention processor called ``name``."""
-    block, index = name.split(".")[:2]
-    if block == "down_blocks":
-        return int(index)
-    if block == "up_blocks":
-        return num_levels - 1 - int(index)
-    return num_levels - 1  # mid_block
-
-
-def grid_at_level(height: int, width: int, level: int) -> tuple[int, int]:
-    """Query grid of a ``height × width`` latent after ``level`` stride-2 downsamplings (ceil, as the convs do)."""
-    for _ in range(level):
-        height, width = -(-height // 2), -(-width // 2)
-    return height, width
+from hiresdiff.models.self_attention import attention_level as attention_level
+from hiresdiff.models.self_attention import grid_at_level as grid_at_level
 
 
 def row_samples(adapter: ModelAdapter, rows: int) -> list[int]:
@@ -94,14 +84,34 @@ class SelfAttentionPatch(abc.ABC):
             return self.inner(attn, hidden_states, encoder_hidden_states, attention_mask, *args, **kwargs)
         return self.attend_self(attn, hidden_states, *args, **kwargs)
 
-    def takes(self, hidden_states: torch.Tensor) -> bool:
-        """Whether this maskless self-attention call (B, tokens, D) is one the patch changes (default: all)."""
+    def takes(self, tokens: torch.Tensor) -> bool:
+        """Whether this maskless self-attention call on ``tokens`` (B, N, ·: the layer's input, or its queries in
+        ComfyUI) is one the patch changes (default: all); only the shape counts."""
         return True
 
     @abc.abstractmethod
     def attend_self(self, attn: Any, hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         """The patched self-attention of ``hidden_states`` (``args``/``kwargs``: the call's other arguments, for
         the wrapped processor where the patch calls it)."""
+
+
+class SelfAttentionKernel(SelfAttentionPatch):
+    """A self-attention patch whose work is a kernel on multi-head q, k, v, independent of the backend: :meth:`takes`
+    says from the tokens (B, N, ·) of a maskless self-attention call whether the patch changes it, :meth:`attend`
+    maps q, k, v (B, heads, N, d) to the attention output (B, heads, N, d) before the output projection; the layer's
+    level is the patch's own (given when the adapter installs it).
+
+    As a diffusers processor it projects with the module's weights (:func:`self_attention_qkv`), runs the kernel and
+    projects the output back (:func:`attention_output`); declined calls go to :attr:`inner`. The ComfyUI backend
+    calls :meth:`takes` and :meth:`attend` on the q, k, v ComfyUI has projected (``inner`` is then ``None``)."""
+
+    def attend_self(self, attn: Any, hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        q, k, v = self_attention_qkv(attn, hidden_states)
+        return attention_output(attn, self.attend(q, k, v), hidden_states, q.dtype)
+
+    @abc.abstractmethod
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """The patched attention of multi-head ``q, k, v`` (B, heads, N, d): (B, heads, N, d)."""
 
 
 def self_attention_qkv(attn: Any, hidden_states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -124,27 +134,3 @@ def attention_output(attn: Any, out: torch.Tensor, residual: torch.Tensor, dtype
     if getattr(attn, "residual_connection", False):
         out = out + residual
     return out / getattr(attn, "rescale_output_factor", 1.0)
-
-
-@contextmanager
-def self_attention_wrapped(adapter: ModelAdapter, wrap: Callable[[Any, Any, int], Any]) -> Iterator[None]:
-    """Every self-attention processor (``attn1``) of the UNet and of the active ControlNet (its encoder copy sees
-    the same canvas) replaced by ``wrap(module, processor, level)`` while the block runs, ``module`` the UNet or
-    the ControlNet, ``level`` the layer's number of downsamplings; all restored on exit, exceptions included."""
-    modules = [m for m in (adapter.unet, adapter.controlnet) if m is not None]
-    originals = [dict(m.attn_processors) for m in modules]
-    try:
-        for module, original in zip(modules, originals, strict=True):
-            levels = len(module.config.down_block_types)
-            module.set_attn_processor(
-                {
-                    name: wrap(module, proc, attention_level(name, levels))
-                    if name.endswith("attn1.processor")
-                    else proc
-                    for name, proc in original.items()
-                }
-            )
-        yield
-    finally:
-        for module, original in zip(modules, originals, strict=True):
-            module.set_attn_processor(original)

@@ -1,0 +1,103 @@
+"""hiresdiff's self-attention patches on ComfyUI's UNet, through ComfyUI's ``attn1`` replacement.
+
+ComfyUI's transformer block looks its self-attention up in ``transformer_options["patches_replace"]["attn1"]`` under
+``(block name, block number, index in the transformer)`` (``"input"``/``"middle"``/``"output"``), then under
+``(block name, block number)``; a replacement ``fn(q, k, v, extra_options)`` gets q, k, v already projected,
+(B, N, heads·d), and returns the attention before the output projection, in the same layout. ``extra_options``
+carries ``n_heads`` and the UNet input's ``original_shape`` (B, C, H, W), from which the layer's level — its number
+of downsamplings, as diffusers' processor names give it — follows from the token count.
+
+:class:`ComfySelfAttention` is the replacement of one transformer block: it makes the layer's patch with the
+adapter's ``wrap(model, None, level)`` (:data:`~hiresdiff.models.self_attention.WrapSelfAttention`) when the level is
+first seen, runs the patch's kernel (:class:`~hiresdiff.patches.processors.SelfAttentionKernel`) on the calls it
+:meth:`~hiresdiff.patches.processors.SelfAttentionKernel.takes`, and hands every other call to its fallback: the
+replacement another node (or an enclosing patch) installed for the block, else ComfyUI's own attention (the one
+place this module imports ComfyUI, when a call falls back to it).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from hiresdiff.errors import require
+from hiresdiff.models.self_attention import WrapSelfAttention, level_of_tokens
+from hiresdiff.patches.processors import SelfAttentionKernel
+
+#: ComfyUI's key of one transformer block's replacement: (block name, block number, index in its transformer)
+BlockKey = tuple[str, int, int]
+
+
+def transformer_block_keys(unet: Any) -> list[BlockKey]:
+    """The replacement key of every transformer block of a ComfyUI UNet (``input_blocks``, ``middle_block``,
+    ``output_blocks``; the index counts the blocks of the transformer in that UNet block)."""
+    middle = [unet.middle_block] if getattr(unet, "middle_block", None) is not None else []
+    keys: list[BlockKey] = []
+    for name, blocks in (("input", list(unet.input_blocks)), ("middle", middle), ("output", list(unet.output_blocks))):
+        for number, block in enumerate(blocks):
+            depths = [len(m.transformer_blocks) for m in block.modules() if hasattr(m, "transformer_blocks")]
+            depth = max(depths, default=0)
+            keys.extend((name, number, index) for index in range(depth))
+    return keys
+
+
+def comfy_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, extra_options: dict[str, Any]) -> torch.Tensor:
+    """ComfyUI's own attention of projected q, k, v (B, N, heads·d), as its ``CrossAttention`` runs it (the attention
+    function ComfyUI chose for this machine, and any ``optimized_attention_override`` of the options)."""
+    from comfy.ldm.modules import attention
+
+    heads = int(extra_options["n_heads"])
+    precision = extra_options.get("attn_precision")
+    return attention.optimized_attention(q, k, v, heads, attn_precision=precision, transformer_options=extra_options)
+
+
+class ComfySelfAttention:
+    """ComfyUI's ``attn1`` replacement of one transformer block running a hiresdiff self-attention patch (module
+    docstring); ``fallback`` runs the calls the patch leaves (ComfyUI's replacement signature)."""
+
+    def __init__(self, wrap: WrapSelfAttention, model: Any, fallback: Any) -> None:
+        self.wrap, self.model, self.fallback = wrap, model, fallback
+        self.patches: dict[int, SelfAttentionKernel] = {}
+
+    def __call__(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, extra_options: dict[str, Any]
+    ) -> torch.Tensor:
+        patch = self.patch_for(q, k, extra_options)
+        if patch is None or not patch.takes(q):
+            return self.fallback(q, k, v, extra_options)
+        heads = int(extra_options["n_heads"])
+        b, n, width = q.shape
+        q4, k4, v4 = (t.view(b, t.shape[1], heads, width // heads).transpose(1, 2) for t in (q, k, v))
+        return patch.attend(q4, k4, v4).transpose(1, 2).reshape(b, n, width).to(q.dtype)
+
+    def patch_for(self, q: torch.Tensor, k: torch.Tensor, extra_options: dict[str, Any]) -> SelfAttentionKernel | None:
+        """The patch of this call's level, made on first use; ``None`` for a call that is not token self-attention
+        of the UNet input's grid (an ``attn1`` fed other keys by another node's patch, an unknown layer shape)."""
+        shape = extra_options.get("original_shape")
+        if k.shape[1] != q.shape[1] or shape is None:
+            return None
+        level = level_of_tokens(q.shape[1], int(shape[-2]), int(shape[-1]))
+        if level is None:
+            return None
+        if level not in self.patches:
+            patch = self.wrap(self.model, None, level)
+            require(
+                isinstance(patch, SelfAttentionKernel),
+                f"{type(patch).__name__} works on diffusers' attention processors and cannot run in ComfyUI",
+            )
+            self.patches[level] = patch
+        return self.patches[level]
+
+
+def installed_attn1(replacements: dict[Any, Any], key: BlockKey) -> Any:
+    """The ``attn1`` replacement ComfyUI would run for ``key`` among ``replacements`` (the three-part key first,
+    then the block's), else ComfyUI's own attention."""
+    return replacements.get(key) or replacements.get(key[:2]) or comfy_attention
+
+
+def self_attention_replacements(wrap: WrapSelfAttention, unet: Any, installed: dict[Any, Any]) -> dict[Any, Any]:
+    """``installed`` (the ``attn1`` replacements in force) with every transformer block of ``unet`` replaced by a
+    :class:`ComfySelfAttention` of ``wrap`` whose fallback is the block's replacement in force."""
+    keys = transformer_block_keys(unet)
+    return {**installed, **{key: ComfySelfAttention(wrap, unet, installed_attn1(installed, key)) for key in keys}}
