@@ -22,7 +22,7 @@ import time
 from typing import Any
 from unittest import mock
 
-from hiresdiff.cost.model import architecture_of, counting_pipeline, model_cost
+from hiresdiff.cost.model import STAND_IN_PROMPT, architecture_of, counting_pipeline, model_cost
 from hiresdiff.errors import HiresError
 from hiresdiff.methods import METHODS
 
@@ -39,7 +39,7 @@ def _plan_seconds(method: str, model: str, side: int, free: int) -> float:
     from hiresdiff import plan
     from hiresdiff.pipeline import build_request
 
-    req = build_request("a photograph of a mountain lake at sunrise", method, side, side, max_pixels=side * side)
+    req = build_request(STAND_IN_PROMPT, method, side, side, max_pixels=side * side)
     begin = time.process_time()
     with mock.patch.object(plan, "free_memory", lambda device: free):
         plan.budget(req, model, "cpu", torch.float32)

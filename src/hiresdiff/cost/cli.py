@@ -99,7 +99,7 @@ def settle_auto(args: argparse.Namespace, kwargs: dict[str, Any]) -> str:
     default dtype there; :func:`hiresdiff.plan.budget`), so that both report the same numbers; returns how it was
     chosen for the report's first line. Rank-split runs keep the stated fallback (no device to fit)."""
     from hiresdiff.config import AUTO, fallback_batch
-    from hiresdiff.cost.model import architecture_of
+    from hiresdiff.cost.model import STAND_IN_PROMPT, architecture_of
     from hiresdiff.models.builtins import BUILTIN_MODELS
     from hiresdiff.pipeline import build_request, resolve_device, resolve_dtype
     from hiresdiff.plan import budget
@@ -113,7 +113,7 @@ def settle_auto(args: argparse.Namespace, kwargs: dict[str, Any]) -> str:
     native = BUILTIN_MODELS[architecture_of(args.model)].native_size
     width, height = args.width or 2 * native, args.height or 2 * native
     settings = {k: v for k, v in kwargs.items() if k not in ("controlnet", "ranks")}
-    req = build_request("a photograph of a mountain lake at sunrise", args.method, width, height, **settings)
+    req = build_request(STAND_IN_PROMPT, args.method, width, height, **settings)
     chosen = budget(req, args.model, device, resolve_dtype("float16" if device.startswith("cuda") else "float32"))
     kwargs["max_batch"] = req.settings.max_batch
     free = "" if chosen.free is None else f", {chosen.free / 2**30:.1f} GiB free"

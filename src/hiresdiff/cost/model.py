@@ -27,6 +27,8 @@ from hiresdiff.parallel import Replicating, Serial, owners
 if TYPE_CHECKING:
     from hiresdiff.models.upscalers import Upscaler, UpscalerSpec
 
+#: the prompt an estimate uses when none is given (its text changes no shape: prompts are tokenised to a fixed length)
+STAND_IN_PROMPT = "a photograph of a mountain lake at sunrise"
 #: Hub ids whose architecture equals a built-in random model's
 ARCHITECTURES = {
     "stabilityai/stable-diffusion-xl-base-1.0": "random-sdxl",
@@ -366,7 +368,7 @@ def model_cost(
     if kwargs.get("max_batch", AUTO) == AUTO:  # no device here to fit: the stated default (the plan settles auto)
         low = parse_fields(GenerationSettings, {"low_vram": kwargs.get("low_vram", False)})["low_vram"]  # "true" too
         kwargs["max_batch"] = fallback_batch(as_bool("low_vram", low))
-    kwargs.setdefault("prompt", "a photograph of a mountain lake at sunrise")
+    kwargs.setdefault("prompt", STAND_IN_PROMPT)
     kwargs["model_defaults"] = kwargs.get("model_defaults") or model_sampling_defaults(info.family)
     hp, ledger = counting_pipeline(arch)
     # attentive guidance (PFSA) is non-model work: it changes no call, and on the CPU it costs more than the rest
