@@ -82,6 +82,21 @@ def test_settings_errors_are_refused_before_diffusers(tmp_path: Path) -> None:
         assert "diffusers" not in loaded and "transformers" not in loaded, (argv, loaded)
 
 
+def test_a_valid_request_is_checked_without_diffusers(tmp_path: Path) -> None:
+    """The whole request check of a typical generation (steps far below the schedule's length, one of hiresdiff's
+    schedulers) builds no scheduler: diffusers is not imported before a plan or the weights need it."""
+    code = (
+        "import json, sys\n"
+        "from hiresdiff.pipeline import ModelFacts, validate_request\n"
+        "validate_request('x', 'demofusion', 2048, 2048, ModelFacts(1024, 8, 'sdxl', {}), steps=50)\n"
+        "validate_request('x', 'apt', 1024, 1536, ModelFacts(512, 8, 'sd', {}), steps=250, scheduler='dpmpp-2m')\n"
+        "print(json.dumps(sorted({m.split('.')[0] for m in sys.modules} & {'diffusers', 'transformers'})))\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=ENV, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout.splitlines()[-1]) == []
+
+
 def test_import_hiresdiff_is_light_and_its_public_names_still_resolve() -> None:
     code = (
         "import json, sys, hiresdiff\n"

@@ -484,6 +484,22 @@ def _scheduler_for(name: str, family: str, config: dict[str, Any]) -> Any:
     return make_scheduler(name, config)
 
 
+#: ``steps ≤ num_train_timesteps / SAFE_STEP_RATIO`` cannot land on one timestep under any spacing diffusers offers
+#: ("leading" puts them ≥ 4 timesteps apart, "linspace" and "trailing" spread them over the whole range), so the
+#: step counts people use are checked without building the scheduler — and without importing diffusers
+SAFE_STEP_RATIO = 4
+#: the timestep spacings whose step counts :data:`SAFE_STEP_RATIO` vouches for (another value is checked by building)
+KNOWN_SPACINGS = (None, "leading", "linspace", "trailing")
+
+
+def _cannot_collapse(name: str, steps: int, limit: int, config: dict[str, Any]) -> bool:
+    """Whether ``steps`` surely gives distinct timesteps on hiresdiff's scheduler ``name`` of ``config``
+    (:data:`SAFE_STEP_RATIO`; the model's own scheduler may be of any class — an LCM scheduler caps the steps — so
+    it is always built)."""
+    spaced = config.get("timestep_spacing") in KNOWN_SPACINGS
+    return name != MODEL_DEFAULT and spaced and steps * SAFE_STEP_RATIO <= limit
+
+
 def check_steps(settings: GenerationSettings, family: str, scheduler_config: dict[str, Any] | None) -> None:
     """Refuse step counts the model's scheduler cannot run, in one line, before any weights load.
 
@@ -502,7 +518,7 @@ def check_steps(settings: GenerationSettings, family: str, scheduler_config: dic
         f"steps {steps:,} is above the {limit} timesteps the model's scheduler has (num_train_timesteps); use at "
         f"most {limit} (50 is typical)",
     )
-    if family == "flux" or steps == 1:
+    if family == "flux" or steps == 1 or _cannot_collapse(settings.scheduler, steps, limit, config):
         return
     scheduler = _scheduler_for(settings.scheduler, family, config)
     if scheduler is None:

@@ -52,9 +52,12 @@ def _sources_digest() -> str:
 
 @functools.cache
 def _versions() -> tuple[str, ...]:
-    import diffusers
+    """torch's and diffusers' versions and hiresdiff's sources: what a stored trace or report was made with.
+    diffusers' version is read from its installed metadata, not by importing it: a plan whose reports are all
+    on disk then never imports diffusers."""
+    from importlib.metadata import version
 
-    return (torch.__version__, diffusers.__version__, _sources_digest())
+    return (torch.__version__, version("diffusers"), _sources_digest())
 
 
 def folder() -> Path | None:
