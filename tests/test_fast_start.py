@@ -10,6 +10,7 @@ import subprocess
 import sys
 import textwrap
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -52,6 +53,13 @@ def probe(argvs: list[list[str]], cwd: Path) -> list[tuple[list[str], int, list[
     return [tuple(row) for row in json.loads(done.stdout.splitlines()[-1])]
 
 
+def run_json(code: str) -> Any:
+    """The JSON value ``code`` prints last, run in a fresh interpreter."""
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=ENV, timeout=300)
+    assert done.returncode == 0, done.stderr
+    return json.loads(done.stdout.splitlines()[-1])
+
+
 def test_help_methods_and_argument_errors_import_no_torch(tmp_path: Path) -> None:
     commands = ["generate", "demo", "make-tiny", "cost", "bench", "eval", "dataset", "serve"]
     argvs = [
@@ -92,9 +100,7 @@ def test_a_valid_request_is_checked_without_diffusers(tmp_path: Path) -> None:
         "validate_request('x', 'apt', 1024, 1536, ModelFacts(512, 8, 'sd', {}), steps=250, scheduler='dpmpp-2m')\n"
         "print(json.dumps(sorted({m.split('.')[0] for m in sys.modules} & {'diffusers', 'transformers'})))\n"
     )
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=ENV, timeout=300)
-    assert done.returncode == 0, done.stderr
-    assert json.loads(done.stdout.splitlines()[-1]) == []
+    assert run_json(code) == []
 
 
 def test_import_hiresdiff_is_light_and_its_public_names_still_resolve() -> None:
@@ -105,9 +111,7 @@ def test_import_hiresdiff_is_light_and_its_public_names_still_resolve() -> None:
         "from hiresdiff import GenerationResult, HiresPipeline, generate\n"
         "print(json.dumps([heavy, recipes, HiresPipeline.__name__, generate.__name__, GenerationResult.__name__]))\n"
     )
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=ENV, timeout=300)
-    assert done.returncode == 0, done.stderr
-    heavy, recipes, *names = json.loads(done.stdout)
+    heavy, recipes, *names = run_json(code)
     assert heavy == [] and recipes == ["hiresdiff.methods.base"]  # no recipe module before a method runs
     assert names == ["HiresPipeline", "generate", "GenerationResult"]
 
