@@ -8,6 +8,7 @@ rounding, for SD 1.x, SDXL and FLUX.1 (dev; schnell's predictions too). Needs a 
 
 from __future__ import annotations
 
+import zlib
 from types import SimpleNamespace
 from typing import Any
 
@@ -24,6 +25,9 @@ pytestmark = pytest.mark.slow
 
 #: method parameters a FLUX run needs (APT's scale-aware scheduling changes a DDPM β schedule: SD/SDXL only)
 FLUX_PARAMS: dict[str, dict[str, Any]] = {"apt": {"sas": False}}
+#: method parameters of the whole runs: AccDiffusion's view prompts encode prompt text, which ComfyUI's node cannot
+#: (its content prompts have their own test, with a stand-in text encoder)
+RUN_PARAMS: dict[str, dict[str, Any]] = {"accdiffusion": {"content_prompts": False}}
 
 
 class Given:
@@ -172,7 +176,7 @@ def test_a_whole_run_gives_the_same_latents(backends: SimpleNamespace, method: s
     b = backends
     if method not in comfy_methods(b.family):
         pytest.skip(f"{method} does not run on {b.family} in ComfyUI")
-    params = FLUX_PARAMS.get(method, {}) if b.family == "flux" else {}
+    params = FLUX_PARAMS.get(method, {}) if b.family == "flux" else RUN_PARAMS.get(method, {})
     runs = []
     for ad in (b.ref, b.ours):
         hp = HiresPipeline(None, "twin", adapter=ad)
@@ -229,6 +233,16 @@ def test_the_comfyui_npa_patch_equals_the_diffusers_processor(unets: SimpleNames
     assert "patches_replace" not in b.ours.transformer_options  # restored
 
 
+def _zeroing_node(seen: list[int]) -> Any:
+    """Another node's attention replacement: notes each call's query count in ``seen`` and returns zeros."""
+
+    def other_node(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, extra: dict[str, Any]) -> torch.Tensor:
+        seen.append(q.shape[1])
+        return torch.zeros_like(q)
+
+    return other_node
+
+
 def test_an_attention_replacement_of_another_node_stays_the_fallback(unets: SimpleNamespace) -> None:
     """A node's ``attn1`` replacement on the model keeps running every call NPA declines (and only those), the
     patcher's own options are left as they were, and a patch that is not a q/k/v kernel is refused in one line."""
@@ -238,10 +252,7 @@ def test_an_attention_replacement_of_another_node_stays_the_fallback(unets: Simp
 
     b = unets
     seen: list[int] = []
-
-    def other_node(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, extra: dict[str, Any]) -> torch.Tensor:
-        seen.append(q.shape[1])
-        return torch.zeros_like(q)
+    other_node = _zeroing_node(seen)
 
     patcher = b.twin.patcher.clone()
     key = next(k for k in _keys(b) if k[0] == "input")
@@ -322,3 +333,115 @@ def test_models_hiresdiff_cannot_run_are_refused_in_one_line() -> None:
             ComfyAdapter(tw.patcher)
     finally:
         model.model_type = original
+
+
+def _capture_request(b: SimpleNamespace, latent_hw: tuple[int, int]) -> Request:
+    """Two canvas samples of one prompt, guided: the recorder must sort the conditional rows by sample."""
+    x = torch.randn(2, 4, *latent_hw, generator=torch.Generator().manual_seed(8))
+    return Request(x, [0, 0], [(0, 0), (0, 0)], b.embeds, 5.0, (2 * NATIVE, 2 * NATIVE), [0, 1])
+
+
+def test_the_comfyui_capture_records_the_diffusers_maps(unets: SimpleNamespace) -> None:
+    """AccDiffusion's cross-attention capture through ComfyUI's ``attn2`` replacement records the same maps (per
+    sample, conditional rows only, at the same level) as the diffusers processors on the same twin and input, to
+    1e-5, and leaves the predictions and the model's options as they were."""
+    from hiresdiff.patches.attention import capture_cross_attention
+
+    b = unets
+    latent_hw = (2 * LATENT, 2 * LATENT)
+    maps, counts = [], []
+    for ad in (b.ref, b.ours):
+        ad.set_timesteps(10)
+        ad.refresh_placement()
+        t = ad.scheduler.timesteps[3]
+        plain = ad.predict([_capture_request(b, latent_hw)], t, 8)[0]
+        with capture_cross_attention(ad, 2, latent_hw) as rec:
+            captured = ad.predict([_capture_request(b, latent_hw)], t, 8)[0]
+        torch.testing.assert_close(captured, plain, atol=1e-6, rtol=0)  # observed, not changed
+        maps.append(rec.maps())
+        counts.append(rec.counts)
+    assert "patches_replace" not in b.ours.transformer_options  # restored
+    assert maps[0].shape[1] == b.embeds.cond.shape[1] and bool((counts[0] > 0).all())
+    torch.testing.assert_close(counts[1], counts[0], atol=0, rtol=0)
+    torch.testing.assert_close(maps[1], maps[0], atol=1e-5, rtol=0)
+    torch.testing.assert_close(maps[1].sum(1), torch.ones_like(maps[1].sum(1)), atol=1e-5, rtol=0)
+    assert not torch.allclose(maps[1][0], maps[1][1])  # each sample its own maps
+
+
+def test_an_attn2_replacement_of_another_node_computes_the_observed_attention(unets: SimpleNamespace) -> None:
+    """The capture only observes: a node's ``attn2`` replacement on the model still computes the attention of the
+    blocks it observes, and the patcher's options are left as they were."""
+    from hiresdiff.comfy.adapter import ComfyAdapter
+    from hiresdiff.comfy.attention import cross_attention_levels
+    from hiresdiff.patches.attention import capture_cross_attention
+
+    b = unets
+    calls: list[int] = []
+    other_node = _zeroing_node(calls)
+
+    patcher = b.twin.patcher.clone()
+    for name, number, _ in cross_attention_levels(b.twin.model.diffusion_model):
+        patcher.set_model_attn2_replace(other_node, name, number)
+    before = patcher.model_options["transformer_options"]["patches_replace"]["attn2"].copy()
+    adapter = ComfyAdapter(patcher, None, b.embeds, NATIVE)
+    adapter.set_timesteps(10)
+    latent_hw = (2 * LATENT, 2 * LATENT)
+    t = adapter.scheduler.timesteps[3]
+    plain = adapter.predict([_capture_request(b, latent_hw)], t, 8)[0]
+    unobserved = len(calls)
+    with capture_cross_attention(adapter, 2, latent_hw) as rec:
+        captured = adapter.predict([_capture_request(b, latent_hw)], t, 8)[0]
+    assert len(calls) == 2 * unobserved > 0 and bool((rec.counts > 0).all())
+    torch.testing.assert_close(captured, plain, atol=0, rtol=0)
+    assert patcher.model_options["transformer_options"]["patches_replace"]["attn2"] == before
+
+
+class WordEncoder:
+    """A stand-in text encoder for both backends (ComfyUI's CONDITIONING carries no text): each prompt's embedding
+    is seeded by its text, one token per word — so AccDiffusion's view prompts get their own conditioning."""
+
+    def __init__(self, family: str, context: int) -> None:
+        self.family, self.context = family, context
+        self.seen: list[str] = []
+
+    def _one(self, text: str) -> tuple[torch.Tensor, torch.Tensor]:
+        g = torch.Generator().manual_seed(zlib.crc32(text.encode()))
+        return torch.randn(1, 8, self.context, generator=g), torch.randn(1, SDXL_POOLED, generator=g)
+
+    def encode_prompt(self, prompts: list[str], negatives: list[str] | None, cfg: bool) -> PromptEmbeds:
+        self.seen.extend(prompts)
+        cond = [self._one(p) for p in prompts]
+        uncond = [self._one(n) for n in (negatives or [""] * len(prompts))]
+        pooled = self.family == "sdxl"
+        return PromptEmbeds(
+            torch.cat([c for c, _ in cond]),
+            torch.cat([u for u, _ in uncond]) if cfg else None,
+            torch.cat([p for _, p in cond]) if pooled else None,
+            torch.cat([p for _, p in uncond]) if pooled and cfg else None,
+        )
+
+    @staticmethod
+    def count_tokens(text: str) -> int:
+        return 1
+
+
+def test_a_whole_accdiffusion_run_gives_the_same_latents(
+    unets: SimpleNamespace, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """AccDiffusion (phase-1 capture, word masks, content-aware view prompts, window interaction) through both
+    backends with the same prompt encoder and noise: the same view prompts and final latents (≤ 1e-4)."""
+    from hiresdiff.pipeline import HiresPipeline
+
+    b = unets
+    runs, prompts = [], []
+    for ad in (b.ref, b.ours):
+        words = WordEncoder(b.family, b.twin.context)
+        monkeypatch.setattr(ad, "encode_prompt", words.encode_prompt)
+        monkeypatch.setattr(ad, "count_tokens", words.count_tokens)
+        hp = HiresPipeline(None, "twin", adapter=ad)
+        out = hp("a castle on a misty hill", "accdiffusion", 2 * NATIVE, 2 * NATIVE, steps=4, guidance=5.0, seed=7,
+                 max_batch=8, previews=False, progress=False)  # fmt: skip
+        runs.append(out.latents)
+        prompts.append(words.seen)
+    assert prompts[1] == prompts[0] and len(set(prompts[0])) > 1  # view prompts were encoded
+    torch.testing.assert_close(runs[1], runs[0], atol=1e-4, rtol=1e-4)

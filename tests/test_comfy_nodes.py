@@ -137,6 +137,8 @@ def test_an_input_picture_is_upscaled(sd: SimpleNamespace) -> None:
     [
         ({"width": 2 * NATIVE + 4}, "not a multiple of the latent grid"),
         ({"method": "fouriscale"}, "in ComfyUI choose one of"),
+        ({"method": "accdiffusion"}, "accdiffusion's content-aware view prompts need the prompt's text"),
+        ({"method": "apt", "params": {"method": "apt", "set": {"host": "accdiffusion"}}}, "content_prompts to false"),
         ({"params": {"method": "apt", "set": {}}}, "are apt's but the method is demofusion"),
         ({"positive": [[torch.zeros(2, 7, 32), {}]]}, "batch 1"),
         ({"positive": [[torch.zeros(1, 7, 32), {"control": object()}]]}, "carries control, which hiresdiff"),
@@ -148,6 +150,15 @@ def test_bad_input_is_one_line_before_any_work(sd: SimpleNamespace, changes: dic
     with pytest.raises(HiresError, match=message) as caught:
         run(sd, **changes)
     assert "\n" not in str(caught.value)
+
+
+def test_accdiffusion_without_content_prompts_runs(sd: SimpleNamespace) -> None:
+    """AccDiffusion (window interaction, view guidance) and APT on its host run in ComfyUI with content prompts off."""
+    for method, set_ in (("accdiffusion", {}), ("apt", {"host": "accdiffusion"})):
+        params = {"method": method, "set": {**set_, "content_prompts": "false"}}
+        latent, _ = run(sd, method=method, params=params, previews=False, steps=2)
+        assert latent["samples"].shape == (1, 4, 2 * NATIVE // 8, 2 * NATIVE // 8)
+        assert bool(torch.isfinite(latent["samples"]).all())
 
 
 def test_flux_1_is_taken_and_other_flux_models_are_refused_in_one_line() -> None:
@@ -224,6 +235,16 @@ def test_scalediff_on_a_flux_model_is_refused_in_one_line_before_any_work(
     assert "scalediff" not in comfy_methods("flux")
     assert "scalediff" in comfy_methods("sd") and "scalediff" in comfy_methods("sdxl")
     check_method("scalediff", "sdxl")  # offered: no error
+
+
+def test_accdiffusion_v2_is_refused_with_its_own_reason() -> None:
+    """AccDiffusion v2 needs diffusers' ControlNet: ComfyUI names that reason (not the general one) in one line."""
+    from hiresdiff.comfy.nodes import check_method
+
+    with pytest.raises(HiresError, match="accdiffusion-v2 its view-wise ControlNet runs through diffusers'") as caught:
+        check_method("accdiffusion-v2", "sdxl")
+    assert "\n" not in str(caught.value) and "choose one of: demofusion, accdiffusion" in str(caught.value)
+    check_method("accdiffusion", "sdxl")  # offered: no error
 
 
 def test_the_cancel_button_stops_the_run(sd: SimpleNamespace) -> None:

@@ -35,6 +35,8 @@ guidance rules and every method run as with diffusers. The conversions (facts of
 * **self-attention patches** (NPA …, :meth:`ComfyAdapter.self_attention_patched`): ComfyUI's ``attn1`` replacement
   on every transformer block of the UNet (:mod:`hiresdiff.comfy.attention`), added to the ``transformer_options``
   each ``apply_model`` call gets; a replacement another node installed stays in force for the calls a patch leaves.
+* **cross-attention observers** (AccDiffusion's capture, :meth:`ComfyAdapter.cross_attention_observed`): ComfyUI's
+  ``attn2`` replacement on the observed blocks, returning the attention in force unchanged.
 
 ComfyUI is never imported by this module: it works on the objects ComfyUI hands a node; the one function of
 ComfyUI it calls (``comfy.model_management.load_models_gpu``) is imported where the model is placed.
@@ -48,13 +50,13 @@ from typing import Any
 
 import torch
 
-from hiresdiff.comfy.attention import self_attention_replacements
+from hiresdiff.comfy.attention import cross_attention_observers, self_attention_replacements
 from hiresdiff.errors import require
 from hiresdiff.models.adapter import Chunk, ModelAdapter, PromptEmbeds, branch_rows, call_rows
 from hiresdiff.models.flux import SHIFT_DEFAULTS, TIMESTEP_SCALE, FluxAdapter
 from hiresdiff.models.guidance import GuidanceRule
 from hiresdiff.models.parametrization import prediction_from_x0
-from hiresdiff.models.self_attention import WrapSelfAttention
+from hiresdiff.models.self_attention import ChooseObserver, CrossAttentionObserver, WrapSelfAttention
 
 #: ComfyUI model config class name → (hiresdiff family, native size in pixels)
 FAMILIES = {
@@ -145,6 +147,8 @@ class ComfyBackend(ModelAdapter):
         self.call_info: list[tuple[int, str]] = []
         #: the ``attn1`` replacements of the self-attention patches in force (``ComfyAdapter.self_attention_patched``)
         self.attn1: dict[Any, Any] = {}
+        #: the ``attn2`` replacements of the cross-attention observers in force (``cross_attention_observed``)
+        self.attn2: dict[Any, Any] = {}
 
     def _setup_vae(self) -> None:
         """ComfyUI's VAE picks its own device and dtype."""
@@ -157,11 +161,12 @@ class ComfyBackend(ModelAdapter):
     @property
     def transformer_options(self) -> dict[str, Any]:
         """The patches other nodes put on the model (attention replacements, block patches …) and hiresdiff's
-        self-attention replacements in force (a fresh dict per call: the UNet writes its block position into it)."""
+        attention replacements in force (a fresh dict per call: the UNet writes its block position into it)."""
         options = dict(self.patcher.model_options.get("transformer_options", {}))
-        if self.attn1:
+        ours = {name: r for name, r in (("attn1", self.attn1), ("attn2", self.attn2)) if r}
+        if ours:
             replace = dict(options.get("patches_replace", {}))
-            replace["attn1"] = {**replace.get("attn1", {}), **self.attn1}
+            replace.update({name: {**replace.get(name, {}), **r} for name, r in ours.items()})
             options["patches_replace"] = replace
         return options
 
@@ -260,6 +265,20 @@ class ComfyAdapter(ComfyBackend):
             yield
         finally:
             self.attn1 = previous
+
+    @contextmanager
+    def cross_attention_observed(self, choose: ChooseObserver) -> Iterator[CrossAttentionObserver]:
+        """The cross-attention (``attn2``) of the UNet's input/output transformer blocks at the level ``choose`` picks
+        reports each call's projected q, k to its observer while the block runs, through ComfyUI's ``attn2``
+        replacement (:mod:`hiresdiff.comfy.attention`); the attention itself is the replacement in force before
+        (another node's) or ComfyUI's own, so the output is unchanged. The patcher's options are not touched."""
+        installed = self.transformer_options.get("patches_replace", {}).get("attn2", {})
+        previous = self.attn2
+        observer, self.attn2 = cross_attention_observers(choose, self.unet, installed)
+        try:
+            yield observer
+        finally:
+            self.attn2 = previous
 
     # --- denoiser ----------------------------------------------------------------------------------------
     def _adm(self, pooled: torch.Tensor, size: tuple[int, int], crop: tuple[int, int]) -> torch.Tensor:

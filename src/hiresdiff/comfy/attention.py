@@ -13,6 +13,12 @@ first seen, runs the patch's kernel (:class:`~hiresdiff.patches.processors.SelfA
 :meth:`~hiresdiff.patches.processors.SelfAttentionKernel.takes`, and hands every other call to its fallback: the
 replacement another node (or an enclosing patch) installed for the block, else ComfyUI's own attention (the one
 place this module imports ComfyUI, when a call falls back to it).
+
+Cross-attention is observed through ComfyUI's ``attn2`` replacement (same keys, the keys projected from the text):
+:class:`ComfyCrossObserver` hands each call's q, k and heads to an observer
+(:class:`~hiresdiff.models.self_attention.CrossAttentionObserver`) and returns the attention its fallback computes,
+so the model's output is unchanged. The level of a block is counted structurally (:func:`cross_attention_levels`:
+the downsamplings before it), as diffusers' block names give it.
 """
 
 from __future__ import annotations
@@ -22,7 +28,12 @@ from typing import Any
 import torch
 
 from hiresdiff.errors import require
-from hiresdiff.models.self_attention import WrapSelfAttention, level_of_tokens
+from hiresdiff.models.self_attention import (
+    ChooseObserver,
+    CrossAttentionObserver,
+    WrapSelfAttention,
+    level_of_tokens,
+)
 from hiresdiff.patches.processors import SelfAttentionKernel
 
 #: ComfyUI's key of one transformer block's replacement: (block name, block number, index in its transformer)
@@ -36,10 +47,32 @@ def transformer_block_keys(unet: Any) -> list[BlockKey]:
     keys: list[BlockKey] = []
     for name, blocks in (("input", list(unet.input_blocks)), ("middle", middle), ("output", list(unet.output_blocks))):
         for number, block in enumerate(blocks):
-            depths = [len(m.transformer_blocks) for m in block.modules() if hasattr(m, "transformer_blocks")]
-            depth = max(depths, default=0)
-            keys.extend((name, number, index) for index in range(depth))
+            keys.extend((name, number, index) for index in range(_depth(block)))
     return keys
+
+
+def _depth(block: Any) -> int:
+    """How many transformer blocks the transformer inside a ComfyUI UNet block has (0: none)."""
+    return max((len(m.transformer_blocks) for m in block.modules() if hasattr(m, "transformer_blocks")), default=0)
+
+
+def _has(block: Any, kind: str) -> bool:
+    """Whether a ComfyUI UNet block holds a module of class ``kind`` (``Downsample``, ``Upsample``)."""
+    return any(type(m).__name__ == kind for m in block.modules())
+
+
+def cross_attention_levels(unet: Any) -> dict[BlockKey, int]:
+    """The level (downsamplings before it) of every transformer block of the input and output blocks of a ComfyUI
+    UNet — the blocks diffusers calls ``down_blocks`` and ``up_blocks`` (the middle block is left out)."""
+    levels: dict[BlockKey, int] = {}
+    level = 0
+    for number, block in enumerate(unet.input_blocks):
+        levels.update({("input", number, i): level for i in range(_depth(block))})
+        level += _has(block, "Downsample")
+    for number, block in enumerate(unet.output_blocks):
+        levels.update({("output", number, i): level for i in range(_depth(block))})
+        level -= _has(block, "Upsample")
+    return levels
 
 
 def comfy_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, extra_options: dict[str, Any]) -> torch.Tensor:
@@ -90,9 +123,39 @@ class ComfySelfAttention:
         return self.patches[level]
 
 
-def installed_attn1(replacements: dict[Any, Any], key: BlockKey) -> Any:
-    """The ``attn1`` replacement ComfyUI would run for ``key`` among ``replacements`` (the three-part key first,
-    then the block's), else ComfyUI's own attention."""
+class ComfyCrossObserver:
+    """ComfyUI's ``attn2`` replacement of one transformer block that shows each call's projected q, k (and the
+    heads) to ``observer`` and returns ``fallback``'s attention unchanged (module docstring)."""
+
+    def __init__(self, observer: CrossAttentionObserver, fallback: Any) -> None:
+        self.observer, self.fallback = observer, fallback
+
+    def __call__(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, extra_options: dict[str, Any]
+    ) -> torch.Tensor:
+        out = self.fallback(q, k, v, extra_options)
+        self.observer.record_qk(q, k, int(extra_options["n_heads"]))
+        return out
+
+
+def cross_attention_observers(
+    choose: ChooseObserver, unet: Any, installed: dict[Any, Any]
+) -> tuple[CrossAttentionObserver, dict[Any, Any]]:
+    """The observer ``choose`` makes for the input/output-block levels of ``unet`` and ``installed`` (the ``attn2``
+    replacements in force) with the blocks of the chosen level replaced by a :class:`ComfyCrossObserver` of it."""
+    levels = cross_attention_levels(unet)
+    target, observer = choose(set(levels.values()))
+    observed = {
+        key: ComfyCrossObserver(observer, installed_replacement(installed, key))
+        for key, level in levels.items()
+        if level == target
+    }
+    return observer, {**installed, **observed}
+
+
+def installed_replacement(replacements: dict[Any, Any], key: BlockKey) -> Any:
+    """The ``attn1`` (or ``attn2``) replacement ComfyUI would run for ``key`` among ``replacements`` (the three-part
+    key first, then the block's), else ComfyUI's own attention."""
     return replacements.get(key) or replacements.get(key[:2]) or comfy_attention
 
 
@@ -100,4 +163,4 @@ def self_attention_replacements(wrap: WrapSelfAttention, unet: Any, installed: d
     """``installed`` (the ``attn1`` replacements in force) with every transformer block of ``unet`` replaced by a
     :class:`ComfySelfAttention` of ``wrap`` whose fallback is the block's replacement in force."""
     keys = transformer_block_keys(unet)
-    return {**installed, **{key: ComfySelfAttention(wrap, unet, installed_attn1(installed, key)) for key in keys}}
+    return {**installed, **{key: ComfySelfAttention(wrap, unet, installed_replacement(installed, key)) for key in keys}}

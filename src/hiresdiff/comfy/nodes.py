@@ -35,6 +35,7 @@ PROMPT_LABEL = "(ComfyUI conditioning)"
 #: attention processors or blocks, which ComfyUI's UNet does not have
 COMFY_METHODS = (
     "demofusion",
+    "accdiffusion",
     "multidiffusion",
     "apt",
     "apldm",
@@ -47,6 +48,14 @@ COMFY_METHODS = (
 #: method → {family it runs on with diffusers but not in ComfyUI: why}: ScaleDiff's neighborhood attention reaches
 #: ComfyUI's UNets (``attn1`` replacement), not its FLUX transformer yet
 COMFY_FAMILY_GAPS = {"scalediff": {"flux": "its neighborhood attention is not hooked into ComfyUI's FLUX yet"}}
+#: method → why ComfyUI cannot run it, where the general reason (diffusers-only attention patches) is not it
+COMFY_REFUSED = {"accdiffusion-v2": "its view-wise ControlNet runs through diffusers' ControlNet, not ComfyUI's"}
+#: AccDiffusion's content-aware view prompts encode words of the prompt text per view: ComfyUI hands over
+#: CONDITIONING (no text, no text encoder), so they are refused with this line rather than silently left out
+NO_PROMPT_TEXT = (
+    "{method}'s content-aware view prompts need the prompt's text and a text encoder, which ComfyUI's "
+    "CONDITIONING does not carry: set content_prompts to false (window interaction still applies)"
+)
 
 
 def comfy_methods(family: str) -> list[str]:
@@ -73,11 +82,15 @@ def check_method(method: str, family: str | None = None) -> None:
             f"{method} cannot run on a {FAMILY_NAMES[family]} model in ComfyUI ({why}); with this model choose one "
             f"of: {', '.join(comfy_methods(family))}"
         )
-    require(
-        method in COMFY_METHODS,
-        f"{method} patches the diffusers UNet's attention, which ComfyUI's model does not have yet; "
-        f"in ComfyUI choose one of: {', '.join(COMFY_METHODS)}",
-    )
+    why = COMFY_REFUSED.get(method, "patches the diffusers UNet's attention, which ComfyUI's model does not have yet")
+    require(method in COMFY_METHODS, f"{method} {why}; in ComfyUI choose one of: {', '.join(COMFY_METHODS)}")
+
+
+def check_prompt_text(method: str, params: Any) -> None:
+    """One line when the run would encode parts of the prompt text (AccDiffusion's content-aware view prompts, also
+    as APT's host): :data:`NO_PROMPT_TEXT`."""
+    accdiffusion = method == "accdiffusion" or getattr(params, "host", None) == "accdiffusion"
+    require(not (accdiffusion and getattr(params, "content_prompts", False)), NO_PROMPT_TEXT.format(method=method))
 
 
 def embeds_of(positive: Any, negative: Any, cfg: bool, family: str) -> Any:
@@ -279,7 +292,8 @@ class HiresdiffSample:
         if params:
             kwargs.update(params.get("set", {}))  # ``--set`` strings, checked as the command line's
         # everything but the input picture is checked before any model work (decoding an input LATENT included)
-        validate_request(PROMPT_LABEL, method, width, height, ModelFacts.of_pipeline(hp), **kwargs)
+        request = validate_request(PROMPT_LABEL, method, width, height, ModelFacts.of_pipeline(hp), **kwargs)
+        check_prompt_text(method, request.params)
         if image is None and latent is not None:
             rows, cols = latent["samples"].shape[-2:]
             f = adapter.vae_scale_factor

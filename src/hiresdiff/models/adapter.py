@@ -21,7 +21,13 @@ from hiresdiff.config import model_sampling_defaults
 from hiresdiff.errors import HiresError, require
 from hiresdiff.models.guidance import Branch, GuidanceRule, default_rule
 from hiresdiff.models.parametrization import alpha_bar, prediction_from_x0, x0_from_prediction
-from hiresdiff.models.self_attention import WrapSelfAttention, diffusers_self_attention
+from hiresdiff.models.self_attention import (
+    ChooseObserver,
+    CrossAttentionObserver,
+    WrapSelfAttention,
+    diffusers_cross_attention,
+    diffusers_self_attention,
+)
 from hiresdiff.ops.tiling import tiled_apply
 from hiresdiff.parallel import Serial, ViewParallel
 
@@ -462,6 +468,13 @@ class ModelAdapter:
         canvas (``module``: the UNet or the ControlNet; :mod:`hiresdiff.models.self_attention`)."""
         require(self.family != "flux", "self-attention patches of UNet layers need an SD or SDXL model")
         return diffusers_self_attention([m for m in (self.unet, self.controlnet) if m is not None], wrap)
+
+    def cross_attention_observed(self, choose: ChooseObserver) -> AbstractContextManager[CrossAttentionObserver]:
+        """The UNet's down/up-block cross-attention layers (``attn2``) at the level ``choose`` picks report their calls
+        to its observer while the block runs, the model's output unchanged (diffusers processors here;
+        :mod:`hiresdiff.models.self_attention`)."""
+        require(self.family != "flux", "cross-attention of UNet layers needs an SD or SDXL model")
+        return diffusers_cross_attention(self.unet, choose)
 
     @contextmanager
     def use_controlnet(self, controlnet: torch.nn.Module | None, scale: float) -> Iterator[None]:

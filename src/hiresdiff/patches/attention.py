@@ -1,9 +1,9 @@
 """Attention processors: cross-attention capture (AccDiffusion, SPEC §3) and neighborhood patch attention
 (ScaleDiff NPA on UNet self-attention, SPEC §6).
 
-The capture wraps the UNet's own processors at the chosen layers, so the model's output is unchanged; it
-additionally computes the conditional branch's cross-attention probabilities (averaged over heads) and sums them
-per canvas sample. Processors are restored when the context ends.
+The capture observes the UNet's own attention at the chosen layers (through the adapter), so the model's output is
+unchanged; it additionally computes the conditional branch's cross-attention probabilities (averaged over heads)
+and sums them per canvas sample. The layers are restored when the context ends.
 """
 
 from __future__ import annotations
@@ -17,33 +17,37 @@ import torch
 from hiresdiff.errors import require
 from hiresdiff.models.adapter import ModelAdapter
 from hiresdiff.models.guidance import COND
-from hiresdiff.models.self_attention import attention_level, grid_at_level
+from hiresdiff.models.self_attention import attention_level, grid_at_level  # noqa: F401 (attention_level: tests)
 from hiresdiff.ops.npa import npa_attention, npa_supported
 from hiresdiff.patches.attention_flux import flux_neighborhood_attention
 from hiresdiff.patches.processors import NPAState, SelfAttentionKernel
 
 #: AccDiffusion records the layers whose query grid is w/4 × w/4, i.e. two downsamplings deep
 CAPTURE_LEVEL = 2
-#: the UNet parts whose cross-attention AccDiffusion aggregates: ``from_where=["up", "down"]`` in lzhxmu/AccDiffusion
-#: ``accdiffusion_sdxl.py`` (its ``get_multidiffusion_prompts`` call), so the mid block is left out
-CAPTURE_BLOCKS = ("down_blocks", "up_blocks")
 
 
 class AttentionRecorder:
-    """Sums of conditional cross-attention maps per canvas sample, and how many were added."""
+    """Sums of conditional cross-attention maps per canvas sample, and how many were added (a
+    :class:`~hiresdiff.models.self_attention.CrossAttentionObserver`: diffusers layers call :meth:`record`, the
+    ComfyUI backend's ``attn2`` replacement :meth:`record_qk`). The rows of a call are told by the adapter's
+    :attr:`~hiresdiff.models.adapter.ModelAdapter.call_info`; only the conditional branch's are recorded."""
 
     def __init__(self, adapter: ModelAdapter, batch: int, grid: tuple[int, int]) -> None:
         self.adapter, self.grid = adapter, grid
         self.sums: torch.Tensor | None = None
         self.counts = torch.zeros(batch)
 
+    def _cond_rows(self, queries: torch.Tensor) -> list[int]:
+        """The conditional rows of a call whose queries are the recorded grid's tokens (none otherwise)."""
+        gh, gw = self.grid
+        if queries.dim() != 3 or queries.shape[1] != gh * gw:
+            return []
+        return [i for i, (_, branch) in enumerate(self.adapter.call_info) if branch == COND]
+
     @torch.no_grad()
     def record(self, attn: Any, hidden_states: torch.Tensor, context: torch.Tensor) -> None:
-        gh, gw = self.grid
-        if hidden_states.dim() != 3 or hidden_states.shape[1] != gh * gw:
-            return
-        info = self.adapter.call_info
-        rows = [i for i, (_, branch) in enumerate(info) if branch == COND]
+        """A diffusers ``Attention``'s call: its probabilities as its own processor computes them."""
+        rows = self._cond_rows(hidden_states)
         if not rows:
             return
         index = torch.tensor(rows, device=hidden_states.device)
@@ -53,7 +57,26 @@ class AttentionRecorder:
         query = attn.head_to_batch_dim(attn.to_q(hidden_states.index_select(0, index)))
         key = attn.head_to_batch_dim(attn.to_k(context))
         probs = attn.get_attention_scores(query, key, None).float()  # (n·heads, N, L)
-        probs = probs.view(len(rows), -1, *probs.shape[1:]).mean(1)  # (n, N, L)
+        self._add(rows, probs.view(len(rows), -1, *probs.shape[1:]).mean(1))
+
+    @torch.no_grad()
+    def record_qk(self, q: torch.Tensor, k: torch.Tensor, heads: int) -> None:
+        """Projected queries (B, N, heads·d) and keys (B, L, heads·d) of a call: softmax(q·kᵀ/√d) in float32."""
+        rows = self._cond_rows(q)
+        if not rows:
+            return
+        index = torch.tensor(rows, device=q.device)
+        q, k = q.index_select(0, index).float(), k.index_select(0, index).float()
+        n, d = len(rows), q.shape[-1] // heads
+        q4 = q.view(n, q.shape[1], heads, d).transpose(1, 2)
+        k4 = k.view(n, k.shape[1], heads, d).transpose(1, 2)
+        probs = torch.softmax(q4 @ k4.transpose(-1, -2) * d**-0.5, dim=-1)  # (n, heads, N, L)
+        self._add(rows, probs.mean(1))
+
+    def _add(self, rows: list[int], probs: torch.Tensor) -> None:
+        """Add the head-averaged probabilities (n, N, L) of ``rows`` to their samples' sums."""
+        gh, gw = self.grid
+        info = self.adapter.call_info
         maps = probs.permute(0, 2, 1).reshape(len(rows), -1, gh, gw)
         maps = torch.zeros(maps.shape) if maps.is_meta else maps.cpu()  # meta: FLOP counting (hiresdiff.cost)
         if self.sums is None:
@@ -70,57 +93,28 @@ class AttentionRecorder:
         return self.sums / self.counts.clamp_min(1).view(-1, 1, 1, 1)
 
 
-class CaptureProcessor:
-    """Runs the wrapped processor unchanged and hands cross-attention inputs to the recorder."""
-
-    #: every call records maps: the cost model (:mod:`hiresdiff.cost`) must not replay a cached count
-    cost_cacheable = False
-
-    def __init__(self, inner: Any, recorder: AttentionRecorder) -> None:
-        self.inner, self.recorder = inner, recorder
-
-    def __call__(
-        self,
-        attn: Any,
-        hidden_states: torch.Tensor,
-        encoder_hidden_states: torch.Tensor | None = None,
-        *args: Any,
-        **kwargs: Any,
-    ) -> torch.Tensor:
-        out = self.inner(attn, hidden_states, encoder_hidden_states, *args, **kwargs)
-        if encoder_hidden_states is not None:
-            self.recorder.record(attn, hidden_states, encoder_hidden_states)
-        return out
-
-
 @contextmanager
 def capture_cross_attention(
     adapter: ModelAdapter, batch: int, latent_hw: tuple[int, int]
 ) -> Iterator[AttentionRecorder]:
-    """Record cross-attention of the down and up blocks (:data:`CAPTURE_BLOCKS`, not the mid block) at level
-    :data:`CAPTURE_LEVEL`, or the deepest level of those blocks with cross-attention.
+    """Record cross-attention of the down and up blocks (not the mid block) at level :data:`CAPTURE_LEVEL`, or the
+    deepest level of those blocks with cross-attention, through the adapter
+    (:meth:`~hiresdiff.models.adapter.ModelAdapter.cross_attention_observed`: diffusers processors, or ComfyUI's
+    ``attn2`` replacement); the model's output is unchanged.
 
     As the official AccDiffusion (``aggregate_attention`` over ``("up", "down")`` at the ``h/32 × w/32`` maps in
     lzhxmu/AccDiffusion ``utils.py``): conditional branch only, averaged over heads, layers and steps.
     ``latent_hw`` is the latent size of the canvas being sampled; ``batch`` its number of samples.
     """
-    unet = adapter.unet
-    original = dict(unet.attn_processors)
-    num_levels = len(unet.config.down_block_types)
-    levels = {
-        n: attention_level(n, num_levels)
-        for n in original
-        if n.endswith("attn2.processor") and n.startswith(CAPTURE_BLOCKS)
-    }
-    target = CAPTURE_LEVEL if CAPTURE_LEVEL in levels.values() else max(levels.values())
-    recorder = AttentionRecorder(adapter, batch, grid_at_level(*latent_hw, target))
-    wrapped = {n: CaptureProcessor(p, recorder) if levels.get(n) == target else p for n, p in original.items()}
-    unet.set_attn_processor(wrapped)
-    try:
+
+    def choose(levels: set[int]) -> tuple[int, AttentionRecorder]:
+        target = CAPTURE_LEVEL if CAPTURE_LEVEL in levels else max(levels)
+        return target, AttentionRecorder(adapter, batch, grid_at_level(*latent_hw, target))
+
+    with adapter.cross_attention_observed(choose) as recorder:
+        assert isinstance(recorder, AttentionRecorder)
         with adapter.parallel.replicated():  # every rank records the same maps (view-parallel runs)
             yield recorder
-    finally:
-        unet.set_attn_processor(original)
 
 
 class NPAProcessor(SelfAttentionKernel):
