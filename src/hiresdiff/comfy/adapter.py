@@ -53,7 +53,7 @@ import torch
 from hiresdiff.comfy.attention import cross_attention_observers, self_attention_replacements
 from hiresdiff.errors import require
 from hiresdiff.models.adapter import Chunk, ModelAdapter, PromptEmbeds, branch_rows, call_rows
-from hiresdiff.models.flux import SHIFT_DEFAULTS, TIMESTEP_SCALE, FluxAdapter
+from hiresdiff.models.flux import SHIFT_DEFAULTS, TIMESTEP_SCALE, FluxAdapter, FluxCall
 from hiresdiff.models.guidance import GuidanceRule
 from hiresdiff.models.parametrization import prediction_from_x0
 from hiresdiff.models.self_attention import ChooseObserver, CrossAttentionObserver, WrapSelfAttention
@@ -342,18 +342,11 @@ class ComfyFluxAdapter(ComfyBackend, FluxAdapter):
         self._base_scheduler_config = dict(scheduler.config)
         self.scheduler = scheduler
 
-    def _velocity(
-        self,
-        model_in: torch.Tensor,
-        t: torch.Tensor,
-        text: torch.Tensor,
-        pooled: torch.Tensor,
-        guidance: torch.Tensor | None,
-        offset: tuple[float, float],
-    ) -> torch.Tensor:
+    def _velocity(self, call: FluxCall) -> torch.Tensor:
         """The velocity from one ``apply_model`` call (module docstring): σ so that the transformer sees the
         diffusers backend's timestep, the rows' canvas position as ComfyUI's RoPE shift, x̂0 turned back into the
         velocity with the same σ in float64 (float32 on MPS)."""
+        model_in, t, text, pooled, guidance, offset = call
         wide = torch.float32 if model_in.device.type == "mps" else torch.float64
         multiplier = float(getattr(self.sampling, "multiplier", 1.0))
         sigma = float(t.reshape(-1)[0]) / TIMESTEP_SCALE / multiplier

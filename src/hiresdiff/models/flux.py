@@ -29,7 +29,7 @@ accelerator, so little is lost).
 from __future__ import annotations
 
 import inspect
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
@@ -164,6 +164,19 @@ def adapter_for(pipe: Any) -> ModelAdapter:
             f"{type(pipe).__name__} is not supported: hiresdiff runs SD 1.x/2.x, SDXL and FLUX.1 pipelines"
         )
     return ModelAdapter(pipe)
+
+
+class FluxCall(NamedTuple):
+    """What one transformer call of :meth:`FluxAdapter._forward_views` takes: the unpacked latents ``model_in``
+    (B, 16, h, w) at timestep ``t``, its rows' T5 ``text`` and pooled CLIP (``pooled``), FLUX's ``guidance`` values
+    (``None``: schnell) and the views' canvas position ``offset`` (packed units)."""
+
+    model_in: torch.Tensor
+    t: torch.Tensor
+    text: torch.Tensor
+    pooled: torch.Tensor
+    guidance: torch.Tensor | None
+    offset: tuple[float, float]
 
 
 def is_flow_scheduler(scheduler: Any) -> bool:
@@ -347,21 +360,12 @@ class FluxAdapter(ModelAdapter):
         if self.guidance_distilled:
             guidance = torch.tensor(scales, device=self.device, dtype=torch.float32)
         model_in = torch.cat([x] * len(rule.branches))
-        return self._velocity(model_in, t, text, pooled, guidance, offset)
+        return self._velocity(FluxCall(model_in, t, text, pooled, guidance, offset))
 
-    def _velocity(
-        self,
-        model_in: torch.Tensor,
-        t: torch.Tensor,
-        text: torch.Tensor,
-        pooled: torch.Tensor,
-        guidance: torch.Tensor | None,
-        offset: tuple[float, float],
-    ) -> torch.Tensor:
-        """The one transformer call of :meth:`_forward_views`: the velocity (unpacked, float32) of the unpacked
-        latents ``model_in`` at timestep ``t``, given its rows' T5 ``text``, pooled CLIP (``pooled``) and FLUX
-        ``guidance`` (``None``: schnell), the views at canvas position ``offset``; another backend (ComfyUI's)
-        replaces only this call."""
+    def _velocity(self, call: FluxCall) -> torch.Tensor:
+        """The one transformer call of :meth:`_forward_views`: the velocity (unpacked, float32) of ``call``;
+        another backend (ComfyUI's) replaces only this call."""
+        model_in, t, text, pooled, guidance, offset = call
         _b, _c, h, w = model_in.shape
         timestep = t.to(self.device).reshape(-1)[:1].expand(model_in.shape[0]).to(self.dtype) / TIMESTEP_SCALE
         out = self.transformer(
