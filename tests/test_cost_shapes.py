@@ -141,6 +141,25 @@ def test_value_free_operations_allocate_as_they_run_and_compute_nothing():
     assert (shaped.peak, shaped.now()) == (real.peak, real.now()) and real.peak > 0
 
 
+def test_discarded_work_allocates_the_same_bytes_and_runs_as_it_is_outside_estimates():
+    """The estimate's 8-bit conversion (:func:`~hiresdiff.cost.shapes.discarded`): in a cost-model run the same peak
+    and final live bytes and outputs of the real layout, nothing computed; outside one, the real result."""
+    from hiresdiff.images import to_uint8
+
+    image = torch.rand(1, 3, 64, 48, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    with LiveBytes("cpu") as real:
+        want = to_uint8(image)
+    token = shapes.COSTING.set(True)
+    try:
+        with LiveBytes("cpu") as shaped:
+            got = shapes.discarded(to_uint8, image)
+    finally:
+        shapes.COSTING.reset(token)
+    assert (got.shape, got.dtype, got.stride()) == (want.shape, want.dtype, want.stride())
+    assert (shaped.peak, shaped.now()) == (real.peak, real.now()) and real.peak > 0
+    assert torch.equal(shapes.discarded(to_uint8, image), want) and want.float().std() > 0
+
+
 @pytest.mark.parametrize("method", ["diffusehigh"])
 def test_the_cost_model_skips_value_free_work_with_the_same_numbers(method, monkeypatch):
     """DiffuseHigh (wavelet guidance and sharpening in every stage, tiles forced small): the estimates with

@@ -267,16 +267,22 @@ def value_free(fn: Callable[P, R]) -> Callable[P, R]:
 
     @functools.wraps(fn)
     def run(*args: P.args, **kwargs: P.kwargs) -> R:
-        if not COSTING.get() or _FREE.get():  # a value-free operation inside another is already value-free
-            return fn(*args, **kwargs)
-        token = _FREE.set(True)
-        try:
-            with AllocationsOnly():
-                return fn(*args, **kwargs)
-        finally:
-            _FREE.reset(token)
+        return _allocating(True, fn, *args, **kwargs)
 
     return run
+
+
+def _allocating(fill: bool, fn: Callable[P, R], *args: P.args, **kwargs: P.kwargs) -> R:
+    """``fn`` under :class:`AllocationsOnly` (``fill``: zero its outputs) in a cost-model run, as it is elsewhere; a
+    value-free operation inside another is already value-free (one mode)."""
+    if not COSTING.get() or _FREE.get():
+        return fn(*args, **kwargs)
+    token = _FREE.set(True)
+    try:
+        with AllocationsOnly(fill=fill):
+            return fn(*args, **kwargs)
+    finally:
+        _FREE.reset(token)
 
 
 def discarded(fn: Callable[P, R], *args: P.args, **kwargs: P.kwargs) -> R:
@@ -284,11 +290,4 @@ def discarded(fn: Callable[P, R], *args: P.args, **kwargs: P.kwargs) -> R:
     estimate): every tensor it would allocate is allocated — the memory counts — and nothing is computed or even
     written (:class:`AllocationsOnly` without zero-filling: 0.16 → 0.1 → ≈0 s for a 4096² image). Outside the cost
     model, ``fn`` runs as it is."""
-    if not COSTING.get():
-        return fn(*args, **kwargs)
-    token = _FREE.set(True)
-    try:
-        with AllocationsOnly(fill=False):
-            return fn(*args, **kwargs)
-    finally:
-        _FREE.reset(token)
+    return _allocating(False, fn, *args, **kwargs)
