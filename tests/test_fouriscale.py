@@ -277,12 +277,20 @@ def test_qk_swap_reproduces_the_cond_attention_probabilities(
 
 
 def test_chunking_does_not_change_the_images(sdxl: Any) -> None:
-    """(i) two images at max_batch 3 (one view's three rows per call) and 12 (one call) give the same images."""
+    """(i) two images at max_batch 3 (one view's three rows per call), 2 and 1 (``uncond`` alone, then ``cond`` and
+    ``weak`` together: the weak row still takes the cond row's Q/K) and 12 (one call) give the same images."""
     kw = {**KW, "steps": 5, "seed": 5}
     a = sdxl(["a cat", "a dog"], "fouriscale", 512, 512, max_batch=3, **kw).latents
     b = sdxl(["a cat", "a dog"], "fouriscale", 512, 512, max_batch=12, **kw).latents
     assert torch.allclose(a, b, atol=1e-4)
     assert torch.equal(a, sdxl(["a cat", "a dog"], "fouriscale", 512, 512, max_batch=3, **kw).latents)
+    for split in (1, 2):
+        assert torch.allclose(
+            a, sdxl(["a cat", "a dog"], "fouriscale", 512, 512, max_batch=split, **kw).latents, atol=1e-4
+        )
+    # the weak row without the cond row's Q/K is another image: the split kept the pair together
+    cfg = sdxl(["a cat", "a dog"], "fouriscale", 512, 512, max_batch=3, guidance_variant="cfg", **kw).latents
+    assert not torch.allclose(a, cfg, atol=1e-3)
 
 
 def test_variants_amp_and_freeu_change_the_image(sd: Any) -> None:

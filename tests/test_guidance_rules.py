@@ -174,10 +174,16 @@ def test_predictions_do_not_depend_on_chunking(adapter):
 
 def test_branches_beyond_max_batch_run_in_separate_calls(adapter):
     """max_batch 1 (or 2 with NDCFG's three rows): a view's independent branches split into calls of at most
-    max_batch rows, combined as one call's would be; FouriScale's coupled rows (weak takes cond's Q/K) never split."""
+    max_batch rows, combined as one call's would be; FouriScale's coupled rows (weak takes cond's Q/K) stay together."""
     assert [p.names for p in CFG.parts(1)] == [("uncond",), ("cond",)]
     assert [p.names for p in NDCFG.parts(2)] == [("uncond", "cond"), ("uncond_light",)]
-    assert CFG.parts(2) == [CFG] and FOURISCALE.parts(1) == [FOURISCALE]
+    assert CFG.parts(2) == [CFG] and FOURISCALE.parts(3) == [FOURISCALE]
+    for size in (1, 2):
+        parts = FOURISCALE.parts(size)
+        assert [p.names for p in parts] == [("uncond",), ("cond", "weak")]
+        assert [p.coupled for p in parts] == [(), (("cond", "weak"),)]
+    with pytest.raises(HiresError, match="not consecutive"):
+        GuidanceRule("bad", FOURISCALE.branches, FOURISCALE.combine, coupled=(("uncond", "weak"),))
     t = torch.tensor(400)
     with CallLog(adapter) as log:
         split = adapter.predict(_requests(adapter, [NDCFG, CFG]), t, 1)
@@ -188,7 +194,8 @@ def test_branches_beyond_max_batch_run_in_separate_calls(adapter):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
     with CallLog(adapter) as log:
         adapter.predict(_requests(adapter, [FOURISCALE]), t, 1)
-    assert {rows for rows, _ in log.calls} == {3}
+    assert [info for _, info in log.calls[:2]] == [[(0, "uncond")], [(0, "cond"), (0, "weak")]]
+    assert {rows for rows, _ in log.calls} == {1, 2}
 
 
 def test_accdiffusion_capture_reads_the_cond_branch_only(adapter):

@@ -59,13 +59,20 @@ class GuidanceRule:
     name: str
     branches: tuple[Branch, ...]
     combine: Combine
-    #: the branches see each other inside the call (FouriScale's weak row takes the cond row's Q/K): never split
-    coupled: bool = False
+    #: groups of branches that see each other inside the call (FouriScale's weak row takes the cond row's Q/K),
+    #: each of consecutive branches: a group is never split over calls
+    coupled: tuple[tuple[str, ...], ...] = ()
 
     def __post_init__(self) -> None:
         require(len(self.branches) > 0, f"guidance rule {self.name!r} has no branches")
         names = [b.name for b in self.branches]
         require(len(set(names)) == len(names), f"guidance rule {self.name!r} repeats a branch name: {names}")
+        for group in self.coupled:
+            at = [names.index(n) for n in group if n in names]
+            require(
+                len(at) == len(group) and at == list(range(at[0], at[0] + len(at))),
+                f"guidance rule {self.name!r}: coupled branches {group} are not consecutive branches of {names}",
+            )
 
     @property
     def names(self) -> tuple[str, ...]:
@@ -82,15 +89,41 @@ class GuidanceRule:
         return max(1, max_batch // len(self.branches))
 
     def parts(self, max_batch: int) -> list[GuidanceRule]:
-        """The calls one view's branches take: all together while they fit ``max_batch`` rows (or are
-        :attr:`coupled`), else groups of at most ``max_batch`` branches, each a rule of its own whose outputs,
-        concatenated in order, are this rule's branch-major rows (low-memory runs: ``max_batch=1`` runs a CFG pair
-        as two calls of one row). Rows are independent inside the denoiser, so only rounding differs."""
+        """The calls one view's branches take: all together while they fit ``max_batch`` rows, else consecutive
+        groups of at most ``max_batch`` branches — a :attr:`coupled` group whole, even when it alone exceeds the
+        budget — each a rule of its own whose outputs, concatenated in order, are this rule's branch-major rows
+        (low-memory runs: ``max_batch=1`` runs a CFG pair as two calls of one row; FouriScale's three rows run as
+        ``uncond`` and ``cond + weak`` under 2 or 1). Rows are independent inside the denoiser unless coupled, so
+        only rounding differs."""
         size = max(1, max_batch)
-        if self.coupled or len(self.branches) <= size:
+        if len(self.branches) <= size:
             return [self]
-        groups = [self.branches[s : s + size] for s in range(0, len(self.branches), size)]
-        return [GuidanceRule(f"{self.name}[{','.join(b.name for b in g)}]", g, _unsplit) for g in groups]
+        groups: list[tuple[Branch, ...]] = []
+        for unit in self._units():
+            if groups and len(groups[-1]) + len(unit) <= size:
+                groups[-1] = (*groups[-1], *unit)
+            else:
+                groups.append(unit)
+        if len(groups) == 1:
+            return [self]
+        return [
+            GuidanceRule(f"{self.name}[{','.join(b.name for b in g)}]", g, _unsplit, self._coupled_in(g))
+            for g in groups
+        ]
+
+    def _units(self) -> list[tuple[Branch, ...]]:
+        """The branches in order, each coupled group as one unit."""
+        units: list[tuple[Branch, ...]] = []
+        i = 0
+        while i < len(self.branches):
+            group = next((g for g in self.coupled if g[0] == self.branches[i].name), (self.branches[i].name,))
+            units.append(self.branches[i : i + len(group)])
+            i += len(group)
+        return units
+
+    def _coupled_in(self, branches: tuple[Branch, ...]) -> tuple[tuple[str, ...], ...]:
+        names = {b.name for b in branches}
+        return tuple(g for g in self.coupled if set(g) <= names)
 
     def apply(self, out: torch.Tensor, guidance: Sequence[float]) -> torch.Tensor:
         """The prediction per view from one call's output ``out`` (rows branch-major, ``len(guidance)`` views)."""
@@ -133,7 +166,10 @@ CFG = GuidanceRule("cfg", (Branch(UNCOND, "uncond"), Branch(COND, "cond")), _cfg
 NO_GUIDANCE = GuidanceRule("none", (Branch(COND, "cond"),), _cond_only)
 NDCFG = GuidanceRule("ndcfg", (Branch(UNCOND, "uncond"), Branch(COND, "cond"), Branch(UNCOND_LIGHT, "uncond")), _ndcfg)
 FOURISCALE = GuidanceRule(
-    "fouriscale", (Branch(UNCOND, "uncond"), Branch(COND, "cond"), Branch(WEAK, "cond")), _fouriscale, coupled=True
+    "fouriscale",
+    (Branch(UNCOND, "uncond"), Branch(COND, "cond"), Branch(WEAK, "cond")),
+    _fouriscale,
+    coupled=((COND, WEAK),),
 )
 
 
