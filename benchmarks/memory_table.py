@@ -1,13 +1,17 @@
 """Estimated peak memory of every method per size, default and ``--low-vram`` (the README's memory table).
 
 Each cell is the cost model's estimate (:mod:`hiresdiff.cost`, :mod:`hiresdiff.memory`): the method's real code
-path on shape-only modules, previews on (as ``hiresdiff generate`` runs by default), at the run's dtype. It is an
-estimate, not a measurement: framework workspace and allocator fragmentation come on top (see
+path on shape-only modules, previews on (as ``hiresdiff generate`` runs by default), at the run's dtype, for a run
+on a CUDA card (the text encoders wait on the CPU between prompts, :func:`hiresdiff.memory.parks_text`). The
+default columns settle ``max_batch`` auto as ``generate``'s plan does on a card of ``--sdxl-card`` /
+``--flux-card`` GiB (12 and 24, half a GiB of it taken by the CUDA context); the number chosen follows the
+peak. ``--low-vram`` runs one row per call.
+It is an estimate, not a measurement: framework workspace and allocator fragmentation come on top (see
 :mod:`hiresdiff.memory`). The letter after a value names what sets the peak: ``D`` a denoiser call, ``V`` a VAE
 call, ``T`` a text-encoder call, ``C`` the work between calls. ::
 
     python benchmarks/memory_table.py                       # SDXL fp16 at 2048² and 4096², FLUX.1-dev bf16 at 2048²
-    python benchmarks/memory_table.py --steps 4 --sdxl-methods demofusion --flux-methods ""
+    python benchmarks/memory_table.py --steps 4 --sdxl-methods demofusion --flux-methods "" --sdxl-card 16
 
 The peak does not depend on the number of steps (every step runs the same calls), so ``--steps`` only trades
 time: it defaults to each model's own (SDXL 50, FLUX.1-dev 30).
@@ -23,17 +27,36 @@ from dataclasses import dataclass
 import torch
 
 from hiresdiff.bench.plan import parse_methods
-from hiresdiff.cost import model_cost
+from hiresdiff.config import AUTO
+from hiresdiff.cost.model import STAND_IN_PROMPT, architecture_of, controlnet_extras, counting_controlnet
 from hiresdiff.errors import HiresError
-from hiresdiff.memory import MemoryEstimate, gib
+from hiresdiff.memory import GIB, MemoryEstimate, gib
+from hiresdiff.pipeline import build_request
+from hiresdiff.plan import choose_max_batch, request_cost
 
 SDXL_METHODS = ",".join(
-    ("direct,multidiffusion,demofusion,accdiffusion,apt:apt,apldm,scalediff", "hidiffusion,scalecrafter,fouriscale")
+    (
+        "direct,multidiffusion,demofusion,accdiffusion,apt:apt,apldm,scalediff",
+        "hidiffusion,scalecrafter,fouriscale,diffusehigh,freescale,upsample-guidance,accdiffusion-v2",
+    )
 )
 #: the methods that run on FLUX (AccDiffusion needs UNet cross-attention; APT's default SAS a DDPM β schedule)
 FLUX_METHODS = "direct,multidiffusion,demofusion,apldm,scalediff"
+#: methods that run with a ControlNet of the architecture (AccDiffusion v2: a canny SDXL one, required)
+CONTROLNET_METHODS = {"accdiffusion-v2": "canny ControlNet"}
 #: the letter of the component that sets the peak
 SETTERS = {"denoiser": "D", "vae": "V", "text_encoder": "T", "controlnet": "N", "canvas": "C"}
+#: what the CUDA context takes of a card before the run (its free memory is the rest)
+CONTEXT = GIB // 2
+DEVICE = "cuda"
+
+
+@dataclass(frozen=True)
+class Cell:
+    """One estimate and the ``max_batch`` it ran with."""
+
+    estimate: MemoryEstimate
+    max_batch: int
 
 
 @dataclass(frozen=True)
@@ -41,40 +64,63 @@ class Row:
     """One method's estimates on one model: ``cells[(side, low_vram)]``."""
 
     label: str
-    cells: dict[tuple[int, bool], MemoryEstimate]
+    cells: dict[tuple[int, bool], Cell]
 
 
 def estimate(
-    model: str, method: str, preset: str | None, side: int, dtype: torch.dtype, low_vram: bool, steps: int | None
-) -> MemoryEstimate:
-    """The estimated peak of one ``side × side`` generation with previews on (``--low-vram``: its batch and tile
-    defaults too)."""
-    kwargs = {"steps": steps} if steps is not None else {}
-    report = model_cost(method, model, side, side, preset=preset, previews=True, low_vram=low_vram, **kwargs)
-    return MemoryEstimate.of(report, dtype, low_vram)
+    model: str,
+    method: str,
+    preset: str | None,
+    side: int,
+    dtype: torch.dtype,
+    low_vram: bool,
+    steps: int | None,
+    card: int,
+) -> Cell:
+    """The estimated peak of one ``side × side`` generation with previews on, on a CUDA card of ``card`` bytes:
+    ``max_batch`` auto settled for its free memory (``--low-vram``: its batch and tile defaults)."""
+    kwargs: dict[str, object] = {"steps": steps} if steps is not None else {}
+    if method in CONTROLNET_METHODS:
+        kwargs["extras"] = controlnet_extras(counting_controlnet(architecture_of(model)))
+    req = build_request(STAND_IN_PROMPT, method, side, side, preset=preset, previews=True, low_vram=low_vram, **kwargs)
+    if req.settings.max_batch == AUTO:
+        report = choose_max_batch(req, model, dtype, card - CONTEXT, DEVICE)
+    else:
+        report = request_cost(req, model)
+    return Cell(MemoryEstimate.of(report, dtype, low_vram, DEVICE), int(req.settings.max_batch))
 
 
 def table_rows(
-    model: str, methods: str, sides: Sequence[int], dtype: torch.dtype, steps: int | None, log: bool = True
+    model: str,
+    methods: str,
+    sides: Sequence[int],
+    dtype: torch.dtype,
+    steps: int | None,
+    card: int = 12 * GIB,
+    log: bool = True,
 ) -> list[Row]:
     """Every method × side × {default, ``--low-vram``}."""
     rows = []
     for method, preset in parse_methods(methods):
         label = f"`{method}`" + (f" (`{preset}`)" if preset else "")
+        label += f" (+ {CONTROLNET_METHODS[method]})" if method in CONTROLNET_METHODS else ""
         cells = {}
         for side in sides:
             for low in (False, True):
-                cells[(side, low)] = est = estimate(model, method, preset, side, dtype, low, steps)
+                cells[(side, low)] = c = estimate(model, method, preset, side, dtype, low, steps, card)
                 if log:
-                    mode = "--low-vram" if low else "default"
-                    print(f"{model} {method} {side}² {mode}: {gib(est.peak)} ({est.describe()})", file=sys.stderr)
+                    est, mode = c.estimate, "--low-vram" if low else "default"
+                    print(
+                        f"{model} {method} {side}² {mode}: {gib(est.peak)} max_batch {c.max_batch} ({est.describe()})",
+                        file=sys.stderr,
+                    )
         rows.append(Row(label, cells))
     return rows
 
 
-def cell(est: MemoryEstimate) -> str:
-    """``10.1 GiB V``: the peak and what sets it."""
-    return f"{gib(est.peak)} {SETTERS.get(est.largest, '?')}"
+def cell(c: Cell) -> str:
+    """``10.1 GiB V · 8``: the peak, what sets it and the rows per denoiser call."""
+    return f"{gib(c.estimate.peak)} {SETTERS.get(c.estimate.largest, '?')} · {c.max_batch}"
 
 
 def markdown(title: str, rows: list[Row], sides: Sequence[int]) -> str:
@@ -99,6 +145,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--flux-methods", default=FLUX_METHODS, help="method[:preset],… ('' for none)")
     ap.add_argument("--flux-sizes", default="2048")
     ap.add_argument("--steps", type=int, default=None, help="inference steps (the peak does not depend on them)")
+    ap.add_argument("--sdxl-card", type=float, default=12.0, help="GiB of the card SDXL's max_batch auto fits")
+    ap.add_argument("--flux-card", type=float, default=24.0, help="GiB of the card FLUX's max_batch auto fits")
     return ap.parse_args(argv)
 
 
@@ -112,15 +160,16 @@ def sides_of(text: str) -> list[int]:
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     tables = [
-        (args.sdxl_model, args.sdxl_methods, args.sdxl_sizes, torch.float16, "SDXL, float16"),
-        (args.flux_model, args.flux_methods, args.flux_sizes, torch.bfloat16, "FLUX.1-dev, bfloat16"),
+        (args.sdxl_model, args.sdxl_methods, args.sdxl_sizes, torch.float16, args.sdxl_card, "SDXL, float16"),
+        (args.flux_model, args.flux_methods, args.flux_sizes, torch.bfloat16, args.flux_card, "FLUX.1-dev, bfloat16"),
     ]
     try:
         out = []
-        for model, methods, sizes, dtype, title in tables:
+        for model, methods, sizes, dtype, card, title in tables:
             if methods.strip():
                 sides = sides_of(sizes)
-                out.append(markdown(title, table_rows(model, methods, sides, dtype, args.steps), sides))
+                rows = table_rows(model, methods, sides, dtype, args.steps, int(card * GIB))
+                out.append(markdown(f"{title}, {card:g} GiB card", rows, sides))
     except HiresError as exc:
         print(f"memory_table: error: {exc}", file=sys.stderr)
         return 2

@@ -197,6 +197,45 @@ def test_one_large_component_on_the_device_per_call_flux(tiny_flux: Any, residen
     hp.adapter.set_offload(False)
 
 
+def test_text_encoders_wait_on_the_cpu_outside_low_vram_on_an_accelerator(
+    tiny_sdxl_pipe: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Default mode on an accelerator (stood in for by the CPU, :func:`parks_text` patched): the text encoders go
+    to the CPU, come to the device only for the prompt, and the denoiser and the VAE never move; the image is the
+    same. On the CPU itself nothing parks."""
+    import hiresdiff.memory as memory
+
+    assert not memory.parks_text("cpu") and memory.parks_text("cuda:0") and memory.parks_text("mps")
+    names = ("text_encoder", "text_encoder_2", "vae", "unet")
+    moves = spy_moves(monkeypatch, tiny_sdxl_pipe, names)
+    hp = HiresPipeline.from_pipe(tiny_sdxl_pipe, "tiny-sdxl")
+    kw = {"steps": 2, "seed": 1, "progress": False, "previews": False, "max_batch": 8, "decode_tile_area": None}
+    plain = hp("a cat", "direct", 256, 256, **kw)
+    assert moves == [] and not hp.adapter.park_text
+    monkeypatch.setattr(memory, "parks_text", lambda device: True)
+    parked = hp("a cat", "direct", 256, 256, **kw)
+    home = [("text_encoder", "cpu"), ("text_encoder_2", "cpu"), ("vae", "cpu")]  # VAE: stays with the UNet
+    borrow_text = [("text_encoder", "cpu"), ("text_encoder_2", "cpu")] * 2  # to the device and back
+    assert hp.adapter.park_text and not hp.adapter.offload
+    assert moves == home + borrow_text
+    assert torch.equal(parked.latents, plain.latents)
+
+
+def test_the_estimate_books_parked_text_encoders_only_for_the_prompt() -> None:
+    report = model_cost("demofusion", "tiny-sdxl", 512, 512, steps=1, controlnet=True, previews=True)
+    w = report.weights_bytes
+    full = MemoryEstimate.of(report, torch.float32, low_vram=False)  # on the CPU: everything in the same memory
+    gpu = MemoryEstimate.of(report, torch.float32, low_vram=False, device="cuda")
+    assert not full.text_parked and gpu.text_parked
+    assert gpu.resident("text_encoder") == full.resident("text_encoder") == sum(w.values())
+    for c in ("denoiser", "controlnet", "vae"):
+        assert gpu.resident(c) == sum(w.values()) - w["text_encoder"]
+        assert gpu.at(c) == full.at(c) - w["text_encoder"]
+    assert gpu.at("canvas") == sum(w.values()) - w["text_encoder"] + report.canvas_bytes
+    low = MemoryEstimate.of(report, torch.float32, low_vram=True, device="cuda")  # low-VRAM parks more already
+    assert not low.text_parked and low.peak == MemoryEstimate.of(report, torch.float32, low_vram=True).peak
+
+
 def test_controlnet_steps_off_with_the_denoiser_and_blocks_nest(
     tiny_sd_pipe: Any, make_controlnet: Any, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -265,7 +304,9 @@ def test_a_low_vram_load_puts_only_the_denoiser_on_the_device(monkeypatch: pytes
     monkeypatch.setattr(
         loading, "load_pipeline", lambda spec, **kw: (loaded.append(str(kw["device"])), load(spec, **kw))[1]
     )
-    monkeypatch.setattr(ModelAdapter, "start_offloaded", lambda ad, dev: (started.append(str(dev)), start(ad, dev))[1])
+    monkeypatch.setattr(
+        ModelAdapter, "start_offloaded", lambda ad, dev, *a: (started.append(str(dev)), start(ad, dev, *a))[1]
+    )
     pipeline_mod._CACHE.clear()
     generate("a cat", "direct", "tiny-sd", 128, 128, steps=1, progress=False, device="cpu", low_vram=True)
     hp = next(iter(pipeline_mod._CACHE.values()))

@@ -8,7 +8,8 @@ call: the canvas bytes alive when it starts plus the call's own activations. The
                 max_c resident(c) + canvas peak between calls )
 
 where ``resident(c)`` is every weight on the device (``low_vram``: only ``c``'s own, the denoiser's together with
-the ControlNet's — the denoiser steps off the device while the text encoders or the VAE run) and
+the ControlNet's — the denoiser steps off the device while the text encoders or the VAE run; on an accelerator
+otherwise every weight but the text encoders', which come to the device only for the prompt, :func:`parks_text`) and
 ``dtype_c`` is the run dtype (the VAE: float32 when its config forces an upcast of float16). It leaves out the
 framework's own workspace and allocator fragmentation, so it is a lower bound that real runs exceed by some
 hundreds of MiB.
@@ -30,6 +31,14 @@ from hiresdiff.cost.model import CostReport
 GIB = 2**30
 #: on the device together while the denoiser runs; in low-VRAM mode every other component runs alone
 _DENOISING = ("denoiser", "controlnet")
+_TEXT = "text_encoder"
+
+
+def parks_text(device: str | torch.device) -> bool:
+    """Whether a run on ``device`` outside low-VRAM mode keeps the text encoders on the CPU between prompts: on an
+    accelerator (they run once per image, the rest of the run needs the room — SDXL's two 1.5 GiB in float16,
+    FLUX's T5-XXL 8.9 GiB); on the CPU every weight is in the same memory anyway."""
+    return torch.device(device).type not in ("cpu", "meta")
 
 
 def gib(n: float) -> str:
@@ -40,17 +49,20 @@ def gib(n: float) -> str:
 @dataclass(frozen=True)
 class MemoryEstimate:
     """Bytes of one generation at its dtype: ``weights`` and the largest call ``peaks`` per component, and the
-    ``canvas`` peak of the orchestration itself (e.g. blending decoded tiles)."""
+    ``canvas`` peak of the orchestration itself (e.g. blending decoded tiles); ``text_parked``: outside low-VRAM
+    mode the text encoders are on the device only while they run (:func:`parks_text`)."""
 
     weights: dict[str, int]
     peaks: dict[str, CallPeak]
     low_vram: bool
     canvas: int = 0
+    text_parked: bool = False
 
     @classmethod
-    def of(cls, report: CostReport, dtype: torch.dtype, low_vram: bool) -> MemoryEstimate:
-        """The report's float32 measurements at ``dtype``."""
-        return cls.of_parts(report.weights_bytes, report.peaks, report.canvas_bytes, report.vae_upcast, dtype, low_vram)
+    def of(cls, report: CostReport, dtype: torch.dtype, low_vram: bool, device: str = "cpu") -> MemoryEstimate:
+        """The report's float32 measurements at ``dtype``, for a run on ``device``."""
+        parts = (report.weights_bytes, report.peaks, report.canvas_bytes, report.vae_upcast)
+        return cls.of_parts(*parts, dtype, low_vram, device)
 
     @classmethod
     def of_parts(
@@ -61,29 +73,34 @@ class MemoryEstimate:
         vae_upcast: bool,
         dtype: torch.dtype,
         low_vram: bool,
+        device: str = "cpu",
     ) -> MemoryEstimate:
-        """Float32 weights, call peaks and canvas bytes (a whole report's, or those of a run so far) at ``dtype``;
-        ``vae_upcast``: the VAE stays float32 under float16."""
+        """Float32 weights, call peaks and canvas bytes (a whole report's, or those of a run so far) at ``dtype``
+        for a run on ``device``; ``vae_upcast``: the VAE stays float32 under float16."""
         size = torch.empty((), dtype=dtype).element_size() / 4
         vae = 1.0 if vae_upcast and dtype == torch.float16 else size
         scale = {name: vae if name == "vae" else size for name in {*weights_bytes, *peaks}}
         weights = {name: int(n * scale[name]) for name, n in weights_bytes.items() if n}
         scaled = {n: dataclasses.replace(p, activations=int(p.activations * scale[n])) for n, p in peaks.items()}
-        return cls(weights, scaled, low_vram, canvas)
+        return cls(weights, scaled, low_vram, canvas, not low_vram and parks_text(device))
 
     def resident(self, component: str) -> int:
         """Weight bytes on the device while ``component`` runs (low-VRAM mode: its own, or the denoiser's and the
-        ControlNet's, as :meth:`~hiresdiff.models.adapter.ModelAdapter.borrowed` places them)."""
+        ControlNet's, as :meth:`~hiresdiff.models.adapter.ModelAdapter.borrowed` places them; with
+        :attr:`text_parked` every weight but the text encoders' unless they run)."""
         if not self.low_vram:
-            return sum(self.weights.values())
+            parked = self.text_parked and component != _TEXT
+            return sum(n for name, n in self.weights.items() if not (parked and name == _TEXT))
         group = _DENOISING if component in _DENOISING else (component,)
         return sum(n for name, n in self.weights.items() if name in group)
 
     def at(self, component: str) -> int:
         """Bytes while ``component``'s largest call runs (``canvas``: between calls, under the largest set of
-        weights that is ever on the device)."""
+        weights that is ever on the device but the parked text encoders', which run before the canvas grows)."""
         if component == "canvas":
-            return max((self.resident(c) for c in self.peaks), default=sum(self.weights.values())) + self.canvas
+            held = [self.resident(c) for c in self.peaks if not (self.text_parked and c == _TEXT)]
+            everything = sum(n for name, n in self.weights.items() if not (self.text_parked and name == _TEXT))
+            return max(held, default=everything) + self.canvas
         return self.resident(component) + self.peaks[component].total
 
     @property

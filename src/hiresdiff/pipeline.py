@@ -239,17 +239,19 @@ class HiresPipeline:
         allow_pickle: bool = False,
         low_vram: bool = False,
     ) -> HiresPipeline:
-        """Load ``model`` (hub id, diffusers folder, ``.safetensors`` file or built-in name); ``low_vram``: only the
-        denoiser goes to ``device`` (:meth:`~hiresdiff.models.adapter.ModelAdapter.start_offloaded`)."""
+        """Load ``model`` (hub id, diffusers folder, ``.safetensors`` file or built-in name) onto ``device`` as a
+        run keeps it there: ``low_vram`` only the denoiser, else on an accelerator all but the text encoders, which
+        wait on the CPU for the prompt (:meth:`~hiresdiff.models.adapter.ModelAdapter.start_offloaded`)."""
+        from hiresdiff.memory import parks_text
         from hiresdiff.models.loading import load_pipeline, resolve_model
 
         device = resolve_device(device)
         spec = resolve_model(model, allow_pickle=allow_pickle)
-        home = "cpu" if low_vram else device
+        home = "cpu" if low_vram or parks_text(device) else device
         pipe = load_pipeline(spec, dtype=resolve_dtype(dtype), device=home, allow_pickle=allow_pickle)
         hp = cls(pipe, model, allow_pickle=allow_pickle)
-        if low_vram:
-            hp.adapter.start_offloaded(device)
+        if low_vram or home != device:
+            hp.adapter.start_offloaded(device, low_vram)
         return hp
 
     @property

@@ -20,7 +20,16 @@ from hiresdiff.config import AUTO, LOW_VRAM_DEFAULTS, GenerationSettings, fallba
 from hiresdiff.cost.meta import CallPeak
 from hiresdiff.cost.model import CostReport, Watch
 from hiresdiff.errors import HiresError
-from hiresdiff.memory import GIB, MemoryEstimate, free_memory, gib, loaded_bytes, rows_that_fit, side_scale_that_fits
+from hiresdiff.memory import (
+    GIB,
+    MemoryEstimate,
+    free_memory,
+    gib,
+    loaded_bytes,
+    parks_text,
+    rows_that_fit,
+    side_scale_that_fits,
+)
 from hiresdiff.models.builtins import BUILTIN_MODELS
 from hiresdiff.stages import area_steps, canvas_at, doubling_phases, native_area_canvas, progressive_phases
 
@@ -127,25 +136,32 @@ _PRICED_LOCK = threading.Lock()
 _STOPPED: dict[str, int] = {}
 
 
-def stopped_peak(req: Any, model: str, dtype: torch.dtype, **overrides: Any) -> int:
-    """The largest peak (bytes, at ``dtype``) an estimate of ``req`` with ``overrides`` was stopped at so far — a
-    lower bound of its peak — or 0 when none was stopped (kept in the process and, for fixed architectures, on
-    disk beside the reports)."""
+def _stopped_key(req: Any, model: str, dtype: torch.dtype, device: str, overrides: dict[str, Any]) -> str:
+    parked = " text parked" if parks_text(device) and not req.settings.low_vram else ""
+    return _request_key(req, model, overrides)[0] + f" stopped at {dtype}{parked}"
+
+
+def stopped_peak(req: Any, model: str, dtype: torch.dtype, device: str = "cpu", **overrides: Any) -> int:
+    """The largest peak (bytes, at ``dtype`` on ``device``) an estimate of ``req`` with ``overrides`` was stopped
+    at so far — a lower bound of its peak — or 0 when none was stopped (kept in the process and, for fixed
+    architectures, on disk beside the reports)."""
     from hiresdiff.cost import store
 
-    key = _request_key(req, model, overrides)[0] + f" stopped at {dtype}"
+    key = _stopped_key(req, model, dtype, device, overrides)
     with _PRICED_LOCK:
         known = _STOPPED.get(key, 0)
     kept = (_fixed(model) and store.load_report(key)) or {}
     return max(known, int(kept.get("peak_at_least", 0)))
 
 
-def keep_stopped_peak(req: Any, model: str, dtype: torch.dtype, peak: int, **overrides: Any) -> None:
-    """Remember that the estimate of ``req`` with ``overrides`` at ``dtype`` exceeds ``peak`` bytes."""
+def keep_stopped_peak(
+    req: Any, model: str, dtype: torch.dtype, peak: int, device: str = "cpu", **overrides: Any
+) -> None:
+    """Remember that the estimate of ``req`` with ``overrides`` at ``dtype`` on ``device`` exceeds ``peak`` bytes."""
     from hiresdiff.cost import store
 
-    key = _request_key(req, model, overrides)[0] + f" stopped at {dtype}"
-    if peak <= stopped_peak(req, model, dtype, **overrides):
+    key = _stopped_key(req, model, dtype, device, overrides)
+    if peak <= stopped_peak(req, model, dtype, device, **overrides):
         return
     with _PRICED_LOCK:
         _STOPPED[key] = peak
@@ -241,7 +257,7 @@ def _predicted(candidates: list[int], known: dict[int, int], lo: int, hi: int, r
     return answer + 1 if answer == lo else answer
 
 
-def choose_max_batch(req: Any, model: str, dtype: torch.dtype, free: int | None) -> CostReport:
+def choose_max_batch(req: Any, model: str, dtype: torch.dtype, free: int | None, device: str = "cpu") -> CostReport:
     """Settle ``max_batch="auto"`` of ``req`` (its settings then hold the number) and return the cost report at it.
 
     The choice is the largest number of rows per denoiser call whose estimated peak (:class:`MemoryEstimate`)
@@ -253,7 +269,8 @@ def choose_max_batch(req: Any, model: str, dtype: torch.dtype, free: int | None)
     run and two or three more. When a call other than the denoiser's (an untiled VAE decode) exceeds the room
     alone, no number of rows fits (none changes that call): the smallest is taken, as the search would end, without
     searching, and the memory check names what would fit. Priced reports are reused (:func:`request_cost`'s
-    cache). ``free`` unknown: :func:`~hiresdiff.config.fallback_batch`.
+    cache). ``free`` unknown: :func:`~hiresdiff.config.fallback_batch`. ``device``: where the run goes (whether its
+    text encoders wait on the CPU, :func:`~hiresdiff.memory.parks_text`).
     """
     s = req.settings
     if free is None:
@@ -267,11 +284,11 @@ def choose_max_batch(req: Any, model: str, dtype: torch.dtype, free: int | None)
     def estimate(rows: int) -> MemoryEstimate:
         if rows not in reports:
             reports[rows] = request_cost(req, model, max_batch=rows)
-        return MemoryEstimate.of(reports[rows], dtype, s.low_vram)
+        return MemoryEstimate.of(reports[rows], dtype, s.low_vram, device)
 
     def over(weights: dict[str, int], peaks: dict[str, CallPeak], canvas: int, upcast: bool) -> None:
         """Stop a probe whose run so far already exceeds the room (its peak can only grow)."""
-        so_far = MemoryEstimate.of_parts(weights, peaks, canvas, upcast, dtype, s.low_vram).peak
+        so_far = MemoryEstimate.of_parts(weights, peaks, canvas, upcast, dtype, s.low_vram, device).peak
         if so_far > room:
             raise _Exceeded(so_far)
 
@@ -279,13 +296,13 @@ def choose_max_batch(req: Any, model: str, dtype: torch.dtype, free: int | None)
         """The peak at ``rows``, or a lower bound above the room: one a stopped estimate of the same request found
         before (no run), or the peak so far of a run stopped now once it exceeded the room (kept for later)."""
         if rows not in reports:
-            bound = stopped_peak(req, model, dtype, max_batch=rows)
+            bound = stopped_peak(req, model, dtype, device, max_batch=rows)
             if bound > room:
                 return bound
             try:
                 reports[rows] = request_cost(req, model, watch=over, max_batch=rows)
             except _Exceeded as stop:
-                keep_stopped_peak(req, model, dtype, stop.peak, max_batch=rows)
+                keep_stopped_peak(req, model, dtype, stop.peak, device, max_batch=rows)
                 return stop.peak
         return estimate(rows).peak
 
@@ -370,13 +387,13 @@ def budget(req: Any, model: str, device: str, dtype: torch.dtype, *, loaded: int
     s = req.settings
     auto = s.max_batch == AUTO
     try:
-        report = choose_max_batch(req, model, dtype, free) if auto else request_cost(req, model)
+        report = choose_max_batch(req, model, dtype, free, device) if auto else request_cost(req, model)
     except HiresError as exc:
         reason = str(exc)
     except Exception as exc:  # the estimate is advice: a cost-model failure must not stop a generation
         reason = f"cost model failed: {type(exc).__name__}: {exc}"[:200]
     else:
-        return Budget(report, MemoryEstimate.of(report, dtype, s.low_vram), free, device, auto=auto)
+        return Budget(report, MemoryEstimate.of(report, dtype, s.low_vram, device), free, device, auto=auto)
     if auto:
         s.max_batch = fallback_batch(s.low_vram)
     return Budget(None, None, free, device, reason, auto=auto)
@@ -423,7 +440,7 @@ def check_budget(
 
     def price(change: dict[str, Any]) -> int:
         report = request_cost(req, model, **change)
-        return MemoryEstimate.of(report, dtype, change.get("low_vram", s.low_vram)).peak
+        return MemoryEstimate.of(report, dtype, change.get("low_vram", s.low_vram), b.device).peak
 
     changes: list[dict[str, Any]] = []
     if (rows := rows_that_fit(est, free, s.cfg)) is not None:

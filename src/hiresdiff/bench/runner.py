@@ -101,10 +101,10 @@ def check_memory(
         req = item_request(plan, item)
         auto = req.settings.max_batch == AUTO
         if auto:
-            report = choose_max_batch(req, plan.model, dtype, free)
+            report = choose_max_batch(req, plan.model, dtype, free, device)
             if batches is not None:
                 batches[item.group] = int(req.settings.max_batch)
-        b = Budget(report, MemoryEstimate.of(report, dtype, req.settings.low_vram), free, device, auto=auto)
+        b = Budget(report, MemoryEstimate.of(report, dtype, req.settings.low_vram, device), free, device, auto=auto)
         try:
             check_budget(b, req, plan.model, dtype, grid, BENCH_FLAGS)
         except HiresError as exc:

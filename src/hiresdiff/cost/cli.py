@@ -47,6 +47,7 @@ def cmd_cost(args: argparse.Namespace) -> int:
     from hiresdiff.cost.model import model_cost
     from hiresdiff.errors import require
     from hiresdiff.memory import MemoryEstimate, gib
+    from hiresdiff.pipeline import resolve_device
 
     require(args.peak_tflops is None or args.peak_tflops > 0, f"--peak-tflops must be > 0, got {args.peak_tflops}")
     options = {
@@ -80,7 +81,7 @@ def cmd_cost(args: argparse.Namespace) -> int:
         print(f"  {name:<14} {flops / TERA:>14,.1f} TFLOP  {note}")
     print(f"  native-size denoiser samples: {report.native_samples:g} ({report.native_samples_per_step:g} per step)")
     for dtype in (torch.float16, torch.float32):
-        est = MemoryEstimate.of(report, dtype, bool(kwargs.get("low_vram")))
+        est = MemoryEstimate.of(report, dtype, bool(kwargs.get("low_vram")), resolve_device(args.device))
         print(f"  est. peak memory at {str(dtype)[6:]}: {gib(est.peak)} ({est.describe()})")
     if "flop_bound_s" in data:
         print(f"  FLOP bound at {args.peak_tflops:g} TFLOP/s: {data['flop_bound_s']:.1f} s")

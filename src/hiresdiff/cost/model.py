@@ -277,7 +277,7 @@ def counting_controlnet(architecture: str) -> MetaModule:
     return net
 
 
-def _controlnet_extras(net: Any) -> Any:
+def controlnet_extras(net: Any) -> Any:
     """Extras that run the counting pipeline's ControlNet on a blank control image of the target size."""
     from hiresdiff.extras import Extras
     from hiresdiff.inputs import SourceImage
@@ -374,7 +374,7 @@ def model_cost(
     # attentive guidance (PFSA) is non-model work: it changes no call, and on the CPU it costs more than the rest
     kwargs["ag_lambda"] = 0.0
     control = counting_controlnet(arch) if controlnet else None
-    extras = _controlnet_extras(control) if control is not None else None
+    extras = controlnet_extras(control) if control is not None else None
     if upscaler is not None:
         from hiresdiff.extras import Extras
 

@@ -180,6 +180,8 @@ class ModelAdapter:
     _placement: tuple[torch.device, torch.dtype] | None = None
     #: low-VRAM mode: text encoders and VAE wait on the CPU (:meth:`set_offload`)
     offload: bool = False
+    #: otherwise, on an accelerator: the text encoders wait on the CPU (:func:`~hiresdiff.memory.parks_text`)
+    park_text: bool = False
     #: the modules :meth:`borrowed` has on the device now, outermost block first
     _lent: tuple[torch.nn.Module, ...] = ()
     #: how the step's denoiser calls are run: here, or shared out over ranks (:mod:`hiresdiff.parallel`)
@@ -273,30 +275,47 @@ class ModelAdapter:
 
     def set_offload(self, on: bool) -> None:
         """Low-VRAM mode (``on``): the text encoders and the VAE wait on the CPU and :meth:`borrowed` brings each in
-        only while it runs, in place of the denoiser; turning it off brings them back to the denoiser's device.
+        only while it runs, in place of the denoiser. Otherwise, on an accelerator, only the text encoders wait on
+        the CPU and come to the device for the prompt (:func:`~hiresdiff.memory.parks_text`), beside the rest.
         Placement is left alone while the mode does not change, so a pipeline the caller arranged stays as it is."""
-        if on == self.offload:
-            return
-        self.offload = on
-        home = torch.device("cpu") if on else self.device
-        for module in self._offloadable():
-            module.to(home)
+        from hiresdiff.memory import parks_text
 
-    def start_offloaded(self, device: str | torch.device) -> None:
-        """Low-VRAM mode for a pipeline loaded on the CPU: only the denoiser goes to ``device``, the text encoders
-        and the VAE stay on the CPU until borrowed. Loading the whole pipeline onto the device first would put
-        every weight there at once (FLUX.1-dev: 31 GiB in bfloat16, more than the 24 GiB low-VRAM mode fits)."""
+        park = not on and parks_text(self.device)
+        if (on, park) == (self.offload, self.park_text):
+            return
+        self.offload, self.park_text = on, park
+        waiting = self._waiting()
+        for module in self._offloadable():
+            module.to("cpu" if any(module is m for m in waiting) else self.device)
+
+    def _waiting(self) -> list[torch.nn.Module]:
+        """The modules whose home is the CPU in the current mode (:meth:`set_offload`)."""
+        return self._offloadable() if self.offload else self.text_encoders() if self.park_text else []
+
+    def start_offloaded(self, device: str | torch.device, low_vram: bool = True) -> None:
+        """A pipeline loaded on the CPU goes to ``device`` as a run in its mode keeps it: low-VRAM mode only the
+        denoiser, the text encoders and the VAE stay on the CPU until borrowed; otherwise everything but the text
+        encoders where they wait on the CPU (:meth:`set_offload`). Loading the whole pipeline onto the device first
+        would put every weight there at once (FLUX.1-dev: 31 GiB in bfloat16, more than the 24 GiB low-VRAM mode
+        fits)."""
+        from hiresdiff.memory import parks_text
+
         try:
             self.denoiser_module.to(device)
+            if not low_vram:
+                for module in self._offloadable():
+                    if not parks_text(device) or module is self.vae:
+                        module.to(device)
         except (RuntimeError, AssertionError, ValueError) as error:
             first = (str(error).strip().splitlines() or [type(error).__name__])[0]
             raise HiresError(f"cannot move the denoiser to device {str(device)!r}: {first}") from error
-        self.offload = True
+        self.offload, self.park_text = low_vram, not low_vram and parks_text(device)
         self.refresh_placement()
 
     @contextmanager
     def borrowed(self, *modules: torch.nn.Module) -> Iterator[None]:
-        """In low-VRAM mode, ``modules`` on the denoiser's device for the block and back on the CPU afterwards.
+        """In low-VRAM mode, ``modules`` on the denoiser's device for the block and back on the CPU afterwards;
+        with :attr:`park_text`, the text encoders among them, beside everything else.
 
         Only one large component is on the device at a time: the denoiser and the ControlNet step off to the CPU
         for the block and come back after it (SDXL: the 4.8 GiB float16 UNet is not beside the float32 VAE
@@ -305,13 +324,18 @@ class ModelAdapter:
         never per tile. Blocks nest: an inner block moves only what is not on the device yet, so a caller may hold
         the VAE over a decode → resize → encode step and pay one round trip for it.
         """
-        if not self.offload:
+        if not (self.offload or self.park_text):
             yield
             return
         device = self.device  # the compute device, read before the denoiser leaves it
         outer = not self._lent
-        fresh = [m for m in dict.fromkeys(modules) if all(m is not lent for lent in self._lent)]
-        parked = self._denoising() if outer else []
+        waiting = self._waiting()
+        fresh = [
+            m
+            for m in dict.fromkeys(modules)
+            if any(m is w for w in waiting) and all(m is not lent for lent in self._lent)
+        ]
+        parked = self._denoising() if outer and self.offload else []
         self._lent = (*self._lent, *fresh)
         try:  # a move that fails (out of memory) still puts everything back
             for module in parked:
