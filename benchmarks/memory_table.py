@@ -5,7 +5,7 @@ path on shape-only modules, previews on (as ``hiresdiff generate`` runs by defau
 on a CUDA card (the text encoders wait on the CPU between prompts, :func:`hiresdiff.memory.parks_text`). The
 default columns settle ``max_batch`` auto as ``generate``'s plan does on a card of ``--sdxl-card`` /
 ``--flux-card`` GiB (12 and 24, half a GiB of it taken by the CUDA context); the number chosen follows the
-peak. ``--low-vram`` runs one row per call.
+peak, ``†`` where the plan tiles the VAE to fit (:func:`hiresdiff.plan.budget`). ``--low-vram`` runs one row per call.
 It is an estimate, not a measurement: framework workspace and allocator fragmentation come on top (see
 :mod:`hiresdiff.memory`). The letter after a value names what sets the peak: ``D`` a denoiser call, ``V`` a VAE
 call, ``T`` a text-encoder call, ``C`` the work between calls. ::
@@ -27,12 +27,11 @@ from dataclasses import dataclass
 import torch
 
 from hiresdiff.bench.plan import parse_methods
-from hiresdiff.config import AUTO
 from hiresdiff.cost.model import STAND_IN_PROMPT, architecture_of, controlnet_extras, counting_controlnet
 from hiresdiff.errors import HiresError
 from hiresdiff.memory import GIB, MemoryEstimate, gib
 from hiresdiff.pipeline import build_request
-from hiresdiff.plan import choose_max_batch, request_cost
+from hiresdiff.plan import budget_for
 
 SDXL_METHODS = ",".join(
     (
@@ -53,10 +52,11 @@ DEVICE = "cuda"
 
 @dataclass(frozen=True)
 class Cell:
-    """One estimate and the ``max_batch`` it ran with."""
+    """One estimate, the ``max_batch`` it ran with and whether the plan tiled the VAE to fit."""
 
     estimate: MemoryEstimate
     max_batch: int
+    tiled: bool = False
 
 
 @dataclass(frozen=True)
@@ -83,11 +83,10 @@ def estimate(
     if method in CONTROLNET_METHODS:
         kwargs["extras"] = controlnet_extras(counting_controlnet(architecture_of(model)))
     req = build_request(STAND_IN_PROMPT, method, side, side, preset=preset, previews=True, low_vram=low_vram, **kwargs)
-    if req.settings.max_batch == AUTO:
-        report = choose_max_batch(req, model, dtype, card - CONTEXT, DEVICE)
-    else:
-        report = request_cost(req, model)
-    return Cell(MemoryEstimate.of(report, dtype, low_vram, DEVICE), int(req.settings.max_batch))
+    b = budget_for(req, model, DEVICE, dtype, card - CONTEXT)
+    if b.estimate is None:
+        raise HiresError(f"{method} at {side}²: {b.reason}")
+    return Cell(b.estimate, int(req.settings.max_batch), b.tiled)
 
 
 def table_rows(
@@ -119,8 +118,8 @@ def table_rows(
 
 
 def cell(c: Cell) -> str:
-    """``10.1 GiB V · 8``: the peak, what sets it and the rows per denoiser call."""
-    return f"{gib(c.estimate.peak)} {SETTERS.get(c.estimate.largest, '?')} · {c.max_batch}"
+    """``10.1 GiB V · 8``: the peak, what sets it and the rows per denoiser call (``†``: VAE tiled to fit)."""
+    return f"{gib(c.estimate.peak)} {SETTERS.get(c.estimate.largest, '?')} · {c.max_batch}" + " †" * c.tiled
 
 
 def markdown(title: str, rows: list[Row], sides: Sequence[int]) -> str:

@@ -360,3 +360,32 @@ def test_a_watch_sees_the_run_so_far_and_can_stop_it() -> None:
 
     with pytest.raises(Stop):
         model_cost("demofusion", "tiny-sdxl", 512, 512, steps=2, watch=stop)
+
+
+def test_a_whole_decode_beyond_the_room_tiles_instead(monkeypatch: pytest.MonkeyPatch) -> None:
+    """budget: when the default tile area's whole VAE call sets a peak beyond the room ``auto`` aims at, every VAE
+    call tiles (``decode_tile_area`` 0, as the settings record it), ``auto`` is settled again and the plan says so;
+    a tile area given explicitly, or room enough, leaves the request as it is."""
+    from hiresdiff.plan import budget, describe_plan
+
+    kw: dict[str, Any] = {"steps": 2, "previews": False}
+
+    def peak(**settings: Any) -> MemoryEstimate:
+        req = build_request("a fox", "direct", 512, 512, **kw, **settings)
+        return MemoryEstimate.of(plan.request_cost(req, "tiny-sdxl"), torch.float32, False)
+
+    whole, tiled = peak(max_batch=2), peak(max_batch=2, decode_tile_area=0)
+    assert whole.largest == "vae" and tiled.peak < whole.peak
+    free = GIB + (whole.peak + tiled.peak) // 2  # the room (free − 1 GiB) lies between the two
+    monkeypatch.setattr(plan, "free_memory", lambda device: free)
+    req = build_request("a fox", "direct", 512, 512, **kw)
+    b = budget(req, "tiny-sdxl", "cpu", torch.float32)
+    assert b.tiled and b.auto and req.settings.decode_tile_area == 0 and req.settings.max_batch == 2
+    assert b.estimate is not None and b.estimate.peak == tiled.peak <= plan.auto_room(free)
+    assert "VAE tiled to fit" in describe_plan(req, 128, 8, b)[0]
+    kept = build_request("a fox", "direct", 512, 512, decode_tile_area=None, **kw)  # never tile, as asked
+    assert not budget(kept, "tiny-sdxl", "cpu", torch.float32).tiled and kept.settings.decode_tile_area is None
+    monkeypatch.setattr(plan, "free_memory", lambda device: 2 * GIB + whole.peak)  # room enough: whole, as SPEC §2.4
+    roomy = build_request("a fox", "direct", 512, 512, **kw)
+    assert not budget(roomy, "tiny-sdxl", "cpu", torch.float32).tiled
+    assert roomy.settings.decode_tile_area == plan.DEFAULT_TILE_AREA

@@ -16,7 +16,7 @@ from typing import Any
 import torch
 
 from hiresdiff import pipeline
-from hiresdiff.config import AUTO, LOW_VRAM_DEFAULTS, GenerationSettings, fallback_batch
+from hiresdiff.config import AUTO, DEFAULT_TILE_AREA, LOW_VRAM_DEFAULTS, GenerationSettings, fallback_batch
 from hiresdiff.cost.meta import CallPeak
 from hiresdiff.cost.model import CostReport, Watch
 from hiresdiff.errors import HiresError
@@ -362,7 +362,7 @@ def cost_architecture(name: str, family: str, native: int) -> str | None:
 class Budget:
     """The cost model's view of a request: its report and memory estimate at the run's dtype, and the device's
     free memory (``None``: unknown); ``reason`` says why there is no report; ``auto``: ``max_batch`` was chosen
-    here (:func:`choose_max_batch`)."""
+    here (:func:`choose_max_batch`); ``tiled``: the VAE tiles because its whole call did not fit (:func:`budget`)."""
 
     report: CostReport | None
     estimate: MemoryEstimate | None
@@ -370,6 +370,7 @@ class Budget:
     device: str
     reason: str = ""
     auto: bool = False
+    tiled: bool = False
 
     def summary(self) -> str:
         if self.report is None or self.estimate is None:
@@ -381,22 +382,54 @@ class Budget:
 def budget(req: Any, model: str, device: str, dtype: torch.dtype, *, loaded: int = 0) -> Budget:
     """Cost and memory of ``req`` on ``device`` at ``dtype``, without loading weights; ``max_batch="auto"`` is
     settled first (:func:`choose_max_batch`; without a usable estimate, :func:`~hiresdiff.config.fallback_batch`).
-    ``loaded``: bytes of weights already on the device, which its free memory lacks and the estimate counts."""
+    ``loaded``: bytes of weights already on the device, which its free memory lacks and the estimate counts.
+
+    When a whole VAE call at the default tile area (SPEC §2.4: whole up to 2048²) sets a peak above the room
+    ``auto`` aims at (:func:`auto_room`), the VAE tiles every call instead (``decode_tile_area`` 0, recorded with
+    the image) and ``auto`` is settled again — as ComfyUI falls back to a tiled decode, but before the run: SDXL's
+    float32 decode of a whole 2048² image alone is 12 GiB. A tile area given explicitly is kept."""
     free = free_memory(device)
-    free = None if free is None else free + loaded
+    return budget_for(req, model, device, dtype, None if free is None else free + loaded)
+
+
+def budget_for(req: Any, model: str, device: str, dtype: torch.dtype, free: int | None) -> Budget:
+    """:func:`budget` with ``free`` bytes free on ``device`` (``None``: unknown) — e.g. a card not at hand."""
     s = req.settings
     auto = s.max_batch == AUTO
     try:
-        report = choose_max_batch(req, model, dtype, free, device) if auto else request_cost(req, model)
+        report = _settled(req, model, dtype, free, device, auto)
+        est = MemoryEstimate.of(report, dtype, s.low_vram, device)
+        tiled = free is not None and _whole_vae_too_large(s, est, free)
+        if tiled:
+            s.decode_tile_area, s.max_batch = 0, AUTO if auto else s.max_batch
+            tiled_report = _settled(req, model, dtype, free, device, auto)
+            tiled_est = MemoryEstimate.of(tiled_report, dtype, s.low_vram, device)
+            if tiled_est.peak < est.peak:
+                report, est = tiled_report, tiled_est
+            else:  # tiling does not lower the peak: the request stays as asked
+                tiled, s.decode_tile_area, s.max_batch = False, DEFAULT_TILE_AREA, AUTO if auto else s.max_batch
+                report = _settled(req, model, dtype, free, device, auto)
     except HiresError as exc:
         reason = str(exc)
     except Exception as exc:  # the estimate is advice: a cost-model failure must not stop a generation
         reason = f"cost model failed: {type(exc).__name__}: {exc}"[:200]
     else:
-        return Budget(report, MemoryEstimate.of(report, dtype, s.low_vram, device), free, device, auto=auto)
+        return Budget(report, est, free, device, auto=auto, tiled=tiled)
     if auto:
         s.max_batch = fallback_batch(s.low_vram)
     return Budget(None, None, free, device, reason, auto=auto)
+
+
+def _settled(req: Any, model: str, dtype: torch.dtype, free: int | None, device: str, auto: bool) -> CostReport:
+    """The report of ``req``, its ``max_batch`` settled first when ``auto``."""
+    return choose_max_batch(req, model, dtype, free, device) if auto else request_cost(req, model)
+
+
+def _whole_vae_too_large(s: GenerationSettings, est: MemoryEstimate, free: int) -> bool:
+    """Whether a VAE call at the default tile area sets a peak beyond :func:`auto_room` (outside low-VRAM mode,
+    which tiles from its own smaller area)."""
+    default = not s.low_vram and s.decode_tile_area == DEFAULT_TILE_AREA
+    return default and est.largest == "vae" and est.peak > auto_room(free)
 
 
 #: how a change of settings is spelled on a command line (``hiresdiff generate``; :data:`BENCH_FLAGS`)
@@ -473,6 +506,7 @@ def describe_plan(req: Any, native: int, grid: int, b: Budget | None = None, *, 
     sizes = plan_phases(req, native, grid)
     chain = " → ".join(f"{h}×{w}" for h, w in sizes)
     batch = f"max_batch {s.max_batch}" + (" (auto)" if b is not None and b.auto else "")
+    batch += ", VAE tiled to fit" if b is not None and b.tiled else ""
     lines = [
         f"plan: {req.method.name} {s.height}×{s.width}, {len(sizes)} stage(s) ({chain}), {s.steps} steps, "
         f"{s.batch_size} image(s), {batch}"
