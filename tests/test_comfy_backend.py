@@ -335,6 +335,32 @@ def test_models_hiresdiff_cannot_run_are_refused_in_one_line() -> None:
         model.model_type = original
 
 
+def test_a_model_sampling_node_sets_the_prediction_and_the_schedule() -> None:
+    """ComfyUI's ModelSamplingDiscrete node on an ε checkpoint (v_prediction, zero terminal SNR) is what the backend
+    samples — read from the patcher, not the model, whose own sampling the patch replaces only while loaded: a
+    v-prediction zsnr scheduler, the patched σ, and predictions equal to the diffusers backend's with that scheduler
+    on the same UNet. x0 and LCM sampling are refused in one line."""
+    from comfy_extras.nodes_model_advanced import ModelSamplingDiscrete
+
+    from hiresdiff.comfy.adapter import comfy_adapter
+
+    comfy()
+    tw = twin("sd")
+    embeds = embeds_for("sd", tw.context)
+    assert comfy_adapter(tw.patcher, None, embeds, native_size=NATIVE).prediction_type == "epsilon"
+    (patched,) = ModelSamplingDiscrete().patch(tw.patcher, "v_prediction", True)
+    ours = comfy_adapter(patched, None, embeds, native_size=NATIVE)
+    assert ours.prediction_type == "v_prediction" and ours.scheduler.config.rescale_betas_zero_snr
+    same = type(ours.scheduler).from_config(ours.scheduler.config)
+    vae_d, _ = sd_vae(float(tw.model.latent_format.scale_factor))
+    ref = GivenEmbeds(SimpleNamespace(unet=tw.unet, vae=vae_d, scheduler=same), embeds)
+    check_predictions(SimpleNamespace(ref=ref, ours=ours, embeds=embeds), 64)
+    for sampling, name in (("x0", "X0"), ("lcm", "LCM")):
+        (other,) = ModelSamplingDiscrete().patch(tw.patcher, sampling, False)
+        with pytest.raises(HiresError, match=rf"^hiresdiff cannot run a model sampled as [\w.]*{name} [^\n]+$"):
+            comfy_adapter(other, None, embeds, native_size=NATIVE)
+
+
 def _capture_request(b: SimpleNamespace, latent_hw: tuple[int, int]) -> Request:
     """Two canvas samples of one prompt, guided: the recorder must sort the conditional rows by sample."""
     x = torch.randn(2, 4, *latent_hw, generator=torch.Generator().manual_seed(8))

@@ -11,8 +11,10 @@ guidance rules and every method run as with diffusers. The conversions (facts of
   parametrization`), so a call at timestep ``t`` passes the model's training σ at ``t`` with ``x = x_in·√(σ²+1)``
   (ComfyUI's UNet then sees ``x_in`` and ``t``, as the diffusers one does) and turns the returned x̂0 back into the
   model's raw output (ε or v) with the same σ — in float64, so nothing is lost at small σ;
-* **scheduler**: a diffusers Euler scheduler of the model's own training schedule (ComfyUI's ``linear`` β is
-  diffusers' ``scaled_linear`` over the same range; ε or v prediction from the model type) with the SD/SDXL
+* **scheduler**: a diffusers Euler scheduler of the model's own training schedule as ComfyUI samples it (the
+  patcher's ``model_sampling``, so a ModelSamplingDiscrete node's v-prediction or zero-terminal-SNR counts; ComfyUI's
+  ``linear`` β is diffusers' ``scaled_linear`` over the same range; ε or v prediction from the class whose x̂0
+  formula the sampling object uses, :func:`sampling_prediction`) with the SD/SDXL
   schedulers' integer ("leading") timesteps, which ComfyUI's nearest-timestep lookup keeps exactly;
 * **SDXL conditioning**: the ``y`` vector of each view from the model's own ``encode_adm`` (pooled text, original
   size, crop, target size — per view, as the diffusers backend's ``time_ids``);
@@ -71,7 +73,8 @@ FAMILIES = {
     "Flux": ("flux", 1024),  # FLUX.1-dev (guidance-distilled)
     "FluxSchnell": ("flux", 1024),
 }
-#: ComfyUI ``ModelType`` names → diffusers ``prediction_type``
+#: ComfyUI ``ModelType`` names — also the names of the ``comfy.model_sampling`` classes that hold their x̂0 formula
+#: (``calculate_denoised``) — → diffusers ``prediction_type``
 PREDICTIONS = {"EPS": "epsilon", "V_PREDICTION": "v_prediction"}
 #: ComfyUI ``ModelType`` names of FLUX.1: dev's time-shifted σ (``ModelSamplingFlux``), schnell's discrete flow
 FLUX_TYPES = ("FLUX", "FLOW")
@@ -97,23 +100,36 @@ def comfy_family(model: Any) -> tuple[str, int]:
     return family, native
 
 
-def scheduler_from_sampling(model: Any, prediction_type: str) -> Any:
-    """A diffusers Euler scheduler over the model's own training noise levels (module docstring): ComfyUI's
-    ``linear`` schedule is diffusers' ``scaled_linear`` over the same β range (a diffusers pipeline of the checkpoint
-    has this very config, so methods that rebuild the schedule from it — APT's scale-aware β — see the same); any
-    other schedule is taken from the σ table as ``trained_betas``."""
+def sampling_prediction(sampling: Any) -> str:
+    """diffusers' ``prediction_type`` of a ComfyUI ``model_sampling`` object — the class that gives it its x̂0
+    formula (``calculate_denoised``), so a ModelSamplingDiscrete node's choice wins over the checkpoint's type — or
+    one line saying hiresdiff cannot run it (x0, LCM's distilled sampling, EDM …)."""
+    owner = next((c for c in type(sampling).__mro__ if "calculate_denoised" in vars(c)), type(sampling))
+    name = owner.__name__ if owner.__module__ == "comfy.model_sampling" else f"{owner.__module__}.{owner.__name__}"
+    require(
+        name in PREDICTIONS,
+        f"hiresdiff cannot run a model sampled as {name} (ε or v prediction only: a ModelSamplingDiscrete node set "
+        "to eps or v_prediction, or none)",
+    )
+    return PREDICTIONS[name]
+
+
+def scheduler_from_sampling(model: Any, sampling: Any) -> Any:
+    """A diffusers Euler scheduler over the noise levels ``sampling`` (the patcher's ``model_sampling``) gives the
+    model (module docstring): ComfyUI's ``linear`` schedule is diffusers' ``scaled_linear`` over the same β range
+    (a diffusers pipeline of the checkpoint has this very config, so methods that rebuild the schedule from it —
+    APT's scale-aware β — see the same); any other schedule is taken from the σ table as ``trained_betas``."""
     from diffusers import EulerDiscreteScheduler
 
-    sampling = model.model_sampling
     settings = dict(getattr(model.model_config, "sampling_settings", {}) or {})
-    common = {"prediction_type": prediction_type, "timestep_spacing": "leading", "steps_offset": 1}
+    common = {"prediction_type": sampling_prediction(sampling), "timestep_spacing": "leading", "steps_offset": 1}
     if settings.get("beta_schedule", "linear") == "linear" and hasattr(sampling, "linear_start"):
         return EulerDiscreteScheduler(
             num_train_timesteps=int(sampling.num_timesteps),
             beta_start=float(sampling.linear_start),
             beta_end=float(sampling.linear_end),
             beta_schedule="scaled_linear",
-            rescale_betas_zero_snr=bool(settings.get("zsnr", False)),
+            rescale_betas_zero_snr=bool(getattr(sampling, "zsnr", settings.get("zsnr", False))),
             **common,
         )
     sigmas = sampling.sigmas.detach().to("cpu", torch.float64)
@@ -245,7 +261,9 @@ class ComfyAdapter(ComfyBackend):
         self._attach(patcher, vae, embeds, native_size)
         require(self.family != "flux", "a FLUX model runs through ComfyFluxAdapter (comfy_adapter picks it)")
         self.unet = self.model.diffusion_model
-        self.scheduler = scheduler_from_sampling(self.model, PREDICTIONS[self.model_kind])
+        #: the model's σ schedule as ComfyUI samples it (a ModelSamplingDiscrete node's patch included)
+        self.sampling = patcher.get_model_object("model_sampling")
+        self.scheduler = scheduler_from_sampling(self.model, self.sampling)
 
     @property
     def text_width(self) -> int | None:
@@ -321,7 +339,7 @@ class ComfyAdapter(ComfyBackend):
         back to the nearest training timestep, gives the UNet ``t`` — also when a method samples on another
         schedule (APT's scale-aware β) or at a timestep off the step's schedule (Upsample Guidance's τ); the
         model input is hiresdiff's already, and the conversions around the call use this σ both ways."""
-        return float(self.model.model_sampling.sigma(torch.as_tensor(float(t), dtype=torch.float32)))
+        return float(self.sampling.sigma(torch.as_tensor(float(t), dtype=torch.float32)))
 
 
 class ComfyFluxAdapter(ComfyBackend, FluxAdapter):
