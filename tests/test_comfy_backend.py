@@ -153,6 +153,23 @@ def check_predictions(b: SimpleNamespace, max_batch: int) -> None:
             torch.testing.assert_close(b.ours.to_x0(o, x.x, t), b.ref.to_x0(r, x.x, t), atol=1e-5, rtol=1e-5)
 
 
+def test_sdxl_size_conditioning_is_embedded_once_per_view(monkeypatch: pytest.MonkeyPatch) -> None:
+    """SDXL's ``y`` (pooled text + size/crop embedding) is made once per distinct view and text of a run, not per
+    row of every call: the views recur every step."""
+    b = make_backends("sdxl")
+    calls: list[dict[str, Any]] = []
+    original = b.ours.model.encode_adm
+    monkeypatch.setattr(b.ours.model, "encode_adm", lambda **kw: (calls.append(kw), original(**kw))[1])
+    b.ours.set_timesteps(10)
+    b.ours.refresh_placement()
+    steps = b.ours.scheduler.timesteps
+    first = b.ours.predict(_requests(b, 3), steps[0], 64)
+    crops = {(kw["crop_h"], kw["crop_w"]) for kw in calls}
+    assert len(calls) == 2 * 4 and crops == {(0, 0), (0, 64), (64, 0), (32, 32)}  # 2 texts × 4 distinct views
+    assert [p.shape for p in b.ours.predict(_requests(b, 3), steps[1], 2)] == [p.shape for p in first]
+    assert len(calls) == 8
+
+
 def test_vae_passes_equal_the_diffusers_backend(backends: SimpleNamespace) -> None:
     """Decode (untiled and tiled) and encode through ComfyUI's VAE equal diffusers' AutoencoderKL on the same
     weights: layouts, ranges and the latent scaling converted."""

@@ -261,6 +261,9 @@ class ComfyAdapter(ComfyBackend):
         self._attach(patcher, vae, embeds, native_size)
         require(self.family != "flux", "a FLUX model runs through ComfyFluxAdapter (comfy_adapter picks it)")
         self.unet = self.model.diffusion_model
+        #: SDXL's ``y`` per view of the embeds in use (:meth:`_adm`)
+        self._adm_of: PromptEmbeds | None = None
+        self._adm_rows: dict[tuple[Any, ...], Any] = {}
         #: the model's σ schedule as ComfyUI samples it (a ModelSamplingDiscrete node's patch included)
         self.sampling = patcher.get_model_object("model_sampling")
         self.scheduler = scheduler_from_sampling(self.model, self.sampling)
@@ -299,13 +302,20 @@ class ComfyAdapter(ComfyBackend):
             self.attn2 = previous
 
     # --- denoiser ----------------------------------------------------------------------------------------
-    def _adm(self, pooled: torch.Tensor, size: tuple[int, int], crop: tuple[int, int]) -> torch.Tensor:
-        """SDXL's ``y`` of one view: pooled text and (original size, crop, target size) embedded by the model."""
-        h, w = size
-        top, left = crop
-        return self.model.encode_adm(
-            pooled_output=pooled, width=w, height=h, crop_w=left, crop_h=top, target_width=w, target_height=h
-        )
+    def _adm(self, embeds: PromptEmbeds, text: str, row: int, size: tuple[int, int], crop: tuple[int, int]) -> Any:
+        """SDXL's ``y`` of one view: pooled text (``embeds``' row ``row`` of branch text ``text``) and (original size,
+        crop, target size) embedded by the model — once per run for each distinct view (the same views recur every
+        step), kept while the embeds are the same object."""
+        if self._adm_of is not embeds:
+            self._adm_of, self._adm_rows = embeds, {}
+        key = (text, row, size, crop)
+        if key not in self._adm_rows:
+            (h, w), (top, left) = size, crop
+            pooled = getattr(embeds, f"pooled_{text}")[row : row + 1]
+            self._adm_rows[key] = self.model.encode_adm(
+                pooled_output=pooled, width=w, height=h, crop_w=left, crop_h=top, target_width=w, target_height=h
+            )
+        return self._adm_rows[key]
 
     def _forward(self, x: torch.Tensor, t: torch.Tensor, chunk: Chunk, rule: GuidanceRule) -> torch.Tensor:
         """One ``apply_model`` call for the views of ``chunk`` (every branch of ``rule``, rows branch-major): the
@@ -316,8 +326,7 @@ class ComfyAdapter(ComfyBackend):
             row = req.rows[i]
             text.append(getattr(req.embeds, branch.text)[row : row + 1])
             if self.family == "sdxl":
-                pooled = getattr(req.embeds, f"pooled_{branch.text}")[row : row + 1]
-                ys.append(self._adm(pooled, req.size, req.crops[i]))
+                ys.append(self._adm(req.embeds, branch.text, row, tuple(req.size), tuple(req.crops[i])))
         self.call_info = call_rows(rule, chunk)
         x_in = torch.cat([x] * len(rule.branches))
         wide = torch.float32 if x_in.device.type == "mps" else torch.float64  # MPS has no float64
