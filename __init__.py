@@ -2,8 +2,9 @@
 
 ComfyUI imports this file; the nodes live in :mod:`hiresdiff.comfy.nodes`. The package is taken from this
 checkout's ``src`` folder (put first on the path: ComfyUI also puts ``custom_nodes`` on it, where this folder itself
-may be called ``hiresdiff``), else from the environment (``pip install hiresdiff[comfyui]``); its dependencies —
-diffusers, transformers, safetensors — must be in ComfyUI's environment either way.
+may be called ``hiresdiff``), else from the environment (a pip-installed hiresdiff, whose ``hiresdiff
+comfyui-install`` writes a folder of its own instead); its dependencies — diffusers, transformers, safetensors —
+must be in ComfyUI's environment either way.
 """
 
 import os

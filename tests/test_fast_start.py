@@ -61,7 +61,7 @@ def run_json(code: str) -> Any:
 
 
 def test_help_methods_and_argument_errors_import_no_torch(tmp_path: Path) -> None:
-    commands = ["generate", "demo", "make-tiny", "cost", "bench", "eval", "dataset", "serve"]
+    commands = ["generate", "demo", "make-tiny", "cost", "bench", "eval", "dataset", "serve", "comfyui-install"]
     argvs = [
         ["--help"],
         ["methods"],

@@ -66,6 +66,8 @@ def test_every_cli_example_runs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
         if argv[0] == "serve":  # a server: started without blocking on a free port, asked for its page, closed
             assert _serves(argv), line
             continue
+        if argv[0] == "comfyui-install":  # into an empty ComfyUI folder made here
+            (tmp_path / argv[1] / "custom_nodes").mkdir(parents=True)
         model = argv[argv.index("--model") + 1] if "--model" in argv else None
         # `cost` maps hub ids to built-in architectures: it needs no weights
         hub = model is not None and model not in BUILTIN_MODELS and argv[0] != "cost"

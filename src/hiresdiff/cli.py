@@ -325,6 +325,7 @@ SUBCOMMAND_MODULES: tuple[str, ...] = (
     "hiresdiff.bench.reproduce",
     "hiresdiff.evaluation.cli",
     "hiresdiff.web.cli",
+    "hiresdiff.comfy.cli",
 )
 
 
