@@ -2,7 +2,7 @@
 
 Each cell is the cost model's estimate (:mod:`hiresdiff.cost`, :mod:`hiresdiff.memory`): the method's real code
 path on shape-only modules, previews on (as ``hiresdiff generate`` runs by default), at the run's dtype, for a run
-on a CUDA card (the text encoders wait on the CPU between prompts, :func:`hiresdiff.memory.parks_text`). The
+on a CUDA card (the text encoders wait on the CPU between prompts, :func:`hiresdiff.placement.parks_text`). The
 default columns settle ``max_batch`` auto as ``generate``'s plan does on a card of ``--sdxl-card`` /
 ``--flux-card`` GiB (12 and 24, half a GiB of it taken by the CUDA context); the number chosen follows the
 peak, ``†`` where the plan tiles the VAE to fit (:func:`hiresdiff.plan.budget`). ``--low-vram`` runs one row per call.

@@ -203,16 +203,16 @@ def test_text_encoders_wait_on_the_cpu_outside_low_vram_on_an_accelerator(
     """Default mode on an accelerator (stood in for by the CPU, :func:`parks_text` patched): the text encoders go
     to the CPU, come to the device only for the prompt, and the denoiser and the VAE never move; the image is the
     same. On the CPU itself nothing parks."""
-    import hiresdiff.memory as memory
+    import hiresdiff.placement as placement
 
-    assert not memory.parks_text("cpu") and memory.parks_text("cuda:0") and memory.parks_text("mps")
+    assert not placement.parks_text("cpu") and placement.parks_text("cuda:0") and placement.parks_text("mps")
     names = ("text_encoder", "text_encoder_2", "vae", "unet")
     moves = spy_moves(monkeypatch, tiny_sdxl_pipe, names)
     hp = HiresPipeline.from_pipe(tiny_sdxl_pipe, "tiny-sdxl")
     kw = {"steps": 2, "seed": 1, "progress": False, "previews": False, "max_batch": 8, "decode_tile_area": None}
     plain = hp("a cat", "direct", 256, 256, **kw)
     assert moves == [] and not hp.adapter.park_text
-    monkeypatch.setattr(memory, "parks_text", lambda device: True)
+    monkeypatch.setattr(placement, "parks_text", lambda device: True)
     parked = hp("a cat", "direct", 256, 256, **kw)
     home = [("text_encoder", "cpu"), ("text_encoder_2", "cpu"), ("vae", "cpu")]  # VAE: stays with the UNet
     borrow_text = [("text_encoder", "cpu"), ("text_encoder_2", "cpu")] * 2  # to the device and back

@@ -27,18 +27,12 @@ import torch
 
 from hiresdiff.cost.meta import CallPeak
 from hiresdiff.cost.model import CostReport
+from hiresdiff.placement import parks_text
 
 GIB = 2**30
 #: on the device together while the denoiser runs; in low-VRAM mode every other component runs alone
 _DENOISING = ("denoiser", "controlnet")
 _TEXT = "text_encoder"
-
-
-def parks_text(device: str | torch.device) -> bool:
-    """Whether a run on ``device`` outside low-VRAM mode keeps the text encoders on the CPU between prompts: on an
-    accelerator (they run once per image, the rest of the run needs the room — SDXL's two 1.5 GiB in float16,
-    FLUX's T5-XXL 8.9 GiB); on the CPU every weight is in the same memory anyway."""
-    return torch.device(device).type not in ("cpu", "meta")
 
 
 def gib(n: float) -> str:

@@ -242,8 +242,8 @@ class HiresPipeline:
         """Load ``model`` (hub id, diffusers folder, ``.safetensors`` file or built-in name) onto ``device`` as a
         run keeps it there: ``low_vram`` only the denoiser, else on an accelerator all but the text encoders, which
         wait on the CPU for the prompt (:meth:`~hiresdiff.models.adapter.ModelAdapter.start_offloaded`)."""
-        from hiresdiff.memory import parks_text
         from hiresdiff.models.loading import load_pipeline, resolve_model
+        from hiresdiff.placement import parks_text
 
         device = resolve_device(device)
         spec = resolve_model(model, allow_pickle=allow_pickle)

@@ -26,11 +26,11 @@ from hiresdiff.memory import (
     free_memory,
     gib,
     loaded_bytes,
-    parks_text,
     rows_that_fit,
     side_scale_that_fits,
 )
 from hiresdiff.models.builtins import BUILTIN_MODELS
+from hiresdiff.placement import parks_text
 from hiresdiff.stages import area_steps, canvas_at, doubling_phases, native_area_canvas, progressive_phases
 
 #: how each method plans its canvases: ``(height, width, native, grid) → [(h, w), …]`` in sampling order
@@ -270,7 +270,7 @@ def choose_max_batch(req: Any, model: str, dtype: torch.dtype, free: int | None,
     alone, no number of rows fits (none changes that call): the smallest is taken, as the search would end, without
     searching, and the memory check names what would fit. Priced reports are reused (:func:`request_cost`'s
     cache). ``free`` unknown: :func:`~hiresdiff.config.fallback_batch`. ``device``: where the run goes (whether its
-    text encoders wait on the CPU, :func:`~hiresdiff.memory.parks_text`).
+    text encoders wait on the CPU, :func:`~hiresdiff.placement.parks_text`).
     """
     s = req.settings
     if free is None:

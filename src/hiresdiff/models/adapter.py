@@ -17,6 +17,7 @@ from typing import Any
 
 import torch
 
+from hiresdiff import placement
 from hiresdiff.config import model_sampling_defaults
 from hiresdiff.errors import HiresError, require
 from hiresdiff.models.guidance import Branch, GuidanceRule, default_rule
@@ -180,7 +181,7 @@ class ModelAdapter:
     _placement: tuple[torch.device, torch.dtype] | None = None
     #: low-VRAM mode: text encoders and VAE wait on the CPU (:meth:`set_offload`)
     offload: bool = False
-    #: otherwise, on an accelerator: the text encoders wait on the CPU (:func:`~hiresdiff.memory.parks_text`)
+    #: otherwise, on an accelerator: the text encoders wait on the CPU (:func:`~hiresdiff.placement.parks_text`)
     park_text: bool = False
     #: the modules :meth:`borrowed` has on the device now, outermost block first
     _lent: tuple[torch.nn.Module, ...] = ()
@@ -276,11 +277,9 @@ class ModelAdapter:
     def set_offload(self, on: bool) -> None:
         """Low-VRAM mode (``on``): the text encoders and the VAE wait on the CPU and :meth:`borrowed` brings each in
         only while it runs, in place of the denoiser. Otherwise, on an accelerator, only the text encoders wait on
-        the CPU and come to the device for the prompt (:func:`~hiresdiff.memory.parks_text`), beside the rest.
+        the CPU and come to the device for the prompt (:func:`~hiresdiff.placement.parks_text`), beside the rest.
         Placement is left alone while the mode does not change, so a pipeline the caller arranged stays as it is."""
-        from hiresdiff.memory import parks_text
-
-        park = not on and parks_text(self.device)
+        park = not on and placement.parks_text(self.device)
         if (on, park) == (self.offload, self.park_text):
             return
         self.offload, self.park_text = on, park
@@ -298,18 +297,16 @@ class ModelAdapter:
         encoders where they wait on the CPU (:meth:`set_offload`). Loading the whole pipeline onto the device first
         would put every weight there at once (FLUX.1-dev: 31 GiB in bfloat16, more than the 24 GiB low-VRAM mode
         fits)."""
-        from hiresdiff.memory import parks_text
-
         try:
             self.denoiser_module.to(device)
             if not low_vram:
                 for module in self._offloadable():
-                    if not parks_text(device) or module is self.vae:
+                    if not placement.parks_text(device) or module is self.vae:
                         module.to(device)
         except (RuntimeError, AssertionError, ValueError) as error:
             first = (str(error).strip().splitlines() or [type(error).__name__])[0]
             raise HiresError(f"cannot move the denoiser to device {str(device)!r}: {first}") from error
-        self.offload, self.park_text = low_vram, not low_vram and parks_text(device)
+        self.offload, self.park_text = low_vram, not low_vram and placement.parks_text(device)
         self.refresh_placement()
 
     @contextmanager
