@@ -87,9 +87,9 @@ def test_auto_on_tiny_model_is_the_cap_and_larger_values_change_nothing() -> Non
 
 def test_explicit_number_wins(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(plan, "free_memory", lambda device: GIB)  # an explicit number is kept whatever the memory
-    req = build_request("a fox", "demofusion", 512, 512, steps=2, previews=False, max_batch=6)
+    req = build_request("a fox", "demofusion", 512, 512, steps=2, previews=False, max_batch=6, decode_tile_area=None)
     b = plan.budget(req, "tiny-sdxl", "cpu", torch.float32)
-    assert req.settings.max_batch == 6 and not b.auto
+    assert req.settings.max_batch == 6 and not b.auto and not b.tiled  # the tile area too
     assert "max_batch 6;" in plan.describe_plan(req, 256, 8, b)[0]
 
 
@@ -266,7 +266,10 @@ def test_cost_command_settles_auto_as_the_generate_plan(free: int, monkeypatch: 
     chosen = int(re.search(r"max_batch (\d+) \(auto\)", shown).group(1))
     assert priced["max_batch"] == chosen == (priced["denoiser_rows"] if free > 2 * GIB else 2)
     assert f"{priced['model_flops'] / 1e12:,.4g} TFLOP" in shown
-    with_previews = model_cost("demofusion", "tiny-sdxl", 768, 768, steps=3, max_batch=chosen, previews=True)
+    tiled = free < 2 * GIB  # no room at all: the whole decode does not fit either, so both tile the VAE
+    assert ("VAE tiled to fit" in shown) == tiled
+    area = {"decode_tile_area": 0} if tiled else {}
+    with_previews = model_cost("demofusion", "tiny-sdxl", 768, 768, steps=3, max_batch=chosen, previews=True, **area)
     assert priced["vae_calls"] == with_previews.vae_calls  # the phase previews are priced, as generate runs them
 
 

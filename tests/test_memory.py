@@ -170,15 +170,18 @@ def _tight(monkeypatch, mib: float) -> None:
 
 def test_too_little_memory_stops_before_model_work_and_the_advice_fits(tmp_path, capsys, monkeypatch, no_model):
     _tight(monkeypatch, 30)  # tiny-sdxl at 512×384: ~38 MiB, the untiled VAE decode sets the peak
-    assert main([*TINY, "--width", "512", "--height", "384", "--out", str(tmp_path / "o")]) == 2
+    size = ["--width", "512", "--height", "384"]
+    whole = ["--tile-area", str(1024 * 1024)]  # given: kept (the default tile area would be tiled to fit, below)
+    assert main([*TINY, *size, *whole, "--out", str(tmp_path / "o")]) == 2
     err = capsys.readouterr().err.strip()
     assert "\n" not in err and err.startswith("hiresdiff: ") and "Traceback" not in err
     assert "estimated peak memory 38 MiB" in err and "exceeds the 30 MiB free on cpu" in err
     assert "what fits: --tile-area 0 (≈18 MiB)" in err and "--skip-memory-check" in err
     assert not (tmp_path / "o").exists()
-    assert (
-        main([*TINY, "--width", "512", "--height", "384", "--tile-area", "0", "--dry-run", "--out", str(tmp_path)]) == 0
-    )
+    assert main([*TINY, *size, "--tile-area", "0", "--dry-run", "--out", str(tmp_path)]) == 0
+    capsys.readouterr()
+    assert main([*TINY, *size, "--dry-run", "--out", str(tmp_path)]) == 0  # the default: the plan tiles instead
+    assert "VAE tiled to fit" in capsys.readouterr().out
 
 
 def _offered(err: str) -> list[list[str]]:

@@ -97,8 +97,9 @@ def cmd_cost(args: argparse.Namespace) -> int:
 
 def settle_auto(args: argparse.Namespace, kwargs: dict[str, Any]) -> str:
     """Settle ``max_batch="auto"`` in ``kwargs`` as ``hiresdiff generate``'s plan does on ``--device`` (its
-    default dtype there; :func:`hiresdiff.plan.budget`), so that both report the same numbers; returns how it was
-    chosen for the report's first line. Rank-split runs keep the stated fallback (no device to fit)."""
+    default dtype there; :func:`hiresdiff.plan.budget`, which may also tile the VAE to fit), so that both report the
+    same numbers; returns how it was chosen for the report's first line. Rank-split runs keep the stated fallback
+    (no device to fit)."""
     from hiresdiff.config import AUTO, fallback_batch
     from hiresdiff.cost.model import STAND_IN_PROMPT, architecture_of
     from hiresdiff.models.builtins import BUILTIN_MODELS
@@ -117,5 +118,8 @@ def settle_auto(args: argparse.Namespace, kwargs: dict[str, Any]) -> str:
     req = build_request(STAND_IN_PROMPT, args.method, width, height, **settings)
     chosen = budget(req, args.model, device, resolve_dtype("float16" if device.startswith("cuda") else "float32"))
     kwargs["max_batch"] = req.settings.max_batch
+    tiled = ""
+    if chosen.tiled:  # the plan tiles the VAE where its whole call does not fit: so does this report
+        kwargs["decode_tile_area"], tiled = req.settings.decode_tile_area, ", VAE tiled to fit"
     free = "" if chosen.free is None else f", {chosen.free / 2**30:.1f} GiB free"
-    return f" (auto on {device}{free}, as generate's plan)"
+    return f" (auto on {device}{free}{tiled}, as generate's plan)"
