@@ -357,11 +357,11 @@ def test_a_model_sampling_node_sets_the_prediction_and_the_schedule() -> None:
     samples — read from the patcher, not the model, whose own sampling the patch replaces only while loaded: a
     v-prediction zsnr scheduler, the patched σ, and predictions equal to the diffusers backend's with that scheduler
     on the same UNet. x0 and LCM sampling are refused in one line."""
+    comfy()  # skips without ComfyUI (before importing its nodes)
     from comfy_extras.nodes_model_advanced import ModelSamplingDiscrete
 
     from hiresdiff.comfy.adapter import comfy_adapter
 
-    comfy()
     tw = twin("sd")
     embeds = embeds_for("sd", tw.context)
     assert comfy_adapter(tw.patcher, None, embeds, native_size=NATIVE).prediction_type == "epsilon"
