@@ -392,3 +392,23 @@ def test_a_whole_decode_beyond_the_room_tiles_instead(monkeypatch: pytest.Monkey
     roomy = build_request("a fox", "direct", 512, 512, **kw)
     assert not budget(roomy, "tiny-sdxl", "cpu", torch.float32).tiled
     assert roomy.settings.decode_tile_area == plan.DEFAULT_TILE_AREA
+
+
+def test_a_failed_estimate_leaves_the_tile_area_as_asked(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The cost model failing after the plan chose to tile (the tiled estimate raises) leaves no tiling behind: the
+    run goes on as asked, with the fallback batch."""
+    from hiresdiff.plan import budget
+
+    real = plan.request_cost
+
+    def failing_when_tiled(req: Any, model: str, **overrides: Any) -> CostReport:
+        if req.settings.decode_tile_area == 0:
+            raise RuntimeError("boom")
+        return real(req, model, **overrides)
+
+    monkeypatch.setattr(plan, "request_cost", failing_when_tiled)
+    monkeypatch.setattr(plan, "free_memory", lambda device: GIB)  # no room: the whole decode would be tiled
+    req = build_request("a fox", "direct", 512, 512, steps=2, previews=False)
+    b = budget(req, "tiny-sdxl", "cpu", torch.float32)
+    assert b.report is None and "boom" in b.reason and not b.tiled
+    assert req.settings.decode_tile_area == plan.DEFAULT_TILE_AREA and req.settings.max_batch == AUTO_FALLBACK

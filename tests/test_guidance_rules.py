@@ -184,6 +184,9 @@ def test_branches_beyond_max_batch_run_in_separate_calls(adapter):
         assert [p.coupled for p in parts] == [(), (("cond", "weak"),)]
     with pytest.raises(HiresError, match="not consecutive"):
         GuidanceRule("bad", FOURISCALE.branches, FOURISCALE.combine, coupled=(("uncond", "weak"),))
+    for bad in ((), ("cond", "nowhere")):  # an empty group, a name that is no branch: one line, not an IndexError
+        with pytest.raises(HiresError, match="not consecutive"):
+            GuidanceRule("bad", FOURISCALE.branches, FOURISCALE.combine, coupled=(bad,))
     t = torch.tensor(400)
     with CallLog(adapter) as log:
         split = adapter.predict(_requests(adapter, [NDCFG, CFG]), t, 1)

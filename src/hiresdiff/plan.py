@@ -395,7 +395,7 @@ def budget(req: Any, model: str, device: str, dtype: torch.dtype, *, loaded: int
 def budget_for(req: Any, model: str, device: str, dtype: torch.dtype, free: int | None) -> Budget:
     """:func:`budget` with ``free`` bytes free on ``device`` (``None``: unknown) — e.g. a card not at hand."""
     s = req.settings
-    auto = s.max_batch == AUTO
+    auto, asked_area = s.max_batch == AUTO, s.decode_tile_area
     try:
         report = _settled(req, model, dtype, free, device, auto)
         est = MemoryEstimate.of(report, dtype, s.low_vram, device)
@@ -415,6 +415,7 @@ def budget_for(req: Any, model: str, device: str, dtype: torch.dtype, free: int 
         reason = f"cost model failed: {type(exc).__name__}: {exc}"[:200]
     else:
         return Budget(report, est, free, device, auto=auto, tiled=tiled)
+    s.decode_tile_area = asked_area  # no estimate, no reason to tile: the request as asked
     if auto:
         s.max_batch = fallback_batch(s.low_vram)
     return Budget(None, None, free, device, reason, auto=auto)

@@ -70,7 +70,7 @@ class GuidanceRule:
         for group in self.coupled:
             at = [names.index(n) for n in group if n in names]
             require(
-                len(at) == len(group) and at == list(range(at[0], at[0] + len(at))),
+                bool(group) and len(at) == len(group) and at == list(range(at[0], at[0] + len(at))),
                 f"guidance rule {self.name!r}: coupled branches {group} are not consecutive branches of {names}",
             )
 
