@@ -488,3 +488,112 @@ def test_a_whole_accdiffusion_run_gives_the_same_latents(
         prompts.append(words.seen)
     assert prompts[1] == prompts[0] and len(set(prompts[0])) > 1  # view prompts were encoded
     torch.testing.assert_close(runs[1], runs[0], atol=1e-4, rtol=1e-4)
+
+
+#: the methods that patch UNet modules, which reach ComfyUI's UNet through its diffusers-named view
+UNET_PATCH_METHODS = ("scalecrafter", "fouriscale", "hidiffusion")
+
+
+def _parameter_sum(module: Any) -> float:
+    return float(sum(p.detach().double().sum() for p in module.parameters()))
+
+
+def test_the_unet_view_names_the_modules_diffusers_has(unets: SimpleNamespace) -> None:
+    """ComfyUI's UNet under diffusers' names: the same level addresses resolve to the same names, each name is the
+    module with the diffusers module's weights (the twins share them), the config the patches read agrees, and the
+    ``attn1`` processors come in diffusers' order (MSW-MSA numbers its layers in it)."""
+    from hiresdiff.ops.freeu import up_resnet_channels
+    from hiresdiff.patches.levels import address_index, unet_levels
+
+    b = unets
+    view, ref = b.ours.unet, b.ref.unet
+    assert address_index(view) == address_index(ref)
+    assert unet_levels(view) == unet_levels(ref)
+    compared = 0
+    for name, module in view.named_modules():
+        if name and not isinstance(module, torch.nn.Module):
+            assert name.count(".") == 1 or name == "mid_block"  # a level or group: no module of its own
+            continue
+        if name:
+            theirs = ref.get_submodule(name)
+            assert sum(1 for _ in module.parameters()) == sum(1 for _ in theirs.parameters()), name
+            assert _parameter_sum(module) == pytest.approx(_parameter_sum(theirs), rel=1e-12, abs=1e-12), name
+            compared += 1
+    assert compared > 10
+    modules = {id(m) for m in b.twin.model.diffusion_model.modules()}
+    assert all(id(view.get_submodule(n)) in modules for n in address_index(view)["down0.res"])
+    assert view.get_submodule("down_blocks.1.resnets.0.conv1").dilation == (1, 1)
+    with pytest.raises(HiresError, match="group of modules") as caught:
+        view.get_submodule("down_blocks.1")
+    assert "\n" not in str(caught.value)
+    layout = up_resnet_channels(view.config.block_out_channels, view.config.layers_per_block)
+    assert layout == up_resnet_channels(ref.config.block_out_channels, ref.config.layers_per_block)
+    assert view.config.cross_attention_dim == ref.config.cross_attention_dim
+    attn1 = [n for n in ref.attn_processors if n.endswith("attn1.processor")]
+    assert list(view.attn_processors) == attn1
+
+
+@pytest.mark.parametrize("method", UNET_PATCH_METHODS)
+def test_unet_patches_act_on_comfyui_modules(
+    unets: SimpleNamespace, method: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A UNet-patch method's run in ComfyUI patches ComfyUI's own modules — as many as in diffusers, each one
+    called patched — and its attention kernels (FouriScale's shared Q/K, HiDiffusion's MSW-MSA) run as ``attn1``
+    replacements; after the run every module's ``forward`` and the adapter's replacements are as before."""
+    import hiresdiff.comfy.attention as comfy_attention
+    import hiresdiff.patches.context as context
+    from hiresdiff.pipeline import HiresPipeline
+
+    b = unets
+    original, run_kernel = context._patched_forward, comfy_attention.run_kernel
+    patched: dict[str, list[Any]] = {"ref": [], "ours": []}
+    kernels: list[int] = []
+    calls: dict[int, int] = {}
+
+    def recording(which: str) -> Any:
+        def make(patch: Any, module: Any, clock: Any, rows: Any) -> Any:
+            call = original(patch, module, clock, rows)
+            patched[which].append(module)
+
+            def counted(*args: Any, **kwargs: Any) -> Any:
+                if any(patch.setting(clock.index, branch) is not None for _, branch in rows() or [(0, "cond")]):
+                    calls[id(module)] = calls.get(id(module), 0) + 1
+                return call(*args, **kwargs)
+
+            return counted
+
+        return make
+
+    def kernel(*args: Any) -> Any:
+        kernels.append(1)
+        return run_kernel(*args)
+
+    monkeypatch.setattr(comfy_attention, "run_kernel", kernel)
+    for which, ad in (("ref", b.ref), ("ours", b.ours)):
+        monkeypatch.setattr(context, "_patched_forward", recording(which))
+        hp = HiresPipeline(None, "twin", adapter=ad)
+        hp("a twin", method, 2 * NATIVE, 2 * NATIVE, steps=4, guidance=5.0, seed=7, max_batch=8, previews=False,
+           progress=False)  # fmt: skip
+    comfy_modules = {id(m) for m in b.twin.model.diffusion_model.modules()}
+    assert patched["ours"] and len(patched["ours"]) == len(patched["ref"])
+    assert all(id(m) in comfy_modules for m in patched["ours"])
+    assert all(calls.get(id(m), 0) > 0 for m in patched["ours"])
+    assert all("forward" not in vars(m) for m in patched["ours"])  # restored
+    assert bool(kernels) == (method != "scalecrafter")
+    assert b.ours.attn1 == {} and b.ours.transformer_options.get("patches_replace", {}).get("attn1", {}) == {}
+
+
+def test_freeu_through_the_view_gives_the_same_latents(unets: SimpleNamespace) -> None:
+    """FreeU (an input patch on decoder resnets, split at the backbone's channels the view's config gives) with
+    ScaleCrafter's re-dilation, through both backends: the same latents, and not those of the run without FreeU."""
+    from hiresdiff.pipeline import HiresPipeline
+
+    b = unets
+    runs = {}
+    for name, ad, freeu in (("ref", b.ref, True), ("ours", b.ours, True), ("plain", b.ours, False)):
+        hp = HiresPipeline(None, "twin", adapter=ad)
+        out = hp("a twin", "scalecrafter", 2 * NATIVE, 2 * NATIVE, steps=4, guidance=5.0, seed=7, max_batch=8,
+                 previews=False, progress=False, freeu=freeu)  # fmt: skip
+        runs[name] = out.latents
+    torch.testing.assert_close(runs["ours"], runs["ref"], atol=1e-4, rtol=1e-4)
+    assert (runs["ours"] - runs["plain"]).abs().max() > 1e-2

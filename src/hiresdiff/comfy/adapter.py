@@ -53,6 +53,7 @@ from typing import Any
 import torch
 
 from hiresdiff.comfy.attention import cross_attention_observers, self_attention_replacements
+from hiresdiff.comfy.unet_view import ComfyUNetView
 from hiresdiff.errors import require
 from hiresdiff.models.adapter import Chunk, ModelAdapter, PromptEmbeds, branch_rows, call_rows
 from hiresdiff.models.flux import SHIFT_DEFAULTS, TIMESTEP_SCALE, FluxAdapter, FluxCall
@@ -260,7 +261,9 @@ class ComfyAdapter(ComfyBackend):
     ) -> None:
         self._attach(patcher, vae, embeds, native_size)
         require(self.family != "flux", "a FLUX model runs through ComfyFluxAdapter (comfy_adapter picks it)")
-        self.unet = self.model.diffusion_model
+        #: ComfyUI's UNet, and the same under diffusers' module names for the UNet patches (:mod:`.unet_view`)
+        self.diffusion_model = self.model.diffusion_model
+        self.unet = ComfyUNetView(self.diffusion_model, self)
         #: SDXL's ``y`` per view of the embeds in use (:meth:`_adm`)
         self._adm_of: PromptEmbeds | None = None
         self._adm_rows: dict[tuple[Any, ...], Any] = {}
@@ -272,6 +275,11 @@ class ComfyAdapter(ComfyBackend):
     def text_width(self) -> int | None:
         return int(self.model.model_config.unet_config["context_dim"])
 
+    @property
+    def denoiser_module(self) -> torch.nn.Module:
+        """ComfyUI's UNet (``unet`` is its diffusers-named view)."""
+        return self.diffusion_model
+
     @contextmanager
     def self_attention_patched(self, wrap: WrapSelfAttention) -> Iterator[None]:
         """Every self-attention (``attn1``) of the UNet's transformer blocks runs ``wrap(model, None, level)`` — a
@@ -281,7 +289,7 @@ class ComfyAdapter(ComfyBackend):
         or ComfyUI's own attention. The patcher's options are not touched."""
         installed = self.transformer_options.get("patches_replace", {}).get("attn1", {})
         previous = self.attn1
-        self.attn1 = self_attention_replacements(wrap, self.unet, installed)
+        self.attn1 = self_attention_replacements(wrap, self.diffusion_model, installed)
         try:
             yield
         finally:
@@ -295,7 +303,7 @@ class ComfyAdapter(ComfyBackend):
         (another node's) or ComfyUI's own, so the output is unchanged. The patcher's options are not touched."""
         installed = self.transformer_options.get("patches_replace", {}).get("attn2", {})
         previous = self.attn2
-        observer, self.attn2 = cross_attention_observers(choose, self.unet, installed)
+        observer, self.attn2 = cross_attention_observers(choose, self.diffusion_model, installed)
         try:
             yield observer
         finally:

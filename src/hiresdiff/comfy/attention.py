@@ -99,10 +99,7 @@ class ComfySelfAttention:
         patch = self.patch_for(q, k, extra_options)
         if patch is None or not patch.takes(q):
             return self.fallback(q, k, v, extra_options)
-        heads = int(extra_options["n_heads"])
-        b, n, width = q.shape
-        q4, k4, v4 = (t.view(b, t.shape[1], heads, width // heads).transpose(1, 2) for t in (q, k, v))
-        return patch.attend(q4, k4, v4).transpose(1, 2).reshape(b, n, width).to(q.dtype)
+        return run_kernel(patch, q, k, v, int(extra_options["n_heads"]))
 
     def patch_for(self, q: torch.Tensor, k: torch.Tensor, extra_options: dict[str, Any]) -> SelfAttentionKernel | None:
         """The patch of this call's level, made on first use; ``None`` for a call that is not token self-attention
@@ -121,6 +118,32 @@ class ComfySelfAttention:
             )
             self.patches[level] = patch
         return self.patches[level]
+
+
+def run_kernel(
+    patch: SelfAttentionKernel, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int
+) -> torch.Tensor:
+    """``patch``'s attention of ComfyUI's projected q, k, v (B, N, heads·d), in that layout."""
+    b, n, width = q.shape
+    q4, k4, v4 = (t.view(b, t.shape[1], heads, width // heads).transpose(1, 2) for t in (q, k, v))
+    return patch.attend(q4, k4, v4).transpose(1, 2).reshape(b, n, width).to(q.dtype)
+
+
+class ComfyKernelAttention:
+    """ComfyUI's ``attn1`` replacement of one transformer block running one given kernel on every maskless token
+    self-attention call it :meth:`~hiresdiff.patches.processors.SelfAttentionKernel.takes` — what a diffusers
+    processor of the kernel installed on that block does (:class:`~hiresdiff.comfy.unet_view.ComfyUNetView`);
+    other calls go to ``fallback``."""
+
+    def __init__(self, kernel: SelfAttentionKernel, fallback: Any) -> None:
+        self.kernel, self.fallback = kernel, fallback
+
+    def __call__(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, extra_options: dict[str, Any]
+    ) -> torch.Tensor:
+        if k.shape[1] != q.shape[1] or not self.kernel.takes(q):
+            return self.fallback(q, k, v, extra_options)
+        return run_kernel(self.kernel, q, k, v, int(extra_options["n_heads"]))
 
 
 class ComfyCrossObserver:

@@ -31,8 +31,8 @@ CATEGORY = "sampling/hiresdiff"
 IGNORED_CONDITIONING = frozenset({"control", "gligen", "area", "mask", "hooks"})
 #: the prompt text hiresdiff records for a run whose prompts ComfyUI encoded (CONDITIONING carries no text)
 PROMPT_LABEL = "(ComfyUI conditioning)"
-#: methods the ComfyUI backend runs (tested against the diffusers backend); the others patch the diffusers UNet's
-#: attention processors or blocks, which ComfyUI's UNet does not have
+#: methods the ComfyUI backend runs (tested against the diffusers backend); the UNet-patch methods reach ComfyUI's UNet
+#: through its diffusers-named view (:mod:`hiresdiff.comfy.unet_view`)
 COMFY_METHODS = (
     "demofusion",
     "accdiffusion",
@@ -42,6 +42,9 @@ COMFY_METHODS = (
     "diffusehigh",
     "upsample-guidance",
     "scalediff",
+    "scalecrafter",
+    "fouriscale",
+    "hidiffusion",
     "resize",
     "direct",
 )
@@ -49,7 +52,10 @@ COMFY_METHODS = (
 #: ComfyUI's UNets (``attn1`` replacement), not its FLUX transformer yet
 COMFY_FAMILY_GAPS = {"scalediff": {"flux": "its neighborhood attention is not hooked into ComfyUI's FLUX yet"}}
 #: method → why ComfyUI cannot run it, where the general reason (diffusers-only attention patches) is not it
-COMFY_REFUSED = {"accdiffusion-v2": "its view-wise ControlNet runs through diffusers' ControlNet, not ComfyUI's"}
+COMFY_REFUSED = {
+    "accdiffusion-v2": "its view-wise ControlNet runs through diffusers' ControlNet, not ComfyUI's",
+    "freescale": "its scale fusion works on diffusers' attention processors, which ComfyUI's model does not have",
+}
 #: AccDiffusion's content-aware view prompts encode words of the prompt text per view: ComfyUI hands over
 #: CONDITIONING (no text, no text encoder), so they are refused with this line rather than silently left out
 NO_PROMPT_TEXT = (
