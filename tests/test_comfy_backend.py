@@ -262,7 +262,8 @@ def _zeroing_node(seen: list[int]) -> Any:
 
 def test_an_attention_replacement_of_another_node_stays_the_fallback(unets: SimpleNamespace) -> None:
     """A node's ``attn1`` replacement on the model keeps running every call NPA declines (and only those), the
-    patcher's own options are left as they were, and a patch that is not a q/k/v kernel is refused in one line."""
+    patcher's own options are left as they were, and a patch of whole attention calls (not a q/k/v kernel) is
+    refused in one line where the node's replacement would bypass it."""
     from hiresdiff.comfy.adapter import ComfyAdapter
     from hiresdiff.patches.attention import neighborhood_attention
     from hiresdiff.patches.freescale import ScaleFusionProcessor
@@ -292,9 +293,12 @@ def test_an_attention_replacement_of_another_node_stays_the_fallback(unets: Simp
     def fusion(module: Any, inner: Any, level: int) -> Any:
         return ScaleFusionProcessor(inner, None, level)  # type: ignore[arg-type]
 
-    with adapter.self_attention_patched(fusion), pytest.raises(HiresError, match="cannot run in ComfyUI") as caught:
-        adapter.transformer_options["patches_replace"]["attn1"][key](taken, taken, taken, options)
-    assert "\n" not in str(caught.value)
+    # a patch of whole attention calls takes the attn1 modules' forward, which the node's replacement bypasses
+    with pytest.raises(HiresError, match="another node replaces the self-attention at input_blocks") as caught:
+        with adapter.self_attention_patched(fusion):
+            pass
+    assert "\n" not in str(caught.value) and "ScaleFusionProcessor" in str(caught.value)
+    assert all("forward" not in vars(m) for m in b.twin.model.diffusion_model.modules())
 
 
 def _keys(b: SimpleNamespace) -> list[tuple[str, int, int]]:
@@ -491,7 +495,7 @@ def test_a_whole_accdiffusion_run_gives_the_same_latents(
 
 
 #: the methods that patch UNet modules, which reach ComfyUI's UNet through its diffusers-named view
-UNET_PATCH_METHODS = ("scalecrafter", "fouriscale", "hidiffusion")
+UNET_PATCH_METHODS = ("scalecrafter", "fouriscale", "hidiffusion", "freescale")
 
 
 def _parameter_sum(module: Any) -> float:
@@ -539,9 +543,11 @@ def test_unet_patches_act_on_comfyui_modules(
 ) -> None:
     """A UNet-patch method's run in ComfyUI patches ComfyUI's own modules — as many as in diffusers, each one
     called patched — and its attention kernels (FouriScale's shared Q/K, HiDiffusion's MSW-MSA) run as ``attn1``
-    replacements; after the run every module's ``forward`` and the adapter's replacements are as before."""
+    replacements, FreeScale's scale fusion in place of the ``attn1`` modules' ``forward``; after the run every
+    module's ``forward`` and the adapter's replacements are as before."""
     import hiresdiff.comfy.attention as comfy_attention
     import hiresdiff.patches.context as context
+    from hiresdiff.patches.freescale import ScaleFusionProcessor
     from hiresdiff.pipeline import HiresPipeline
 
     b = unets
@@ -568,7 +574,15 @@ def test_unet_patches_act_on_comfyui_modules(
         kernels.append(1)
         return run_kernel(*args)
 
+    fused: list[Any] = []
+    attend_self = ScaleFusionProcessor.attend_self
+
+    def fusing(self: Any, attn: Any, hidden_states: Any, *args: Any, **kwargs: Any) -> Any:
+        fused.append(attn)
+        return attend_self(self, attn, hidden_states, *args, **kwargs)
+
     monkeypatch.setattr(comfy_attention, "run_kernel", kernel)
+    monkeypatch.setattr(ScaleFusionProcessor, "attend_self", fusing)
     for which, ad in (("ref", b.ref), ("ours", b.ours)):
         monkeypatch.setattr(context, "_patched_forward", recording(which))
         hp = HiresPipeline(None, "twin", adapter=ad)
@@ -579,7 +593,9 @@ def test_unet_patches_act_on_comfyui_modules(
     assert all(id(m) in comfy_modules for m in patched["ours"])
     assert all(calls.get(id(m), 0) > 0 for m in patched["ours"])
     assert all("forward" not in vars(m) for m in patched["ours"])  # restored
-    assert bool(kernels) == (method != "scalecrafter")
+    assert bool(kernels) == (method in ("fouriscale", "hidiffusion"))
+    if method == "freescale":  # both runs fused; ComfyUI's on its own attn1 modules
+        assert {id(a) for a in fused} & comfy_modules and not {id(a) for a in fused[: len(fused) // 2]} & comfy_modules
     assert b.ours.attn1 == {} and b.ours.transformer_options.get("patches_replace", {}).get("attn1", {}) == {}
 
 

@@ -245,10 +245,7 @@ def test_accdiffusion_v2_is_refused_with_its_own_reason() -> None:
         check_method("accdiffusion-v2", "sdxl")
     assert "\n" not in str(caught.value) and "choose one of: demofusion, accdiffusion" in str(caught.value)
     check_method("accdiffusion", "sdxl")  # offered: no error
-    with pytest.raises(HiresError, match="freescale its scale fusion works on diffusers' attention") as caught:
-        check_method("freescale", "sd")
-    assert "\n" not in str(caught.value) and "hidiffusion" in str(caught.value)
-    for method in ("scalecrafter", "fouriscale", "hidiffusion"):  # UNet patches, through the diffusers-named view
+    for method in ("scalecrafter", "fouriscale", "hidiffusion", "freescale"):  # UNet patches, through the view
         check_method(method, "sdxl")
 
 

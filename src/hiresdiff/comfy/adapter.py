@@ -59,7 +59,13 @@ from hiresdiff.models.adapter import Chunk, ModelAdapter, PromptEmbeds, branch_r
 from hiresdiff.models.flux import SHIFT_DEFAULTS, TIMESTEP_SCALE, FluxAdapter, FluxCall
 from hiresdiff.models.guidance import GuidanceRule
 from hiresdiff.models.parametrization import prediction_from_x0
-from hiresdiff.models.self_attention import ChooseObserver, CrossAttentionObserver, WrapSelfAttention
+from hiresdiff.models.self_attention import (
+    ChooseObserver,
+    CrossAttentionObserver,
+    WrapSelfAttention,
+    diffusers_self_attention,
+)
+from hiresdiff.patches.processors import SelfAttentionKernel
 
 #: ComfyUI model config class name → (hiresdiff family, native size in pixels)
 FAMILIES = {
@@ -282,11 +288,17 @@ class ComfyAdapter(ComfyBackend):
 
     @contextmanager
     def self_attention_patched(self, wrap: WrapSelfAttention) -> Iterator[None]:
-        """Every self-attention (``attn1``) of the UNet's transformer blocks runs ``wrap(model, None, level)`` — a
-        :class:`~hiresdiff.patches.processors.SelfAttentionKernel` — while the block runs, through ComfyUI's ``attn1``
+        """Every self-attention (``attn1``) of the UNet's transformer blocks runs ``wrap(model, None, level)`` while
+        the block runs. A :class:`~hiresdiff.patches.processors.SelfAttentionKernel` goes through ComfyUI's ``attn1``
         replacement (:mod:`hiresdiff.comfy.attention`: the level from each call's token count and the UNet input's
         shape); calls the patch leaves run the replacement in force before (another node's, an enclosing patch's)
-        or ComfyUI's own attention. The patcher's options are not touched."""
+        or ComfyUI's own attention. The patcher's options are not touched. A patch of whole attention calls
+        (FreeScale's scale fusion) takes the place of each ``attn1`` module's ``forward`` instead, the level from
+        its diffusers name (:class:`~hiresdiff.comfy.unet_view.ComfyUNetView`)."""
+        if not isinstance(wrap(self.unet, None, 0), SelfAttentionKernel):  # a whole-call patch (FreeScale's)
+            with diffusers_self_attention([self.unet], wrap):  # in place of the modules' forward (:mod:`.unet_view`)
+                yield
+            return
         installed = self.transformer_options.get("patches_replace", {}).get("attn1", {})
         previous = self.attn1
         self.attn1 = self_attention_replacements(wrap, self.diffusion_model, installed)

@@ -45,6 +45,7 @@ COMFY_METHODS = (
     "scalecrafter",
     "fouriscale",
     "hidiffusion",
+    "freescale",
     "resize",
     "direct",
 )
@@ -54,7 +55,6 @@ COMFY_FAMILY_GAPS = {"scalediff": {"flux": "its neighborhood attention is not ho
 #: method → why ComfyUI cannot run it, where the general reason (diffusers-only attention patches) is not it
 COMFY_REFUSED = {
     "accdiffusion-v2": "its view-wise ControlNet runs through diffusers' ControlNet, not ComfyUI's",
-    "freescale": "its scale fusion works on diffusers' attention processors, which ComfyUI's model does not have",
 }
 #: AccDiffusion's content-aware view prompts encode words of the prompt text per view: ComfyUI hands over
 #: CONDITIONING (no text, no text encoder), so they are refused with this line rather than silently left out

@@ -21,8 +21,12 @@ patch seam reads (:func:`~hiresdiff.patches.context.patched`):
 * ``attn_processors`` / ``set_attn_processor``: a self-attention processor that is a q, k, v kernel
   (:class:`~hiresdiff.patches.processors.SelfAttentionKernel`: MSW-MSA, FouriScale's shared Q/K) becomes ComfyUI's
   ``attn1`` replacement of that transformer block (the adapter's ``attn1``, with the replacement in force before
-  as its fallback); one that works on diffusers' processor arguments (FreeScale's scale fusion) is refused in one
-  line;
+  as its fallback). One that works on whole attention calls (a
+  :class:`~hiresdiff.patches.processors.SelfAttentionPatch` such as FreeScale's scale fusion, which fuses outputs
+  after the output projection) takes the place of the ComfyUI ``attn1`` module's ``forward``: it gets the module as
+  diffusers' ``attn`` and, as the processor it wraps, :class:`ComfyAttentionCall` — the module's own attention
+  (projections, ComfyUI's attention function, output projection) on the tokens it is given. ComfyUI bypasses a
+  module's ``forward`` where another node replaces that block's ``attn1``, so such a block is refused in one line;
 * ``num_upsamplers`` (HiDiffusion raises it so diffusers passes each upsampler its skip's size): ComfyUI always
   passes that size (``output_shape``), so the attribute is kept here and changes nothing.
 """
@@ -35,9 +39,9 @@ from typing import Any
 
 from torch import nn
 
-from hiresdiff.comfy.attention import ComfyKernelAttention, installed_replacement
+from hiresdiff.comfy.attention import ComfyKernelAttention, comfy_attention, installed_replacement
 from hiresdiff.errors import HiresError, require
-from hiresdiff.patches.processors import SelfAttentionKernel
+from hiresdiff.patches.processors import SelfAttentionKernel, SelfAttentionPatch
 
 #: diffusers' names of a resnet's convs → their path inside ComfyUI's ``ResBlock``
 RESNET_CONVS = {"conv1": "in_layers.2", "conv2": "out_layers.3"}
@@ -133,6 +137,36 @@ def block_key(comfy_name: str) -> tuple[str, int, int]:
     return BLOCK_NAMES[top], number, int(parts[parts.index("transformer_blocks") + 1])
 
 
+class ComfyAttentionCall:
+    """The plain attention of one ComfyUI ``attn1`` module with diffusers' processor signature (module docstring):
+    ``(attn, hidden_states, encoder_hidden_states, attention_mask)`` → the module class's own ``forward`` (never a
+    patched one), with the ``transformer_options`` of the call in progress (:attr:`options`)."""
+
+    def __init__(self, module: nn.Module) -> None:
+        self.module = module
+        self.options: dict[str, Any] = {}
+
+    def __call__(self, attn: Any, hidden_states: Any, encoder_hidden_states: Any = None, attention_mask: Any = None,
+                 *args: Any, **kwargs: Any) -> Any:  # fmt: skip
+        own = type(self.module).forward
+        return own(self.module, hidden_states, context=encoder_hidden_states, mask=attention_mask,
+                   transformer_options=self.options)  # fmt: skip
+
+
+def _processor_forward(module: nn.Module, processor: SelfAttentionPatch, plain: ComfyAttentionCall) -> Any:
+    """The ``forward`` of a ComfyUI ``attn1`` module running ``processor`` (diffusers' processor call) on its
+    self-attention calls; calls with other keys or values (another node's ``attn1`` patch) run the module's own."""
+
+    def forward(x: Any, context: Any = None, value: Any = None, mask: Any = None,
+                transformer_options: dict[str, Any] | None = None) -> Any:  # fmt: skip
+        plain.options = transformer_options if transformer_options is not None else {}
+        if context is not None or value is not None:
+            return plain(module, x, context, mask)
+        return processor(module, x, None, mask)
+
+    return forward
+
+
 class ComfyUNetView:
     """``adapter``'s ComfyUI UNet (``adapter.diffusion_model``) under diffusers' names (module docstring)."""
 
@@ -145,12 +179,17 @@ class ComfyUNetView:
             block_out_channels=tuple(int(cfg["model_channels"]) * int(m) for m in mults),
             layers_per_block=cfg.get("num_res_blocks", 1),
             cross_attention_dim=cfg.get("context_dim"),
+            down_block_types=("DownBlock2D",) * len(mults),  # only their number is read (the levels)
         )
         self.down_blocks = [name for name in self.names if name.count(".") == 1 and name.startswith("down_blocks")]
         self.num_upsamplers = len(self.down_blocks) - 1
         #: the self-attention kernels installed through :meth:`set_attn_processor`, by diffusers' ``attn1`` name
         self._kernels: dict[str, SelfAttentionKernel] = {}
         self._before: dict[Any, Any] | None = None
+        #: whole-call processors in place of ``attn1`` modules' ``forward`` (name → (module, forward before))
+        self._wrapped: dict[str, tuple[SelfAttentionPatch, nn.Module, Any]] = {}
+        #: the plain attention of every ``attn1`` module, as diffusers' processor (what a wrapping patch wraps)
+        self._plain = {n: ComfyAttentionCall(self.get_submodule(n)) for n in self.names if n.endswith(".attn1")}
 
     def named_modules(self) -> Iterator[tuple[str, Any]]:
         """(diffusers name, module) of every module the patches address; levels and groups map to a marker."""
@@ -169,21 +208,26 @@ class ComfyUNetView:
 
     @property
     def attn_processors(self) -> dict[str, Any]:
-        """diffusers' ``attn1`` processor names → the kernel installed there (``None``: ComfyUI's attention)."""
-        return {f"{n}.processor": self._kernels.get(n) for n in self.names if n.endswith(".attn1")}
+        """diffusers' ``attn1`` processor names → the patch installed there, else the module's plain attention
+        (:class:`ComfyAttentionCall`)."""
+        wrapped = {n: entry[0] for n, entry in self._wrapped.items()}
+        return {f"{n}.processor": self._kernels.get(n) or wrapped.get(n) or plain for n, plain in self._plain.items()}
 
     def set_attn_processor(self, processors: Mapping[str, Any]) -> None:
-        """Install the kernels among ``processors`` (diffusers' ``….attn1.processor`` names) as ComfyUI ``attn1``
-        replacements of their blocks; ``None`` entries leave a block to the attention in force before."""
+        """Install ``processors`` (diffusers' ``….attn1.processor`` names; module docstring): kernels as ComfyUI
+        ``attn1`` replacements of their blocks, whole-call patches in place of the modules' ``forward``; a plain
+        entry (``None``, :class:`ComfyAttentionCall`) leaves its block to the attention in force before."""
         kernels: dict[str, SelfAttentionKernel] = {}
-        for name, processor in processors.items():
-            if processor is None:
+        whole: dict[str, SelfAttentionPatch] = {}
+        for full, processor in processors.items():
+            name = full.removesuffix(".processor")
+            if processor is None or isinstance(processor, ComfyAttentionCall):
                 continue
             require(
-                isinstance(processor, SelfAttentionKernel),
+                isinstance(processor, SelfAttentionPatch),
                 f"{type(processor).__name__} works on diffusers' attention processors and cannot run in ComfyUI",
             )
-            kernels[name.removesuffix(".processor")] = processor
+            (kernels if isinstance(processor, SelfAttentionKernel) else whole)[name] = processor
         if self._before is None:
             self._before = dict(self.adapter.attn1)
         options = self.adapter.patcher.model_options.get("transformer_options", {})
@@ -192,7 +236,27 @@ class ComfyUNetView:
         for name, kernel in kernels.items():
             key = block_key(self.names[name])
             ours[key] = ComfyKernelAttention(kernel, installed_replacement(installed, key))
+        for name, processor in whole.items():
+            if installed_replacement(installed, block_key(self.names[name])) is not comfy_attention:
+                raise HiresError(
+                    f"another node replaces the self-attention at {self.names[name]}; "
+                    f"{type(processor).__name__} needs ComfyUI's own attention there"
+                )
         self.adapter.attn1 = {**self._before, **ours}
         self._kernels = kernels
+        self._wrap(whole)
         if not kernels:
             self._before = None
+
+    def _wrap(self, whole: Mapping[str, SelfAttentionPatch]) -> None:
+        """Put the whole-call patches ``whole`` in place of their modules' ``forward`` (the earlier ones undone)."""
+        for module, before in ((m, f) for _, m, f in self._wrapped.values()):
+            if before is None:
+                module.__dict__.pop("forward", None)
+            else:
+                module.forward = before
+        self._wrapped = {}
+        for name, processor in whole.items():
+            module = self.get_submodule(name)
+            self._wrapped[name] = (processor, module, module.__dict__.get("forward"))
+            module.forward = _processor_forward(module, processor, self._plain[name])
