@@ -294,9 +294,9 @@ def test_an_attention_replacement_of_another_node_stays_the_fallback(unets: Simp
         return ScaleFusionProcessor(inner, None, level)  # type: ignore[arg-type]
 
     # a patch of whole attention calls takes the attn1 modules' forward, which the node's replacement bypasses
-    with pytest.raises(HiresError, match="another node replaces the self-attention at input_blocks") as caught:
-        with adapter.self_attention_patched(fusion):
-            pass
+    refused = pytest.raises(HiresError, match="another node replaces the self-attention at input_blocks")
+    with refused as caught, adapter.self_attention_patched(fusion):
+        pass
     assert "\n" not in str(caught.value) and "ScaleFusionProcessor" in str(caught.value)
     assert all("forward" not in vars(m) for m in b.twin.model.diffusion_model.modules())
 
