@@ -613,3 +613,50 @@ def test_freeu_through_the_view_gives_the_same_latents(unets: SimpleNamespace) -
         runs[name] = out.latents
     torch.testing.assert_close(runs["ours"], runs["ref"], atol=1e-4, rtol=1e-4)
     assert (runs["ours"] - runs["plain"]).abs().max() > 1e-2
+
+
+def test_flux_npa_runs_as_comfyui_attention_override(monkeypatch: pytest.MonkeyPatch) -> None:
+    """ScaleDiff on FLUX: the neighborhood attention runs in ComfyUI's FLUX through the attention override — as
+    many windowed calls as the diffusers processors make (the latents agree: the whole-run test) — calls it leaves
+    go to the override another node set (so do the calls of the stages without it), and nothing of it stays on the
+    adapter or the patcher afterwards."""
+    import hiresdiff.comfy.flux_attention as comfy_flux
+    import hiresdiff.patches.attention_flux as diffusers_flux
+    from hiresdiff.pipeline import HiresPipeline
+
+    b = make_backends("flux")
+    counts = {"ref": 0, "ours": 0}
+    for module, which in ((diffusers_flux, "ref"), (comfy_flux, "ours")):
+        original = module.shifted_npa
+
+        def counted(*args: Any, _original: Any = original, _which: str = which, **kwargs: Any) -> Any:
+            counts[_which] += 1
+            return _original(*args, **kwargs)
+
+        monkeypatch.setattr(module, "shifted_npa", counted)
+    seen: list[int] = []
+
+    def other_node(function: Any, q: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
+        seen.append(b.ours.attention_override is not None)  # NPA installed: a call it leaves
+        return function(q, *args, **kwargs)
+
+    options = b.ours.patcher.model_options.setdefault("transformer_options", {})
+    options["optimized_attention_override"] = other_node
+    try:
+        for ad in (b.ref, b.ours):
+            hp = HiresPipeline(None, "twin", adapter=ad)
+            hp("a twin", "scalediff", 2 * NATIVE, 2 * NATIVE, steps=3, seed=7, max_batch=8, previews=False,
+               progress=False)  # fmt: skip
+    finally:
+        options.pop("optimized_attention_override")
+    assert counts["ours"] == counts["ref"] > 0
+    assert seen and not any(seen)  # the native stage ran the node's override; every NPA-stage call was windowed
+    assert b.ours.attention_override is None and b.ours.flux_call is None
+    # a call NPA leaves (no transformer call of the canvas in progress) goes to the override in force before
+    from hiresdiff.patches.processors import NPAState
+
+    state = NPAState(b.ours, (2 * LATENT, 2 * LATENT), None)
+    override = comfy_flux.FluxNPAOverride(b.ours, state, LATENT // 2, other_node)
+    q = torch.randn(1, 1, 9, 128)
+    plain = override(lambda *a, **k: "plain", q, q, q, 1, skip_reshape=True, mask=None)
+    assert plain == "plain" and len(seen) == 7

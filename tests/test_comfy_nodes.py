@@ -215,26 +215,17 @@ def test_a_flux_model_with_a_unet_only_method_is_refused_in_one_line(flux: Simpl
     assert "\n" not in str(caught.value)
 
 
-def test_scalediff_on_a_flux_model_is_refused_in_one_line_before_any_work(
-    flux: SimpleNamespace, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """ScaleDiff runs on FLUX with diffusers but its NPA is not hooked into ComfyUI's FLUX: the node names that and
-    the methods a FLUX model can use, before the model or the VAE is called; on SD and SDXL it is offered."""
+def test_scalediff_runs_on_a_flux_model(flux: SimpleNamespace) -> None:
+    """ScaleDiff is offered on every family in ComfyUI (its neighborhood attention reaches ComfyUI's FLUX through
+    the attention override): the node runs it on the FLUX twin and gives the canvas's latent."""
     from hiresdiff.comfy.nodes import check_method, comfy_methods
 
-    def no_work(*args: Any, **kwargs: Any) -> None:
-        raise AssertionError("the model was called")
-
-    monkeypatch.setattr(flux.twin.model, "apply_model", no_work)
-    monkeypatch.setattr(flux.vae, "decode", no_work)
-    with pytest.raises(HiresError, match="scalediff cannot run on a FLUX model in ComfyUI") as caught:
-        run(flux, model=flux.twin.patcher, positive=flux.positive, negative=flux.negative, vae=flux.vae,
-            method="scalediff")  # fmt: skip
-    message = str(caught.value)
-    assert "\n" not in message and message.endswith(", ".join(comfy_methods("flux")))
-    assert "scalediff" not in comfy_methods("flux")
-    assert "scalediff" in comfy_methods("sd") and "scalediff" in comfy_methods("sdxl")
-    check_method("scalediff", "sdxl")  # offered: no error
+    assert all("scalediff" in comfy_methods(family) for family in ("sd", "sdxl", "flux"))
+    check_method("scalediff", "flux")  # offered: no error
+    latent, _ = run(flux, model=flux.twin.patcher, positive=flux.positive, negative=flux.negative, vae=flux.vae,
+                    method="scalediff", steps=2, cfg=1.5, previews=False)  # fmt: skip
+    assert latent["samples"].shape == (1, 16, 2 * LATENT, 2 * LATENT)
+    assert torch.isfinite(latent["samples"]).all()
 
 
 def test_accdiffusion_v2_is_refused_with_its_own_reason() -> None:

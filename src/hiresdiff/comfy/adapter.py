@@ -39,6 +39,10 @@ guidance rules and every method run as with diffusers. The conversions (facts of
   each ``apply_model`` call gets; a replacement another node installed stays in force for the calls a patch leaves.
 * **cross-attention observers** (AccDiffusion's capture, :meth:`ComfyAdapter.cross_attention_observed`): ComfyUI's
   ``attn2`` replacement on the observed blocks, returning the attention in force unchanged.
+* **UNet module patches** (ScaleCrafter, FouriScale, HiDiffusion, FreeU, FreeScale): on ComfyUI's own modules
+  through ``unet``, a view of the UNet under diffusers' names (:mod:`hiresdiff.comfy.unet_view`).
+* **FLUX neighborhood attention** (ScaleDiff, :meth:`ComfyFluxAdapter.flux_neighborhood_attention`): ComfyUI's
+  attention override (:mod:`hiresdiff.comfy.flux_attention`).
 
 ComfyUI is never imported by this module: it works on the objects ComfyUI hands a node; the one function of
 ComfyUI it calls (``comfy.model_management.load_models_gpu``) is imported where the model is placed.
@@ -53,6 +57,7 @@ from typing import Any
 import torch
 
 from hiresdiff.comfy.attention import cross_attention_observers, self_attention_replacements
+from hiresdiff.comfy.flux_attention import FluxCallShape, FluxNPAOverride
 from hiresdiff.comfy.unet_view import ComfyUNetView
 from hiresdiff.errors import require
 from hiresdiff.models.adapter import Chunk, ModelAdapter, PromptEmbeds, branch_rows, call_rows
@@ -65,7 +70,8 @@ from hiresdiff.models.self_attention import (
     WrapSelfAttention,
     diffusers_self_attention,
 )
-from hiresdiff.patches.processors import SelfAttentionKernel
+from hiresdiff.patches.attention_flux import TOKEN_PATCH
+from hiresdiff.patches.processors import NPAState, SelfAttentionKernel
 
 #: ComfyUI model config class name → (hiresdiff family, native size in pixels)
 FAMILIES = {
@@ -172,6 +178,8 @@ class ComfyBackend(ModelAdapter):
         self.attn1: dict[Any, Any] = {}
         #: the ``attn2`` replacements of the cross-attention observers in force (``cross_attention_observed``)
         self.attn2: dict[Any, Any] = {}
+        #: ComfyUI's ``optimized_attention_override`` of a patch in force (FLUX's NPA), else ``None``
+        self.attention_override: Any = None
 
     def _setup_vae(self) -> None:
         """ComfyUI's VAE picks its own device and dtype."""
@@ -186,6 +194,8 @@ class ComfyBackend(ModelAdapter):
         """The patches other nodes put on the model (attention replacements, block patches …) and hiresdiff's
         attention replacements in force (a fresh dict per call: the UNet writes its block position into it)."""
         options = dict(self.patcher.model_options.get("transformer_options", {}))
+        if self.attention_override is not None:
+            options["optimized_attention_override"] = self.attention_override
         ours = {name: r for name, r in (("attn1", self.attn1), ("attn2", self.attn2)) if r}
         if ours:
             replace = dict(options.get("patches_replace", {}))
@@ -388,6 +398,24 @@ class ComfyFluxAdapter(ComfyBackend, FluxAdapter):
         scheduler = flux_scheduler(self.sampling, self.model_kind)
         self._base_scheduler_config = dict(scheduler.config)
         self.scheduler = scheduler
+        #: the transformer call in progress (``None`` between calls), for the attention override
+        self.flux_call: FluxCallShape | None = None
+
+    @contextmanager
+    def flux_neighborhood_attention(
+        self, latent_hw: tuple[int, int], generators: list[torch.Generator] | None
+    ) -> Iterator[NPAState]:
+        """ScaleDiff's neighborhood attention on every attention of ComfyUI's FLUX while a ``latent_hw`` canvas is
+        sampled, as ComfyUI's attention override (:mod:`hiresdiff.comfy.flux_attention`; an override another node
+        set stays in force for the calls it leaves). The patcher's options are not touched."""
+        state = NPAState(self, latent_hw, generators)
+        previous = self.attention_override
+        installed = previous or self.transformer_options.get("optimized_attention_override")
+        self.attention_override = FluxNPAOverride(self, state, self.native_latent // TOKEN_PATCH, installed)
+        try:
+            yield state
+        finally:
+            self.attention_override = previous
 
     def _velocity(self, call: FluxCall) -> torch.Tensor:
         """The velocity from one ``apply_model`` call (module docstring): σ so that the transformer sees the
@@ -407,7 +435,11 @@ class ComfyFluxAdapter(ComfyBackend, FluxAdapter):
         if guidance is not None:
             kwargs["guidance"] = guidance
         sigmas = torch.full((x.shape[0],), sigma, dtype=wide, device=x.device)
-        x0 = self.model.apply_model(x, sigmas, transformer_options=options, **kwargs)
+        self.flux_call = FluxCallShape(x.shape[-2], x.shape[-1], offset, int(text.shape[1]))
+        try:
+            x0 = self.model.apply_model(x, sigmas, transformer_options=options, **kwargs)
+        finally:
+            self.flux_call = None
         return ((x - x0.to(wide)) / sigma).float()
 
 

@@ -9,7 +9,7 @@
   (:func:`hiresdiff.web.fields.method_fields`, as the web page shows them); output HIRESDIFF_PARAMS.
 
 Bad input (a size off the grid, a method the backend cannot run, parameters of another method, a FLUX model with a
-UNet-only method or with ScaleDiff …) raises :class:`~hiresdiff.errors.HiresError`: ComfyUI shows its one line in the
+UNet-only method …) raises :class:`~hiresdiff.errors.HiresError`: ComfyUI shows its one line in the
 error dialog. ComfyUI's progress bar follows every step and its cancel button stops the run between steps (ComfyUI's
 interrupt exception is let through).
 """
@@ -49,9 +49,6 @@ COMFY_METHODS = (
     "resize",
     "direct",
 )
-#: method → {family it runs on with diffusers but not in ComfyUI: why}: ScaleDiff's neighborhood attention reaches
-#: ComfyUI's UNets (``attn1`` replacement), not its FLUX transformer yet
-COMFY_FAMILY_GAPS = {"scalediff": {"flux": "its neighborhood attention is not hooked into ComfyUI's FLUX yet"}}
 #: method → why ComfyUI cannot run it, where the general reason (diffusers-only attention patches) is not it
 COMFY_REFUSED = {
     "accdiffusion-v2": "its view-wise ControlNet runs through diffusers' ControlNet, not ComfyUI's",
@@ -68,7 +65,7 @@ def comfy_methods(family: str) -> list[str]:
     """The methods the ComfyUI backend runs on a ``family`` model."""
     from hiresdiff.methods import METHODS
 
-    return [m for m in COMFY_METHODS if family in METHODS[m].families and family not in COMFY_FAMILY_GAPS.get(m, {})]
+    return [m for m in COMFY_METHODS if family in METHODS[m].families]
 
 
 def check_method(method: str, family: str | None = None) -> None:
@@ -81,12 +78,6 @@ def check_method(method: str, family: str | None = None) -> None:
         raise HiresError(
             f"{method} runs on {', '.join(FAMILY_NAMES[f] for f in METHODS[method].families)} models, not "
             f"{FAMILY_NAMES[family]}; with this model choose one of: {', '.join(comfy_methods(family))}"
-        )
-    why = COMFY_FAMILY_GAPS.get(method, {}).get(family or "")
-    if family is not None and why is not None:
-        raise HiresError(
-            f"{method} cannot run on a {FAMILY_NAMES[family]} model in ComfyUI ({why}); with this model choose one "
-            f"of: {', '.join(comfy_methods(family))}"
         )
     why = COMFY_REFUSED.get(method, "patches the diffusers UNet's attention, which ComfyUI's model does not have yet")
     require(method in COMFY_METHODS, f"{method} {why}; in ComfyUI choose one of: {', '.join(COMFY_METHODS)}")

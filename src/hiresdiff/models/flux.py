@@ -29,6 +29,7 @@ accelerator, so little is lost).
 from __future__ import annotations
 
 import inspect
+from contextlib import AbstractContextManager
 from typing import Any, NamedTuple
 
 import numpy as np
@@ -338,6 +339,16 @@ class FluxAdapter(ModelAdapter):
         return PromptEmbeds(cond, None, pooled, None)
 
     # --- denoiser ----------------------------------------------------------------------------------------
+    def flux_neighborhood_attention(
+        self, latent_hw: tuple[int, int], generators: list[torch.Generator] | None
+    ) -> AbstractContextManager[Any]:
+        """ScaleDiff's neighborhood attention on every attention of the transformer while a ``latent_hw`` canvas
+        is sampled (yields its :class:`~hiresdiff.patches.processors.NPAState`): diffusers processors here
+        (:func:`hiresdiff.patches.attention_flux.flux_neighborhood_attention`); another backend hooks it its way."""
+        from hiresdiff.patches.attention_flux import flux_neighborhood_attention
+
+        return flux_neighborhood_attention(self, latent_hw, generators)
+
     def position(self, crop: tuple[int, int]) -> tuple[float, float]:
         """A view's top-left RoPE position in packed units from its crop corner in pixels (``pixels / 16``)."""
         unit = self.vae_scale_factor * PATCH

@@ -14,12 +14,10 @@ from typing import Any
 
 import torch
 
-from hiresdiff.errors import require
 from hiresdiff.models.adapter import ModelAdapter
 from hiresdiff.models.guidance import COND
 from hiresdiff.models.self_attention import attention_level, grid_at_level  # noqa: F401 (attention_level: tests)
 from hiresdiff.ops.npa import npa_attention, npa_supported
-from hiresdiff.patches.attention_flux import flux_neighborhood_attention
 from hiresdiff.patches.processors import NPAState, SelfAttentionKernel
 
 #: AccDiffusion records the layers whose query grid is w/4 × w/4, i.e. two downsamplings deep
@@ -156,8 +154,9 @@ def neighborhood_attention(
     ComfyUI's ``attn1`` replacement).
 
     Each layer's native grid is the native latent side after its downsamplings. ``generators`` turn on the
-    random query shift. The original attention is restored afterwards. FLUX transformers get
-    :func:`hiresdiff.patches.attention_flux.flux_neighborhood_attention` instead.
+    random query shift. The original attention is restored afterwards. FLUX transformers get their adapter's
+    ``flux_neighborhood_attention`` instead (diffusers:
+    :func:`hiresdiff.patches.attention_flux.flux_neighborhood_attention`; ComfyUI: an attention override).
     """
     # query shifts are drawn inside the calls: in view-parallel runs every rank must run them all
     replicate = adapter.parallel.replicated() if generators is not None else nullcontext()
@@ -169,12 +168,8 @@ def neighborhood_attention(
 def _installed_npa(
     adapter: ModelAdapter, latent_hw: tuple[int, int], generators: list[torch.Generator] | None
 ) -> Iterator[NPAState]:
-    if getattr(adapter, "family", None) == "flux":
-        require(
-            hasattr(adapter.denoiser_module, "set_attn_processor"),
-            "neighborhood attention on FLUX needs diffusers' transformer (not available in ComfyUI yet)",
-        )
-        with flux_neighborhood_attention(adapter, latent_hw, generators) as flux_state:
+    if getattr(adapter, "family", None) == "flux":  # the backend's own hook (diffusers processors, ComfyUI's …)
+        with adapter.flux_neighborhood_attention(latent_hw, generators) as flux_state:  # type: ignore[attr-defined]
             yield flux_state
         return
     state = NPAState(adapter, latent_hw, generators)

@@ -45,10 +45,13 @@ def flux_npa(
     grid: tuple[int, int],
     native: int,
     shift: tuple[int, int] = (0, 0),
+    image_rotated: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Windowed joint attention. ``text`` q/k/v ``(B, T, H, D)`` and ``image`` q/k/v ``(B, gh·gw, H, D)`` before
-    RoPE; ``rope`` = (cos, sin) ``(gh·gw, D)`` of the image tokens' absolute positions. Returns the text output
-    ``(B, T, H, D)`` (mean over windows) and the image output ``(B, gh·gw, H, D)`` (tiled back)."""
+    RoPE (``image_rotated``: the image q/k already carry it, as ComfyUI's attention function gets them; text
+    positions are 0, where RoPE is the identity); ``rope`` = (cos, sin) ``(gh·gw, D)`` of the image tokens'
+    absolute positions. Returns the text output ``(B, T, H, D)`` (mean over windows) and the image output
+    ``(B, gh·gw, H, D)`` (tiled back)."""
     (tq, tk, tv), (iq, ik, iv) = text, image
     cos, sin = (r.to(iq.device) for r in rope)
     b, t, h, d = tq.shape
@@ -57,8 +60,8 @@ def flux_npa(
     rows, nr, lr = window_starts(gh, native, shift[0])
     cols, nc, lc = window_starts(gw, native, shift[1])
     nw = nr * nc
-    # image tokens: RoPE of their absolute positions
-    iq, ik = rotate(iq, cos[:, None], sin[:, None]), rotate(ik, cos[:, None], sin[:, None])
+    if not image_rotated:  # image tokens: RoPE of their absolute positions
+        iq, ik = rotate(iq, cos[:, None], sin[:, None]), rotate(ik, cos[:, None], sin[:, None])
     # query patches (padded by the shift; padded queries are discarded)
     pad = (0, 0, 0, 0, shift[1], nc * p - gw - shift[1], shift[0], nr * p - gh - shift[0])
     qg = F.pad(iq.reshape(b, gh, gw, h, d), pad)
@@ -89,6 +92,39 @@ def flux_npa(
     img = out[:, :, t:].reshape(b, nr, nc, p, p, h, d).permute(0, 1, 3, 2, 4, 5, 6).reshape(b, nr * p, nc * p, h, d)
     img = img[:, shift[0] : shift[0] + gh, shift[1] : shift[1] + gw]
     return text_out, img.reshape(b, gh * gw, h, d)
+
+
+Triple = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
+
+
+def shifted_npa(
+    state: NPAState,
+    text: Triple,
+    image: Triple,
+    rope: tuple[torch.Tensor, torch.Tensor],
+    grid: tuple[int, int],
+    native: int,
+    image_rotated: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`flux_npa` of a call's rows with each row's query shift (``state``: one draw per canvas sample); rows
+    of one shift share a kernel call."""
+    b = text[0].shape[0]
+    shifts = state.shifts(b, native // 2)
+    if all(s == shifts[0] for s in shifts):
+        return flux_npa(text, image, rope, grid, native, shifts[0], image_rotated)
+    parts = [
+        flux_npa(
+            tuple(x[i : i + 1] for x in text),  # type: ignore[arg-type]
+            tuple(x[i : i + 1] for x in image),  # type: ignore[arg-type]
+            rope,
+            grid,
+            native,
+            shifts[i],
+            image_rotated,
+        )
+        for i in range(b)
+    ]
+    return torch.cat([part[0] for part in parts]), torch.cat([part[1] for part in parts])
 
 
 def _projections(attn: Any, hidden_states: torch.Tensor, context: torch.Tensor | None) -> list[torch.Tensor | None]:
@@ -157,24 +193,7 @@ class FluxNPAProcessor:
             image = (q[:, n_txt:], k[:, n_txt:], v[:, n_txt:])
         rope = (image_rotary_emb[0][n_txt:], image_rotary_emb[1][n_txt:])
 
-        b = hidden_states.shape[0]
-        shifts = self.state.shifts(b, self.native // 2)
-        if all(s == shifts[0] for s in shifts):
-            text_out, img_out = flux_npa(text, image, rope, grid, self.native, shifts[0])
-        else:
-            parts = [
-                flux_npa(
-                    tuple(x[i : i + 1] for x in text),
-                    tuple(x[i : i + 1] for x in image),
-                    rope,
-                    grid,
-                    self.native,
-                    shifts[i],
-                )
-                for i in range(b)
-            ]
-            text_out = torch.cat([part[0] for part in parts])
-            img_out = torch.cat([part[1] for part in parts])
+        text_out, img_out = shifted_npa(self.state, text, image, rope, grid, self.native)
         text_out, img_out = text_out.flatten(2, 3).to(q.dtype), img_out.flatten(2, 3).to(q.dtype)
         if double:
             img_out = attn.to_out[1](attn.to_out[0](img_out.contiguous()))
