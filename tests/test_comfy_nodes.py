@@ -136,7 +136,7 @@ def test_an_input_picture_is_upscaled(sd: SimpleNamespace) -> None:
     ("changes", "message"),
     [
         ({"width": 2 * NATIVE + 4}, "not a multiple of the latent grid"),
-        ({"method": "fouriscale"}, "in ComfyUI choose one of"),
+        ({"method": "accdiffusion-v2"}, "runs on SDXL models, not SD 1.x/2.x; with this model choose one of"),
         ({"method": "accdiffusion"}, "accdiffusion's content-aware view prompts need the prompt's text"),
         ({"method": "apt", "params": {"method": "apt", "set": {"host": "accdiffusion"}}}, "content_prompts to false"),
         ({"params": {"method": "apt", "set": {}}}, "are apt's but the method is demofusion"),
