@@ -660,3 +660,59 @@ def test_flux_npa_runs_as_comfyui_attention_override(monkeypatch: pytest.MonkeyP
     q = torch.randn(1, 1, 9, 128)
     plain = override(lambda *a, **k: "plain", q, q, q, 1, skip_reshape=True, mask=None)
     assert plain == "plain" and len(seen) == 7
+
+
+class WordClip:
+    """A stand-in for ComfyUI's CLIP with :class:`WordEncoder`'s embeddings: ``tokenize`` gives one token per word
+    between start and end tokens (and keeps the text), ``encode_from_tokens`` the word encoder's (cond, pooled)."""
+
+    START, END = 49406, 49407
+
+    def __init__(self, words: WordEncoder) -> None:
+        self.words = words
+        self.encoded: list[str] = []
+
+    def tokenize(self, text: str) -> dict[str, Any]:
+        ids = [self.START, *(1000 + i for i, _ in enumerate(text.split())), self.END]
+        return {"l": [[(t, 1.0) for t in ids + [self.END] * (77 - len(ids))]], "text": text}
+
+    def encode_from_tokens(self, tokens: dict[str, Any], return_pooled: bool = False) -> Any:
+        self.encoded.append(tokens["text"])
+        return self.words._one(tokens["text"])
+
+
+def test_accdiffusion_view_prompts_through_comfyui_clip_give_the_same_latents(
+    unets: SimpleNamespace, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """AccDiffusion's content-aware view prompts in ComfyUI: the run's own prompt from the CONDITIONING, the view
+    prompts encoded by the workflow's CLIP (:class:`~hiresdiff.comfy.text.PromptText`: word token counts from its
+    tokenizer, the negative CONDITIONING as their unconditional half) — the same view prompts and latents as the
+    diffusers backend encoding every prompt itself."""
+    from hiresdiff.comfy.text import PromptText
+    from hiresdiff.pipeline import HiresPipeline
+
+    b, text = unets, "a castle on a misty hill"
+    words = WordEncoder(b.family, b.twin.context)
+    negatives: list[Any] = []
+
+    def encode(prompts: list[str], negative: list[str] | None, cfg: bool) -> PromptEmbeds:
+        negatives.append(negative)  # the run's negative prompt (AccDiffusion's default one)
+        return words.encode_prompt(prompts, negative, cfg)
+
+    monkeypatch.setattr(b.ref, "encode_prompt", encode)
+    monkeypatch.setattr(b.ref, "count_tokens", words.count_tokens)
+    clip = WordClip(WordEncoder(b.family, b.twin.context))
+    monkeypatch.setattr(b.ours, "text", PromptText(clip, text))
+    assert b.ours.count_tokens("misty") == 1 and b.ours.count_tokens("a misty hill") == 3
+    runs = []
+    for ad in (b.ref, b.ours):
+        if ad is b.ours:  # ComfyUI's CONDITIONING: the run's own prompt and negative, encoded as the reference did
+            own = WordEncoder(b.family, b.twin.context).encode_prompt([text], negatives[0], True)
+            monkeypatch.setattr(b.ours, "embeds", own)
+        hp = HiresPipeline(None, "twin", adapter=ad)
+        out = hp(text, "accdiffusion", 2 * NATIVE, 2 * NATIVE, steps=4, guidance=5.0, seed=7, max_batch=8,
+                 previews=False, progress=False)  # fmt: skip
+        runs.append(out.latents)
+    views = [p for p in words.seen[1:] if p != text]  # the diffusers backend's view prompts (the run's own first)
+    assert [p for p in clip.encoded if p != text] == views and views  # view prompts went through the CLIP
+    torch.testing.assert_close(runs[1], runs[0], atol=1e-4, rtol=1e-4)

@@ -161,6 +161,35 @@ def test_accdiffusion_without_content_prompts_runs(sd: SimpleNamespace) -> None:
         assert bool(torch.isfinite(latent["samples"]).all())
 
 
+class TextClip:
+    """A stand-in for ComfyUI's CLIP on the SD twin: one token per word, each text's embedding seeded by it."""
+
+    def __init__(self, context: int) -> None:
+        self.context, self.encoded = context, []  # type: ignore[var-annotated]
+
+    def tokenize(self, text: str) -> dict[str, Any]:
+        ids = [49406, *(1000 + i for i, _ in enumerate(text.split())), 49407]
+        return {"l": [[(t, 1.0) for t in ids + [49407] * (77 - len(ids))]], "text": text}
+
+    def encode_from_tokens(self, tokens: dict[str, Any], return_pooled: bool = False) -> Any:
+        self.encoded.append(tokens["text"])
+        g = torch.Generator().manual_seed(len(tokens["text"]))
+        return torch.randn(1, 7, self.context, generator=g), torch.randn(1, 32, generator=g)
+
+
+def test_accdiffusion_content_prompts_run_with_the_clip_and_the_text(sd: SimpleNamespace) -> None:
+    """With the CLIP and the positive prompt's text connected, AccDiffusion's content-aware view prompts run (the
+    CLIP encodes the view prompts); a CLIP without the text is one line."""
+    clip = TextClip(sd.twin.context)
+    text = "a castle on a misty hill"
+    latent, _ = run(sd, method="accdiffusion", clip=clip, prompt=text, previews=False, steps=2)
+    assert latent["samples"].shape == (1, 4, 2 * NATIVE // 8, 2 * NATIVE // 8)
+    assert clip.encoded and all(set(p.split()) <= set(text.split()) for p in clip.encoded)
+    with pytest.raises(HiresError, match="a CLIP is connected without the prompt's text") as caught:
+        run(sd, method="accdiffusion", clip=clip, prompt="  ")
+    assert "\n" not in str(caught.value)
+
+
 def test_flux_1_is_taken_and_other_flux_models_are_refused_in_one_line() -> None:
     """FLUX.1-dev and schnell are the FLUX family; FLUX inpainting, FLUX.2 or a FLUX model of another sampling type
     are named in one line."""

@@ -58,6 +58,7 @@ import torch
 
 from hiresdiff.comfy.attention import cross_attention_observers, self_attention_replacements
 from hiresdiff.comfy.flux_attention import FluxCallShape, FluxNPAOverride
+from hiresdiff.comfy.text import PromptText
 from hiresdiff.comfy.unet_view import ComfyUNetView
 from hiresdiff.errors import require
 from hiresdiff.models.adapter import Chunk, ModelAdapter, PromptEmbeds, branch_rows, call_rows
@@ -180,6 +181,8 @@ class ComfyBackend(ModelAdapter):
         self.attn2: dict[Any, Any] = {}
         #: ComfyUI's ``optimized_attention_override`` of a patch in force (FLUX's NPA), else ``None``
         self.attention_override: Any = None
+        #: the prompt text and the CLIP that encoded it, when the node has them (AccDiffusion's view prompts)
+        self.text: PromptText | None = None
 
     def _setup_vae(self) -> None:
         """ComfyUI's VAE picks its own device and dtype."""
@@ -214,10 +217,14 @@ class ComfyBackend(ModelAdapter):
     # --- text: CONDITIONING from ComfyUI's text encoders -------------------------------------------------
     def encode_prompt(self, prompts: list[str], negatives: list[str] | None, cfg: bool) -> PromptEmbeds:
         """The CONDITIONING given to the adapter (the prompts' text was encoded by ComfyUI's CLIP nodes); FLUX.1
-        takes no negative prompt (guidance-distilled or guidance-free), so its unconditional rows are dropped."""
+        takes no negative prompt (guidance-distilled or guidance-free), so its unconditional rows are dropped.
+        Prompts other than the run's own (AccDiffusion's view prompts) are encoded by the CLIP of :attr:`text`,
+        with the negative CONDITIONING's rows as their unconditional half (they share the run's negative prompt)."""
         embeds = self.embeds
         require(embeds is not None, "no conditioning was given to the ComfyUI backend")
         assert embeds is not None
+        if self.text is not None and any(p != self.text.text for p in prompts):
+            return self._encoded(embeds, prompts, cfg)
         require(embeds.cond.shape[0] == len(prompts), "one conditioning per prompt is needed")
         if self.family == "flux":
             require(embeds.pooled_cond is not None, "FLUX needs the pooled CLIP output of its text encoders")
@@ -227,8 +234,20 @@ class ComfyBackend(ModelAdapter):
             require(embeds.pooled_cond is not None, "SDXL needs the pooled output of its text encoders")
         return embeds
 
+    def _encoded(self, embeds: PromptEmbeds, prompts: list[str], cfg: bool) -> PromptEmbeds:
+        """View prompts through the CLIP of :attr:`text` (:meth:`encode_prompt`)."""
+        assert self.text is not None
+        n = len(prompts)
+        cond, pooled = self.text.encode(prompts, embeds.cond.shape[1])
+        uncond = embeds.uncond[:1].expand(n, -1, -1) if cfg and embeds.uncond is not None else None
+        pooled_uncond = embeds.pooled_uncond
+        if pooled_uncond is not None and cfg:
+            pooled_uncond = pooled_uncond[:1].expand(n, -1)
+        return PromptEmbeds(cond, uncond, pooled if self.family == "sdxl" else None, pooled_uncond if cfg else None)
+
     def count_tokens(self, text: str) -> int:
-        return 0  # the text was encoded by ComfyUI (its own tokenizers)
+        """Tokens of ``text`` as the CLIP of :attr:`text` counts them (0 without one: ComfyUI encoded the text)."""
+        return self.text.count_tokens(text) if self.text is not None else 0
 
     def truncated(self, prompt: str) -> tuple[int, str] | None:
         return None

@@ -1,8 +1,9 @@
 """ComfyUI nodes: hiresdiff's methods on the MODEL, CONDITIONING and VAE a workflow has already loaded.
 
 * ``Hiresdiff Sample`` (:class:`HiresdiffSample`): MODEL, positive/negative CONDITIONING, VAE, method, preset, size,
-  steps, cfg, seed; optionally an input picture (IMAGE, or a LATENT decoded through the VAE) with ``strength`` and
-  the method's parameters. Outputs the final LATENT (ComfyUI's raw latent) and the previews as a list of IMAGEs
+  steps, cfg, seed; optionally an input picture (IMAGE, or a LATENT decoded through the VAE) with ``strength``, the
+  method's parameters, and the CLIP with the positive prompt's text (AccDiffusion's content-aware view prompts,
+  :mod:`hiresdiff.comfy.text`). Outputs the final LATENT (ComfyUI's raw latent) and the previews as a list of IMAGEs
   (each phase before the last at its own size, then the final image; only the final image with ``previews`` off).
 * ``Hiresdiff <method> Parameters`` (one per method, :func:`parameter_node`): the fields of the method's parameter
   dataclass with their defaults, the ranges its own checks accept and the help of its docstring as tooltips
@@ -21,6 +22,7 @@ from typing import Any
 
 import torch
 
+from hiresdiff.comfy.text import PromptText, pad_tokens
 from hiresdiff.errors import HiresError, require
 
 #: what a HIRESDIFF_PARAMS output holds: ``{"method": name, "set": {field: text}}``
@@ -54,10 +56,12 @@ COMFY_REFUSED = {
     "accdiffusion-v2": "its view-wise ControlNet runs through diffusers' ControlNet, not ComfyUI's",
 }
 #: AccDiffusion's content-aware view prompts encode words of the prompt text per view: ComfyUI hands over
-#: CONDITIONING (no text, no text encoder), so they are refused with this line rather than silently left out
+#: CONDITIONING (no text, no text encoder), so without the node's ``clip`` and ``prompt`` inputs they are refused
+#: with this line rather than silently left out
 NO_PROMPT_TEXT = (
     "{method}'s content-aware view prompts need the prompt's text and a text encoder, which ComfyUI's "
-    "CONDITIONING does not carry: set content_prompts to false (window interaction still applies)"
+    "CONDITIONING does not carry: connect the CLIP and the positive prompt's text to the node's clip and prompt "
+    "inputs, or set content_prompts to false (window interaction still applies)"
 )
 
 
@@ -119,7 +123,7 @@ def embeds_of(positive: Any, negative: Any, cfg: bool, family: str) -> Any:
     uncond, pooled_uncond = one(negative, "negative") if cfg else (None, None)
     if uncond is not None and uncond.shape[1] != cond.shape[1]:  # different token lengths: pad the shorter one
         length = max(cond.shape[1], uncond.shape[1])
-        cond, uncond = (_padded(t, length) for t in (cond, uncond))
+        cond, uncond = (pad_tokens(t, length) for t in (cond, uncond))
     return PromptEmbeds(cond, uncond, pooled, pooled_uncond)
 
 
@@ -129,12 +133,6 @@ def flux_guidance(positive: Any, cfg: float) -> float:
     extra = positive[0][1] if isinstance(positive, list) and positive and len(positive[0]) == 2 else {}
     value = extra.get("guidance") if isinstance(extra, dict) else None
     return cfg if value is None else float(value)
-
-
-def _padded(t: torch.Tensor, length: int) -> torch.Tensor:
-    """``t`` (1, n, c) extended to ``length`` tokens by repeating its last token (CLIP's padding embedding)."""
-    extra = length - t.shape[1]
-    return t if extra <= 0 else torch.cat([t, t[:, -1:].expand(-1, extra, -1)], dim=1)
 
 
 def _picture(image: Any, latent: Any, vae: Any) -> Any:
@@ -232,6 +230,21 @@ class HiresdiffSample:
                         "(off: only the final image; less memory at 4K).",
                     },
                 ),
+                "clip": (
+                    "CLIP",
+                    {
+                        "tooltip": "The CLIP that encoded the positive prompt, with its text in prompt: "
+                        "AccDiffusion's content-aware view prompts encode words of it per view.",
+                    },
+                ),
+                "prompt": (
+                    "STRING",
+                    {
+                        "default": "",
+                        "multiline": True,
+                        "tooltip": "The positive prompt's text (for AccDiffusion's view prompts, with clip).",
+                    },
+                ),
                 "native_size": (
                     "INT",
                     {
@@ -263,7 +276,7 @@ class HiresdiffSample:
         **optional: Any,
     ) -> tuple[dict[str, torch.Tensor], list[torch.Tensor]]:
         """Run ``method``; ``optional`` holds the connected optional inputs (``image``, ``latent``, ``strength``,
-        ``params``, ``previews``, ``native_size``) and ComfyUI's hidden ``node_id``."""
+        ``params``, ``previews``, ``native_size``, ``clip`` with ``prompt``) and ComfyUI's hidden ``node_id``."""
         from hiresdiff.comfy.adapter import comfy_adapter
         from hiresdiff.inputs import check_min_size
         from hiresdiff.pipeline import HiresPipeline, ModelFacts, validate_request
@@ -273,6 +286,9 @@ class HiresdiffSample:
 
         adapter = comfy_adapter(model, vae, None, native_size=native_size or None)
         check_method(method, adapter.family)
+        clip, text = optional.get("clip"), str(optional.get("prompt") or "").strip()
+        require(clip is None or text, "a CLIP is connected without the prompt's text: fill in the prompt input")
+        label = text if clip is not None else PROMPT_LABEL
         if params is not None:
             require(
                 params.get("method") == method,
@@ -289,8 +305,11 @@ class HiresdiffSample:
         if params:
             kwargs.update(params.get("set", {}))  # ``--set`` strings, checked as the command line's
         # everything but the input picture is checked before any model work (decoding an input LATENT included)
-        request = validate_request(PROMPT_LABEL, method, width, height, ModelFacts.of_pipeline(hp), **kwargs)
-        check_prompt_text(method, request.params)
+        request = validate_request(label, method, width, height, ModelFacts.of_pipeline(hp), **kwargs)
+        if clip is None:
+            check_prompt_text(method, request.params)
+        else:
+            adapter.text = PromptText(clip, text)
         if image is None and latent is not None:
             rows, cols = latent["samples"].shape[-2:]
             f = adapter.vae_scale_factor
@@ -299,7 +318,7 @@ class HiresdiffSample:
         if picture is not None:
             kwargs.update(image=picture, strength=strength)
         step = _progress(optional.get("node_id"))
-        out = hp(PROMPT_LABEL, method, width, height, progress=False, callback=step, **kwargs)
+        out = hp(label, method, width, height, progress=False, callback=step, **kwargs)
         scale, shift = adapter._vae_factors()
         shown = out.previews if previews else [out.images]  # never an empty list (SaveImage fails on one)
         return {"samples": (out.latents.float() / scale + shift).cpu()}, _images(shown)

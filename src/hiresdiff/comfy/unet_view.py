@@ -81,37 +81,37 @@ def diffusers_names(unet: nn.Module) -> dict[str, str]:
             names[f"{prefix}.transformer_blocks.{t}"] = f"{comfy}.transformer_blocks.{t}"
             names[f"{prefix}.transformer_blocks.{t}.attn1"] = f"{comfy}.transformer_blocks.{t}.attn1"
 
+    def layer(prefix: str, j: int, comfy: str, parts: dict[str, tuple[int, nn.Module]]) -> None:
+        """The j-th resnet of a diffusers block and the transformer beside it, from one ComfyUI block's parts."""
+        if "ResBlock" in parts:
+            resnet(f"{prefix}.resnets.{j}", f"{comfy}.{parts['ResBlock'][0]}")
+        if "SpatialTransformer" in parts:
+            index, module = parts["SpatialTransformer"]
+            transformer(f"{prefix}.attentions.{j}", f"{comfy}.{index}", module)
+
+    def sampler(prefix: str, comfy: str, conv: str) -> None:
+        names[prefix], names[f"{prefix}.conv"] = comfy, f"{comfy}.{conv}"
+
     level, j = 0, 0
     names["down_blocks.0"] = ""
     for k, block in enumerate(unet.input_blocks):
         parts = _parts(block)
         if "Downsample" in parts:
-            index, _ = parts["Downsample"]
-            names[f"down_blocks.{level}.downsamplers.0"] = f"input_blocks.{k}.{index}"
-            names[f"down_blocks.{level}.downsamplers.0.conv"] = f"input_blocks.{k}.{index}.op"
+            sampler(f"down_blocks.{level}.downsamplers.0", f"input_blocks.{k}.{parts['Downsample'][0]}", "op")
             level, j = level + 1, 0
             names[f"down_blocks.{level}"] = ""
         elif "ResBlock" in parts:
-            resnet(f"down_blocks.{level}.resnets.{j}", f"input_blocks.{k}.{parts['ResBlock'][0]}")
-            if "SpatialTransformer" in parts:
-                index, module = parts["SpatialTransformer"]
-                transformer(f"down_blocks.{level}.attentions.{j}", f"input_blocks.{k}.{index}", module)
+            layer(f"down_blocks.{level}", j, f"input_blocks.{k}", parts)
             j += 1
     up, j = 0, 0
     names["up_blocks.0"] = ""
     blocks = list(unet.output_blocks)
     for k, block in enumerate(blocks):
         parts = _parts(block)
-        if "ResBlock" in parts:
-            resnet(f"up_blocks.{up}.resnets.{j}", f"output_blocks.{k}.{parts['ResBlock'][0]}")
-        if "SpatialTransformer" in parts:
-            index, module = parts["SpatialTransformer"]
-            transformer(f"up_blocks.{up}.attentions.{j}", f"output_blocks.{k}.{index}", module)
+        layer(f"up_blocks.{up}", j, f"output_blocks.{k}", parts)
         j += 1
         if "Upsample" in parts:
-            index, _ = parts["Upsample"]
-            names[f"up_blocks.{up}.upsamplers.0"] = f"output_blocks.{k}.{index}"
-            names[f"up_blocks.{up}.upsamplers.0.conv"] = f"output_blocks.{k}.{index}.conv"
+            sampler(f"up_blocks.{up}.upsamplers.0", f"output_blocks.{k}.{parts['Upsample'][0]}", "conv")
             if k + 1 < len(blocks):
                 up, j = up + 1, 0
                 names[f"up_blocks.{up}"] = ""
