@@ -326,6 +326,20 @@ def test_a_denoiser_that_cannot_move_is_one_line(tiny_sd_pipe: Any) -> None:
     assert not ad.offload and ad.unet.device.type == "cpu"
 
 
+def test_a_vae_that_cannot_move_is_named_in_its_one_line(tiny_sd_pipe: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Outside low-VRAM mode the VAE follows the denoiser: when it is the one that cannot move, the line names it."""
+    from hiresdiff.errors import HiresError
+
+    ad = ModelAdapter(tiny_sd_pipe)
+
+    def refuse(*args: Any, **kwargs: Any) -> Any:
+        raise RuntimeError("out of memory\nsecond line")
+
+    monkeypatch.setattr(ad.vae, "to", refuse)
+    with pytest.raises(HiresError, match=r"^cannot move the VAE to device 'cpu': out of memory$"):
+        ad.start_offloaded("cpu", low_vram=False)
+
+
 def test_loras_and_controlnet_give_the_same_image_in_low_vram_mode(
     tiny_sdxl_pipe: Any, make_lora: Any, make_controlnet: Any, tmp_path: Path
 ) -> None:

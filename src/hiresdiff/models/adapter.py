@@ -297,15 +297,17 @@ class ModelAdapter:
         encoders where they wait on the CPU (:meth:`set_offload`). Loading the whole pipeline onto the device first
         would put every weight there at once (FLUX.1-dev: 31 GiB in bfloat16, more than the 24 GiB low-VRAM mode
         fits)."""
+        moving = "the denoiser"
         try:
             self.denoiser_module.to(device)
             if not low_vram:
                 for module in self._offloadable():
                     if not placement.parks_text(device) or module is self.vae:
+                        moving = "the VAE" if module is self.vae else "a text encoder"
                         module.to(device)
         except (RuntimeError, AssertionError, ValueError) as error:
             first = (str(error).strip().splitlines() or [type(error).__name__])[0]
-            raise HiresError(f"cannot move the denoiser to device {str(device)!r}: {first}") from error
+            raise HiresError(f"cannot move {moving} to device {str(device)!r}: {first}") from error
         self.offload, self.park_text = low_vram, not low_vram and placement.parks_text(device)
         self.refresh_placement()
 
