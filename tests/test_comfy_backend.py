@@ -574,17 +574,19 @@ def test_unet_patches_act_on_comfyui_modules(
         kernels.append(1)
         return run_kernel(*args)
 
-    fused: list[Any] = []
+    fused: dict[str, list[Any]] = {"ref": [], "ours": []}
+    running = ["ref"]
     attend_self = ScaleFusionProcessor.attend_self
 
     def fusing(self: Any, attn: Any, hidden_states: Any, *args: Any, **kwargs: Any) -> Any:
-        fused.append(attn)
+        fused[running[0]].append(attn)
         return attend_self(self, attn, hidden_states, *args, **kwargs)
 
     monkeypatch.setattr(comfy_attention, "run_kernel", kernel)
     monkeypatch.setattr(ScaleFusionProcessor, "attend_self", fusing)
     for which, ad in (("ref", b.ref), ("ours", b.ours)):
         monkeypatch.setattr(context, "_patched_forward", recording(which))
+        running[0] = which
         hp = HiresPipeline(None, "twin", adapter=ad)
         hp("a twin", method, 2 * NATIVE, 2 * NATIVE, steps=4, guidance=5.0, seed=7, max_batch=8, previews=False,
            progress=False)  # fmt: skip
@@ -594,8 +596,11 @@ def test_unet_patches_act_on_comfyui_modules(
     assert all(calls.get(id(m), 0) > 0 for m in patched["ours"])
     assert all("forward" not in vars(m) for m in patched["ours"])  # restored
     assert bool(kernels) == (method in ("fouriscale", "hidiffusion"))
-    if method == "freescale":  # both runs fused; ComfyUI's on its own attn1 modules
-        assert {id(a) for a in fused} & comfy_modules and not {id(a) for a in fused[: len(fused) // 2]} & comfy_modules
+    if method == "freescale":  # both runs fused as often; ComfyUI's on its own attn1 modules only
+        assert fused["ours"] and len(fused["ours"]) == len(fused["ref"])
+        assert all(id(a) in comfy_modules for a in fused["ours"]) and not {id(a) for a in fused["ref"]} & comfy_modules
+    else:
+        assert not fused["ours"] and not fused["ref"]
     assert b.ours.attn1 == {} and b.ours.transformer_options.get("patches_replace", {}).get("attn1", {}) == {}
 
 

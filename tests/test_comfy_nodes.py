@@ -267,6 +267,9 @@ def test_accdiffusion_v2_is_refused_with_its_own_reason() -> None:
     check_method("accdiffusion", "sdxl")  # offered: no error
     for method in ("scalecrafter", "fouriscale", "hidiffusion", "freescale"):  # UNet patches, through the view
         check_method(method, "sdxl")
+    from hiresdiff.comfy.nodes import COMFY_REFUSED
+
+    assert set(METHODS) == set(COMFY_METHODS) | set(COMFY_REFUSED)  # every method offered or refused with its reason
 
 
 def test_the_cancel_button_stops_the_run(sd: SimpleNamespace) -> None:

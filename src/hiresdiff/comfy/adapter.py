@@ -239,11 +239,13 @@ class ComfyBackend(ModelAdapter):
         assert self.text is not None
         n = len(prompts)
         cond, pooled = self.text.encode(prompts, embeds.cond.shape[1])
-        uncond = embeds.uncond[:1].expand(n, -1, -1) if cfg and embeds.uncond is not None else None
-        pooled_uncond = embeds.pooled_uncond
-        if pooled_uncond is not None and cfg:
-            pooled_uncond = pooled_uncond[:1].expand(n, -1)
-        return PromptEmbeds(cond, uncond, pooled if self.family == "sdxl" else None, pooled_uncond if cfg else None)
+
+        def repeated(t: torch.Tensor | None) -> torch.Tensor | None:  # the negative's one row, for every prompt
+            return t[:1].expand(n, *t.shape[1:]) if cfg and t is not None else None
+
+        # the same fields as the run's own embeddings: pooled outputs where the CONDITIONING carries them
+        pooled = pooled if embeds.pooled_cond is not None else None
+        return PromptEmbeds(cond, repeated(embeds.uncond), pooled, repeated(embeds.pooled_uncond))
 
     def count_tokens(self, text: str) -> int:
         """Tokens of ``text`` as the CLIP of :attr:`text` counts them (0 without one: ComfyUI encoded the text)."""

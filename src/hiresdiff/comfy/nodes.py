@@ -51,7 +51,7 @@ COMFY_METHODS = (
     "resize",
     "direct",
 )
-#: method → why ComfyUI cannot run it, where the general reason (diffusers-only attention patches) is not it
+#: method → why the ComfyUI backend cannot run it (every method is either offered or named here)
 COMFY_REFUSED = {
     "accdiffusion-v2": "its view-wise ControlNet runs through diffusers' ControlNet, not ComfyUI's",
 }
@@ -83,8 +83,8 @@ def check_method(method: str, family: str | None = None) -> None:
             f"{method} runs on {', '.join(FAMILY_NAMES[f] for f in METHODS[method].families)} models, not "
             f"{FAMILY_NAMES[family]}; with this model choose one of: {', '.join(comfy_methods(family))}"
         )
-    why = COMFY_REFUSED.get(method, "patches the diffusers UNet's attention, which ComfyUI's model does not have yet")
-    require(method in COMFY_METHODS, f"{method} {why}; in ComfyUI choose one of: {', '.join(COMFY_METHODS)}")
+    if method not in COMFY_METHODS:
+        raise HiresError(f"{method} {COMFY_REFUSED[method]}; in ComfyUI choose one of: {', '.join(COMFY_METHODS)}")
 
 
 def check_prompt_text(method: str, params: Any) -> None:
