@@ -111,8 +111,8 @@ def test_mixed_weights_in_one_call_equal_separate_calls(adapter):
         plain = ad.predict([dilated], t, 64)[0]
     finally:
         hook.remove()
-    for a, b in zip(together, alone, strict=True):  # 1e-6 of the outputs' scale (≈ 3): the UNet's own batch noise
-        torch.testing.assert_close(a, b, atol=1e-6 * float(b.abs().max()), rtol=0)
+    for a, b in zip(together, alone, strict=True):  # 1e-5 of the outputs' scale (≈ 3): the UNet's own batch noise
+        torch.testing.assert_close(a, b, atol=1e-5 * float(b.abs().max()), rtol=0)  # (2.7e-6 seen on an AMD EPYC)
     assert torch.equal(alone[1], plain)
     with ad.use_controlnet(ad.controlnet, 0.3):  # weight 0.3 at scale 1 = weight 1 at scale 0.3
         scaled = ad.predict([_request(ad, 3, 1, 1.0)], t, 64)[0]

@@ -169,9 +169,12 @@ def gather_rows(pieces: list[tuple[torch.Tensor, int]]) -> torch.Tensor:
     return parts[0] if len(parts) == 1 else torch.cat(parts)
 
 
-def _rows_of(added: dict[str, torch.Tensor], rows: torch.Tensor) -> dict[str, torch.Tensor]:
-    """The SDXL ``added_cond_kwargs`` (pooled text, time ids) of the call's rows ``rows``."""
-    return {name: value.index_select(0, rows.to(value.device)) for name, value in added.items()}
+def _rows_of(value: Any, rows: torch.Tensor) -> Any:
+    """The rows ``rows`` of a call's conditioning: a tensor, or a dict of them (SDXL's ``added_cond_kwargs``:
+    pooled text, time ids)."""
+    if isinstance(value, torch.Tensor):
+        return value.index_select(0, rows.to(value.device))
+    return {name: _rows_of(item, rows) for name, item in value.items()}
 
 
 class ModelAdapter:
@@ -444,13 +447,13 @@ class ModelAdapter:
     ) -> dict[str, Any]:
         """ControlNet residuals for the views of one UNet call: each view's own condition (every guidance branch
         sees it, as both halves do in diffusers' ControlNet pipelines without guess mode), scaled by
-        :attr:`control_scale` times the view's :attr:`Request.control_weight`.
+        :attr:`control_scale` times the view's :attr:`Request.control_weight`; returned as the UNet call's keywords.
 
-        diffusers multiplies the residuals by ``conditioning_scale`` after the ControlNet, so a per-row weight is
-        the same product done row by row: views of one weight pass it in the scale (bit for bit today's call when
-        every weight is 1), views of several get the weights applied per row. Views of weight 0 are left out of the
-        ControlNet call and get zero residuals (``x + 0`` leaves their UNet rows as without a ControlNet); a call
-        whose views all have weight 0 runs no ControlNet."""
+        The ControlNet multiplies its residuals by the scale it is given, so a per-row weight is the same product
+        done row by row: views of one weight pass it in the scale (bit for bit the plain call when every weight is
+        1), views of several get the weights applied per row. Views of weight 0 are left out of the ControlNet call
+        and get zero residuals (``x + 0`` leaves their UNet rows as without a ControlNet); a call whose views all
+        have weight 0 runs no ControlNet. The ControlNet call itself is the backend's (:meth:`_controlnet_call`)."""
         weights = [req.control_weight for req, _ in chunk]
         used = [k for k, w in enumerate(weights) if w != 0.0]
         if not used:
@@ -459,31 +462,50 @@ class ModelAdapter:
             raise RuntimeError("a denoiser request carries no ControlNet condition while a ControlNet is active")
         cond = torch.cat([chunk[k][0].control[chunk[k][1] : chunk[k][1] + 1] for k in used])  # type: ignore[index]
         cond = torch.cat([cond] * branches)
-        if not cond.is_meta:  # the cost model's shape-only conditions stay on the meta device
-            cond = cond.to(self.device, self.controlnet.dtype)  # type: ignore[union-attr]
         rows = None
         if len(used) < len(chunk):  # branch-major rows of the views that use the ControlNet
             rows = torch.tensor([b * len(chunk) + k for b in range(branches) for k in used], device=model_in.device)
             model_in, context = model_in.index_select(0, rows), context.index_select(0, rows.to(context.device))
-            kwargs = {name: _rows_of(value, rows) for name, value in kwargs.items()}  # SDXL's added_cond_kwargs
+            kwargs = {name: _rows_of(value, rows) for name, value in kwargs.items()}  # SDXL's conditioning rows
         distinct = {weights[k] for k in used}
-        down, mid = self.controlnet(  # type: ignore[misc]
-            model_in,
-            t,
-            encoder_hidden_states=context,
-            controlnet_cond=cond,
-            conditioning_scale=self.control_scale * (weights[used[0]] if len(distinct) == 1 else 1.0),
-            return_dict=False,
-            **kwargs,
-        )
-        residuals = [*down, mid]
+        scale = self.control_scale * (weights[used[0]] if len(distinct) == 1 else 1.0)
+        residuals, pack = self._controlnet_call(model_in, t, context, cond, scale, kwargs)
         if len(distinct) > 1:
             per_row = torch.tensor([weights[k] for _ in range(branches) for k in used], dtype=torch.float32)
             residuals = [(r * per_row.to(r.device).view(-1, 1, 1, 1)).to(r.dtype) for r in residuals]
         if rows is not None:
             total = len(chunk) * branches
             residuals = [r.new_zeros((total, *r.shape[1:])).index_copy_(0, rows.to(r.device), r) for r in residuals]
-        return {"down_block_additional_residuals": residuals[:-1], "mid_block_additional_residual": residuals[-1]}
+        return pack(residuals)
+
+    def _controlnet_call(
+        self,
+        model_in: torch.Tensor,
+        t: torch.Tensor,
+        context: torch.Tensor,
+        cond: torch.Tensor,
+        scale: float,
+        kwargs: dict[str, Any],
+    ) -> tuple[list[torch.Tensor], Callable[[list[torch.Tensor]], dict[str, Any]]]:
+        """The active ControlNet on the rows ``model_in`` (text ``context``, conditions ``cond`` in [0, 1], the
+        UNet call's other keywords ``kwargs``), its residuals multiplied by ``scale``: the residual tensors and how
+        they become the UNet call's keywords (here: diffusers' down-block and mid-block residuals)."""
+        if not cond.is_meta:  # the cost model's shape-only conditions stay on the meta device
+            cond = cond.to(self.device, self.controlnet.dtype)  # type: ignore[union-attr]
+        down, mid = self.controlnet(  # type: ignore[misc]
+            model_in,
+            t,
+            encoder_hidden_states=context,
+            controlnet_cond=cond,
+            conditioning_scale=scale,
+            return_dict=False,
+            **kwargs,
+        )
+
+        def pack(residuals: list[torch.Tensor]) -> dict[str, Any]:
+            return {"down_block_additional_residuals": residuals[:-1], "mid_block_additional_residual": residuals[-1]}
+
+        return [*down, mid], pack
 
     def self_attention_patched(self, wrap: WrapSelfAttention) -> AbstractContextManager[None]:
         """Every UNet self-attention layer (``attn1``) runs ``wrap(module, processor, level)`` in place of its
