@@ -16,6 +16,7 @@ one head and narrow text/pooled widths keep it at about 1.2 M parameters.
 
 from __future__ import annotations
 
+import importlib
 import os
 import sys
 from types import SimpleNamespace
@@ -164,3 +165,43 @@ def flux_twin(guidance: bool = True, seed: int = 0) -> SimpleNamespace:
     patcher = c.sd.load_diffusion_model_state_dict(weights, model_options={"dtype": torch.float32})
     assert patcher is not None, "ComfyUI did not recognise the FLUX twin"
     return SimpleNamespace(transformer=transformer, model=patcher.model, patcher=patcher, family="flux")
+
+
+def _hint_names(net: Any) -> dict[str, str]:
+    """diffusers ControlNet names → ComfyUI's (``cldm``) for the parts a UNet has not: the condition embedding
+    (``input_hint_block``: convolutions at even indices, SiLU between), the zero convolutions of the down
+    blocks (``zero_convs.i.0``) and of the middle block (``middle_block_out.0``)."""
+    embedding = net.controlnet_cond_embedding
+    convs = ["conv_in", *(f"blocks.{i}" for i in range(len(embedding.blocks))), "conv_out"]
+    names = {f"controlnet_cond_embedding.{c}": f"input_hint_block.{2 * i}" for i, c in enumerate(convs)}
+    names.update({f"controlnet_down_blocks.{i}": f"zero_convs.{i}.0" for i in range(len(net.controlnet_down_blocks))})
+    names["controlnet_mid_block"] = "middle_block_out.0"
+    return {f"{d}.{p}": f"{c}.{p}" for d, c in names.items() for p in ("weight", "bias")}
+
+
+def controlnet_twin(tw: SimpleNamespace, seed: int = 1) -> SimpleNamespace:
+    """A ControlNet of the twin ``tw``'s UNet, built twice with the same seeded weights: ``net`` (diffusers
+    ``ControlNetModel``) and ``comfy`` (ComfyUI's ``ControlNet`` over its ``cldm`` network, as its ControlNet Loader
+    makes one). The zero convolutions get random weights too, so the residuals matter."""
+    c = comfy()
+    from diffusers import ControlNetModel
+
+    cldm, control, ops = (importlib.import_module(f"comfy.{m}") for m in ("cldm.cldm", "controlnet", "ops"))
+
+    net = ControlNetModel.from_unet(tw.unet).eval()
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        for p in net.parameters():
+            p.normal_(0.0, 0.05)
+    _, c_cfg = _unet_configs(tw.family)
+    config = dict((c.supported_models.SD15 if tw.family == "sd" else c.supported_models.SDXL)(c_cfg).unet_config)
+    config.pop("out_channels")
+    cpu = torch.device("cpu")
+    model = cldm.ControlNet(
+        hint_channels=3, **config, device=cpu, dtype=torch.float32, operations=ops.disable_weight_init
+    )
+    names = {**c.utils.unet_to_diffusers(c_cfg), **_hint_names(net)}
+    weights = net.state_dict()
+    assert set(weights) <= set(names), sorted(set(weights) - set(names))[:3]
+    model.load_state_dict({names[k]: v for k, v in weights.items()}, strict=True)
+    return SimpleNamespace(net=net, comfy=control.ControlNet(model, load_device=cpu))

@@ -8,6 +8,7 @@ rounding, for SD 1.x, SDXL and FLUX.1 (dev; schnell's predictions too). Needs a 
 
 from __future__ import annotations
 
+import dataclasses
 import zlib
 from types import SimpleNamespace
 from typing import Any
@@ -15,7 +16,18 @@ from typing import Any
 import pytest
 import torch
 
-from comfy_twins import FLUX_POOLED, FLUX_TEXT, LATENT, NATIVE, SDXL_POOLED, comfy, flux_twin, sd_vae, twin
+from comfy_twins import (
+    FLUX_POOLED,
+    FLUX_TEXT,
+    LATENT,
+    NATIVE,
+    SDXL_POOLED,
+    comfy,
+    controlnet_twin,
+    flux_twin,
+    sd_vae,
+    twin,
+)
 from hiresdiff.comfy.nodes import COMFY_METHODS, comfy_methods
 from hiresdiff.errors import HiresError
 from hiresdiff.models.adapter import ModelAdapter, PromptEmbeds, Request
@@ -27,7 +39,10 @@ pytestmark = pytest.mark.slow
 FLUX_PARAMS: dict[str, dict[str, Any]] = {"apt": {"sas": False}}
 #: method parameters of the whole runs: AccDiffusion's view prompts encode prompt text, which ComfyUI's node cannot
 #: (its content prompts have their own test, with a stand-in text encoder)
-RUN_PARAMS: dict[str, dict[str, Any]] = {"accdiffusion": {"content_prompts": False}}
+RUN_PARAMS: dict[str, dict[str, Any]] = {
+    "accdiffusion": {"content_prompts": False},
+    "accdiffusion-v2": {"content_prompts": False},
+}
 
 
 class Given:
@@ -184,23 +199,89 @@ def test_vae_passes_equal_the_diffusers_backend(backends: SimpleNamespace) -> No
 
 
 @pytest.mark.parametrize("method", COMFY_METHODS)
-def test_a_whole_run_gives_the_same_latents(backends: SimpleNamespace, method: str) -> None:
+def test_a_whole_run_gives_the_same_latents(
+    backends: SimpleNamespace, method: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """The same request and noise through both backends, for every method the ComfyUI backend offers on the
-    family: phases, views, dilated sampling, skip-residuals, pixel-space passes see the same predictions and VAE
-    results, so the final latents agree."""
+    family: phases, views, dilated sampling, skip-residuals, pixel-space passes (accdiffusion-v2: its ControlNet on
+    the edges of the previous phase) see the same predictions and VAE results, so the final latents agree."""
     from hiresdiff.pipeline import HiresPipeline
 
     b = backends
     if method not in comfy_methods(b.family):
         pytest.skip(f"{method} does not run on {b.family} in ComfyUI")
     params = FLUX_PARAMS.get(method, {}) if b.family == "flux" else RUN_PARAMS.get(method, {})
-    runs = []
+    runs, controls = [], []
+    if method == "accdiffusion-v2":
+        get_control = type(controlnet_twin_of(b).comfy).get_control
+        monkeypatch.setattr(type(b.controlnet.comfy), "get_control",
+                            lambda net, x, *a: (controls.append(x), get_control(net, x, *a))[1])  # fmt: skip
     for ad in (b.ref, b.ours):
         hp = HiresPipeline(None, "twin", adapter=ad)
+        extras = {"controlnet": provided_controlnet(b, hp)} if method == "accdiffusion-v2" else {}
         out = hp("a twin", method, 2 * NATIVE, 2 * NATIVE, steps=4, guidance=5.0, seed=7, max_batch=8,
-                 previews=False, progress=False, **params)  # fmt: skip
+                 previews=False, progress=False, **params, **extras)  # fmt: skip
         runs.append(out.latents)
     torch.testing.assert_close(runs[1], runs[0], atol=1e-4, rtol=1e-4)
+    if method == "accdiffusion-v2":  # ComfyUI's ControlNet ran on the later phase's local views (both CFG halves)
+        assert len(controls) >= 4 and all(int(x.shape[0]) % 2 == 0 for x in controls)
+
+
+def provided_controlnet(b: SimpleNamespace, hp: Any) -> Any:
+    """The twins' ControlNet for the pipeline ``hp`` of one of ``b``'s backends (built once per backends): the
+    diffusers one under a canny folder name, ComfyUI's as the node hands it over (:mod:`hiresdiff.comfy.controlnet`)."""
+    from hiresdiff.comfy.controlnet import controlnet_spec
+    from hiresdiff.models.controlnet import ControlNetSpec
+
+    controlnet_twin_of(b)
+    if hp.adapter is b.ours:
+        spec, net = controlnet_spec(b.controlnet.comfy), b.controlnet.comfy
+    else:
+        spec, net = ControlNetSpec("twin/controlnet-canny", None, dict(b.controlnet.net.config)), b.controlnet.net
+    hp.provide_controlnet(spec.ref, net)
+    return spec
+
+
+def controlnet_twin_of(b: SimpleNamespace) -> SimpleNamespace:
+    """The ControlNet twins of ``b``'s UNet twins (:func:`comfy_twins.controlnet_twin`), built once per backends."""
+    if not hasattr(b, "controlnet"):
+        b.controlnet = controlnet_twin(b.twin)
+    return b.controlnet
+
+
+def _controlled_requests(b: SimpleNamespace, seed: int) -> list[Request]:
+    """:func:`_requests` with ControlNet conditions: views of weight 0.3 and 1 in one call (same size), the small
+    views at weight 0 (no condition: they opt out)."""
+    big, small = _requests(b, seed)
+    g = torch.Generator().manual_seed(seed + 1)
+    px = 8 * LATENT
+    other = Request(torch.randn(2, 4, LATENT, LATENT, generator=g), [0, 0], [(0, 32), (32, 0)], b.embeds, 5.0,
+                    big.size, control=torch.rand(2, 3, px, px, generator=g))  # fmt: skip
+    return [
+        dataclasses.replace(big, control=torch.rand(3, 3, px, px, generator=g), control_weight=0.3),
+        dataclasses.replace(small, control_weight=0.0),
+        other,
+    ]
+
+
+@pytest.mark.parametrize("max_batch", [2, 64])
+def test_controlnet_predictions_equal_the_diffusers_backend(unets: SimpleNamespace, max_batch: int) -> None:
+    """ComfyUI's ControlNet (a CONTROL_NET, called as ComfyUI's samplers call it) on per-view conditions — views of
+    different weights in one call, views that opt out — gives the diffusers backend's guided predictions on the
+    same twin weights to 1e-5; the residuals matter (the predictions differ from those without)."""
+    b = unets
+    controlnet_twin_of(b)
+    preds = []
+    for ad, net in ((b.ref, b.controlnet.net), (b.ours, b.controlnet.comfy)):
+        ad.set_timesteps(10)
+        ad.refresh_placement()
+        t = ad.scheduler.timesteps[3]
+        with ad.use_controlnet(net, 0.8):
+            preds.append(ad.predict(_controlled_requests(b, 4), t, max_batch))
+        plain = ad.predict(_controlled_requests(b, 4), t, max_batch)
+        assert (preds[-1][0] - plain[0]).abs().max() > 1e-3 and torch.equal(preds[-1][1], plain[1])
+    for r, o in zip(*preds, strict=True):
+        torch.testing.assert_close(o, r, atol=1e-5, rtol=0)
 
 
 @pytest.fixture(scope="module", params=["sd", "sdxl"])

@@ -14,7 +14,18 @@ from typing import Any
 import pytest
 import torch
 
-from comfy_twins import FLUX_POOLED, FLUX_TEXT, LATENT, NATIVE, comfy, flux_twin, sd_vae, twin
+from comfy_twins import (
+    FLUX_POOLED,
+    FLUX_TEXT,
+    LATENT,
+    NATIVE,
+    SDXL_POOLED,
+    comfy,
+    controlnet_twin,
+    flux_twin,
+    sd_vae,
+    twin,
+)
 from hiresdiff.comfy.nodes import COMFY_METHODS, HiresdiffSample, node_mappings, parameter_node
 from hiresdiff.errors import HiresError
 from hiresdiff.methods import METHODS
@@ -257,19 +268,61 @@ def test_scalediff_runs_on_a_flux_model(flux: SimpleNamespace) -> None:
     assert torch.isfinite(latent["samples"]).all()
 
 
-def test_accdiffusion_v2_is_refused_with_its_own_reason() -> None:
-    """AccDiffusion v2 needs diffusers' ControlNet: ComfyUI names that reason (not the general one) in one line."""
-    from hiresdiff.comfy.nodes import check_method
+def test_every_method_is_offered_or_refused_with_its_reason() -> None:
+    """Every method runs in ComfyUI (the UNet patches through the view, accdiffusion-v2 with a CONTROL_NET) or is
+    named in COMFY_REFUSED with its reason."""
+    from hiresdiff.comfy.nodes import COMFY_REFUSED, check_method
 
-    with pytest.raises(HiresError, match="accdiffusion-v2 its view-wise ControlNet runs through diffusers'") as caught:
-        check_method("accdiffusion-v2", "sdxl")
-    assert "\n" not in str(caught.value) and "choose one of: demofusion, accdiffusion" in str(caught.value)
-    check_method("accdiffusion", "sdxl")  # offered: no error
-    for method in ("scalecrafter", "fouriscale", "hidiffusion", "freescale"):  # UNet patches, through the view
-        check_method(method, "sdxl")
-    from hiresdiff.comfy.nodes import COMFY_REFUSED
+    for method in ("accdiffusion", "accdiffusion-v2", "scalecrafter", "fouriscale", "hidiffusion", "freescale"):
+        check_method(method, "sdxl")  # offered: no error
+    assert set(METHODS) == set(COMFY_METHODS) | set(COMFY_REFUSED)
 
-    assert set(METHODS) == set(COMFY_METHODS) | set(COMFY_REFUSED)  # every method offered or refused with its reason
+
+@pytest.fixture(scope="module")
+def sdxl() -> SimpleNamespace:
+    """The SDXL twin with its VAE, CONDITIONING with ``pooled_output``, and its ControlNet twin (ComfyUI's)."""
+    tw = twin("sdxl")
+    _, vae = sd_vae(float(tw.model.latent_format.scale_factor))
+    g = torch.Generator().manual_seed(2)
+    positive = [[torch.randn(1, 7, tw.context, generator=g), {"pooled_output": torch.randn(1, SDXL_POOLED)}]]
+    negative = [[torch.randn(1, 7, tw.context, generator=g), {"pooled_output": torch.randn(1, SDXL_POOLED)}]]
+    net = controlnet_twin(tw).comfy
+    return SimpleNamespace(twin=tw, vae=vae, positive=positive, negative=negative, controlnet=net)
+
+
+ACC_V2 = {"method": "accdiffusion-v2", "steps": 2, "previews": False}
+
+
+def test_accdiffusion_v2_runs_with_a_comfyui_controlnet(sdxl: SimpleNamespace) -> None:
+    """accdiffusion-v2 on an SDXL model with a CONTROL_NET at the node's controlnet input: the previous phase's
+    edges steer the later phase's local views through ComfyUI's ControlNet (κ 0 gives another result)."""
+    params = {"method": "accdiffusion-v2", "set": {"content_prompts": "false"}}
+    latent, _ = run(sdxl, **ACC_V2, params=params, controlnet=sdxl.controlnet)
+    assert latent["samples"].shape == (1, 4, 2 * LATENT, 2 * LATENT) and bool(torch.isfinite(latent["samples"]).all())
+    off = {"method": "accdiffusion-v2", "set": {"content_prompts": "false", "control_weight": "0"}}
+    unsteered, _ = run(sdxl, **ACC_V2, params=off, controlnet=sdxl.controlnet)
+    assert (latent["samples"] - unsteered["samples"]).abs().max() > 1e-4
+
+
+@pytest.mark.parametrize(
+    ("changes", "message"),
+    [
+        ({}, "accdiffusion-v2 steers its local views with a canny SDXL ControlNet: load one"),
+        ({"controlnet": object()}, "the controlnet input is not a ControlNet of an SD or SDXL UNet"),
+        ({"method": "demofusion", "controlnet": "net"}, "the controlnet input serves accdiffusion-v2"),
+        ({"controlnet": "sd"}, "is an SD 1.x/2.x ControlNet; the model is SDXL"),
+    ],
+)
+def test_a_controlnet_that_does_not_fit_is_one_line(
+    sdxl: SimpleNamespace, changes: dict[str, Any], message: str
+) -> None:
+    if changes.get("controlnet") == "net":
+        changes = {**changes, "controlnet": sdxl.controlnet}
+    elif changes.get("controlnet") == "sd":
+        changes = {**changes, "controlnet": controlnet_twin(twin("sd")).comfy}
+    with pytest.raises(HiresError, match=message) as caught:
+        run(sdxl, **{**ACC_V2, **changes})
+    assert "\n" not in str(caught.value)
 
 
 def test_the_cancel_button_stops_the_run(sd: SimpleNamespace) -> None:

@@ -144,9 +144,9 @@ def typed_extras(args: dict[str, Any]) -> dict[str, Any]:
         out["fit"] = as_str("fit", out["fit"])
     if out.get("controlnet") is not None:
         net = out["controlnet"]
-        ok = isinstance(net, (str, os.PathLike))
+        ok = isinstance(net, (str, os.PathLike, ControlNetSpec))
         require(ok, f"controlnet must be a ControlNet folder or hub id (a string), got {got(net)}")
-        out["controlnet"] = os.fspath(net)
+        out["controlnet"] = net if isinstance(net, ControlNetSpec) else os.fspath(net)
     if "loras" in out:
         out["loras"] = _lora_list(out["loras"])
     if out.get("upscaler") is not None:
@@ -175,7 +175,7 @@ def prepare_extras(
     image: ImageInput | None = None,
     scale: float | None = None,
     fit: str | None = None,
-    controlnet: str | None = None,
+    controlnet: str | ControlNetSpec | None = None,
     control_image: ImageInput | None = None,
     control_scale: float | None = None,
     loras: Sequence[LoraInput] = (),
@@ -222,7 +222,8 @@ def prepare_extras(
     net = cond = None
     if controlnet is not None:
         require(family != "flux", "ControlNet works with SD 1.x/2.x and SDXL models here; FLUX is not supported")
-        net = resolve_controlnet(controlnet, allow_pickle=allow_pickle)
+        resolved = isinstance(controlnet, ControlNetSpec)  # a host's ControlNet, provided to the pipeline
+        net = controlnet if resolved else resolve_controlnet(controlnet, allow_pickle=allow_pickle)
         check_controlnet_fits(net, text_width, family)
         require(
             not (own_control and control_image is not None),

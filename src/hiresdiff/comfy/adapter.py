@@ -50,7 +50,7 @@ ComfyUI it calls (``comfy.model_management.load_models_gpu``) is imported where 
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
@@ -325,7 +325,9 @@ class ComfyAdapter(ComfyBackend):
         shape); calls the patch leaves run the replacement in force before (another node's, an enclosing patch's)
         or ComfyUI's own attention. The patcher's options are not touched. A patch of whole attention calls
         (FreeScale's scale fusion) takes the place of each ``attn1`` module's ``forward`` instead, the level from
-        its diffusers name (:class:`~hiresdiff.comfy.unet_view.ComfyUNetView`)."""
+        its diffusers name (:class:`~hiresdiff.comfy.unet_view.ComfyUNetView`). ComfyUI calls a ControlNet without
+        the transformer options, so a patch cannot reach its layers (the diffusers backend patches both): refused."""
+        require(self.controlnet is None, "self-attention patches do not reach a ComfyUI ControlNet's layers")
         if not isinstance(wrap(self.unet, None, 0), SelfAttentionKernel):  # a whole-call patch (FreeScale's)
             with diffusers_self_attention([self.unet], wrap):  # in place of the modules' forward (:mod:`.unet_view`)
                 yield
@@ -371,7 +373,6 @@ class ComfyAdapter(ComfyBackend):
     def _forward(self, x: torch.Tensor, t: torch.Tensor, chunk: Chunk, rule: GuidanceRule) -> torch.Tensor:
         """One ``apply_model`` call for the views of ``chunk`` (every branch of ``rule``, rows branch-major): the
         model's raw output (ε or v, float32) recovered from ComfyUI's x̂0 (module docstring)."""
-        require(self.controlnet is None, "the ComfyUI backend takes ControlNets through ComfyUI's own nodes")
         text, ys = [], []
         for branch, req, i in branch_rows(rule, chunk):
             row = req.rows[i]
@@ -384,15 +385,58 @@ class ComfyAdapter(ComfyBackend):
         sigma = self._sigma(t)
         abar = 1.0 / (1.0 + sigma**2)
         sigmas = torch.full((x_in.shape[0],), sigma, dtype=wide, device=x_in.device)
-        kwargs: dict[str, Any] = {"c_crossattn": torch.cat(text)}
-        if ys:
-            kwargs["y"] = torch.cat(ys)
+        context = torch.cat(text)
+        extra = {"y": torch.cat(ys)} if ys else {}
         # in float64 around the call, x̂0 = x − σ·ε and its inverse lose nothing at small σ (float32 would lose
         # |x|·2⁻²⁴/σ); the model itself runs in its own dtype
-        x0 = self.model.apply_model(
-            x_in.to(wide) * (sigma**2 + 1.0) ** 0.5, sigmas, transformer_options=self.transformer_options, **kwargs
-        )
+        x_sigma = x_in.to(wide) * (sigma**2 + 1.0) ** 0.5
+        if self.controlnet is not None:
+            sigma_t = torch.tensor(sigma, dtype=wide, device=x_in.device)
+            extra.update(self._control_residuals(x_sigma, sigma_t, context, chunk, len(rule.branches), extra))
+        options = self.transformer_options
+        x0 = self.model.apply_model(x_sigma, sigmas, c_crossattn=context, transformer_options=options, **extra)
         return prediction_from_x0(x0.to(wide), x_in.to(wide), abar, self.prediction_type).float()
+
+    def _controlnet_call(
+        self,
+        model_in: torch.Tensor,
+        t: torch.Tensor,
+        context: torch.Tensor,
+        cond: torch.Tensor,
+        scale: float,
+        kwargs: dict[str, Any],
+    ) -> tuple[list[torch.Tensor], Callable[[list[torch.Tensor]], dict[str, Any]]]:
+        """ComfyUI's ControlNet (a ``CONTROL_NET``: :attr:`controlnet`) on σ-space rows ``model_in`` at σ ``t``, as
+        ComfyUI's samplers call it (``get_control``: it scales the input and maps σ to the timestep itself), with
+        the rows' conditions ``cond`` as its hint at strength ``scale`` — on a copy, since a ControlNet keeps the
+        hint it resized (the views' crops change every call). The residuals go to ``apply_model`` as ``control``."""
+        net = self.controlnet.copy().set_cond_hint(cond, scale)  # type: ignore[union-attr]
+        net.pre_run(self.model, self.sampling.percent_to_sigma)
+        sigmas = t.expand(model_in.shape[0])
+        try:
+            control = net.get_control(model_in, sigmas, {"c_crossattn": context, **kwargs}, 1, self.transformer_options)
+        finally:
+            net.cleanup()
+        places = [(key, i) for key, items in control.items() for i, r in enumerate(items) if r is not None]
+
+        def pack(residuals: list[torch.Tensor]) -> dict[str, Any]:
+            out = {key: list(items) for key, items in control.items()}
+            for (key, i), r in zip(places, residuals, strict=True):
+                out[key][i] = r
+            return {"control": out}
+
+        return [control[key][i] for key, i in places], pack
+
+    @contextmanager
+    def use_controlnet(self, controlnet: Any, scale: float) -> Iterator[None]:
+        """Denoiser calls add the residuals of ``controlnet`` (ComfyUI's ``CONTROL_NET``) inside the block; its
+        model is loaded where ComfyUI loads the UNet."""
+        if controlnet is not None:
+            import comfy.model_management
+
+            comfy.model_management.load_models_gpu([self.patcher, *controlnet.get_models()])
+        with super().use_controlnet(controlnet, scale):
+            yield
 
     def _sigma(self, t: torch.Tensor) -> float:
         """σ of the model call at timestep ``t``: the model's own training σ there, so that ComfyUI, which maps σ

@@ -50,11 +50,13 @@ COMFY_METHODS = (
     "freescale",
     "resize",
     "direct",
+    "accdiffusion-v2",
 )
 #: method → why the ComfyUI backend cannot run it (every method is either offered or named here)
-COMFY_REFUSED = {
-    "accdiffusion-v2": "its view-wise ControlNet runs through diffusers' ControlNet, not ComfyUI's",
-}
+COMFY_REFUSED: dict[str, str] = {}
+#: the methods that take the node's ``controlnet`` input: they make their own conditions (accdiffusion-v2's edges);
+#: a ControlNet on a picture of the user's is ComfyUI's Apply ControlNet, which hiresdiff does not apply yet
+CONTROLNET_METHODS = ("accdiffusion-v2",)
 #: AccDiffusion's content-aware view prompts encode words of the prompt text per view: ComfyUI hands over
 #: CONDITIONING (no text, no text encoder), so without the node's ``clip`` and ``prompt`` inputs they are refused
 #: with this line rather than silently left out
@@ -84,7 +86,24 @@ def check_method(method: str, family: str | None = None) -> None:
             f"{FAMILY_NAMES[family]}; with this model choose one of: {', '.join(comfy_methods(family))}"
         )
     if method not in COMFY_METHODS:
-        raise HiresError(f"{method} {COMFY_REFUSED[method]}; in ComfyUI choose one of: {', '.join(COMFY_METHODS)}")
+        why = COMFY_REFUSED.get(method, "is not offered in ComfyUI")
+        raise HiresError(f"{method} {why}; in ComfyUI choose one of: {', '.join(COMFY_METHODS)}")
+
+
+def check_controlnet(method: str, controlnet: Any) -> None:
+    """One line when the node's ``controlnet`` input does not fit ``method`` (:data:`CONTROLNET_METHODS`)."""
+    if method in CONTROLNET_METHODS:
+        require(
+            controlnet is not None,
+            f"{method} steers its local views with a canny SDXL ControlNet: load one (ControlNet Loader, e.g. "
+            "diffusers' controlnet-canny-sdxl-1.0) and connect it to the node's controlnet input",
+        )
+    else:
+        require(
+            controlnet is None,
+            f"the controlnet input serves {', '.join(CONTROLNET_METHODS)} (its own edge conditions); {method} takes "
+            "none: disconnect it",
+        )
 
 
 def check_prompt_text(method: str, params: Any) -> None:
@@ -245,6 +264,13 @@ class HiresdiffSample:
                         "tooltip": "The positive prompt's text (for AccDiffusion's view prompts, with clip).",
                     },
                 ),
+                "controlnet": (
+                    "CONTROL_NET",
+                    {
+                        "tooltip": "accdiffusion-v2: a canny SDXL ControlNet (ControlNet Loader); each phase's edges "
+                        "steer the next phase's local views.",
+                    },
+                ),
                 "native_size": (
                     "INT",
                     {
@@ -276,8 +302,10 @@ class HiresdiffSample:
         **optional: Any,
     ) -> tuple[dict[str, torch.Tensor], list[torch.Tensor]]:
         """Run ``method``; ``optional`` holds the connected optional inputs (``image``, ``latent``, ``strength``,
-        ``params``, ``previews``, ``native_size``, ``clip`` with ``prompt``) and ComfyUI's hidden ``node_id``."""
+        ``params``, ``previews``, ``native_size``, ``clip`` with ``prompt``, ``controlnet``) and ComfyUI's hidden
+        ``node_id``."""
         from hiresdiff.comfy.adapter import comfy_adapter
+        from hiresdiff.comfy.controlnet import controlnet_spec
         from hiresdiff.inputs import check_min_size
         from hiresdiff.pipeline import HiresPipeline, ModelFacts, validate_request
 
@@ -286,6 +314,8 @@ class HiresdiffSample:
 
         adapter = comfy_adapter(model, vae, None, native_size=native_size or None)
         check_method(method, adapter.family)
+        controlnet = optional.get("controlnet")
+        check_controlnet(method, controlnet)
         clip, text = optional.get("clip"), str(optional.get("prompt") or "").strip()
         require(clip is None or text, "a CLIP is connected without the prompt's text: fill in the prompt input")
         label = text if clip is not None else PROMPT_LABEL
@@ -304,6 +334,9 @@ class HiresdiffSample:
             kwargs["preset"] = preset
         if params:
             kwargs.update(params.get("set", {}))  # ``--set`` strings, checked as the command line's
+        if controlnet is not None:  # the pipeline runs ComfyUI's network for the spec read off it
+            kwargs["controlnet"] = controlnet_spec(controlnet)
+            hp.provide_controlnet(kwargs["controlnet"].ref, controlnet)
         # everything but the input picture is checked before any model work (decoding an input LATENT included)
         request = validate_request(label, method, width, height, ModelFacts.of_pipeline(hp), **kwargs)
         if clip is None:

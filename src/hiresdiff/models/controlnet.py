@@ -25,11 +25,14 @@ WEIGHTS_PICKLE = "diffusion_pytorch_model.bin"
 
 @dataclass(frozen=True)
 class ControlNetSpec:
-    """A usable ControlNet reference: what the user typed, the local folder (``None`` for a hub id), its config."""
+    """A usable ControlNet reference: what the user typed, the local folder (``None`` for a hub id), its config.
+    ``named``: ``ref``/``path`` name the weights (false for a ControlNet a host loaded and handed over without its
+    file name, ComfyUI's ``CONTROL_NET``: its config is read off the network, its kind cannot be read off a name)."""
 
     ref: str
     path: str | None
     config: dict[str, Any]
+    named: bool = True
 
     @property
     def cross_attention_dim(self) -> int | None:

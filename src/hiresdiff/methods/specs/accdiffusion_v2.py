@@ -26,7 +26,11 @@ CANNY_CONTROLNET = "diffusers/controlnet-canny-sdxl-1.0"
 
 
 def is_canny(controlnet: ControlNetSpec) -> bool:
-    """Whether ``controlnet`` counts as a canny ControlNet: ``canny`` in its hub id or its folder's path."""
+    """Whether ``controlnet`` counts as a canny ControlNet: ``canny`` in its hub id or its folder's path. One handed
+    over without a name (ComfyUI's ``CONTROL_NET``, :attr:`ControlNetSpec.named`) is taken as the canny one the
+    node's input asks for: nothing else can be read off it."""
+    if not controlnet.named:
+        return True
     return any("canny" in name.lower() for name in (controlnet.ref, controlnet.path or ""))
 
 
