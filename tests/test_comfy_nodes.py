@@ -14,18 +14,8 @@ from typing import Any
 import pytest
 import torch
 
-from comfy_twins import (
-    FLUX_POOLED,
-    FLUX_TEXT,
-    LATENT,
-    NATIVE,
-    SDXL_POOLED,
-    comfy,
-    controlnet_twin,
-    flux_twin,
-    sd_vae,
-    twin,
-)
+import comfy_twins
+from comfy_twins import LATENT, NATIVE, comfy, controlnet_twin, flux_twin, sd_vae, twin
 from hiresdiff.comfy.nodes import COMFY_METHODS, HiresdiffSample, node_mappings, parameter_node
 from hiresdiff.errors import HiresError
 from hiresdiff.methods import METHODS
@@ -50,8 +40,9 @@ def flux() -> SimpleNamespace:
     tw = flux_twin()
     _, vae = sd_vae(float(tw.model.latent_format.scale_factor), flux=True)
     g = torch.Generator().manual_seed(2)
-    positive = [[torch.randn(1, 7, FLUX_TEXT, generator=g), {"pooled_output": torch.randn(1, FLUX_POOLED)}]]
-    negative = [[torch.zeros(1, 7, FLUX_TEXT), {"pooled_output": torch.zeros(1, FLUX_POOLED)}]]
+    text, pooled = comfy_twins.FLUX_TEXT, comfy_twins.FLUX_POOLED
+    positive = [[torch.randn(1, 7, text, generator=g), {"pooled_output": torch.randn(1, pooled)}]]
+    negative = [[torch.zeros(1, 7, text), {"pooled_output": torch.zeros(1, pooled)}]]
     return SimpleNamespace(twin=tw, vae=vae, positive=positive, negative=negative)
 
 
@@ -284,8 +275,9 @@ def sdxl() -> SimpleNamespace:
     tw = twin("sdxl")
     _, vae = sd_vae(float(tw.model.latent_format.scale_factor))
     g = torch.Generator().manual_seed(2)
-    positive = [[torch.randn(1, 7, tw.context, generator=g), {"pooled_output": torch.randn(1, SDXL_POOLED)}]]
-    negative = [[torch.randn(1, 7, tw.context, generator=g), {"pooled_output": torch.randn(1, SDXL_POOLED)}]]
+    pooled = comfy_twins.SDXL_POOLED
+    positive = [[torch.randn(1, 7, tw.context, generator=g), {"pooled_output": torch.randn(1, pooled)}]]
+    negative = [[torch.randn(1, 7, tw.context, generator=g), {"pooled_output": torch.randn(1, pooled)}]]
     net = controlnet_twin(tw).comfy
     return SimpleNamespace(twin=tw, vae=vae, positive=positive, negative=negative, controlnet=net)
 

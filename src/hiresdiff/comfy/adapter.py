@@ -50,7 +50,7 @@ ComfyUI it calls (``comfy.model_management.load_models_gpu``) is imported where 
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
@@ -61,7 +61,15 @@ from hiresdiff.comfy.flux_attention import FluxCallShape, FluxNPAOverride
 from hiresdiff.comfy.text import PromptText
 from hiresdiff.comfy.unet_view import ComfyUNetView
 from hiresdiff.errors import require
-from hiresdiff.models.adapter import Chunk, ModelAdapter, PromptEmbeds, branch_rows, call_rows
+from hiresdiff.models.adapter import (
+    Chunk,
+    ControlResiduals,
+    ControlRows,
+    ModelAdapter,
+    PromptEmbeds,
+    branch_rows,
+    call_rows,
+)
 from hiresdiff.models.flux import SHIFT_DEFAULTS, TIMESTEP_SCALE, FluxAdapter, FluxCall
 from hiresdiff.models.guidance import GuidanceRule
 from hiresdiff.models.parametrization import prediction_from_x0
@@ -397,26 +405,19 @@ class ComfyAdapter(ComfyBackend):
         x0 = self.model.apply_model(x_sigma, sigmas, c_crossattn=context, transformer_options=options, **extra)
         return prediction_from_x0(x0.to(wide), x_in.to(wide), abar, self.prediction_type).float()
 
-    def _controlnet_call(
-        self,
-        model_in: torch.Tensor,
-        t: torch.Tensor,
-        context: torch.Tensor,
-        cond: torch.Tensor,
-        scale: float,
-        kwargs: dict[str, Any],
-    ) -> tuple[list[torch.Tensor], Callable[[list[torch.Tensor]], dict[str, Any]]]:
-        """ComfyUI's ControlNet (a ``CONTROL_NET``: :attr:`controlnet`) on σ-space rows ``model_in`` at σ ``t``, as
-        ComfyUI's samplers call it (``get_control``: it scales the input and maps σ to the timestep itself), with
-        the rows' conditions ``cond`` as its hint at strength ``scale`` — on a copy, since a ControlNet keeps the
-        hint it resized (the views' crops change every call). The residuals go to ``apply_model`` as ``control``."""
-        net = self.controlnet.copy().set_cond_hint(cond, scale)  # type: ignore[union-attr]
+    def _controlnet_call(self, rows: ControlRows) -> ControlResiduals:
+        """ComfyUI's ControlNet (a ``CONTROL_NET``: :attr:`controlnet`) on σ-space rows at σ ``rows.t``, as ComfyUI's
+        samplers call it (``get_control``: it scales the input and maps σ to the timestep itself), with the rows'
+        conditions as its hint at strength ``rows.scale`` — on a copy, since a ControlNet keeps the hint it resized
+        (the views' crops change every call). The residuals go to ``apply_model`` as ``control``."""
+        net = self.controlnet.copy().set_cond_hint(rows.cond, rows.scale)  # type: ignore[union-attr]
         net.pre_run(self.model, self.sampling.percent_to_sigma)
-        sigmas = t.expand(model_in.shape[0])
+        sigmas, cond = rows.t.expand(rows.model_in.shape[0]), {"c_crossattn": rows.context, **rows.kwargs}
         try:
-            control = net.get_control(model_in, sigmas, {"c_crossattn": context, **kwargs}, 1, self.transformer_options)
+            control = net.get_control(rows.model_in, sigmas, cond, 1, self.transformer_options)
         finally:
             net.cleanup()
+        control = control or {}  # None: outside the ControlNet's timestep range (never at the range set here)
         places = [(key, i) for key, items in control.items() for i, r in enumerate(items) if r is not None]
 
         def pack(residuals: list[torch.Tensor]) -> dict[str, Any]:

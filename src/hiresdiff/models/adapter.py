@@ -169,6 +169,24 @@ def gather_rows(pieces: list[tuple[torch.Tensor, int]]) -> torch.Tensor:
     return parts[0] if len(parts) == 1 else torch.cat(parts)
 
 
+@dataclass
+class ControlRows:
+    """The rows of one denoiser call that a ControlNet sees: model inputs ``model_in`` at timestep ``t`` (the
+    backend's own convention: diffusers' timestep, ComfyUI's σ), text ``context``, conditions ``cond`` in [0, 1]
+    (one per row), the residuals' ``scale`` and the call's other conditioning ``kwargs`` (SDXL's)."""
+
+    model_in: torch.Tensor
+    t: torch.Tensor
+    context: torch.Tensor
+    cond: torch.Tensor
+    scale: float
+    kwargs: dict[str, Any]
+
+
+#: a ControlNet call's residual tensors and how they become the UNet call's keywords
+ControlResiduals = tuple[list[torch.Tensor], Callable[[list[torch.Tensor]], dict[str, Any]]]
+
+
 def _rows_of(value: Any, rows: torch.Tensor) -> Any:
     """The rows ``rows`` of a call's conditioning: a tensor, or a dict of them (SDXL's ``added_cond_kwargs``:
     pooled text, time ids)."""
@@ -469,7 +487,7 @@ class ModelAdapter:
             kwargs = {name: _rows_of(value, rows) for name, value in kwargs.items()}  # SDXL's conditioning rows
         distinct = {weights[k] for k in used}
         scale = self.control_scale * (weights[used[0]] if len(distinct) == 1 else 1.0)
-        residuals, pack = self._controlnet_call(model_in, t, context, cond, scale, kwargs)
+        residuals, pack = self._controlnet_call(ControlRows(model_in, t, context, cond, scale, kwargs))
         if len(distinct) > 1:
             per_row = torch.tensor([weights[k] for _ in range(branches) for k in used], dtype=torch.float32)
             residuals = [(r * per_row.to(r.device).view(-1, 1, 1, 1)).to(r.dtype) for r in residuals]
@@ -478,28 +496,20 @@ class ModelAdapter:
             residuals = [r.new_zeros((total, *r.shape[1:])).index_copy_(0, rows.to(r.device), r) for r in residuals]
         return pack(residuals)
 
-    def _controlnet_call(
-        self,
-        model_in: torch.Tensor,
-        t: torch.Tensor,
-        context: torch.Tensor,
-        cond: torch.Tensor,
-        scale: float,
-        kwargs: dict[str, Any],
-    ) -> tuple[list[torch.Tensor], Callable[[list[torch.Tensor]], dict[str, Any]]]:
-        """The active ControlNet on the rows ``model_in`` (text ``context``, conditions ``cond`` in [0, 1], the
-        UNet call's other keywords ``kwargs``), its residuals multiplied by ``scale``: the residual tensors and how
-        they become the UNet call's keywords (here: diffusers' down-block and mid-block residuals)."""
+    def _controlnet_call(self, rows: ControlRows) -> ControlResiduals:
+        """The active ControlNet on ``rows``, its residuals multiplied by ``rows.scale``: the residual tensors and
+        how they become the UNet call's keywords (here: diffusers' down-block and mid-block residuals)."""
+        cond = rows.cond
         if not cond.is_meta:  # the cost model's shape-only conditions stay on the meta device
             cond = cond.to(self.device, self.controlnet.dtype)  # type: ignore[union-attr]
         down, mid = self.controlnet(  # type: ignore[misc]
-            model_in,
-            t,
-            encoder_hidden_states=context,
+            rows.model_in,
+            rows.t,
+            encoder_hidden_states=rows.context,
             controlnet_cond=cond,
-            conditioning_scale=scale,
+            conditioning_scale=rows.scale,
             return_dict=False,
-            **kwargs,
+            **rows.kwargs,
         )
 
         def pack(residuals: list[torch.Tensor]) -> dict[str, Any]:
