@@ -134,6 +134,27 @@ def test_an_input_picture_is_upscaled(sd: SimpleNamespace) -> None:
     assert from_latent["samples"].shape == latent["samples"].shape
 
 
+def test_scale_sizes_the_target_from_the_input() -> None:
+    """``scale`` takes the input IMAGE's or LATENT's size (latent cells × 8) times the scale, on the grid, as
+    ``--scale`` does; without an input, or below the input's size, it is one line."""
+    from hiresdiff.comfy.nodes import scaled_target
+
+    image = torch.zeros(1, 120, 200, 3)
+    assert scaled_target(image, None, 2.0, 8, 8) == (240, 400)
+    assert scaled_target(None, {"samples": torch.zeros(1, 4, 15, 25)}, 1.5, 8, 16) == (176, 304)
+    for args, message in (((None, None, 2.0), "connect one, or set scale to 0"), ((image, None, 0.5), "enlarge")):
+        with pytest.raises(HiresError, match=message) as caught:
+            scaled_target(*args, 8, 8)
+        assert "\n" not in str(caught.value)
+
+
+def test_scale_runs_the_input_at_its_size_times_scale(sd: SimpleNamespace) -> None:
+    """The node's ``scale`` replaces width × height when there is an input picture."""
+    picture = torch.rand(1, NATIVE, NATIVE + 64, 3, generator=torch.Generator().manual_seed(3))
+    latent, _ = run(sd, image=picture, strength=0.6, scale=1.5, width=64, height=64, steps=2, previews=False)
+    assert latent["samples"].shape == (1, 4, 3 * NATIVE // 16, 3 * (NATIVE + 64) // 16)
+
+
 @pytest.mark.parametrize(
     ("changes", "message"),
     [

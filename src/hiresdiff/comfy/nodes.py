@@ -154,6 +154,19 @@ def flux_guidance(positive: Any, cfg: float) -> float:
     return cfg if value is None else float(value)
 
 
+def scaled_target(image: Any, latent: Any, scale: float, factor: int, grid: int) -> tuple[int, int]:
+    """``(height, width)`` of the node's ``scale`` input: the input IMAGE's (``(B, H, W, C)``) or LATENT's size
+    (``factor`` pixels per latent cell) times ``scale`` on the pixel ``grid`` — as ``--scale`` sizes a picture."""
+    from hiresdiff.inputs import target_size
+
+    if image is not None:
+        height, width = (int(v) for v in image.shape[1:3])
+    else:
+        require(latent is not None, "scale sizes an input image or latent: connect one, or set scale to 0")
+        height, width = (int(v) * factor for v in latent["samples"].shape[-2:])
+    return target_size(height, width, scale=scale, target_height=None, target_width=None, grid=grid)
+
+
 def _picture(image: Any, latent: Any, vae: Any) -> Any:
     """The input picture as a PIL image: an IMAGE (first of its batch) or a LATENT decoded through the VAE."""
     from PIL import Image
@@ -240,6 +253,17 @@ class HiresdiffSample:
                 "image": ("IMAGE", {"tooltip": "A picture to upscale (its aspect is kept)."}),
                 "latent": ("LATENT", {"tooltip": "A latent to upscale (decoded through the VAE first)."}),
                 "strength": ("FLOAT", {"default": 1.0, "min": 0.0, "max": 1.0, "step": 0.01}),
+                "scale": (
+                    "FLOAT",
+                    {
+                        "default": 0.0,
+                        "min": 0.0,
+                        "max": 16.0,
+                        "step": 0.25,
+                        "tooltip": "With an input image or latent: the target is its size times this, on the "
+                        "model's grid (0: width × height).",
+                    },
+                ),
                 "params": (PARAMS_TYPE, {"tooltip": "The method's parameters (a Hiresdiff … Parameters node)."}),
                 "previews": (
                     "BOOLEAN",
@@ -302,8 +326,8 @@ class HiresdiffSample:
         **optional: Any,
     ) -> tuple[dict[str, torch.Tensor], list[torch.Tensor]]:
         """Run ``method``; ``optional`` holds the connected optional inputs (``image``, ``latent``, ``strength``,
-        ``params``, ``previews``, ``native_size``, ``clip`` with ``prompt``, ``controlnet``) and ComfyUI's hidden
-        ``node_id``."""
+        ``scale``, ``params``, ``previews``, ``native_size``, ``clip`` with ``prompt``, ``controlnet``) and ComfyUI's
+        hidden ``node_id``."""
         from hiresdiff.comfy.adapter import comfy_adapter
         from hiresdiff.comfy.controlnet import controlnet_spec
         from hiresdiff.inputs import check_min_size
@@ -311,6 +335,7 @@ class HiresdiffSample:
 
         image, latent, params = optional.get("image"), optional.get("latent"), optional.get("params")
         strength, native_size = optional.get("strength", 1.0), int(optional.get("native_size") or 0)
+        scale = float(optional.get("scale") or 0.0)
 
         adapter = comfy_adapter(model, vae, None, native_size=native_size or None)
         check_method(method, adapter.family)
@@ -337,6 +362,8 @@ class HiresdiffSample:
         if controlnet is not None:  # the pipeline runs ComfyUI's network for the spec read off it
             kwargs["controlnet"] = controlnet_spec(controlnet)
             hp.provide_controlnet(kwargs["controlnet"].ref, controlnet)
+        if scale > 0.0:  # the input's size × scale (an IMAGE's or a LATENT's size, known without decoding it)
+            height, width = scaled_target(image, latent, scale, adapter.vae_scale_factor, adapter.pixel_grid)
         # everything but the input picture is checked before any model work (decoding an input LATENT included)
         request = validate_request(label, method, width, height, ModelFacts.of_pipeline(hp), **kwargs)
         if clip is None:
