@@ -242,3 +242,19 @@ def test_cost_model_prices_the_sr_network_as_its_own_component(method: str, sr_f
     without = build_request("x", method, 512, 512, **settings)
     assert plan.request_cost(with_sr, "tiny-sdxl").upscaler_calls == fast.upscaler_calls
     assert plan.request_cost(without, "tiny-sdxl").upscaler_calls == 0
+
+
+def test_cost_command_prices_the_upscaler_as_generate_would(sr_file: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """``hiresdiff cost --upscaler FILE`` books the SR network as its own line, with the numbers of the cost model
+    for the same request (its ``max_batch`` settled as generate's plan settles it), and says so in its text."""
+    from hiresdiff.cli import main
+    from hiresdiff.cost import model_cost
+
+    argv = ["cost", "--method", "resize", "--model", "tiny-sdxl", "--width", "512", "--height", "512", "--steps", "3"]
+    assert main([*argv, "--upscaler", str(sr_file), "--json"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    settled = {"max_batch": data["max_batch"], "previews": True, "steps": 3}
+    want = model_cost("resize", "tiny-sdxl", 512, 512, upscaler=resolve_upscaler(sr_file), **settled)
+    assert data["upscaler_calls"] == want.upscaler_calls > 0 and data["upscaler_flops"] == want.upscaler_flops
+    assert main([*argv, "--upscaler", str(sr_file)]) == 0
+    assert re.search(r"upscaler +[\d.,]+ TFLOP +calls: \d+", capsys.readouterr().out)

@@ -32,6 +32,13 @@ def register(sub: argparse._SubParsersAction) -> dict[str, Any]:
         "--controlnet", action="store_true", help="add a ControlNet of the model's UNet to every denoiser call"
     )
     p.add_argument(
+        "--upscaler",
+        default=None,
+        metavar="FILE",
+        help="SR model for every pixel-space enlargement (as generate's flag): its tile calls get their own line",
+    )
+    p.add_argument("--allow-pickle", action="store_true", help="allow a pickled (.pth) --upscaler file")
+    p.add_argument(
         "--ranks", type=int, default=None, help="view-parallel over N ranks: per-rank FLOPs and all-reduce volume"
     )
     p.add_argument("--device", default=None, help="the device max_batch auto is settled for (default: as generate)")
@@ -50,10 +57,16 @@ def cmd_cost(args: argparse.Namespace) -> int:
     from hiresdiff.pipeline import resolve_device
 
     require(args.peak_tflops is None or args.peak_tflops > 0, f"--peak-tflops must be > 0, got {args.peak_tflops}")
+    upscaler = None
+    if args.upscaler is not None:  # checked and loaded as generate does (the pickle rule included)
+        from hiresdiff.models.upscalers import resolve_upscaler
+
+        upscaler = resolve_upscaler(args.upscaler, allow_pickle=args.allow_pickle)
     options = {
         "preset": args.preset,
         "num_images_per_prompt": args.batch,
         "controlnet": args.controlnet or None,
+        "upscaler": upscaler,
         "ranks": args.ranks,
     }
     kwargs = {**sampling_settings(args), **{k: v for k, v in options.items() if v is not None}}
@@ -75,6 +88,7 @@ def cmd_cost(args: argparse.Namespace) -> int:
         ("VAE", report.vae_flops, f"calls: {report.vae_calls}"),
         ("text encoders", report.text_encoder_flops, f"calls: {report.text_encoder_calls}"),
         *([("ControlNet", report.controlnet_flops, f"calls: {report.controlnet_calls}")] if args.controlnet else []),
+        *([("upscaler", report.upscaler_flops, f"calls: {report.upscaler_calls}")] if upscaler else []),
         ("total", report.model_flops, ""),
     ]
     for name, flops, note in rows:
@@ -102,6 +116,7 @@ def settle_auto(args: argparse.Namespace, kwargs: dict[str, Any]) -> str:
     (no device to fit)."""
     from hiresdiff.config import AUTO, fallback_batch
     from hiresdiff.cost.model import STAND_IN_PROMPT, architecture_of
+    from hiresdiff.extras import Extras
     from hiresdiff.models.builtins import BUILTIN_MODELS
     from hiresdiff.pipeline import build_request, resolve_device, resolve_dtype
     from hiresdiff.plan import budget
@@ -114,8 +129,9 @@ def settle_auto(args: argparse.Namespace, kwargs: dict[str, Any]) -> str:
     device = resolve_device(args.device)
     native = BUILTIN_MODELS[architecture_of(args.model)].native_size
     width, height = args.width or 2 * native, args.height or 2 * native
-    settings = {k: v for k, v in kwargs.items() if k not in ("controlnet", "ranks")}
-    req = build_request(STAND_IN_PROMPT, args.method, width, height, **settings)
+    settings = {k: v for k, v in kwargs.items() if k not in ("controlnet", "ranks", "upscaler")}
+    extras = Extras(upscaler=kwargs.get("upscaler"))
+    req = build_request(STAND_IN_PROMPT, args.method, width, height, extras=extras, **settings)
     chosen = budget(req, args.model, device, resolve_dtype("float16" if device.startswith("cuda") else "float32"))
     kwargs["max_batch"] = req.settings.max_batch
     tiled = ""
