@@ -351,7 +351,6 @@ def cost_architecture(name: str, family: str, native: int) -> str | None:
     """The cost model's name for a loaded model: its own when the cost model knows it (built-in names, known hub
     ids), else the built-in architecture of its family and native size; ``None`` when there is none."""
     from hiresdiff.cost.model import ARCHITECTURES, FAMILY_ARCHITECTURES
-    from hiresdiff.models.tiny import BUILTIN_MODELS
 
     if name in BUILTIN_MODELS or name in ARCHITECTURES:
         return name

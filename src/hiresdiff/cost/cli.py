@@ -71,8 +71,13 @@ def cmd_cost(args: argparse.Namespace) -> int:
     }
     kwargs = {**sampling_settings(args), **{k: v for k, v in options.items() if v is not None}}
     kwargs.update(previews=not args.no_previews, paper=args.paper, **parse_assignments(args.params))
-    settled = settle_auto(args, kwargs)
-    report = model_cost(args.method, args.model, args.width, args.height, **kwargs)
+    settled, req = settle_auto(args, kwargs)
+    if req is not None:  # the plan priced this very request while settling auto: its report (kept, also on disk)
+        from hiresdiff.plan import request_cost
+
+        report = request_cost(req, args.model)
+    else:
+        report = model_cost(args.method, args.model, args.width, args.height, **kwargs)
     data = {**report.to_dict(), "max_batch": kwargs["max_batch"]}
     if args.peak_tflops is not None:
         data["flop_bound_s"] = report.seconds_at(args.peak_tflops * TERA)
@@ -109,11 +114,12 @@ def cmd_cost(args: argparse.Namespace) -> int:
     return 0
 
 
-def settle_auto(args: argparse.Namespace, kwargs: dict[str, Any]) -> str:
+def settle_auto(args: argparse.Namespace, kwargs: dict[str, Any]) -> tuple[str, Any]:
     """Settle ``max_batch="auto"`` in ``kwargs`` as ``hiresdiff generate``'s plan does on ``--device`` (its
     default dtype there; :func:`hiresdiff.plan.budget`, which may also tile the VAE to fit), so that both report the
-    same numbers; returns how it was chosen for the report's first line. Rank-split runs keep the stated fallback
-    (no device to fit)."""
+    same numbers; returns how it was chosen for the report's first line and the settled request (``None`` where
+    nothing was settled: the caller prices ``kwargs`` itself). Rank-split runs keep the stated fallback (no device
+    to fit)."""
     from hiresdiff.config import AUTO, fallback_batch
     from hiresdiff.cost.model import STAND_IN_PROMPT, architecture_of
     from hiresdiff.extras import Extras
@@ -122,10 +128,10 @@ def settle_auto(args: argparse.Namespace, kwargs: dict[str, Any]) -> str:
     from hiresdiff.plan import budget
 
     if kwargs.get("max_batch", AUTO) != AUTO:
-        return ""
+        return "", None
     if kwargs.get("ranks", 1) > 1 or kwargs.get("controlnet"):
         kwargs["max_batch"] = fallback_batch(bool(kwargs.get("low_vram")))
-        return " (the fallback of auto with --ranks or --controlnet)"
+        return " (the fallback of auto with --ranks or --controlnet)", None
     device = resolve_device(args.device)
     native = BUILTIN_MODELS[architecture_of(args.model)].native_size
     width, height = args.width or 2 * native, args.height or 2 * native
@@ -138,4 +144,4 @@ def settle_auto(args: argparse.Namespace, kwargs: dict[str, Any]) -> str:
     if chosen.tiled:  # the plan tiles the VAE where its whole call does not fit: so does this report
         kwargs["decode_tile_area"], tiled = req.settings.decode_tile_area, ", VAE tiled to fit"
     free = "" if chosen.free is None else f", {chosen.free / 2**30:.1f} GiB free"
-    return f" (auto on {device}{free}{tiled}, as generate's plan)"
+    return f" (auto on {device}{free}{tiled}, as generate's plan)", req if chosen.report is not None else None

@@ -178,8 +178,8 @@ def architecture_of(model: str) -> str:
     (:func:`~hiresdiff.models.loading.resolve_model`, no weights) and mapped by family and native size
     (:data:`FAMILY_ARCHITECTURES`: an SD 2.x-base checkpoint is counted as SD 1.5's UNet and text encoder).
     """
+    from hiresdiff.models.builtins import BUILTIN_MODELS  # the names only: no model classes imported
     from hiresdiff.models.loading import resolve_model
-    from hiresdiff.models.tiny import BUILTIN_MODELS
 
     if model in BUILTIN_MODELS:
         return model
