@@ -354,6 +354,37 @@ def test_decodes_seen_before_are_booked_again_and_equal_a_fresh_estimate(method,
     assert again.to_dict() == fresh.to_dict()
 
 
+@pytest.mark.parametrize(
+    ("method", "settings"),
+    [
+        ("demofusion", {"steps": 4, "previews": True, "decode_tile_area": 256 * 256}),  # tiled decodes
+        ("scalediff", {"steps": 4, "decode_tile_area": 256 * 256}),  # tiled encodes of the upsampled pixels too
+    ],
+)
+def test_repeated_tiles_are_booked_again_and_equal_the_full_trace(method, settings, monkeypatch):
+    """In a tiled VAE pass most tiles repeat the previous one (same input layout, the previous output alive, the
+    same bytes around them): the estimate books them from the first such tile's record instead of running them,
+    and its report — FLOPs, calls, every peak, the canvas bytes — equals the full trace's to the byte."""
+    import hiresdiff.cost.model as model_mod
+    from hiresdiff.cost.replay import SegmentReplay
+
+    monkeypatch.setattr(model_mod, "_PIPES", {})
+    monkeypatch.setattr(model_mod, "_CONTROLNETS", {})
+    passes: list[SegmentReplay] = []
+    real = SegmentReplay.repeating
+
+    def repeating(self, fn):
+        passes.append(self)
+        return real(self, fn)
+
+    monkeypatch.setattr(SegmentReplay, "repeating", repeating)
+    fast = model_cost(method, "tiny-sdxl", 768, 768, **settings)
+    booked_again = sum(p.tiles for p in {id(p): p for p in passes}.values())
+    assert booked_again > 100  # 12 × 12 tiles a pass at 768²: most are booked again
+    full = model_cost(method, "tiny-sdxl", 768, 768, exact=True, **settings)
+    assert fast.to_dict() == full.to_dict() and fast.vae_calls == full.vae_calls > 144
+
+
 def test_replay_books_settled_steps_without_running_them():
     """A loop of 50 alike steps runs two (to see them settle) and the last two; the 46 between are booked again,
     and a new loop starts over."""

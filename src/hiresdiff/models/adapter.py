@@ -636,6 +636,13 @@ class ModelAdapter:
         """Raw latents (the posterior mean, float32) of images ``x`` (B, 3, H, W) in [−1, 1]."""
         return self.vae.encode(x).latent_dist.mean.float()
 
+    @staticmethod
+    def _tiles(fn: Callable[[torch.Tensor], torch.Tensor]) -> Callable[[torch.Tensor], torch.Tensor]:
+        """The VAE call ``fn`` for one (tiled) pass: in the cost model's estimates, tiles that repeat the previous
+        one are booked again rather than run (:meth:`hiresdiff.cost.replay.SegmentReplay.repeating`)."""
+        replay = DECODE_REPLAY.get()
+        return fn if replay is None else replay.repeating(fn)
+
     @torch.no_grad()
     def decode(self, latents: torch.Tensor, tile_area: int | None, *, clamp: bool = True) -> torch.Tensor:
         """Latents → images (float32, on CPU), clamped to [−1, 1] unless ``clamp=False`` (pixel-space methods
@@ -652,7 +659,7 @@ class ModelAdapter:
     def _decode(self, latents: torch.Tensor, tile_area: int | None, clamp: bool) -> torch.Tensor:
         scale, shift = self._vae_factors()
         z = (latents / scale + shift).to(self.device, self.vae_dtype)
-        run = self._vae_decode
+        run = self._tiles(self._vae_decode)
         area = z.shape[-2] * z.shape[-1] * self.vae_scale_factor**2
         with self.borrowed(self.vae):
             if tile_area is not None and area > tile_area:
@@ -667,7 +674,7 @@ class ModelAdapter:
         """Images in [−1, 1] → latents (posterior mean × scaling factor); tiled like :meth:`decode`."""
         scale, shift = self._vae_factors()
         x = images.to(self.device, self.vae_dtype)
-        run = self._vae_encode
+        run = self._tiles(self._vae_encode)
         with self.borrowed(self.vae):
             if tile_area is not None and x.shape[-2] * x.shape[-1] > tile_area:
                 core, margin = self._tile_geometry()
