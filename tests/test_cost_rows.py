@@ -1,5 +1,6 @@
-"""Calls of many rows priced from two traced calls (:mod:`hiresdiff.cost.trace`, Eqs. R1, R2), and the estimates
-kept for later processes (:mod:`hiresdiff.cost.store`): equal to tracing, stable across processes."""
+"""Calls of many rows priced from two traced calls and calls of new sizes from three (:mod:`hiresdiff.cost.trace`,
+Eqs. R1, R2, S1), and the estimates kept for later processes (:mod:`hiresdiff.cost.store`): equal to tracing,
+stable across processes."""
 
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ import torch
 import hiresdiff.cost.model as model_mod
 from hiresdiff.cost import store
 from hiresdiff.cost.meta import Ledger, MetaModule
-from hiresdiff.cost.trace import Trace, derive, take_rows
+from hiresdiff.cost.trace import Trace, derive, derive_size, size_bases, take_rows
 from hiresdiff.models.tiny import build_builtin
 
 
@@ -100,6 +101,98 @@ def test_flux_transformer_rows_are_derived_exactly():
     MetaModule(transformer, "denoiser", derived_ledger, _rows)(**call(5))
     MetaModule(transformer, "denoiser", traced_ledger, _rows)(**call(5))
     assert derived_ledger.get("denoiser") == traced_ledger.get("denoiser")
+
+
+def _sized_call(family: str, module, rows: int, size: tuple[int, int]) -> tuple[tuple, dict]:
+    """A denoiser call of ``rows`` rows at latent ``size`` (FLUX: its packed tokens) on ``module``'s widths."""
+    cfg = module.config
+    if family == "flux":
+        tokens = (size[0] // 2) * (size[1] // 2)
+        return (), {
+            "hidden_states": torch.zeros(rows, tokens, cfg.in_channels),
+            "encoder_hidden_states": torch.zeros(rows, 8, cfg.joint_attention_dim),
+            "pooled_projections": torch.zeros(rows, cfg.pooled_projection_dim),
+            "timestep": torch.zeros(rows),
+            "guidance": torch.zeros(rows) if cfg.guidance_embeds else None,
+            "img_ids": torch.zeros(tokens, 3),
+            "txt_ids": torch.zeros(8, 3),
+            "return_dict": False,
+        }
+    kwargs = {"encoder_hidden_states": torch.zeros(rows, 77, cfg.cross_attention_dim), "return_dict": False}
+    if cfg.addition_embed_type == "text_time":
+        text = cfg.projection_class_embeddings_input_dim - 6 * cfg.addition_time_embed_dim
+        kwargs["added_cond_kwargs"] = {"text_embeds": torch.zeros(rows, text), "time_ids": torch.zeros(rows, 6)}
+    return (torch.zeros(rows, cfg.in_channels, *size), torch.tensor(500.0)), kwargs
+
+
+def _spatial(family: str, module, native: int):
+    return model_mod._flux_spatial(native // 2) if family == "flux" else model_mod._unet_spatial(module)
+
+
+@pytest.mark.parametrize(
+    ("model", "rows", "sizes"),
+    [
+        ("tiny-sdxl", 2, [(20, 28), (40, 8), (64, 64)]),  # sides multiples of 4 (2 downsamplers)
+        ("tiny-sd", 3, [(6, 10), (30, 2)]),
+        ("tiny-flux", 1, [(10, 14), (6, 40)]),  # any number of tokens
+        ("random-sdxl", 2, [(100, 128), (256, 320)]),  # and far beyond the bases (2048×2560 px in one call)
+        ("random-sd15", 1, [(40, 72)]),
+        ("random-flux", 1, [(90, 122)]),
+    ],
+)
+def test_a_call_of_a_new_size_equals_its_trace(model, rows, sizes):
+    """Eq. S1: the denoiser at sizes other than its three size bases, derived from the bases' traces, books what
+    the call traced itself books — FLOPs, samples, the activation peak to the byte — and answers with the same
+    output shapes; only the bases are traced. Full-size SD 1.5, SDXL and FLUX.1 included."""
+    from hiresdiff.models.builtins import BUILTIN_MODELS
+
+    info = BUILTIN_MODELS[model]
+    pipe = build_builtin(model, torch.float32, "meta")
+    family = info.family
+    module = pipe.transformer if family == "flux" else pipe.unet
+    spatial = _spatial(family, module, info.native_size // info.vae_scale_factor)
+    derived_ledger = Ledger(derive_rows=True)
+    derived = MetaModule(module, "denoiser", derived_ledger, _rows, spatial=spatial)
+    for size in sizes:
+        traced_ledger = Ledger()
+        args, kwargs = _sized_call(family, module, rows, size)
+        out = derived(*args, **kwargs)
+        want = MetaModule(module, "denoiser", traced_ledger, _rows)(*args, **kwargs)
+        assert derived_ledger.tallies.pop("denoiser") == traced_ledger.get("denoiser")
+        assert [t.shape for t in out] == [t.shape for t in want]
+    assert len(derived.__dict__["_traces"]) == 3 + len(sizes)  # the bases, and each size derived
+    assert len(derived.__dict__["_derived"]) == len(sizes)
+
+
+def test_sizes_that_round_at_a_level_are_traced(unet):
+    """tiny-sdxl's UNet halves twice: a side that is not a multiple of 4 rounds up at a level (not Eq. S1), so the
+    call is traced; so is a base size itself and any call outside the fast mode."""
+    spatial = model_mod._unet_spatial(unet)
+    assert spatial.multiple == 4 and spatial.bases == size_bases(32) == ((16, 24), (24, 32), (32, 32))
+    for size, derive_rows in [((18, 24), True), ((24, 32), True), ((20, 28), False)]:
+        module = MetaModule(unet, "denoiser", Ledger(derive_rows=derive_rows), _rows, spatial=spatial)
+        module(*_sized_call("sdxl", unet, 2, size)[0], **_sized_call("sdxl", unet, 2, size)[1])
+        assert not module.__dict__["_derived"] and len(module.__dict__["_traces"]) == 1
+
+
+def test_derive_size_is_exact_or_refuses():
+    """Eq. S1 through three points: a quadratic of the cells comes out exactly, in integers; a value that is not
+    whole (no such quadratic), trails of other lengths or an output dimension that follows nothing refuse."""
+    sizes = [(2, 3), (3, 4), (4, 4)]
+
+    def trace(n, h, w, tail=()):
+        flops = 7 * n * n + 3 * n + 11
+        return Trace(float(flops), torch.empty(2, h, w, device="meta"), 0, 0, torch.tensor([n, 5 * n * n, 9, *tail]))
+
+    bases = [trace(h * w, h, w) for h, w in sizes]
+    found = derive_size(bases, sizes, (10, 6))
+    assert found is not None and found.flops == 7 * 3600 + 3 * 60 + 11 and found.out.shape == (2, 10, 6)
+    assert found.trail.tolist() == [60, 5 * 3600, 9] and found.peak == 18000
+    odd = [*bases[:2], Trace(bases[2].flops + 1, bases[2].out, 0, 0, bases[2].trail)]
+    assert derive_size(odd, sizes, (10, 6)) is None  # 1/24 of a FLOP at 60 cells: not a quadratic of the cells
+    assert derive_size([*bases[:2], trace(16, 4, 4, tail=(1,))], sizes, (10, 6)) is None
+    fixed = [Trace(b.flops, torch.empty(2, 5 + i, device="meta"), 0, 0, b.trail) for i, b in enumerate(bases)]
+    assert derive_size(fixed, sizes, (10, 6)) is None  # 5, 6, 7: neither constant nor a side
 
 
 def test_module_identity_is_the_same_in_every_process():

@@ -29,7 +29,7 @@ import torch
 from hiresdiff.cost import store
 from hiresdiff.cost.memory import LiveBytes, fused_attention
 from hiresdiff.cost.shapes import TraceMode
-from hiresdiff.cost.trace import BASES, Trace, derive, map_tensors, take_rows
+from hiresdiff.cost.trace import BASES, Trace, derive, derive_size, map_tensors, take_rows
 from hiresdiff.patches.context import active_signature
 
 HOST = torch.device("cpu")
@@ -179,6 +179,21 @@ def _no_branches() -> tuple[str, ...]:
     return ()
 
 
+@dataclass(frozen=True)
+class Spatial:
+    """How a module's calls scale with their spatial size (the denoiser's: Eq. S1 of :mod:`hiresdiff.cost.trace`).
+
+    ``size`` reads a call's spatial size (a UNet's latent ``(h, w)``, a FLUX transformer's ``(tokens,)``),
+    ``resized`` makes the same call at another size (its spatial inputs as empty ``meta`` tensors), ``bases`` are
+    the three sizes every other is derived from and ``multiple`` what each side of a derived size must divide by
+    (``2^levels`` of a UNet)."""
+
+    size: Callable[[tuple[Any, ...], dict[str, Any]], tuple[int, ...]]
+    resized: Callable[[tuple[Any, ...], dict[str, Any], tuple[int, ...]], tuple[tuple[Any, ...], dict[str, Any]]]
+    bases: tuple[tuple[int, ...], ...]
+    multiple: int = 1
+
+
 class MetaModule:
     """A shape-only (``meta``) module that books FLOPs per call and answers with CPU zeros.
 
@@ -202,12 +217,16 @@ class MetaModule:
         counter: SampleCounter,
         methods: tuple[str, ...] = (),
         answer_on_meta: bool = False,
+        spatial: Spatial | None = None,
     ) -> None:
         self.__dict__.update(_module=module, _component=component, _ledger=ledger, _counter=counter)
         self.__dict__.update(_traces={}, _derived=set(), _identity=store.module_identity(module))
         self.__dict__["branches"] = _no_branches
         self.__dict__["_answer"] = (lambda out: out) if answer_on_meta else host_zeros
         self._note_processors()
+        #: sizes are derived only for calls through the module's own attention processors (a method's may work
+        #: by windows or canvas sizes: not a polynomial of the cells)
+        self.__dict__.update(_spatial=spatial, _plain=self._processors)
         for name in methods:
             self.__dict__[name] = self._counted(getattr(module, name), name)
 
@@ -279,8 +298,7 @@ class MetaModule:
             part, kw = take_rows(args, rows, k), take_rows(kwargs, rows, k)
             key = self._key(name, part, kw, branches[:k])
             if (base := self._traces.get(key)) is None or base.trail is None:
-                base = self._traces[key] = self._trace(fn, key, part, kw)
-                self._derived.discard(key)
+                base = self._traces[key] = self._sized_or_traced(fn, name, key, part, kw)
             bases.append(base)
         found = derive(bases[0], bases[1], rows)
         if found is not None and self._ledger.host is not None:
@@ -298,8 +316,45 @@ class MetaModule:
         if derivable and (found := self._derived_trace(fn, name, args, kwargs, rows)) is not None:
             self._derived.add(key)
             return found
+        return self._sized_or_traced(fn, name, key, args, kwargs)
+
+    def _sized_or_traced(
+        self, fn: Callable[..., Any], name: str, key: tuple[Any, ...], args: tuple[Any, ...], kwargs: dict[str, Any]
+    ) -> Trace:
+        """The trace of a call derived from its size bases (:meth:`_sized`), or else traced; the keys of derived
+        traces are noted (exact mode prices them again)."""
+        found = self._sized(fn, name, key, args, kwargs)
+        if found is not None:
+            self._derived.add(key)
+            return found
         self._derived.discard(key)
         return self._trace(fn, key, args, kwargs)
+
+    def _sized(
+        self, fn: Callable[..., Any], name: str, key: tuple[Any, ...], args: tuple[Any, ...], kwargs: dict[str, Any]
+    ) -> Trace | None:
+        """The trace of a call of a new size from the same call at the three size bases (each traced once, or found
+        in memory or the store; Eq. S1), when the ledger derives, the module has :class:`Spatial` rules, the
+        call goes through the module's own processors with no model patch switched on and its sides divide by
+        the rule's multiple; else ``None``."""
+        rule = self._spatial
+        if rule is None or not self._ledger.derive_rows or key[4] or key[3] != self._plain:
+            return None
+        size = rule.size(args, kwargs)
+        if size in rule.bases or any(side % rule.multiple for side in size):
+            return None
+        bases = []
+        for base in rule.bases:
+            part, kw = rule.resized(args, kwargs, base)
+            base_key = self._key(name, part, kw, key[5])
+            if (trace := self._traces.get(base_key)) is None or trace.trail is None:  # none, or rows-derived
+                trace = self._traces[base_key] = self._trace(fn, base_key, part, kw)
+                self._derived.discard(base_key)
+            bases.append(trace)
+        found = derive_size(bases, list(rule.bases), size)
+        if found is not None and self._ledger.host is not None:
+            self._ledger.host.bump(found.rise)
+        return found
 
     def _counted(self, fn: Callable[..., Any], name: str) -> Callable[..., Any]:
         def call(*args: Any, **kwargs: Any) -> Any:

@@ -18,9 +18,10 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from hiresdiff.cost.memory import LiveBytes, module_bytes
-from hiresdiff.cost.meta import CallPeak, Ledger, MetaModule
+from hiresdiff.cost.meta import CallPeak, Ledger, MetaModule, Spatial
 from hiresdiff.cost.replay import replaying
 from hiresdiff.cost.shapes import COSTING
+from hiresdiff.cost.trace import size_bases
 from hiresdiff.errors import HiresError, HiresWarning, require
 from hiresdiff.parallel import Replicating, Serial, owners
 
@@ -217,6 +218,41 @@ def _token_counter(native_tokens: int) -> Any:
     return count
 
 
+def _unet_spatial(unet: Any) -> Spatial:
+    """A UNet's calls at other latent sizes (Eq. S1): the ``sample`` ``(B, C, h, w)`` resized; each side a multiple
+    of ``2^downsamplers`` (every level a quarter of the cells of the one above)."""
+
+    def sample(args: tuple[Any, ...], kwargs: dict[str, Any]) -> torch.Tensor:
+        return args[0] if args else kwargs["sample"]
+
+    def size(args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[int, ...]:
+        return tuple(sample(args, kwargs).shape[2:])
+
+    def resized(args: tuple[Any, ...], kwargs: dict[str, Any], hw: tuple[int, ...]) -> tuple[Any, dict[str, Any]]:
+        x = sample(args, kwargs)
+        new = torch.empty(*x.shape[:2], *hw, dtype=x.dtype, device="meta")
+        return ((new, *args[1:]), kwargs) if args else (args, {**kwargs, "sample": new})
+
+    config = unet.config
+    return Spatial(size, resized, size_bases(int(config.sample_size)), 2 ** (len(config.block_out_channels) - 1))
+
+
+def _flux_spatial(native_tokens_side: int) -> Spatial:
+    """A FLUX transformer's calls at other numbers of image tokens (Eq. S1): ``hidden_states`` ``(B, n, C)`` and
+    ``img_ids`` ``(n, 3)`` resized (no levels: any number of tokens)."""
+
+    def size(args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[int, ...]:
+        return (int(kwargs["hidden_states"].shape[1]),)
+
+    def resized(args: tuple[Any, ...], kwargs: dict[str, Any], n: tuple[int, ...]) -> tuple[Any, dict[str, Any]]:
+        x, ids = kwargs["hidden_states"], kwargs["img_ids"]
+        hidden = torch.empty(x.shape[0], n[0], *x.shape[2:], dtype=x.dtype, device="meta")
+        return args, {**kwargs, "hidden_states": hidden, "img_ids": torch.empty(n[0], *ids.shape[1:], device="meta")}
+
+    bases = tuple((h * w,) for h, w in size_bases(native_tokens_side))
+    return Spatial(size, resized, bases)
+
+
 def _rows(args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[int, float]:
     x = args[0] if args else kwargs["input_ids"]
     return x.shape[0], 0.0
@@ -242,10 +278,10 @@ def counting_pipeline(architecture: str) -> tuple[Any, Ledger]:
     native = info.native_size // info.vae_scale_factor
     if info.family == "flux":
         denoiser = "transformer"
-        counter = _token_counter((native // 2) ** 2)
+        counter, spatial = _token_counter((native // 2) ** 2), _flux_spatial(native // 2)
     else:
-        denoiser, counter = "unet", _latent_counter(native * native)
-    wrapped = {denoiser: MetaModule(getattr(pipe, denoiser), "denoiser", ledger, counter)}
+        denoiser, counter, spatial = "unet", _latent_counter(native * native), _unet_spatial(pipe.unet)
+    wrapped = {denoiser: MetaModule(getattr(pipe, denoiser), "denoiser", ledger, counter, spatial=spatial)}
     wrapped["vae"] = MetaModule(pipe.vae, "vae", ledger, _latent_counter(native * native), ("encode", "decode"))
     for name in ("text_encoder", "text_encoder_2"):
         if getattr(pipe, name, None) is not None:
