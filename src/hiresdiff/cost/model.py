@@ -247,7 +247,8 @@ def _flux_spatial(native_tokens_side: int) -> Spatial:
     def resized(args: tuple[Any, ...], kwargs: dict[str, Any], n: tuple[int, ...]) -> tuple[Any, dict[str, Any]]:
         x, ids = kwargs["hidden_states"], kwargs["img_ids"]
         hidden = torch.empty(x.shape[0], n[0], *x.shape[2:], dtype=x.dtype, device="meta")
-        return args, {**kwargs, "hidden_states": hidden, "img_ids": torch.empty(n[0], *ids.shape[1:], device="meta")}
+        ids = torch.empty(n[0], *ids.shape[1:], dtype=ids.dtype, device="meta")
+        return args, {**kwargs, "hidden_states": hidden, "img_ids": ids}
 
     bases = tuple((h * w,) for h, w in size_bases(native_tokens_side))
     return Spatial(size, resized, bases)
