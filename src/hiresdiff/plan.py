@@ -18,7 +18,7 @@ import torch
 from hiresdiff import pipeline
 from hiresdiff.config import AUTO, DEFAULT_TILE_AREA, LOW_VRAM_DEFAULTS, GenerationSettings, fallback_batch
 from hiresdiff.cost.meta import CallPeak
-from hiresdiff.cost.model import CostReport, Watch
+from hiresdiff.cost.model import CostReport, Watch, architecture_of
 from hiresdiff.errors import HiresError
 from hiresdiff.memory import (
     GIB,
@@ -131,9 +131,10 @@ def _fixed(model: str) -> bool:
 PRICED_SIZE = 256
 _PRICED: OrderedDict[str, CostReport] = OrderedDict()
 _PRICED_LOCK = threading.Lock()
-#: lower bounds of estimated peaks (bytes) of requests whose estimate was stopped (:class:`_Exceeded`), by report
-#: key and dtype: a later search at less room knows without running that they do not fit
-_STOPPED: dict[str, int] = {}
+#: estimates that were stopped (:class:`_Exceeded`), by report key and dtype: the lower bound of their peak
+#: (``peak_at_least``, bytes) — a later search at less room knows without running that they do not fit — and the
+#: memory of the run so far (``parts``, :func:`stopped_estimate`)
+_STOPPED: dict[str, dict[str, Any]] = {}
 
 
 def _stopped_key(req: Any, model: str, dtype: torch.dtype, device: str, overrides: dict[str, Any]) -> str:
@@ -145,28 +146,66 @@ def stopped_peak(req: Any, model: str, dtype: torch.dtype, device: str = "cpu", 
     """The largest peak (bytes, at ``dtype`` on ``device``) an estimate of ``req`` with ``overrides`` was stopped
     at so far — a lower bound of its peak — or 0 when none was stopped (kept in the process and, for fixed
     architectures, on disk beside the reports)."""
+
+    return int(_stopped(req, model, dtype, device, overrides).get("peak_at_least", 0))
+
+
+def _stopped(req: Any, model: str, dtype: torch.dtype, device: str, overrides: dict[str, Any]) -> dict[str, Any]:
+    """The record of the highest stop of the estimate of ``req`` with ``overrides`` (in the process or on disk)."""
     from hiresdiff.cost import store
 
     key = _stopped_key(req, model, dtype, device, overrides)
     with _PRICED_LOCK:
-        known = _STOPPED.get(key, 0)
+        known = _STOPPED.get(key, {})
     kept = (_fixed(model) and store.load_report(key)) or {}
-    return max(known, int(kept.get("peak_at_least", 0)))
+    return max(known, kept, key=lambda record: int(record.get("peak_at_least", 0)))
+
+
+def stopped_estimate(
+    req: Any, model: str, dtype: torch.dtype, device: str = "cpu", **overrides: Any
+) -> tuple[MemoryEstimate, int] | None:
+    """Where the estimate of ``req`` with ``overrides`` was stopped at its highest: the memory of the run so far
+    (:class:`MemoryEstimate`) and the most rows of one denoiser call in it; ``None`` when none was stopped (or
+    stopped without them kept)."""
+    parts = _stopped(req, model, dtype, device, overrides).get("parts")
+    if not parts:
+        return None
+    peaks = {name: CallPeak(**peak) for name, peak in parts["peaks"].items()}
+    args = (parts["weights"], peaks, parts["canvas"], parts["upcast"], dtype, req.settings.low_vram, device)
+    return MemoryEstimate.of_parts(*args), int(parts["rows"])
 
 
 def keep_stopped_peak(
-    req: Any, model: str, dtype: torch.dtype, peak: int, device: str = "cpu", **overrides: Any
+    req: Any,
+    model: str,
+    dtype: torch.dtype,
+    peak: int,
+    device: str = "cpu",
+    parts: tuple[dict[str, int], dict[str, CallPeak], int, bool, int] | None = None,
+    **overrides: Any,
 ) -> None:
-    """Remember that the estimate of ``req`` with ``overrides`` at ``dtype`` on ``device`` exceeds ``peak`` bytes."""
+    """Remember that the estimate of ``req`` with ``overrides`` at ``dtype`` on ``device`` exceeds ``peak`` bytes,
+    and (``parts``: weights, call peaks, canvas and VAE upcast of the run so far, the most rows of one denoiser
+    call in it — what a :data:`~hiresdiff.cost.model.Watch` sees) where it was stopped."""
     from hiresdiff.cost import store
 
     key = _stopped_key(req, model, dtype, device, overrides)
     if peak <= stopped_peak(req, model, dtype, device, **overrides):
         return
+    record: dict[str, Any] = {"peak_at_least": peak}
+    if parts is not None:
+        weights, peaks, canvas, upcast, rows = parts
+        record["parts"] = {
+            "weights": dict(weights),
+            "peaks": {name: dataclasses.asdict(peak) for name, peak in peaks.items()},
+            "canvas": canvas,
+            "upcast": upcast,
+            "rows": rows,
+        }
     with _PRICED_LOCK:
-        _STOPPED[key] = peak
+        _STOPPED[key] = record
     if _fixed(model):
-        store.save_report(key, {"peak_at_least": peak})
+        store.save_report(key, record)
 
 
 def cost_key(
@@ -262,11 +301,13 @@ def choose_max_batch(req: Any, model: str, dtype: torch.dtype, free: int | None,
 
     The choice is the largest number of rows per denoiser call whose estimated peak (:class:`MemoryEstimate`)
     stays within :func:`auto_room` of ``free``, capped by the most rows any call of the run can hold (views ×
-    guidance branches of the largest step: :attr:`CostReport.denoiser_rows` of a run with no limit). The peak
-    grows with the rows per call, so the search over :func:`batch_candidates` (:func:`largest_fitting`) is exact
-    (equal to trying every candidate); its first probe is the linear guess from the unlimited run's denoiser call
-    (activations ∝ rows), the next ones follow the line through the peaks priced so far, so most choices cost that
-    run and two or three more. When a call other than the denoiser's (an untiled VAE decode) exceeds the room
+    guidance branches of the largest step: :attr:`CostReport.denoiser_rows` of a run with no limit). A run with no
+    limit that does not fit is stopped where it first exceeds the room; the most rows of one call up to there are
+    then the cap (with at least as many, a run makes the same calls up to that point and does not fit either). The
+    peak grows with the rows per call, so the search over :func:`batch_candidates` (:func:`largest_fitting`) is
+    exact (equal to trying every candidate); its first probe is the linear guess from the unlimited run's denoiser
+    call (activations ∝ rows), the next ones follow the line through the peaks priced so far, so most choices cost
+    that (partial) run and two or three more. When a call other than the denoiser's (an untiled VAE decode) exceeds the room
     alone, no number of rows fits (none changes that call): the smallest is taken, as the search would end, without
     searching, and the memory check names what would fit. Priced reports are reused (:func:`request_cost`'s
     cache). ``free`` unknown: :func:`~hiresdiff.config.fallback_batch`. ``device``: where the run goes (whether its
@@ -277,48 +318,69 @@ def choose_max_batch(req: Any, model: str, dtype: torch.dtype, free: int | None,
         s.max_batch = fallback_batch(s.low_vram)
         return request_cost(req, model, max_batch=s.max_batch)
     room = auto_room(free)
-    top = request_cost(req, model, max_batch=_UNBOUNDED)
-    cap = max(1, top.denoiser_rows)
-    reports = {cap: top}
+    reports: dict[int, CostReport] = {}
 
     def estimate(rows: int) -> MemoryEstimate:
         if rows not in reports:
             reports[rows] = request_cost(req, model, max_batch=rows)
         return MemoryEstimate.of(reports[rows], dtype, s.low_vram, device)
 
-    def over(weights: dict[str, int], peaks: dict[str, CallPeak], canvas: int, upcast: bool) -> None:
-        """Stop a probe whose run so far already exceeds the room (its peak can only grow)."""
+    def over(weights: dict[str, int], peaks: dict[str, CallPeak], canvas: int, upcast: bool, rows: int) -> None:
+        """Stop a run whose memory so far already exceeds the room (its peak can only grow)."""
         so_far = MemoryEstimate.of_parts(weights, peaks, canvas, upcast, dtype, s.low_vram, device).peak
         if so_far > room:
-            raise _Exceeded(so_far)
+            raise _Exceeded(so_far, (weights, peaks, canvas, upcast, rows))
+
+    def priced(rows: int) -> MemoryEstimate | None:
+        """The memory at ``rows`` (its report kept), or ``None`` when the run was stopped beyond the room — now,
+        or before (a stopped estimate of the same request: no run), its stop kept for later."""
+        if stopped_peak(req, model, dtype, device, max_batch=rows) > room:
+            return None
+        try:
+            reports[rows] = request_cost(req, model, watch=over, max_batch=rows)
+        except _Exceeded as stop:
+            keep_stopped_peak(req, model, dtype, stop.peak, device, stop.parts, max_batch=rows)
+            return None
+        return estimate(rows)
+
+    # every view of a step in one call: the answer when it fits; else the run stops where it first exceeds the room,
+    # and the most rows of one call so far bound the search: with at least as many, a run makes the same calls up to
+    # there (so it does not fit either) — the rest of the unlimited run is never run
+    top = priced(_UNBOUNDED)
+    stopped = stopped_estimate(req, model, dtype, device, max_batch=_UNBOUNDED) if top is None else None
+    if stopped is not None:
+        top, rows_so_far = stopped
+    elif top is None:  # stopped before without its parts: run it whole
+        top = estimate(_UNBOUNDED)
+    finished = _UNBOUNDED in reports
+    if finished:
+        cap = max(1, reports[_UNBOUNDED].denoiser_rows)
+        reports[cap] = reports.pop(_UNBOUNDED)
+        if top.peak <= room:
+            s.max_batch = cap
+            return reports[cap]
+    branches = 2 if s.cfg and architecture_of(model) not in _SINGLE_BRANCH else 1
+    if not finished:
+        cap = max(branches, rows_so_far)
+    candidates = batch_candidates(cap, branches)
+    if top.apart_from_denoising > room:  # no rows fit: the VAE alone is too large (no search needed)
+        s.max_batch = candidates[0]
+        return reports[s.max_batch] if s.max_batch in reports else request_cost(req, model, max_batch=s.max_batch)
 
     def probe(rows: int) -> int:
-        """The peak at ``rows``, or a lower bound above the room: one a stopped estimate of the same request found
-        before (no run), or the peak so far of a run stopped now once it exceeded the room (kept for later)."""
-        if rows not in reports:
-            bound = stopped_peak(req, model, dtype, device, max_batch=rows)
-            if bound > room:
-                return bound
-            try:
-                reports[rows] = request_cost(req, model, watch=over, max_batch=rows)
-            except _Exceeded as stop:
-                keep_stopped_peak(req, model, dtype, stop.peak, device, max_batch=rows)
-                return stop.peak
-        return estimate(rows).peak
+        """The peak at ``rows``, or a lower bound above the room where its run (or at the cap the unlimited one)
+        was stopped."""
+        if rows in reports:
+            return estimate(rows).peak
+        if rows == cap and not finished:
+            return top.peak
+        found = priced(rows)
+        return found.peak if found is not None else stopped_peak(req, model, dtype, device, max_batch=rows)
 
-    if estimate(cap).peak <= room:
-        s.max_batch = cap
-        return top
-    branches = 2 if s.cfg and top.architecture not in _SINGLE_BRANCH else 1
-    candidates = batch_candidates(cap, branches)
-    if estimate(cap).apart_from_denoising > room:  # no rows fit: the VAE alone is too large (no search needed)
-        s.max_batch = candidates[0]
-        return request_cost(req, model, max_batch=s.max_batch)
-    linear = rows_that_fit(estimate(cap), room, branches == 2) or 0
+    linear = rows_that_fit(top, room, branches == 2) or 0
     guess = max(0, sum(c <= linear for c in candidates) - 1)
     s.max_batch = largest_fitting(candidates, probe, room, guess)
-    estimate(s.max_batch)  # the smallest candidate, when none fits, may have been a stopped probe
-    return reports[s.max_batch]
+    return reports[s.max_batch] if s.max_batch in reports else request_cost(req, model, max_batch=s.max_batch)
 
 
 class _Exceeded(BaseException):
@@ -326,9 +388,9 @@ class _Exceeded(BaseException):
     (``peak``) already rules the candidate out. A :class:`BaseException` so no handler in the generation code on
     its way up takes it for a failure."""
 
-    def __init__(self, peak: int) -> None:
+    def __init__(self, peak: int, parts: tuple[dict[str, int], dict[str, CallPeak], int, bool, int]) -> None:
         super().__init__(peak)
-        self.peak = peak
+        self.peak, self.parts = peak, parts
 
 
 #: architectures whose guidance is one branch per view (FLUX.1 is guidance-distilled: no unconditional half)

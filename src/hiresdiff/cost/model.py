@@ -355,8 +355,9 @@ def counting_upscaler(spec: UpscalerSpec, ledger: Ledger) -> tuple[Upscaler, Met
 
 
 #: what a run's memory so far is handed to, after each booking that raised a peak: ``(weights, peaks, canvas,
-#: vae_upcast)`` as the report will hold them; it may stop the run by raising
-Watch = Callable[[dict[str, int], dict[str, CallPeak], int, bool], None]
+#: vae_upcast)`` as the report will hold them, and the most rows of one denoiser call so far; it may stop the run
+#: by raising
+Watch = Callable[[dict[str, int], dict[str, CallPeak], int, bool, int], None]
 
 
 def _peaks(ledger: Ledger) -> dict[str, CallPeak]:
@@ -432,7 +433,7 @@ def model_cost(
             warnings.simplefilter("ignore", HiresWarning)  # the generation itself says what it has to say
             ledger.host, ledger.derive_rows = host, not exact
             if watch is not None:
-                ledger.watch = lambda led: watch(weights, _peaks(led), host.peak, upcast)
+                ledger.watch = lambda led: watch(weights, _peaks(led), host.peak, upcast, led.get("denoiser").rows)
             if not exact:
                 stack.enter_context(replaying(ledger, host, counting.charge))
             costing = COSTING.set(True)  # value-free operations allocate and compute nothing (cost/shapes.py)
