@@ -235,16 +235,40 @@ def _bench(tmp_path, *extra: str) -> list[str]:
 
 
 def test_bench_stops_before_the_model_when_a_group_does_not_fit(tmp_path, capsys, monkeypatch, no_model):
+    """A whole decode asked for explicitly is kept (as ``generate --tile-area``): the group does not fit, and the
+    one line names it and what would, spelled as bench takes it."""
     import hiresdiff.bench.runner as runner_mod
 
     monkeypatch.setattr(runner_mod, "free_memory", lambda device: 20 * MIB)
     out = tmp_path / "b"
-    assert main([*_bench(tmp_path), "--out", str(out)]) == 2
+    assert main([*_bench(tmp_path, "--set", f"decode_tile_area={2048 * 4096}"), "--out", str(out)]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("hiresdiff: ") and "\n" not in err
     assert "demofusion_512x512: estimated peak memory 50 MiB" in err  # the largest group is named
     assert "what fits: --set decode_tile_area=0 (≈9 MiB)" in err  # spelled as bench takes it
     assert not list(out.glob("images/*/*.png"))
+
+
+def test_bench_plans_each_group_as_generate_does(tmp_path, monkeypatch):
+    """Every group is planned as ``hiresdiff generate`` plans its request (:func:`hiresdiff.plan.budget_for`):
+    with no room for a whole decode the VAE tiles (``decode_tile_area`` 0) and ``max_batch`` auto is settled, and
+    each image of the group runs — and is recorded — with those settings."""
+    import json
+
+    import hiresdiff.bench.runner as runner_mod
+    from hiresdiff.plan import budget_for
+
+    monkeypatch.setattr(runner_mod, "free_memory", lambda device: 20 * MIB)
+    out = tmp_path / "b"
+    assert main([*_bench(tmp_path, "--no-flops"), "--out", str(out)]) == 0
+    records = [json.loads(f.read_text()) for f in out.glob("images/*/*.json")]
+    assert len(records) == 4
+    for rec in records:
+        req = build_request("a red fox", rec["method"], rec["width"], rec["height"], steps=1, seed=0, previews=False)
+        b = budget_for(req, "tiny-sd", "cpu", torch.float32, 20 * MIB)
+        assert b.tiled and b.auto
+        planned = {k: getattr(req.settings, k) for k in ("max_batch", "decode_tile_area")}
+        assert {k: rec["settings"][k] for k in planned} == planned == {"max_batch": 2, "decode_tile_area": 0}
 
 
 @pytest.mark.parametrize("fix", [["--set", "decode_tile_area=0"], ["--skip-memory-check"]])

@@ -307,11 +307,11 @@ def choose_max_batch(req: Any, model: str, dtype: torch.dtype, free: int | None,
     peak grows with the rows per call, so the search over :func:`batch_candidates` (:func:`largest_fitting`) is
     exact (equal to trying every candidate); its first probe is the linear guess from the unlimited run's denoiser
     call (activations ∝ rows), the next ones follow the line through the peaks priced so far, so most choices cost
-    that (partial) run and two or three more. When a call other than the denoiser's (an untiled VAE decode) exceeds the room
-    alone, no number of rows fits (none changes that call): the smallest is taken, as the search would end, without
-    searching, and the memory check names what would fit. Priced reports are reused (:func:`request_cost`'s
-    cache). ``free`` unknown: :func:`~hiresdiff.config.fallback_batch`. ``device``: where the run goes (whether its
-    text encoders wait on the CPU, :func:`~hiresdiff.placement.parks_text`).
+    that (partial) run and two or three more. When a call other than the denoiser's (an untiled VAE decode)
+    exceeds the room alone, no number of rows fits (none changes that call): the smallest is taken, as the search
+    would end, without searching, and the memory check names what would fit. Priced reports are reused
+    (:func:`request_cost`'s cache). ``free`` unknown: :func:`~hiresdiff.config.fallback_batch`. ``device``: where the
+    run goes (whether its text encoders wait on the CPU, :func:`~hiresdiff.placement.parks_text`).
     """
     s = req.settings
     if free is None:

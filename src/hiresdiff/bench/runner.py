@@ -28,7 +28,7 @@ from hiresdiff.config import AUTO
 from hiresdiff.cost import CostReport, model_cost
 from hiresdiff.errors import HiresError
 from hiresdiff.images import save_png
-from hiresdiff.memory import MemoryEstimate, free_memory
+from hiresdiff.memory import free_memory
 from hiresdiff.pipeline import (
     GenerationRequest,
     GenerationResult,
@@ -81,30 +81,33 @@ class CostCache:
         return None if report is None else report.to_dict()
 
 
+#: the settings the plan settles for a group (``max_batch`` auto, and the VAE tiling when a whole decode does not
+#: fit), applied to each of its items: every image of a group runs as its first was planned
+SETTLED = ("max_batch", "decode_tile_area")
+
+
 def check_memory(
-    plan: BenchPlan, items: list[Item], opts: RunOptions, costs: CostCache, batches: dict[Group, int] | None = None
+    plan: BenchPlan, items: list[Item], opts: RunOptions, costs: CostCache, settled: dict[Group, dict[str, Any]]
 ) -> None:
-    """Before the model loads: every group among ``items`` fits the device's free memory by the cost model's
-    estimate, else one line naming the group and what fits (:func:`hiresdiff.plan.check_budget`). A group whose
-    ``max_batch`` is ``auto`` is settled here (:func:`hiresdiff.plan.choose_max_batch`), its number kept in
-    ``batches``."""
+    """Before the model loads: every group among ``items`` is planned as ``hiresdiff generate`` plans a request
+    (:func:`hiresdiff.plan.budget_for`: ``max_batch`` auto settled, the VAE tiled when a whole decode does not fit)
+    and fits the device's free memory by the cost model's estimate, else one line naming the group and what fits
+    (:func:`hiresdiff.plan.check_budget`). What the plan settled is kept in ``settled`` (:data:`SETTLED`)."""
     from hiresdiff.models.loading import resolve_model
-    from hiresdiff.plan import BENCH_FLAGS, Budget, check_budget, choose_max_batch
+    from hiresdiff.plan import BENCH_FLAGS, budget_for, check_budget
 
     device = resolve_device(opts.device)
     dtype = resolve_dtype(opts.dtype or ("float16" if device.startswith("cuda") else "float32"))
     grid, free = resolve_model(plan.model, allow_pickle=opts.allow_pickle).pixel_grid, free_memory(device)
     first_of_group = {item.group: item for item in reversed(items)}  # reversed: the first item of each wins
     for item in first_of_group.values():
-        if (report := costs.report(item.group)) is None:
+        if costs.report(item.group) is None:
             continue
         req = item_request(plan, item)
-        auto = req.settings.max_batch == AUTO
-        if auto:
-            report = choose_max_batch(req, plan.model, dtype, free, device)
-            if batches is not None:
-                batches[item.group] = int(req.settings.max_batch)
-        b = Budget(report, MemoryEstimate.of(report, dtype, req.settings.low_vram, device), free, device, auto=auto)
+        b = budget_for(req, plan.model, device, dtype, free)
+        if b.report is None:
+            continue
+        settled[item.group] = {name: getattr(req.settings, name) for name in SETTLED}
         try:
             check_budget(b, req, plan.model, dtype, grid, BENCH_FLAGS)
         except HiresError as exc:
@@ -213,8 +216,8 @@ class Maker:
         self.costs = CostCache(plan, opts.flops)
         self.pipe: HiresPipeline | None = None
         self.env: dict[str, Any] = {}
-        #: ``max_batch`` of each group whose setting is ``auto``, settled once (before the clock of any item)
-        self.batches: dict[Group, int] = {}
+        #: what the plan settled for each group (:data:`SETTLED`), once, before the clock of any item
+        self.settled: dict[Group, dict[str, Any]] = {}
 
     def _ready(self, item: Item) -> HiresPipeline:
         if self.pipe is None:
@@ -232,16 +235,17 @@ class Maker:
         return self.pipe
 
     def request(self, pipe: HiresPipeline, item: Item) -> GenerationRequest:
-        """``item``'s request with ``max_batch`` ``auto`` settled once per group (by the memory check before the
-        model loaded, else on the loaded pipeline), so no item's time includes the estimate."""
+        """``item``'s request as its group was planned (by the memory check before the model loaded, else on the
+        loaded pipeline when ``max_batch`` is ``auto``: :func:`hiresdiff.plan.settle_batch`), once per group, so no
+        item's time includes the estimate."""
         req = item_request(self.plan, item)
-        if req.settings.max_batch == AUTO:
-            if item.group not in self.batches:
-                from hiresdiff.plan import settle_batch
+        if item.group not in self.settled and req.settings.max_batch == AUTO:
+            from hiresdiff.plan import settle_batch
 
-                settle_batch(pipe, req)
-                self.batches[item.group] = int(req.settings.max_batch)
-            req.settings.max_batch = self.batches[item.group]
+            settle_batch(pipe, req)
+            self.settled[item.group] = {name: getattr(req.settings, name) for name in SETTLED}
+        for name, value in self.settled.get(item.group, {}).items():
+            setattr(req.settings, name, value)
         return req
 
     def make(self, item: Item) -> float:
@@ -309,7 +313,7 @@ def run_items(plan: BenchPlan, items: list[Item], out: Path, opts: RunOptions) -
     progress = Progress(len(items), opts.progress, prefix)
     maker, summary = Maker(plan, out, opts), RunSummary()
     if opts.memory_check and items:
-        check_memory(plan, items, opts, maker.costs, maker.batches)
+        check_memory(plan, items, opts, maker.costs, maker.settled)
     for second in (False, True):
         queue = [item for item, _ in summary.left] if second else items
         summary.left = []
