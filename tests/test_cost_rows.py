@@ -164,6 +164,32 @@ def test_a_call_of_a_new_size_equals_its_trace(model, rows, sizes):
     assert len(derived.__dict__["_derived"]) == len(sizes)
 
 
+@pytest.mark.parametrize(("model", "sizes"), [("tiny-sdxl", [(20, 28), (13, 31)]), ("random-sdxl", [(97, 123)]),
+                                             ("random-flux", [(68, 128)])])  # fmt: skip
+def test_a_decode_of_a_new_size_equals_its_trace_and_encodes_are_traced(model, sizes):
+    """Eq. S1 for the VAE: a decode of any latent size (odd sides too: every level doubles both) derived from the
+    three size bases books what the traced decode books, and answers with its pixels (8 per cell); an encode is
+    not a quadratic of the cells (its downsampling pads a row and a column) and is traced."""
+    from hiresdiff.models.builtins import BUILTIN_MODELS
+
+    info = BUILTIN_MODELS[model]
+    vae = build_builtin(model, torch.float32, "meta").vae
+    native = info.native_size // info.vae_scale_factor
+    ledger = Ledger(derive_rows=True)
+    derived = MetaModule(vae, "vae", ledger, _rows, ("encode", "decode"), spatial=model_mod._decode_spatial(native))
+    traced_ledger = Ledger()
+    traced = MetaModule(vae, "vae", traced_ledger, _rows, ("encode", "decode"))
+    channels = vae.config.latent_channels
+    for size in sizes:
+        (a,) = derived.decode(torch.zeros(1, channels, *size), return_dict=False)
+        (b,) = traced.decode(torch.zeros(1, channels, *size), return_dict=False)
+        assert a.shape == b.shape == (1, 3, 8 * size[0], 8 * size[1])
+        assert ledger.tallies.pop("vae") == traced_ledger.tallies.pop("vae")
+    assert len(derived.__dict__["_derived"]) == len(sizes)
+    derived.encode(torch.zeros(1, 3, 8 * sizes[0][0], 8 * sizes[0][1]))
+    assert len(derived.__dict__["_derived"]) == len(sizes)  # the encode was traced
+
+
 def test_sizes_that_round_at_a_level_are_traced(unet):
     """tiny-sdxl's UNet halves twice: a side that is not a multiple of 4 rounds up at a level (not Eq. S1), so the
     call is traced; so is a base size itself and any call outside the fast mode."""

@@ -186,12 +186,13 @@ class Spatial:
     ``size`` reads a call's spatial size (a UNet's latent ``(h, w)``, a FLUX transformer's ``(tokens,)``),
     ``resized`` makes the same call at another size (its spatial inputs as empty ``meta`` tensors), ``bases`` are
     the three sizes every other is derived from and ``multiple`` what each side of a derived size must divide by
-    (``2^levels`` of a UNet)."""
+    (``2^levels`` of a UNet); ``entry`` is the entry point the rule is for (a VAE's ``decode``)."""
 
     size: Callable[[tuple[Any, ...], dict[str, Any]], tuple[int, ...]]
     resized: Callable[[tuple[Any, ...], dict[str, Any], tuple[int, ...]], tuple[tuple[Any, ...], dict[str, Any]]]
     bases: tuple[tuple[int, ...], ...]
     multiple: int = 1
+    entry: str = "__call__"
 
 
 class MetaModule:
@@ -338,7 +339,7 @@ class MetaModule:
         call goes through the module's own processors with no model patch switched on and its sides divide by
         the rule's multiple; else ``None``."""
         rule = self._spatial
-        if rule is None or not self._ledger.derive_rows or key[4] or key[3] != self._plain:
+        if rule is None or name != rule.entry or not self._ledger.derive_rows or key[4] or key[3] != self._plain:
             return None
         size = rule.size(args, kwargs)
         if size in rule.bases or any(side % rule.multiple for side in size):

@@ -237,6 +237,24 @@ def _unet_spatial(unet: Any) -> Spatial:
     return Spatial(size, resized, size_bases(int(config.sample_size)), 2 ** (len(config.block_out_channels) - 1))
 
 
+def _decode_spatial(native_latent: int) -> Spatial:
+    """A VAE's decodes at other latent sizes (Eq. S1 holds at any size: every level doubles both sides): the
+    latents ``(B, C, h, w)`` resized."""
+
+    def latents(args: tuple[Any, ...], kwargs: dict[str, Any]) -> torch.Tensor:
+        return args[0] if args else kwargs["z"]
+
+    def size(args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[int, ...]:
+        return tuple(latents(args, kwargs).shape[2:])
+
+    def resized(args: tuple[Any, ...], kwargs: dict[str, Any], hw: tuple[int, ...]) -> tuple[Any, dict[str, Any]]:
+        z = latents(args, kwargs)
+        new = torch.empty(*z.shape[:2], *hw, dtype=z.dtype, device="meta")
+        return ((new, *args[1:]), kwargs) if args else (args, {**kwargs, "z": new})
+
+    return Spatial(size, resized, size_bases(native_latent), entry="decode")
+
+
 def _flux_spatial(native_tokens_side: int) -> Spatial:
     """A FLUX transformer's calls at other numbers of image tokens (Eq. S1): ``hidden_states`` ``(B, n, C)`` and
     ``img_ids`` ``(n, 3)`` resized (no levels: any number of tokens)."""
@@ -283,7 +301,8 @@ def counting_pipeline(architecture: str) -> tuple[Any, Ledger]:
     else:
         denoiser, counter, spatial = "unet", _latent_counter(native * native), _unet_spatial(pipe.unet)
     wrapped = {denoiser: MetaModule(getattr(pipe, denoiser), "denoiser", ledger, counter, spatial=spatial)}
-    wrapped["vae"] = MetaModule(pipe.vae, "vae", ledger, _latent_counter(native * native), ("encode", "decode"))
+    vae_counter, decodes = _latent_counter(native * native), _decode_spatial(native)
+    wrapped["vae"] = MetaModule(pipe.vae, "vae", ledger, vae_counter, ("encode", "decode"), spatial=decodes)
     for name in ("text_encoder", "text_encoder_2"):
         if getattr(pipe, name, None) is not None:
             wrapped[name] = MetaModule(getattr(pipe, name), "text_encoder", ledger, _rows)

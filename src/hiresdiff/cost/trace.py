@@ -19,8 +19,10 @@ operations — provided each UNet level has exactly ``1/4`` the cells of the one
 ``2^levels``; otherwise a level rounds up and the call is traced). Three traces at :func:`size_bases` then price
 every other size (:func:`derive_size`, Newton's form through the three points, in integers: a value that does
 not come out whole refuses the derivation), and with Eq. R1 every number of rows of every size: a request of a new
-size traces nothing of its denoiser. Checked against traces of SD 1.5, SDXL and FLUX.1 at other sizes (equal to
-the byte) and by the full-trace tests of every method.
+size traces nothing of its denoiser. A VAE decode is such a polynomial at any latent size (every level doubles both
+sides); an encode is not (its downsampling pads one row and column: terms in ``h + w``), so encodes are traced.
+Checked against traces of SD 1.5, SDXL and FLUX.1 at other sizes (equal to the byte) and by the full-trace tests of
+every method.
 
 The bases are 2 and 3 rows, not 1 and 2: a dimension of size one has its own stride and broadcasting rules (a
 reshape of one row may be a view where more rows need a copy), which would change the sequence of allocations.
@@ -133,9 +135,9 @@ def _newton(ys: tuple[int, int, int], ns: tuple[int, int, int], n: int) -> int |
 def derive_size(bases: list[Trace], sizes: list[tuple[int, ...]], size: tuple[int, ...]) -> Trace | None:
     """The trace of a call at spatial ``size`` from its traces at the three ``sizes`` (Eq. S1): FLOPs, each entry of
     the live-bytes timeline (the peak is their maximum, as Eq. R2), the host rise; each output dimension that is
-    constant across the bases stays, one that follows a side (or the cells) of the size follows it. ``None`` when
-    the bases do not line up (trails of other lengths, an output dimension that follows nothing, a value that is not
-    a whole number)."""
+    constant across the bases stays, one that is a side (or the cells) of the size times a whole factor follows it.
+    ``None`` when the bases do not line up (trails of other lengths, an output dimension that follows nothing, a
+    value that is not a whole number)."""
     trails = [b.trail for b in bases]
     if any(t is None for t in trails) or len({t.shape for t in trails if t is not None}) != 1:
         return None
@@ -156,11 +158,10 @@ def derive_size(bases: list[Trace], sizes: list[tuple[int, ...]], size: tuple[in
     def dim(values: tuple[int, ...]) -> int:
         if len(set(values)) == 1:
             return values[0]
-        for j in range(len(size)):
-            if values == tuple(s[j] for s in sizes):
-                return size[j]
-        if values == ns:
-            return n
+        for sides, target in [*((tuple(s[j] for s in sizes), size[j]) for j in range(len(size))), (ns, n)]:
+            factor = values[0] // sides[0]  # a side, or a multiple of it (a VAE decode's pixels: 8 per cell)
+            if factor and values == tuple(factor * side for side in sides):
+                return factor * target
         raise ValueError("an output dimension follows no side")
 
     def shaped(*xs: torch.Tensor) -> torch.Tensor:
