@@ -163,7 +163,7 @@ class SegmentReplay:
         like it — its bookings, and the transient peak of a new output allocated beside the previous one — and
         answered with the previous output itself (its values steer nothing here), which is what the caller holds
         once it lets the previous one go: the live bytes after it equal a real call's, without zero-filling and
-        blending a new tile (≈ 40 % of a new request's estimate at 4096², mostly memory traffic)."""
+        blending a new tile (≈ 20 % of a new request's estimate at 4096², mostly memory traffic)."""
         records: dict[Hashable, tuple[tuple[tuple[Any, ...], ...], int, int]] = {}
         last: list[weakref.ref[torch.Tensor] | None] = [None]
 
