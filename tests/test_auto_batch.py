@@ -345,6 +345,32 @@ def test_stopped_probes_are_remembered_and_the_choice_stays_brute_force(
                                  torch.float32, max_batch=c) > 0 for c in stopped_before)  # fmt: skip
 
 
+def test_a_stopped_unlimited_run_bounds_the_search_as_the_whole_run_would(monkeypatch: pytest.MonkeyPatch) -> None:
+    """On the real cost model: when every view of a step in one call does not fit, that estimate stops where it
+    first exceeds the room (kept as a stopped estimate, no report), and the choice — searched below the most rows
+    of one call up to there — is brute force's over every candidate up to the whole run's cap, at every room."""
+    monkeypatch.setattr(plan, "_PRICED", plan.OrderedDict())
+    req = build_request("a fox", "demofusion", 1024, 768, steps=3, previews=False, decode_tile_area=0)
+    cap = plan.request_cost(req, "tiny-sdxl", max_batch=plan._UNBOUNDED).denoiser_rows
+    candidates = plan.batch_candidates(cap, 2)
+    peaks = {c: peak_of(plan.request_cost(req, "tiny-sdxl", max_batch=c)) for c in candidates}
+    assert len(set(peaks.values())) > 5  # the rows move the peak here (previews off, tiled decodes)
+    monkeypatch.setattr(plan, "_PRICED", plan.OrderedDict())  # nothing priced: the search runs its estimates
+    for room in sorted(set(peaks.values()))[1:-1:3]:
+        monkeypatch.setattr(plan, "_STOPPED", {})
+        chosen = build_request("a fox", "demofusion", 1024, 768, steps=3, previews=False, decode_tile_area=0)
+        report = plan.choose_max_batch(chosen, "tiny-sdxl", torch.float32, room + GIB)  # auto_room: 1 GiB less
+        assert plan.auto_room(room + GIB) == room
+        assert chosen.settings.max_batch == max(c for c in candidates if peaks[c] <= room)
+        assert peak_of(report) == peaks[chosen.settings.max_batch]
+        kwargs = {"max_batch": plan._UNBOUNDED}
+        assert plan.stopped_peak(chosen, "tiny-sdxl", torch.float32, **kwargs) > room  # the unlimited run stopped
+
+
+def peak_of(report: CostReport) -> int:
+    return MemoryEstimate.of(report, torch.float32, False).peak
+
+
 def test_a_watch_sees_the_run_so_far_and_can_stop_it() -> None:
     """The cost model hands its watch the weights, the call peaks, the canvas and the most rows of one denoiser
     call of the run so far whenever a call raises a peak: the last view equals the report's peaks and rows, no

@@ -197,7 +197,8 @@ def test_sizes_that_round_at_a_level_are_traced(unet):
     assert spatial.multiple == 4 and spatial.bases == size_bases(32) == ((16, 24), (24, 32), (32, 32))
     for size, derive_rows in [((18, 24), True), ((24, 32), True), ((20, 28), False)]:
         module = MetaModule(unet, "denoiser", Ledger(derive_rows=derive_rows), _rows, spatial=spatial)
-        module(*_sized_call("sdxl", unet, 2, size)[0], **_sized_call("sdxl", unet, 2, size)[1])
+        args, kwargs = _sized_call("sdxl", unet, 2, size)
+        module(*args, **kwargs)
         assert not module.__dict__["_derived"] and len(module.__dict__["_traces"]) == 1
 
 

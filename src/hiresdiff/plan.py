@@ -131,6 +131,9 @@ def _fixed(model: str) -> bool:
 PRICED_SIZE = 256
 _PRICED: OrderedDict[str, CostReport] = OrderedDict()
 _PRICED_LOCK = threading.Lock()
+#: what a :data:`~hiresdiff.cost.model.Watch` sees of a run so far: weights, call peaks, canvas, VAE upcast and the
+#: most rows of one denoiser call — kept where an estimate was stopped (:func:`keep_stopped_peak`)
+RunSoFar = tuple[dict[str, int], dict[str, CallPeak], int, bool, int]
 #: estimates that were stopped (:class:`_Exceeded`), by report key and dtype: the lower bound of their peak
 #: (``peak_at_least``, bytes) — a later search at less room knows without running that they do not fit — and the
 #: memory of the run so far (``parts``, :func:`stopped_estimate`)
@@ -146,7 +149,6 @@ def stopped_peak(req: Any, model: str, dtype: torch.dtype, device: str = "cpu", 
     """The largest peak (bytes, at ``dtype`` on ``device``) an estimate of ``req`` with ``overrides`` was stopped
     at so far — a lower bound of its peak — or 0 when none was stopped (kept in the process and, for fixed
     architectures, on disk beside the reports)."""
-
     return int(_stopped(req, model, dtype, device, overrides).get("peak_at_least", 0))
 
 
@@ -181,12 +183,11 @@ def keep_stopped_peak(
     dtype: torch.dtype,
     peak: int,
     device: str = "cpu",
-    parts: tuple[dict[str, int], dict[str, CallPeak], int, bool, int] | None = None,
+    parts: RunSoFar | None = None,
     **overrides: Any,
 ) -> None:
     """Remember that the estimate of ``req`` with ``overrides`` at ``dtype`` on ``device`` exceeds ``peak`` bytes,
-    and (``parts``: weights, call peaks, canvas and VAE upcast of the run so far, the most rows of one denoiser
-    call in it — what a :data:`~hiresdiff.cost.model.Watch` sees) where it was stopped."""
+    and (``parts``: :data:`RunSoFar`) where it was stopped."""
     from hiresdiff.cost import store
 
     key = _stopped_key(req, model, dtype, device, overrides)
@@ -388,7 +389,7 @@ class _Exceeded(BaseException):
     (``peak``) already rules the candidate out. A :class:`BaseException` so no handler in the generation code on
     its way up takes it for a failure."""
 
-    def __init__(self, peak: int, parts: tuple[dict[str, int], dict[str, CallPeak], int, bool, int]) -> None:
+    def __init__(self, peak: int, parts: RunSoFar) -> None:
         super().__init__(peak)
         self.peak, self.parts = peak, parts
 

@@ -218,41 +218,36 @@ def _token_counter(native_tokens: int) -> Any:
     return count
 
 
-def _unet_spatial(unet: Any) -> Spatial:
-    """A UNet's calls at other latent sizes (Eq. S1): the ``sample`` ``(B, C, h, w)`` resized; each side a multiple
-    of ``2^downsamplers`` (every level a quarter of the cells of the one above)."""
+def _grid_spatial(
+    keyword: str, bases: tuple[tuple[int, int], ...], multiple: int = 1, entry: str = "__call__"
+) -> Spatial:
+    """Calls whose spatial input is a latent grid ``(B, C, h, w)`` — the first argument, or ``keyword`` — at other
+    sizes (Eq. S1): that grid resized, everything else as it is."""
 
-    def sample(args: tuple[Any, ...], kwargs: dict[str, Any]) -> torch.Tensor:
-        return args[0] if args else kwargs["sample"]
+    def grid(args: tuple[Any, ...], kwargs: dict[str, Any]) -> torch.Tensor:
+        return args[0] if args else kwargs[keyword]
 
     def size(args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[int, ...]:
-        return tuple(sample(args, kwargs).shape[2:])
+        return tuple(grid(args, kwargs).shape[2:])
 
     def resized(args: tuple[Any, ...], kwargs: dict[str, Any], hw: tuple[int, ...]) -> tuple[Any, dict[str, Any]]:
-        x = sample(args, kwargs)
+        x = grid(args, kwargs)
         new = torch.empty(*x.shape[:2], *hw, dtype=x.dtype, device="meta")
-        return ((new, *args[1:]), kwargs) if args else (args, {**kwargs, "sample": new})
+        return ((new, *args[1:]), kwargs) if args else (args, {**kwargs, keyword: new})
 
-    config = unet.config
-    return Spatial(size, resized, size_bases(int(config.sample_size)), 2 ** (len(config.block_out_channels) - 1))
+    return Spatial(size, resized, bases, multiple, entry)
+
+
+def _unet_spatial(unet: Any) -> Spatial:
+    """A UNet's calls at other latent sizes: each side a multiple of ``2^upsamplers``, so that every level holds a
+    quarter of the cells of the one above (else a level rounds up and the call is traced)."""
+    levels = int(getattr(unet, "num_upsamplers", len(unet.config.block_out_channels) - 1))
+    return _grid_spatial("sample", size_bases(int(unet.config.sample_size)), 2**levels)
 
 
 def _decode_spatial(native_latent: int) -> Spatial:
-    """A VAE's decodes at other latent sizes (Eq. S1 holds at any size: every level doubles both sides): the
-    latents ``(B, C, h, w)`` resized."""
-
-    def latents(args: tuple[Any, ...], kwargs: dict[str, Any]) -> torch.Tensor:
-        return args[0] if args else kwargs["z"]
-
-    def size(args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[int, ...]:
-        return tuple(latents(args, kwargs).shape[2:])
-
-    def resized(args: tuple[Any, ...], kwargs: dict[str, Any], hw: tuple[int, ...]) -> tuple[Any, dict[str, Any]]:
-        z = latents(args, kwargs)
-        new = torch.empty(*z.shape[:2], *hw, dtype=z.dtype, device="meta")
-        return ((new, *args[1:]), kwargs) if args else (args, {**kwargs, "z": new})
-
-    return Spatial(size, resized, size_bases(native_latent), entry="decode")
+    """A VAE's decodes at other latent sizes: any size (every level doubles both sides)."""
+    return _grid_spatial("z", size_bases(native_latent), entry="decode")
 
 
 def _flux_spatial(native_tokens_side: int) -> Spatial:

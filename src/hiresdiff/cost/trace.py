@@ -141,17 +141,19 @@ def derive_size(bases: list[Trace], sizes: list[tuple[int, ...]], size: tuple[in
     trails = [b.trail for b in bases]
     if any(t is None for t in trails) or len({t.shape for t in trails if t is not None}) != 1:
         return None
-    ns = tuple(math.prod(s) for s in sizes)
+    if len(bases) != 3 or len(sizes) != 3:
+        return None
+    ns = (math.prod(sizes[0]), math.prod(sizes[1]), math.prod(sizes[2]))
     n = math.prod(size)
     if len(set(ns)) != 3:
         return None
 
-    def at(values: tuple[Any, Any, Any]) -> int | None:
-        return _newton((int(values[0]), int(values[1]), int(values[2])), ns, n)  # type: ignore[arg-type]
+    def at(values: tuple[float, ...]) -> int | None:
+        return _newton((int(values[0]), int(values[1]), int(values[2])), ns, n)
 
     columns = zip(*(t.tolist() for t in trails if t is not None), strict=True)
     trail = [at(col) for col in columns]
-    flops, rise = at(tuple(b.flops for b in bases)), at(tuple(b.rise for b in bases))  # type: ignore[arg-type]
+    flops, rise = at(tuple(b.flops for b in bases)), at(tuple(b.rise for b in bases))
     if flops is None or rise is None or any(v is None for v in trail):
         return None
 
