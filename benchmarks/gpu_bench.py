@@ -13,6 +13,18 @@ device's bf16/fp16 large matrix-multiply rate measured in the same process, ``n�
 ``params`` (the ``--set`` values, e.g. ``low_vram=true``), ``achieved_tflops`` = model FLOPs ÷ wall time,
 ``mfu`` = achieved ÷ matmul rate, and ``flop_bound_s`` = model FLOPs ÷ matmul rate. The same script runs on a
 CPU with the tiny models (used by the tests).
+
+Each record also holds the plan's memory estimate of the same settings next to the measurement:
+``estimated_peak_gb`` (:mod:`hiresdiff.memory`: weights plus the live tensors of the largest call, no CUDA context or
+workspace), ``estimate_setter`` (what sets it: ``denoiser``, ``vae``, ``text_encoder``, ``canvas``…),
+``peak_reserved_gb`` (the caching allocator's peak) and ``measured_over_estimated`` (allocated ÷ estimated).
+``--card 12`` settles ``max_batch`` auto and the VAE tiling as ``hiresdiff generate``'s plan does on a 12 GiB card
+(half a GiB of it the CUDA context) — the README's memory table, measured — and on CUDA caps the caching allocator
+at the card's free memory (``torch.cuda.set_per_process_memory_fraction``), so a run that would not fit the card
+fails here too, fragmentation included. ``--previews`` decodes each phase's preview as ``generate`` does by
+default. A run that fails (out of memory, say) is recorded with its ``error`` and the next one starts; a rerun tries
+it again. ``--deadline S`` starts no run after ``S`` seconds (a lent device's time is counted); ``--plan-only``
+prints each run's plan and estimate and loads nothing.
 """
 
 from __future__ import annotations
@@ -22,6 +34,7 @@ import json
 import re
 import sys
 import time
+import traceback
 from datetime import date
 from pathlib import Path
 from typing import Any
@@ -33,10 +46,14 @@ from hiresdiff.bench.records import device_name, read_json, versions, write_json
 from hiresdiff.bench.runner import timed_run
 from hiresdiff.cost import model_cost
 from hiresdiff.errors import HiresError, require
+from hiresdiff.memory import CARD_CONTEXT, GIB
 from hiresdiff.pipeline import HiresPipeline, build_request, check_for_model, resolve_device
+from hiresdiff.plan import Budget, budget_for
 
 SDXL_METHODS = "direct,multidiffusion,demofusion,accdiffusion,apt:apt,apldm,scalediff"
 PROMPT = "a photograph of a mountain lake at sunrise, highly detailed"
+#: pipelines loaded by earlier calls of :func:`main` in this process (a full-size random build takes a minute)
+PIPES: dict[tuple[str, str, str], HiresPipeline] = {}
 
 
 def matmul_tflops(n: int, dtype: torch.dtype, device: str, repeats: int = 10) -> float:
@@ -62,8 +79,9 @@ def record_key(r: dict[str, Any]) -> tuple[Any, ...]:
     """What makes a run distinct (a rerun skips runs whose key is recorded)."""
     params = json.dumps(r.get("params", {}), sort_keys=True)
     size = (r["width"], r["height"])
-    key = (r["method"], r["preset"], r["model"], *size, r["dtype"], r["steps"], r.get("max_batch"), params)
-    return (*key, r.get("ranks", 1))
+    batch = r.get("max_batch") if r.get("card") is None else ("auto", r["card"])  # settled per card: known later
+    key = (r["method"], r["preset"], r["model"], *size, r["dtype"], r["steps"], batch, params)
+    return (*key, r.get("ranks", 1), bool(r.get("previews", False)))
 
 
 def method_kwargs(method: str, preset: str | None, params: dict[str, Any], **settings: Any) -> dict[str, Any]:
@@ -88,6 +106,11 @@ def bench(argv: list[str] | None) -> int:
     p.add_argument("--device", default=None)
     p.add_argument("--steps", type=int, default=50)
     p.add_argument("--max-batch", type=int, default=None, help="default 8 (1 with --set low_vram=true)")
+    p.add_argument("--card", type=float, default=None, help="GiB: settle max_batch and VAE tiling as on such a card")
+    p.add_argument("--previews", action="store_true", help="decode each phase's preview, as generate does")
+    p.add_argument("--deadline", type=float, default=None, help="seconds after which no run starts")
+    p.add_argument("--traceback", action="store_true", help="print the traceback of a failed run")
+    p.add_argument("--plan-only", action="store_true", help="print each run's plan (device: cuda by default)")
     p.add_argument("--matmul", type=int, default=8192, help="side of the reference matrix product")
     p.add_argument("--out", default=str(Path(__file__).parent / "results"))
     p.add_argument("--set", dest="params", action="append", default=[], metavar="NAME=VALUE")
@@ -101,7 +124,10 @@ def bench(argv: list[str] | None) -> int:
     from hiresdiff.config import parse_assignments
     from hiresdiff.models.loading import resolve_model
 
-    device = resolve_device(args.device)
+    begun = time.perf_counter()
+    require(args.card is None or args.card > 0.5, f"--card is the card's GiB (above 0.5), got {args.card}")
+    require(args.card is None or args.max_batch is None, "--card settles max_batch: give one of --card, --max-batch")
+    device = (args.device or "cuda") if args.plan_only else resolve_device(args.device)  # a plan needs no device
     dtype = getattr(torch, args.dtype)
     params = parse_assignments(args.params)
     spec = resolve_model(args.model)
@@ -115,11 +141,20 @@ def bench(argv: list[str] | None) -> int:
         for size in parse_sizes(args.sizes, spec.native_size):
             w, h = size.width, size.height
             req = build_request(
-                PROMPT, method, w, h, seed=0, previews=False, model_defaults=spec.sampling_defaults, **kwargs
+                PROMPT, method, w, h, seed=0, previews=args.previews, model_defaults=spec.sampling_defaults, **kwargs
             )
             check_for_model(req, spec.native_size, spec.pixel_grid)  # every run is validated before any work
-            req.settings.max_batch = req.settings.rows_per_call  # measured at a stated batch, not the device's auto
+            if args.card is None:  # measured at a stated batch, not the device's auto
+                req.settings.max_batch = req.settings.rows_per_call
             runs.append((method, kwargs, w, h, req))
+    card = None if args.card is None else int(args.card * GIB) - CARD_CONTEXT
+    if args.plan_only:
+        for method, kwargs, w, h, req in runs:
+            plan = budget_for(req, args.model, str(device), dtype, card)
+            setter = "" if plan.estimate is None else f" (set by the {plan.estimate.largest})"
+            label = f"{method}{':' + kwargs['preset'] if kwargs['preset'] else ''} {w}×{h}"
+            print(f"{label}: {plan.summary()}{setter}, max_batch {req.settings.max_batch}", flush=True)
+        return 0
     parallel = None
     if args.parallel == "views":
         from hiresdiff.parallel import ViewParallel, rank_device
@@ -127,7 +162,11 @@ def bench(argv: list[str] | None) -> int:
         parallel = ViewParallel.from_environment()
         device = args.device or rank_device()
     lead = parallel is None or parallel.rank == 0
-    pipe = HiresPipeline.from_model(args.model, dtype=args.dtype, device=device)
+    key = (args.model, args.dtype, str(device))
+    pipe = PIPES[key] = PIPES.get(key) or HiresPipeline.from_model(args.model, dtype=args.dtype, device=device)
+    if card is not None and torch.device(device).type == "cuda":  # the allocator may hold no more than the card
+        total = torch.cuda.get_device_properties(torch.device(device)).total_memory
+        torch.cuda.set_per_process_memory_fraction(min(1.0, card / total), torch.device(device))
     if parallel is not None:
         pipe.adapter.parallel = parallel
     ranks = 1 if parallel is None else parallel.world
@@ -135,7 +174,7 @@ def bench(argv: list[str] | None) -> int:
     name = re.sub(r"[^A-Za-z0-9]+", "-", device_name(device)).strip("-").lower()
     path = Path(args.out) / f"{name}-{date.today().isoformat()}.json"
     records: list[dict[str, Any]] = read_json(path) if path.exists() else []
-    done = {record_key(r) for r in records}
+    done = {record_key(r) for r in records if "error" not in r}
     rate = matmul_tflops(args.matmul, dtype, device)
     print(f"{device_name(device)}: {args.matmul}³ {args.dtype} matmul {rate:.3g} TFLOP/s", flush=True)
     timed_run(pipe, build_request(PROMPT, "direct", native, native, seed=0, steps=2, previews=False))  # warm-up
@@ -143,11 +182,30 @@ def bench(argv: list[str] | None) -> int:
         preset = kwargs["preset"]
         base = {"method": method, "preset": preset, "model": args.model, "width": w, "height": h}
         base |= {"dtype": args.dtype, "steps": args.steps, "max_batch": req.settings.max_batch, "params": params}
-        base |= {"ranks": ranks}
+        base |= {"ranks": ranks, "card": args.card, "previews": args.previews}
+        label = f"{method}{':' + preset if preset else ''} {w}×{h}"
         if record_key(base) in done:
             continue
-        _, seconds, peak = timed_run(pipe, req)
-        flops = model_cost(method, args.model, w, h, **kwargs).model_flops
+        if args.deadline is not None and time.perf_counter() - begun > args.deadline:
+            print(f"{label}: not started (--deadline {args.deadline:g} s passed)", flush=True)
+            continue
+        plan = budget_for(req, args.model, str(device), dtype, card)  # settles max_batch / tiling with --card
+        base |= {"max_batch": req.settings.max_batch, "decode_tile_area": req.settings.decode_tile_area}
+        try:
+            _, seconds, peak = timed_run(pipe, req)
+        except (RuntimeError, HiresError) as exc:  # out of memory, or a device fault: the next run still starts
+            if torch.device(device).type == "cuda":
+                torch.cuda.empty_cache()
+            first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+            if args.traceback:
+                traceback.print_exc()
+            print(f"{label}: failed: {type(exc).__name__}: {first}", flush=True)
+            if lead:
+                records.append({**base, **estimate_fields(plan), "error": f"{type(exc).__name__}: {first}"[:400]})
+                write_json(path, records)
+            continue
+        report = plan.report or model_cost(method, args.model, w, h, previews=args.previews, **kwargs)
+        flops = report.model_flops  # the plan's report is of this very request
         record = {
             **base,
             "device": device_name(device),
@@ -155,6 +213,8 @@ def bench(argv: list[str] | None) -> int:
             "versions": versions(),
             "wall_s": seconds,
             "peak_mem_gb": None if peak is None else peak / 2**30,
+            "peak_reserved_gb": reserved_gb(device),
+            **estimate_fields(plan, peak),
             "model_flops": flops,
             "matmul_tflops": rate,
             "achieved_tflops": flops / seconds / 1e12,
@@ -165,14 +225,30 @@ def bench(argv: list[str] | None) -> int:
             continue  # every rank runs; rank 0 records
         records.append(record)
         write_json(path, records)
-        mem = "n/a" if peak is None else f"{record['peak_mem_gb']:.1f} GB"
+        mem = "n/a" if peak is None else f"{record['peak_mem_gb']:.2f} GB"
+        est = "" if plan.estimate is None else f" (estimated {plan.estimate.peak / GIB:.2f})"
         print(
-            f"{method}{':' + preset if preset else ''} {w}×{h}: {seconds:.1f} s, {mem}, MFU {record['mfu']:.0%}",
+            f"{label}: {seconds:.1f} s, {mem}{est}, max_batch {req.settings.max_batch}, MFU {record['mfu']:.0%}",
             flush=True,
         )
     if lead:
         print(path)
     return 0
+
+
+def estimate_fields(plan: Budget, peak: int | None = None) -> dict[str, Any]:
+    """The plan's memory estimate of a run, and the measured peak's ratio to it."""
+    est = plan.estimate
+    if est is None:
+        return {"estimated_peak_gb": None, "estimate_setter": None, "estimate_failed": plan.reason}
+    ratio = None if peak is None else peak / est.peak
+    return {"estimated_peak_gb": est.peak / GIB, "estimate_setter": est.largest, "measured_over_estimated": ratio}
+
+
+def reserved_gb(device: str | torch.device) -> float | None:
+    """The caching allocator's peak reservation since the last reset (GiB), on CUDA."""
+    dev = torch.device(device)
+    return torch.cuda.max_memory_reserved(dev) / GIB if dev.type == "cuda" else None
 
 
 if __name__ == "__main__":

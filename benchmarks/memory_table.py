@@ -29,7 +29,7 @@ import torch
 from hiresdiff.bench.plan import parse_methods
 from hiresdiff.cost.model import STAND_IN_PROMPT, architecture_of, controlnet_extras, counting_controlnet
 from hiresdiff.errors import HiresError
-from hiresdiff.memory import GIB, MemoryEstimate, gib
+from hiresdiff.memory import CARD_CONTEXT, GIB, MemoryEstimate, gib
 from hiresdiff.pipeline import build_request
 from hiresdiff.plan import budget_for
 
@@ -45,8 +45,6 @@ FLUX_METHODS = "direct,multidiffusion,demofusion,apldm,scalediff"
 CONTROLNET_METHODS = {"accdiffusion-v2": "canny ControlNet"}
 #: the letter of the component that sets the peak
 SETTERS = {"denoiser": "D", "vae": "V", "text_encoder": "T", "controlnet": "N", "canvas": "C"}
-#: what the CUDA context takes of a card before the run (its free memory is the rest)
-CONTEXT = GIB // 2
 DEVICE = "cuda"
 
 
@@ -83,7 +81,7 @@ def estimate(
     if method in CONTROLNET_METHODS:
         kwargs["extras"] = controlnet_extras(counting_controlnet(architecture_of(model)))
     req = build_request(STAND_IN_PROMPT, method, side, side, preset=preset, previews=True, low_vram=low_vram, **kwargs)
-    b = budget_for(req, model, DEVICE, dtype, card - CONTEXT)
+    b = budget_for(req, model, DEVICE, dtype, card - CARD_CONTEXT)
     if b.estimate is None:
         raise HiresError(f"{method} at {side}²: {b.reason}")
     return Cell(b.estimate, int(req.settings.max_batch), b.tiled)

@@ -80,3 +80,69 @@ def test_bf16_matches_fp32_on_cuda():
 
     a, b = (np.asarray(images[d], dtype=np.float32) / 255 for d in ("float32", "bfloat16"))
     assert np.abs(a - b).mean() < 0.05
+
+
+def test_card_settles_as_the_plan_and_records_the_estimate(tmp_path, capsys, monkeypatch):
+    """``--card``: max_batch and tiling settled as generate's plan on such a card; the record holds that estimate;
+    ``--plan-only`` prints the same plan without loading a model."""
+    bench = load_script()
+    from hiresdiff.memory import CARD_CONTEXT, GIB
+    from hiresdiff.pipeline import build_request
+    from hiresdiff.plan import budget_for
+
+    argv = ["--model", "tiny-sd", "--methods", "demofusion", "--sizes", "256x256", "--dtype", "float32",
+            "--device", "cpu", "--steps", "2", "--matmul", "64", "--card", "12", "--previews",
+            "--out", str(tmp_path)]  # fmt: skip
+    req = build_request(bench.PROMPT, "demofusion", 256, 256, seed=0, steps=2, previews=True)
+    plan = budget_for(req, "tiny-sd", "cpu", torch.float32, 12 * GIB - CARD_CONTEXT)
+    real = bench.HiresPipeline.from_model
+
+    def no_load(*args, **kwargs):
+        raise AssertionError("--plan-only loaded a model")
+
+    monkeypatch.setattr(bench.HiresPipeline, "from_model", no_load)
+    assert bench.main([*argv, "--plan-only"]) == 0
+    assert f"max_batch {req.settings.max_batch}" in capsys.readouterr().out
+    assert not list(tmp_path.glob("*.json"))
+    monkeypatch.setattr(bench.HiresPipeline, "from_model", real)
+    assert bench.main(argv) == 0
+    (record,) = json.loads(next(tmp_path.glob("*.json")).read_text())
+    assert record["card"] == 12 and record["previews"] is True and record["max_batch"] == req.settings.max_batch
+    assert record["estimated_peak_gb"] == plan.estimate.peak / GIB
+    assert record["estimate_setter"] == plan.estimate.largest and record["model_flops"] == plan.report.model_flops
+    assert record["decode_tile_area"] == req.settings.decode_tile_area
+    assert record["measured_over_estimated"] is None and record["peak_reserved_gb"] is None  # no CUDA here
+    assert bench.main(argv) == 0 and len(json.loads(next(tmp_path.glob("*.json")).read_text())) == 1  # resumed
+    assert bench.main([*argv, "--max-batch", "2"]) == 2
+    assert "give one of --card, --max-batch" in capsys.readouterr().err
+
+
+def test_a_failed_run_is_recorded_and_retried_and_the_deadline_stops_new_runs(tmp_path, capsys, monkeypatch):
+    bench = load_script()
+    argv = ["--model", "tiny-sd", "--methods", "direct,multidiffusion", "--sizes", "256x256", "--dtype", "float32",
+            "--device", "cpu", "--steps", "2", "--matmul", "64", "--out", str(tmp_path)]  # fmt: skip
+    real = bench.timed_run
+    calls = []
+
+    def failing(pipe, req):
+        calls.append(req.method.name)
+        if req.method.name == "direct" and req.settings.width == 256:
+            raise RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB\nmore detail")
+        return real(pipe, req)
+
+    monkeypatch.setattr(bench, "timed_run", failing)
+    assert bench.main(argv) == 0
+    out = capsys.readouterr().out
+    assert "direct 256×256: failed: RuntimeError: CUDA out of memory. Tried to allocate 2.00 GiB" in out
+    path = next(tmp_path.glob("*.json"))
+    failed, done = json.loads(path.read_text())
+    assert failed["error"].startswith("RuntimeError: CUDA out of memory") and "wall_s" not in failed
+    assert failed["estimated_peak_gb"] > 0 and done["method"] == "multidiffusion" and "error" not in done
+    calls.clear()
+    monkeypatch.setattr(bench, "timed_run", real)
+    assert bench.main([*argv, "--deadline", "0"]) == 0  # the failed run would be retried, but no run starts
+    assert "direct 256×256: not started (--deadline 0 s passed)" in capsys.readouterr().out
+    assert bench.main(argv) == 0  # retried: the error record stays beside the new one
+    records = json.loads(path.read_text())
+    expected = [(True, "direct"), (False, "multidiffusion"), (False, "direct")]
+    assert [("error" in r, r["method"]) for r in records] == expected

@@ -141,6 +141,30 @@ def test_gpu_bench_examples_run_on_a_tiny_model(tmp_path: Path) -> None:
     assert len(json.loads(next(tmp_path.glob("*.json")).read_text())) == 2
 
 
+def test_device_examples_run_on_the_cpu(tmp_path: Path) -> None:
+    """The README's lent-GPU lines with the CPU, tiny models and a small budget appended (the last value wins):
+    device_run.py goes through every part (each runs or says the budget is spent), device_parity.py agrees."""
+    tiny = {
+        "device_run.py": ["--model", "tiny-sd", "--device", "cpu", "--size", "2x", "--dtype", "float32", "--steps",
+                          "2", "--budget", "12", "--matmul", "64"],
+        "device_parity.py": ["--device", "cpu", "--models", "tiny-sd", "--methods", "direct", "--steps", "2"],
+    }  # fmt: skip
+    outputs = {}
+    for name, extra in tiny.items():
+        (line,) = [line for line in bash_lines() if line.startswith(f"python benchmarks/{name}")]
+        argv = [*shlex.split(line)[2:], *extra, "--out", str(tmp_path)]
+        done = subprocess.run(
+            [sys.executable, str(ROOT / "benchmarks" / name), *argv], capture_output=True, text=True, cwd=ROOT
+        )
+        assert done.returncode == 0, done.stderr[-2000:]
+        assert "Traceback" not in done.stdout + done.stderr
+        outputs[name] = done.stdout
+    heads = [line for line in outputs["device_run.py"].splitlines() if line.startswith("== ")]
+    names = ["parity on the tiny models", "core methods", "low VRAM", "profile", "CUDA-only tests", "baselines"]
+    assert [any(h.startswith(f"== {n}") for h in heads) for n in names] == [True] * 6
+    assert heads[-1].startswith("== done in") and "1 of 1 runs agree" in outputs["device_parity.py"]
+
+
 def test_torchrun_example_runs_on_two_cpu_ranks(tmp_path: Path) -> None:
     """The README's torchrun line with 2 CPU ranks, the tiny model and a small size appended (the last value wins)."""
     import os

@@ -30,6 +30,9 @@ from hiresdiff.cost.model import CostReport
 from hiresdiff.placement import parks_text
 
 GIB = 2**30
+#: what the CUDA context takes of a card before a run (its free memory is the rest), for estimates of a card not
+#: at hand (the README's memory table, ``gpu_bench --card``)
+CARD_CONTEXT = GIB // 2
 #: on the device together while the denoiser runs; in low-VRAM mode every other component runs alone
 _DENOISING = ("denoiser", "controlnet")
 _TEXT = "text_encoder"
