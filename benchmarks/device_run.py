@@ -5,10 +5,14 @@ cost model's traces come from a carried cache) and each part starts only while t
 
 1. :mod:`device_parity` — every method on the tiny models against the CPU (device bugs first);
 2. :mod:`gpu_bench` — the SDXL methods at 4096² in float16 with previews, ``max_batch`` and tiling settled for a
-   12 GiB card as ``hiresdiff generate`` plans them: wall time, MFU, the measured peak next to the plan's estimate;
-3. the same with ``--low-vram`` (a view method and a whole-canvas one);
+   12 GiB card as ``hiresdiff generate`` plans them, the allocator capped at the card: wall time, MFU, the
+   measured peak next to the plan's estimate;
+3. the baselines of the papers' tables, as 2;
 4. a profile of two DemoFusion steps at 4096² (top CUDA kernels) and the CUDA-only tests;
-5. the baselines of the papers' tables, as 2.
+5. 2 with ``--low-vram`` (a view method and a whole-canvas one).
+
+Runs recorded for the device in ``--done`` (``benchmarks/results``) on any date are skipped, so a later session
+measures what is missing.
 
 Records go to ``--out`` (``gpu_bench``/``device_parity`` JSON, ``profile.txt``, ``tests.log``). On the device::
 
@@ -30,7 +34,8 @@ from pathlib import Path
 from types import ModuleType
 
 HERE = Path(__file__).resolve().parent
-CORE = "demofusion,direct,apt:apt,scalediff,apldm,accdiffusion,multidiffusion"
+#: the runs not measured yet come first (the first session measured DemoFusion, direct and APT, uncapped)
+CORE = "scalediff,apldm,accdiffusion,multidiffusion,demofusion,direct,apt:apt"
 LOW_VRAM = "direct,demofusion"
 BASELINES = "hidiffusion,scalecrafter,fouriscale,freescale,upsample-guidance,diffusehigh"
 
@@ -77,6 +82,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--size", default="4x", help="× native size per side")
     p.add_argument("--steps", type=int, default=4)
     p.add_argument("--matmul", default="8192", help="side of gpu_bench's reference matrix product")
+    p.add_argument("--done", default=str(HERE / "results"), help="earlier records: their runs are skipped")
     args = p.parse_args(argv)
     begun = time.perf_counter()
     out = Path(args.out)
@@ -96,7 +102,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parity, bench = script("device_parity"), script("gpu_bench")
     common = ["--model", args.model, "--dtype", args.dtype, "--device", args.device, "--sizes", args.size]
     common += ["--steps", str(args.steps), "--card", "12", "--previews", "--traceback", "--out", str(out)]
-    common += ["--matmul", args.matmul]
+    common += ["--matmul", args.matmul, "--done", args.done]
 
     def tests(limit: float) -> None:
         done = subprocess.run(
@@ -109,16 +115,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(done.stdout[-2000:], flush=True)
 
     parts: list[tuple[str, float, Callable[[float], object]]] = [
-        ("parity on the tiny models", 0.15,
+        ("parity on the tiny models", 0.1,
          lambda t: parity.main(["--device", args.device, "--deadline", f"{t:.0f}", "--out", str(out)])),
         ("core methods, default (12 GiB card)", 0.6,
          lambda t: bench.main([*common, "--methods", CORE, "--deadline", f"{t:.0f}"])),
-        ("low VRAM", 0.5,
-         lambda t: bench.main([*common, "--methods", LOW_VRAM, "--set", "low_vram=true", "--deadline", f"{t:.0f}"])),
+        ("baselines, default (12 GiB card)", 0.6,
+         lambda t: bench.main([*common, "--methods", BASELINES, "--deadline", f"{t:.0f}"])),
         ("profile", 1.0, lambda t: bench.PIPES and profile(bench, args, out)),
         ("CUDA-only tests", 1.0, lambda t: args.device.startswith("cuda") and tests(t)),
-        ("baselines, default (12 GiB card)", 1.0,
-         lambda t: bench.main([*common, "--methods", BASELINES, "--deadline", f"{t:.0f}"])),
+        ("low VRAM", 1.0,
+         lambda t: bench.main([*common, "--methods", LOW_VRAM, "--set", "low_vram=true", "--deadline", f"{t:.0f}"])),
     ]  # fmt: skip
     for name, share, run in parts:
         if (limit := part(name, share)) is None:

@@ -23,8 +23,9 @@ workspace), ``estimate_setter`` (what sets it: ``denoiser``, ``vae``, ``text_enc
 at the card's free memory (``torch.cuda.set_per_process_memory_fraction``), so a run that would not fit the card
 fails here too, fragmentation included. ``--previews`` decodes each phase's preview as ``generate`` does by
 default. A run that fails (out of memory, say) is recorded with its ``error`` and the next one starts; a rerun tries
-it again. ``--deadline S`` starts no run after ``S`` seconds (a lent device's time is counted); ``--plan-only``
-prints each run's plan and estimate and loads nothing.
+it again. ``--done DIR`` skips the runs recorded for this device in ``DIR`` on any date (``benchmarks/results``).
+``--deadline S`` starts no run after ``S`` seconds (a lent device's time is counted); ``--plan-only`` prints each
+run's plan and estimate and loads nothing.
 """
 
 from __future__ import annotations
@@ -81,7 +82,7 @@ def record_key(r: dict[str, Any]) -> tuple[Any, ...]:
     size = (r["width"], r["height"])
     batch = r.get("max_batch") if r.get("card") is None else ("auto", r["card"])  # settled per card: known later
     key = (r["method"], r["preset"], r["model"], *size, r["dtype"], r["steps"], batch, params)
-    return (*key, r.get("ranks", 1), bool(r.get("previews", False)))
+    return (*key, r.get("ranks", 1), bool(r.get("previews", False)), r.get("allocator_cap_gb"))
 
 
 def method_kwargs(method: str, preset: str | None, params: dict[str, Any], **settings: Any) -> dict[str, Any]:
@@ -110,6 +111,7 @@ def bench(argv: list[str] | None) -> int:
     p.add_argument("--previews", action="store_true", help="decode each phase's preview, as generate does")
     p.add_argument("--deadline", type=float, default=None, help="seconds after which no run starts")
     p.add_argument("--traceback", action="store_true", help="print the traceback of a failed run")
+    p.add_argument("--done", default=None, help="a folder of earlier records of this device: runs there are skipped")
     p.add_argument("--plan-only", action="store_true", help="print each run's plan (device: cuda by default)")
     p.add_argument("--matmul", type=int, default=8192, help="side of the reference matrix product")
     p.add_argument("--out", default=str(Path(__file__).parent / "results"))
@@ -162,30 +164,33 @@ def bench(argv: list[str] | None) -> int:
         parallel = ViewParallel.from_environment()
         device = args.device or rank_device()
     lead = parallel is None or parallel.rank == 0
-    key = (args.model, args.dtype, str(device))
-    pipe = PIPES[key] = PIPES.get(key) or HiresPipeline.from_model(args.model, dtype=args.dtype, device=device)
-    if card is not None and torch.device(device).type == "cuda":  # the allocator may hold no more than the card
-        total = torch.cuda.get_device_properties(torch.device(device)).total_memory
-        torch.cuda.set_per_process_memory_fraction(min(1.0, card / total), torch.device(device))
-    if parallel is not None:
-        pipe.adapter.parallel = parallel
     ranks = 1 if parallel is None else parallel.world
-    native = pipe.native_size
+    cap = allocator_cap(device, card)  # before the model loads: the weights count against the card too
     name = re.sub(r"[^A-Za-z0-9]+", "-", device_name(device)).strip("-").lower()
     path = Path(args.out) / f"{name}-{date.today().isoformat()}.json"
     records: list[dict[str, Any]] = read_json(path) if path.exists() else []
-    done = {record_key(r) for r in records if "error" not in r}
+    earlier = [r for f in sorted(Path(args.done).glob(f"{name}-*.json")) for r in read_json(f)] if args.done else []
+    done = {record_key(r) for r in [*earlier, *records] if "error" not in r}
+    pending = []
+    for method, kwargs, w, h, req in runs:
+        base = {"method": method, "preset": kwargs["preset"], "model": args.model, "width": w, "height": h}
+        base |= {"dtype": args.dtype, "steps": args.steps, "max_batch": req.settings.max_batch, "params": params}
+        base |= {"ranks": ranks, "card": args.card, "previews": args.previews, "allocator_cap_gb": cap}
+        if record_key(base) not in done:
+            pending.append((method, kwargs, w, h, req, base))
+    if not pending:
+        print(f"every run is recorded already: {path if records else args.done}", flush=True)
+        return 0
+    key = (args.model, args.dtype, str(device))
+    pipe = PIPES[key] = PIPES.get(key) or HiresPipeline.from_model(args.model, dtype=args.dtype, device=device)
+    if parallel is not None:
+        pipe.adapter.parallel = parallel
+    native = pipe.native_size
     rate = matmul_tflops(args.matmul, dtype, device)
     print(f"{device_name(device)}: {args.matmul}³ {args.dtype} matmul {rate:.3g} TFLOP/s", flush=True)
     timed_run(pipe, build_request(PROMPT, "direct", native, native, seed=0, steps=2, previews=False))  # warm-up
-    for method, kwargs, w, h, req in runs:
-        preset = kwargs["preset"]
-        base = {"method": method, "preset": preset, "model": args.model, "width": w, "height": h}
-        base |= {"dtype": args.dtype, "steps": args.steps, "max_batch": req.settings.max_batch, "params": params}
-        base |= {"ranks": ranks, "card": args.card, "previews": args.previews}
-        label = f"{method}{':' + preset if preset else ''} {w}×{h}"
-        if record_key(base) in done:
-            continue
+    for method, kwargs, w, h, req, base in pending:
+        label = f"{method}{':' + kwargs['preset'] if kwargs['preset'] else ''} {w}×{h}"
         if args.deadline is not None and time.perf_counter() - begun > args.deadline:
             print(f"{label}: not started (--deadline {args.deadline:g} s passed)", flush=True)
             continue
@@ -243,6 +248,16 @@ def estimate_fields(plan: Budget, peak: int | None = None) -> dict[str, Any]:
         return {"estimated_peak_gb": None, "estimate_setter": None, "estimate_failed": plan.reason}
     ratio = None if peak is None else peak / est.peak
     return {"estimated_peak_gb": est.peak / GIB, "estimate_setter": est.largest, "measured_over_estimated": ratio}
+
+
+def allocator_cap(device: str | torch.device, card: int | None) -> float | None:
+    """On CUDA with a card's free bytes: cap the caching allocator there (GiB), as if the card were all there is."""
+    dev = torch.device(device)
+    if card is None or dev.type != "cuda":
+        return None
+    total = torch.cuda.get_device_properties(dev).total_memory
+    torch.cuda.set_per_process_memory_fraction(min(1.0, card / total), dev)
+    return min(card, total) / GIB
 
 
 def reserved_gb(device: str | torch.device) -> float | None:

@@ -43,6 +43,9 @@ def test_records_resume_and_flops(tmp_path, capsys):
     assert bench.main(argv) == 0  # everything recorded: nothing is run again
     assert "256×256" not in capsys.readouterr().out
     assert json.loads(path.read_text()) == records
+    later = tmp_path / "later"  # another day's folder: --done names the earlier records, nothing runs again
+    assert bench.main([*argv, "--out", str(later), "--done", str(tmp_path)]) == 0
+    assert "256×256" not in capsys.readouterr().out and not later.exists()
     assert bench.main([*argv, "--set", "low_vram=true"]) == 0  # another setting: new runs
     low = json.loads(path.read_text())[2:]
     assert [(r["method"], r["max_batch"]) for r in low] == [("direct", 1), ("apt", 1)]
