@@ -93,7 +93,8 @@ def _serves(argv: list[str]) -> bool:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
-    page = start(args.model, Path(args.out), host=args.host, port=port, block=False)
+    addons = {"controlnets": args.controlnets, "loras": args.loras, "upscalers": args.upscalers}
+    page = start(args.model, Path(args.out), host=args.host, port=port, block=False, **addons)
     try:
         with urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=30) as response:
             return response.status == 200 and b"hiresdiff" in response.read()

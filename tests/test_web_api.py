@@ -121,6 +121,10 @@ def server(root: Path) -> Iterator[ApiServer]:
     log = logs / "server.log"
     argv = [sys.executable, "-m", "hiresdiff", "serve", "--model", "tiny-sdxl", "--port", str(port), "--out", str(out)]
     argv += ["--max-steps", str(MAX_STEPS)]
+    from hiresdiff.models.tiny_addons import save_tiny_addons
+
+    _, lora, canny = save_tiny_addons("tiny-sdxl", root / "addons")  # offered by name (test_api_add_ons_…)
+    argv += ["--lora", f"detail={lora}", "--controlnet", f"canny={canny}"]
     with log.open("wb") as sink:
         process = subprocess.Popen(argv, stdout=sink, stderr=subprocess.STDOUT, env=env, cwd=root)
     srv = ApiServer(f"http://127.0.0.1:{port}/", out, log, temp, process)
@@ -264,6 +268,31 @@ def test_api_prompt_like_a_path_or_shell_command_changes_nothing_outside_out(
 
 def _under(path: Path, folders: tuple[Path, ...]) -> bool:
     return any(path == f or f in path.parents for f in folders)
+
+
+def test_api_add_ons_are_chosen_by_name_and_their_records_are_no_downloads(client: Any, server: ApiServer) -> None:
+    """``hiresdiff serve --lora detail=… --controlnet canny=…``: an API call names them (AccDiffusion v2 makes its
+    own ControlNet condition); the PNG records them; the returned metadata gives their files as ``file`` (a
+    ``path`` would make the client try to download a server file); a name not offered is one line."""
+    from gradio_client.exceptions import AppError
+
+    before = server.pngs()
+    kw = {"method": "accdiffusion-v2", "width": 512, "height": 512, "steps": 2}
+    files, info = client.predict(
+        "a fox", **kw, controlnet="canny", loras=["detail"], lora_scale=0.5, api_name="/generate"
+    )
+    (new,) = server.pngs() - before
+    record = info["metadata"][0]
+    assert record["controlnet"].endswith("controlnet-canny") and record["loras"][0]["scale"] == 0.5
+    assert record["loras"][0]["file"].endswith("pytorch_lora_weights.safetensors") and "path" not in record["loras"][0]
+    assert "--lora" in info["command"] and "--controlnet" in info["command"] and len(files) == 1
+    with pytest.raises(AppError) as refused:
+        client.predict("a fox", **SMALL, loras=["other"], api_name="/generate")
+    assert (
+        str(refused.value).strip()
+        == "LoRA 'other' is not offered by this server (offered: detail; hiresdiff serve --lora adds one)"
+    )
+    assert server.pngs() - before == {new} and "Traceback" not in server.log.read_text()
 
 
 def test_server_stops_on_sigterm_and_removes_its_gradio_folder(server: ApiServer) -> None:

@@ -11,7 +11,8 @@ line, plan, metadata and the equivalent ``hiresdiff generate`` command. Requests
 generation at a time, the others wait their turn. Bad input (and a request whose estimated peak memory does not fit)
 raises ``gr.Error`` with the library's one-line message, which the client receives as it is, and the server logs no
 traceback for it. ``params`` takes the method's parameters (``{"sigma": 0.8}``, values as JSON or as ``--set``
-strings) and the settings :data:`~hiresdiff.web.app.SETTING_PARAMS`; nothing else (no server paths).
+strings) and the settings :data:`~hiresdiff.web.app.SETTING_PARAMS`; add-ons are named, never paths
+(:mod:`hiresdiff.web.addons`).
 
 This module has no ``from __future__ import annotations`` on purpose: gradio reads the endpoint's parameter and
 return types from its annotations at run time.
@@ -92,6 +93,7 @@ def api_request(
     images: Any,
     preset: Any,
     params: Any,
+    addons: dict[str, Any] | None = None,
 ) -> tuple[Any, dict[str, str], dict[str, Any]]:
     """Check the JSON types of an API call (gradio passes them through unchecked), then validate it as the page
     does (:meth:`WebApp.validate`): ``(request, --set strings, settings shown)`` or a one-line HiresError."""
@@ -119,7 +121,23 @@ def api_request(
         num_images_per_prompt=images,
         preset=preset or None,
     )
-    return app.validate(prompt or "", method, width, height, settings, values)
+    choice = addons or {}
+    for name in ("control_scale", "lora_scale"):
+        value = choice.get(name)
+        ok = value is None or (isinstance(value, (int, float)) and not isinstance(value, bool))
+        require(ok, f"{name} must be a number, got {value!r}")
+    extras = app.addons.kwargs(choice)  # names of this server's add-ons → their paths (a one-line refusal else)
+    return app.validate(prompt or "", method, width, height, settings, values, extras=extras)
+
+
+def no_file_objects(value: Any) -> Any:
+    """``value`` with every ``"path"`` key of a record named ``"file"``: gradio clients take any object with a
+    ``path`` for a file to download from the server (an add-on's record would be fetched, and refused)."""
+    if isinstance(value, dict):
+        return {("file" if k == "path" else k): no_file_objects(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [no_file_objects(v) for v in value]
+    return value
 
 
 def add_api(app: WebApp, gr: Any) -> None:
@@ -146,12 +164,20 @@ def add_api(app: WebApp, gr: Any) -> None:
         images: int = 1,
         preset: str = "",
         params: dict[str, Any] | None = None,
+        controlnet: str = "",
+        control_scale: float | None = None,
+        loras: list[str] | None = None,
+        lora_scale: float = 1.0,
+        upscaler: str = "",
     ) -> tuple[list[FileData], dict[str, Any]]:
         """Generate ``prompt`` with ``method`` (one of the page's methods) at ``width × height`` pixels (empty:
         twice the model's native size). ``steps``/``guidance`` empty: the model's defaults; ``seed`` empty: a
         random one (recorded in the metadata); ``images`` 1 to 4; ``preset`` a method preset; ``params`` the
-        method's parameters and the settings max_batch, low_vram, decode_tile_area, previews, eta. Yields
-        ``([], {"status": …})`` while it runs, then ``(PNG files, {"status", "plan", "command", "metadata"})``."""
+        method's parameters and the settings max_batch, low_vram, decode_tile_area, previews, eta. ``controlnet``,
+        ``loras`` and ``upscaler`` name add-ons the server offers (``hiresdiff serve --controlnet/--lora/--upscaler``;
+        a ControlNet here serves methods that make their own condition, such as accdiffusion-v2). Yields
+        ``([], {"status": …})`` while it runs, then ``(PNG files, {"status", "plan", "command", "metadata"})`` (a
+        file's ``path`` in the metadata named ``file``)."""
         begin = time.perf_counter()
         try:
             req, values, shown = api_request(
@@ -168,6 +194,13 @@ def add_api(app: WebApp, gr: Any) -> None:
                 images,
                 preset,
                 params,
+                {
+                    "controlnet": controlnet,
+                    "control_scale": control_scale,
+                    "loras": loras,
+                    "lora_scale": lora_scale,
+                    "upscaler": upscaler,
+                },
             )
         except HiresError as exc:
             raise fail(str(exc)) from None
@@ -187,7 +220,7 @@ def add_api(app: WebApp, gr: Any) -> None:
                         "plan": plan,
                         "files": [p.name for p in paths],
                         "command": command_line(app.pipe.model_name, req.method.name, meta[0]["prompt"], shown, values),
-                        "metadata": meta,
+                        "metadata": no_file_objects(meta),
                     }
                     yield [file_data(p) for p in paths], info
                 elif kind in ("plan", "step"):

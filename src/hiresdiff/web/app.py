@@ -36,6 +36,8 @@ from hiresdiff.methods import METHODS
 from hiresdiff.outputs import NumberedImage, save_numbered
 from hiresdiff.pipeline import HiresPipeline, ModelFacts, validate_request
 from hiresdiff.plan import budget, check_budget, describe_plan
+from hiresdiff.web.addons import FORM as ADDON_FORM
+from hiresdiff.web.addons import AddOns
 from hiresdiff.web.fields import changed_values, method_fields
 
 #: limits of a shared instance when none are given: (pixels per image, steps) on CUDA / on the CPU
@@ -146,6 +148,13 @@ def command_line(model: str, method: str, prompt: str, settings: dict[str, Any],
     argv = ["hiresdiff", "generate", prompt, "--model", model, "--method", method]
     if settings.get("image") is not None:
         argv += ["--image", "INPUT.png"]
+    if settings.get("controlnet") is not None:
+        argv += ["--controlnet", settings["controlnet"]]
+        argv += ["--control-image", "CONTROL.png"] if settings.get("control_image") is not None else []
+        argv += ["--control-scale", str(settings["control_scale"])] if "control_scale" in settings else []
+    for path, scale in settings.get("loras", ()):
+        argv += ["--lora", f"{path}:{scale}"]
+    argv += ["--upscaler", settings["upscaler"]] if settings.get("upscaler") is not None else []
     for key, flag in flags.items():
         if settings.get(key) not in (None, ""):
             argv += [flag, str(settings[key])]
@@ -162,8 +171,11 @@ class WebApp:
     ``memory_check`` (``hiresdiff serve --skip-memory-check`` turns it off) refuses a request whose estimated
     peak memory exceeds what the loaded model can use, before it runs."""
 
-    def __init__(self, pipe: HiresPipeline, out: Path, limits: Limits, *, memory_check: bool = True) -> None:
+    def __init__(
+        self, pipe: HiresPipeline, out: Path, limits: Limits, *, memory_check: bool = True, addons: AddOns | None = None
+    ) -> None:
         self.pipe, self.out, self.limits, self.memory_check = pipe, out, limits, memory_check
+        self.addons = addons or AddOns()  # what ``hiresdiff serve --controlnet/--lora/--upscaler`` offers, by name
         self.lock = threading.Lock()  # one generation at a time on the model
         self.fields = {name: method_fields(m) for name, m in METHODS.items()}
         self.sessions = Sessions()
@@ -189,7 +201,10 @@ class WebApp:
             "strength": (form["strength"] or None) if form["image"] is not None else None,  # 0: the method's own
         }
         size = (int(form["width"] or 0) or None, int(form["height"] or 0) or None)
-        return self.validate(form["prompt"], method, *size, settings, params, image=form["image"], scale=form["scale"])
+        extras = self.addons.kwargs({key: form.get(key) for key in ADDON_FORM})  # names → this server's paths
+        return self.validate(
+            form["prompt"], method, *size, settings, params, image=form["image"], scale=form["scale"], extras=extras
+        )
 
     def validate(
         self,
@@ -202,14 +217,16 @@ class WebApp:
         *,
         image: Any = None,
         scale: float | None = None,
+        extras: dict[str, Any] | None = None,
     ) -> tuple[Any, dict[str, str], dict[str, Any]]:
         """The request of ``prompt`` with ``settings`` and method ``params`` (``--set`` strings), checked by the
         library (one-line errors) and against this server's limits; with ``params`` and the settings the command
-        line shows. With an ``image``, a ``scale`` replaces the size."""
+        line shows. With an ``image``, a ``scale`` replaces the size; ``extras``: the add-ons chosen
+        (:meth:`AddOns.kwargs`: ControlNet, control image and scale, LoRAs, upscaler)."""
         prompt = (prompt or "").strip()
         require(bool(prompt), "type a prompt first")
         settings = {k: v for k, v in settings.items() if v is not None}
-        kwargs: dict[str, Any] = {**settings, **params}
+        kwargs: dict[str, Any] = {**settings, **params, **(extras or {})}
         if image is not None:
             kwargs.update(image=image, scale=scale or None)
             width, height = (None, None) if scale else (width, height)
@@ -217,7 +234,7 @@ class WebApp:
         req = validate_request(prompt, method, width, height, facts, **kwargs)
         s = req.settings
         self.limits.check(s.width, s.height, s.steps, s.batch_size)
-        shown = {**settings, "width": s.width, "height": s.height, "image": image}
+        shown = {**settings, **(extras or {}), "width": s.width, "height": s.height, "image": image}
         if image is not None and scale:
             shown.update(scale=scale, width=None, height=None)
         return req, params, shown

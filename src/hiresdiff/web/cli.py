@@ -8,6 +8,7 @@ folder inside ``--out`` that the server removes when it stops — never the mach
 from __future__ import annotations
 
 import argparse
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -32,6 +33,10 @@ def register(sub: argparse._SubParsersAction) -> dict[str, Any]:
     p.add_argument("--max-steps", type=int, default=None, help="most steps a request may ask for (default 200 / 50)")
     p.add_argument("--dtype", default=None, choices=DTYPES, help="default: float16 on CUDA, float32 on CPU")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:N (default: cuda when available)")
+    offer = "[NAME=]PATH; repeatable: the page and the API offer it by NAME (default: the file or folder name)"
+    p.add_argument("--controlnet", dest="controlnets", action="append", default=[], metavar="ID_OR_FOLDER", help=offer)
+    p.add_argument("--lora", dest="loras", action="append", default=[], metavar="FILE", help=offer)
+    p.add_argument("--upscaler", dest="upscalers", action="append", default=[], metavar="FILE", help=offer)
     add_memory_check_option(p)
     return {"serve": cmd_serve}
 
@@ -104,16 +109,22 @@ def start(
     device: str | None = None,
     memory_check: bool = True,
     block: bool = True,
+    controlnets: Sequence[str] = (),
+    loras: Sequence[str] = (),
+    upscalers: Sequence[str] = (),
 ) -> Served:
-    """Check the address, load ``model`` once and serve the page. ``block=False`` returns the running
-    :class:`Served` (call its ``close``); ``block=True`` serves until Ctrl-C (or SIGTERM), then cleans up."""
+    """Check the address and the add-ons offered (``[NAME=]PATH`` each, against the model's configs), load ``model``
+    once and serve the page. ``block=False`` returns the running :class:`Served` (call its ``close``);
+    ``block=True`` serves until Ctrl-C (or SIGTERM), then cleans up."""
     import os
     import signal
     import tempfile
 
     from hiresdiff.errors import HiresError, require
+    from hiresdiff.models.loading import resolve_model
     from hiresdiff.outputs import check_writable
-    from hiresdiff.pipeline import HiresPipeline, resolve_device
+    from hiresdiff.pipeline import HiresPipeline, ModelFacts, resolve_device
+    from hiresdiff.web.addons import AddOns
     from hiresdiff.web.app import DEFAULT_LIMITS, Limits, WebApp
     from hiresdiff.web.page import build_page
 
@@ -124,6 +135,10 @@ def start(
     require(limits.max_pixels > 0 and limits.max_steps > 0, "--max-pixels and --max-steps must be positive")
     check_address(host, port)
     out = check_writable(out, "--out", create=True).resolve()
+    addons = AddOns()
+    if controlnets or loras or upscalers:  # checked against the model's configs before its weights load
+        facts = ModelFacts.of_spec(resolve_model(model))
+        addons = AddOns.offered(facts, controlnets, loras, upscalers)
     pipe = HiresPipeline.from_model(model, dtype=dtype or ("float16" if kind == "cuda" else "float32"), device=dev)
     served = Served(None, f"http://{host}:{port}/", Path(tempfile.mkdtemp(prefix=".gradio-", dir=out)), None)
     served.previous_temp = os.environ.get(GRADIO_TEMP_ENV)
@@ -131,7 +146,7 @@ def start(
     if block:
         signal.signal(signal.SIGTERM, _interrupt)  # a service manager's stop cleans up like Ctrl-C
     try:
-        served.page = build_page(WebApp(pipe, out, limits, memory_check=memory_check))
+        served.page = build_page(WebApp(pipe, out, limits, memory_check=memory_check, addons=addons))
         served.page.queue(default_concurrency_limit=1)
         served.page.launch(
             server_name=host,
@@ -167,5 +182,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         device=args.device,
         memory_check=not args.skip_memory_check,
         block=True,
+        controlnets=args.controlnets,
+        loras=args.loras,
+        upscalers=args.upscalers,
     )
     return 0

@@ -10,6 +10,8 @@ from typing import Any
 
 from hiresdiff.methods import METHODS
 from hiresdiff.schedulers import scheduler_names
+from hiresdiff.web.addons import FORM as ADDON_FORM
+from hiresdiff.web.addons import NONE
 from hiresdiff.web.app import MODEL_QUEUE, WebApp
 from hiresdiff.web.fields import FieldSpec
 
@@ -85,6 +87,7 @@ def build_page(app: WebApp) -> Any:
                     c["seed"] = gr.Number(0, precision=0, label="Seed", elem_id="seed")
                     c["random_seed"] = gr.Checkbox(False, label="Random seed", elem_id="random-seed")
                     c["batch"] = gr.Number(1, precision=0, minimum=1, maximum=4, label="Images", elem_id="batch")
+                add_ons(gr, app, c)
                 groups, params = {}, []
                 with gr.Accordion("Advanced: method parameters", open=False, elem_id="advanced"):
                     for name, fields in app.fields.items():
@@ -113,11 +116,12 @@ def build_page(app: WebApp) -> Any:
         c["method"].change(on_method, c["method"], [c["preset"], *groups.values()], queue=False, **private)
 
         def run(request: gr.Request, *values: Any) -> Any:
-            form = dict(zip(FORM, values[: len(FORM)], strict=True))
-            for update in app.generate(app.sessions.get(_key(request)), form, list(values[len(FORM) :])):
+            fixed = (*FORM, *ADDON_FORM)
+            form = dict(zip(fixed, values[: len(fixed)], strict=True))
+            for update in app.generate(app.sessions.get(_key(request)), form, list(values[len(fixed) :])):
                 yield {c[key]: value for key, value in update.items()}
 
-        inputs = [*(c[k] for k in FORM), *params]
+        inputs = [*(c[k] for k in (*FORM, *ADDON_FORM)), *params]
         outputs = [c[k] for k in OUTPUTS]
         generate.click(run, inputs, outputs, concurrency_limit=1, concurrency_id=MODEL_QUEUE, **private)
 
@@ -140,6 +144,29 @@ def build_page(app: WebApp) -> Any:
 def _key(request: Any) -> str:
     """The tab's key in :class:`~hiresdiff.web.app.Sessions`: gradio's session hash."""
     return str(getattr(request, "session_hash", None) or "")
+
+
+def add_ons(gr: Any, app: WebApp, c: dict[str, Any]) -> None:
+    """The add-ons this server offers (``hiresdiff serve --controlnet/--lora/--upscaler``), chosen by name; the
+    panel is hidden where none are offered."""
+    offer = app.addons
+    with gr.Accordion("Add-ons: ControlNet, LoRA, upscaler", open=False, visible=bool(offer), elem_id="addons"):
+        with gr.Row(visible=bool(offer.controlnets)):
+            c["controlnet"] = gr.Dropdown(
+                [NONE, *offer.controlnets], value=NONE, label="ControlNet", elem_id="controlnet"
+            )
+            c["control_scale"] = gr.Number(1.0, minimum=0, label="ControlNet scale", elem_id="control-scale")
+        c["control_image"] = gr.Image(
+            type="pil", label="Control image (empty: the input picture)", elem_id="control-image",
+            visible=bool(offer.controlnets),
+        )  # fmt: skip
+        with gr.Row(visible=bool(offer.loras)):
+            c["loras"] = gr.Dropdown(list(offer.loras), value=[], multiselect=True, label="LoRAs", elem_id="loras")
+            c["lora_scale"] = gr.Number(1.0, label="LoRA scale", elem_id="lora-scale")
+        c["upscaler"] = gr.Dropdown(
+            [NONE, *offer.upscalers], value=NONE, label="Upscaler (SR model of each pixel-space enlargement)",
+            elem_id="upscaler", visible=bool(offer.upscalers),
+        )  # fmt: skip
 
 
 def field_component(gr: Any, spec: FieldSpec) -> Any:
