@@ -313,11 +313,13 @@ def browser() -> Iterator[Browser]:
 @pytest.fixture(scope="module")
 def server(browser: Browser, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
     """``hiresdiff serve`` over tiny-sdxl, in this process on a free port (started after the browser check)."""
+    from hiresdiff.models.tiny_addons import save_tiny_lora
     from hiresdiff.web.cli import start
 
     out = tmp_path_factory.mktemp("web-out")
+    lora = save_tiny_lora("tiny-sdxl", tmp_path_factory.mktemp("web-lora"))
     port = _free_port()
-    app = start("tiny-sdxl", out, port=port, block=False)
+    app = start("tiny-sdxl", out, port=port, block=False, loras=[f"detail={lora}"])  # offered: the add-ons panel
     try:
         yield Server(f"http://127.0.0.1:{port}/", out.resolve())
     finally:
@@ -475,3 +477,27 @@ def test_page_stop_ends_a_run_and_the_server_stays_usable(page: Page, server: Se
     meta = read_png_settings(new.pop())
     assert (meta["steps"], meta["seed"], meta["prompt"]) == (2, 7, PROMPT)
     assert _thumbnails(page, "result") == 1 and _thumbnails(page, "history") == 1
+
+
+@pytest.mark.browser
+def test_page_applies_an_offered_lora_chosen_by_name(page: Page, server: Server) -> None:
+    """The server offers a LoRA (``--lora detail=…``): the Add-ons panel lists it by name; chosen with a scale, the
+    run applies it and its PNG records the file and the scale."""
+    from playwright.sync_api import expect
+
+    before = server.pngs()
+    page.fill("#prompt textarea", PROMPT)
+    _select_method(page, "direct")
+    page.fill("#steps input", "2")
+    page.click("#addons button")  # open the panel
+    page.click("#loras input")
+    page.get_by_role("option", name="detail", exact=True).click()
+    page.keyboard.press("Escape")
+    page.fill("#lora-scale input", "0.5")
+    expect(page.locator("#controlnet")).to_be_hidden()  # no ControlNet offered: no ControlNet controls
+    page.click("#generate")
+    _wait_status(page, "done in")
+    (new,) = server.pngs() - before
+    (lora,) = read_png_settings(new)["loras"]
+    assert (lora["scale"], Path(lora["path"]).name) == (0.5, "pytorch_lora_weights.safetensors")
+    assert "--lora" in page.input_value("#command textarea")
