@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
+import os
 import subprocess
 import sys
 import time
@@ -38,6 +39,8 @@ HERE = Path(__file__).resolve().parent
 CORE = "scalediff,apldm,accdiffusion,multidiffusion,demofusion,direct,apt:apt"
 LOW_VRAM = "direct,demofusion"
 BASELINES = "hidiffusion,scalecrafter,fouriscale,freescale,upsample-guidance,diffusehigh"
+#: the test files with CUDA-only tests (``-m gpu``)
+GPU_TESTS = ("tests/test_gpu_bench.py", "tests/test_random_init.py")
 
 
 def script(name: str) -> ModuleType:
@@ -85,6 +88,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--done", default=str(HERE / "results"), help="earlier records: their runs are skipped")
     args = p.parse_args(argv)
     begun = time.perf_counter()
+    if args.device.startswith("cuda"):  # random-* weights initialised on the GPU: seconds, not a minute of CPU
+        from hiresdiff.models.tiny import INIT_DEVICE_ENV
+
+        os.environ.setdefault(INIT_DEVICE_ENV, args.device)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
 
@@ -106,7 +113,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     def tests(limit: float) -> None:
         done = subprocess.run(
-            [sys.executable, "-m", "pytest", "-q", "-m", "gpu", "-p", "no:cacheprovider", "tests/test_gpu_bench.py"],
+            [sys.executable, "-m", "pytest", "-q", "-m", "gpu", "-p", "no:cacheprovider", *GPU_TESTS],
             capture_output=True,
             text=True,
             timeout=max(30.0, limit),

@@ -22,6 +22,7 @@ state. All CLIP text encoders use the offline byte-level tokenizer of
 from __future__ import annotations
 
 import contextlib
+import os
 from collections.abc import Iterator
 from typing import Any, TypeVar
 
@@ -38,7 +39,7 @@ from diffusers import (
 )
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, T5Config, T5EncoderModel
 
-from hiresdiff.errors import HiresError
+from hiresdiff.errors import HiresError, require
 from hiresdiff.models.builtins import BUILTIN_MODELS, BuiltinInfo
 from hiresdiff.models.tokenizer import (
     BOS_TOKEN,
@@ -417,26 +418,52 @@ def build_builtin_denoiser(
     """Build only the denoiser (UNet, or FLUX transformer) of built-in ``name``, with the weights of
     :func:`build_builtin`; ``device="meta"`` builds shapes only."""
     _check_name(name)
-    with _seeded():
-        model = _make_denoiser(name, dtype, _build_device(device))
-    return model if _build_device(device) == torch.device(device) else model.to(device)
+    build_device = _build_device(name, device)
+    with _seeded(build_device):
+        model = _make_denoiser(name, dtype, build_device)
+    return model if build_device == torch.device(device) else model.to(device)
 
 
 @contextlib.contextmanager
-def _seeded() -> Iterator[None]:
-    """Run with the CPU generator seeded to :data:`SEED`, restoring the caller's CPU random state afterwards.
+def _seeded(build: torch.device | None = None) -> Iterator[None]:
+    """Run with the generator of the ``build`` device seeded to :data:`SEED` (the CPU's, or one CUDA device's),
+    restoring the caller's random state afterwards.
 
-    Only the CPU generator is touched: ``torch.manual_seed`` would also reseed every CUDA generator, which
+    Only that generator is touched: ``torch.manual_seed`` would also reseed every CUDA generator, which
     ``fork_rng(devices=[])`` does not restore.
     """
-    with torch.random.fork_rng(devices=[]):
+    index = None
+    if build is not None and build.type == "cuda":
+        index = build.index if build.index is not None else torch.cuda.current_device()
+    with torch.random.fork_rng(devices=[index] if index is not None else []):
         torch.random.default_generator.manual_seed(SEED)
+        if index is not None:
+            torch.cuda.default_generators[index].manual_seed(SEED)
         yield
 
 
-def _build_device(device: str | torch.device) -> torch.device:
-    """Modules are initialised on the CPU (or shape-only on ``meta``) so weights never depend on the device."""
-    return torch.device("meta") if torch.device(device).type == "meta" else torch.device("cpu")
+#: ``random-*`` models only: initialise the weights on this device (``cuda``, ``cuda:N``) instead of the CPU. A
+#: full-size SDXL takes about 80 s to initialise on a 16-core CPU in float16 (a lent GPU's minutes) and seconds on
+#: the GPU; its values then come from that device's generator, seeded alike (the same on every such build, not
+#: those of a CPU build). For measurements of time and memory, which do not depend on the values.
+INIT_DEVICE_ENV = "HIRESDIFF_RANDOM_INIT_DEVICE"
+
+
+def _build_device(name: str, device: str | torch.device) -> torch.device:
+    """Modules are initialised on the CPU (or shape-only on ``meta``) so weights never depend on the device; a
+    ``random-*`` model on the device :data:`INIT_DEVICE_ENV` names, where it is set."""
+    if torch.device(device).type == "meta":
+        return torch.device("meta")
+    chosen = os.environ.get(INIT_DEVICE_ENV, "").strip() if name.startswith("random-") else ""
+    if not chosen:
+        return torch.device("cpu")
+    try:
+        build = torch.device(chosen)
+    except (RuntimeError, ValueError):
+        raise HiresError(f"{INIT_DEVICE_ENV}={chosen!r} is no device; use cuda, cuda:N or cpu") from None
+    ok = build.type == "cpu" or (build.type == "cuda" and torch.cuda.is_available())
+    require(ok, f"{INIT_DEVICE_ENV}={chosen!r}: weights are initialised on the CPU or an available CUDA device")
+    return build
 
 
 def _make_denoiser(
@@ -480,8 +507,9 @@ def build_builtin(
             ``random-sdxl``, ``random-flux``).
         dtype: Parameter dtype. Tiny models are built in float32 and cast; full-size ones are created directly in
             ``dtype`` (so a float16 ``random-sdxl`` never holds a float32 copy).
-        device: Where the pipeline ends up. Weights are always initialised on the CPU and then moved, so they
-            are identical on every device; ``"meta"`` builds shapes only (no memory, no weights).
+        device: Where the pipeline ends up. Weights are initialised on the CPU and then moved, so they are
+            identical on every device (``random-*`` models: on the device :data:`INIT_DEVICE_ENV` names, where
+            set); ``"meta"`` builds shapes only (no memory, no weights).
 
     Returns:
         A :class:`StableDiffusionPipeline` (family ``sd``) or :class:`StableDiffusionXLPipeline` (``sdxl``)
@@ -493,16 +521,16 @@ def build_builtin(
         HiresError: ``name`` is not a built-in model.
     """
     info = _check_name(name)
-    build_device = _build_device(device)
+    build_device = _build_device(name, device)
     if info.family == "flux":
-        with _seeded():
+        with _seeded(build_device):
             transformer = _make_denoiser(name, dtype, build_device)
             vae = _make(name, "vae", dtype, build_device)
             text_encoder = _make(name, "text", dtype, build_device)
             t5 = _make(name, "t5", dtype, build_device)
         flux = _assemble_flux(name, info, transformer, vae, text_encoder, t5)
         return flux if build_device == torch.device(device) else flux.to(device)
-    with _seeded():
+    with _seeded(build_device):
         unet = _make_denoiser(name, dtype, build_device)
         vae = _make(name, "vae", dtype, build_device)
         text_encoder = _make(name, "text", dtype, build_device)
