@@ -12,7 +12,9 @@ Each record holds ``method``, ``preset``, ``model``, ``width``, ``height``, ``dt
 device's bf16/fp16 large matrix-multiply rate measured in the same process, ``n³`` with ``n = --matmul``),
 ``params`` (the ``--set`` values, e.g. ``low_vram=true``), ``achieved_tflops`` = model FLOPs ÷ wall time,
 ``mfu`` = achieved ÷ matmul rate, and ``flop_bound_s`` = model FLOPs ÷ matmul rate. The same script runs on a
-CPU with the tiny models (used by the tests).
+CPU with the tiny models (used by the tests). Where the time goes: ``denoiser_s``, ``vae_s`` and ``text_s`` (inside
+the adapter's denoiser, VAE and prompt calls, the device synchronised around each), ``denoiser_mfu`` (denoiser and
+ControlNet FLOPs ÷ ``denoiser_s`` ÷ matmul rate) and ``vae_tflops`` (VAE FLOPs ÷ ``vae_s``).
 
 Each record also holds the plan's memory estimate of the same settings next to the measurement:
 ``estimated_peak_gb`` (:mod:`hiresdiff.memory`: weights plus the live tensors of the largest call, no CUDA context or
@@ -31,11 +33,13 @@ run's plan and estimate and loads nothing.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import re
 import sys
 import time
 import traceback
+from collections.abc import Callable, Iterator
 from datetime import date
 from pathlib import Path
 from typing import Any
@@ -197,7 +201,8 @@ def bench(argv: list[str] | None) -> int:
         plan = budget_for(req, args.model, str(device), dtype, card)  # settles max_batch / tiling with --card
         base |= {"max_batch": req.settings.max_batch, "decode_tile_area": req.settings.decode_tile_area}
         try:
-            _, seconds, peak = timed_run(pipe, req)
+            with phase_times(pipe.adapter, device) as spent:
+                _, seconds, peak = timed_run(pipe, req)
         except (RuntimeError, HiresError) as exc:  # out of memory, or a device fault: the next run still starts
             if torch.device(device).type == "cuda":
                 torch.cuda.empty_cache()
@@ -211,6 +216,7 @@ def bench(argv: list[str] | None) -> int:
             continue
         report = plan.report or model_cost(method, args.model, w, h, previews=args.previews, **kwargs)
         flops = report.model_flops  # the plan's report is of this very request
+        denoising = report.denoiser_flops + report.controlnet_flops
         record = {
             **base,
             "device": device_name(device),
@@ -225,6 +231,9 @@ def bench(argv: list[str] | None) -> int:
             "achieved_tflops": flops / seconds / 1e12,
             "mfu": flops / seconds / 1e12 / (rate * ranks),
             "flop_bound_s": flops / (rate * ranks * 1e12),
+            **spent,
+            "denoiser_mfu": _rate(denoising, spent["denoiser_s"]) / (rate * ranks),
+            "vae_tflops": _rate(report.vae_flops, spent["vae_s"]),
         }
         if not lead:
             continue  # every rank runs; rank 0 records
@@ -239,6 +248,49 @@ def bench(argv: list[str] | None) -> int:
     if lead:
         print(path)
     return 0
+
+
+@contextlib.contextmanager
+def phase_times(adapter: Any, device: str | torch.device) -> Iterator[dict[str, float]]:
+    """Seconds inside the adapter's denoiser calls (``predict``, ControlNet included), VAE calls (``decode``,
+    ``encode``) and prompt encoding, the device synchronised around each outermost call (what it did, not what was
+    queued): ``denoiser_s``, ``vae_s``, ``text_s``."""
+    spent = {"denoiser_s": 0.0, "vae_s": 0.0, "text_s": 0.0}
+    parts = {"predict": "denoiser_s", "decode": "vae_s", "encode": "vae_s", "encode_prompt": "text_s"}
+    inside = [False]
+
+    def timed(call: Callable[..., Any], key: str) -> Callable[..., Any]:
+        def run(*args: Any, **kwargs: Any) -> Any:
+            if inside[0]:  # a call inside another (an encode within a decode step): counted by the outer one
+                return call(*args, **kwargs)
+            inside[0] = True
+            sync(str(device))
+            begin = time.perf_counter()
+            try:
+                return call(*args, **kwargs)
+            finally:
+                sync(str(device))
+                spent[key] += time.perf_counter() - begin
+                inside[0] = False
+
+        return run
+
+    own = {name: adapter.__dict__[name] for name in parts if name in adapter.__dict__}
+    for name, key in parts.items():
+        setattr(adapter, name, timed(getattr(adapter, name), key))
+    try:
+        yield spent
+    finally:
+        for name in parts:
+            if name in own:
+                setattr(adapter, name, own[name])
+            else:
+                delattr(adapter, name)
+
+
+def _rate(flops: float, seconds: float) -> float:
+    """TFLOP/s of ``flops`` in ``seconds`` (0 when nothing was timed)."""
+    return flops / seconds / 1e12 if seconds > 0 else 0.0
 
 
 def estimate_fields(plan: Budget, peak: int | None = None) -> dict[str, Any]:

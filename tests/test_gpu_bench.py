@@ -37,8 +37,14 @@ def test_records_resume_and_flops(tmp_path, capsys):
     for r in records:
         assert r.keys() >= FIELDS and r["peak_mem_gb"] is None and r["wall_s"] > 0
         assert r["mfu"] == pytest.approx(r["model_flops"] / r["wall_s"] / 1e12 / r["matmul_tflops"])
-    expected = model_cost("apt", "tiny-sd", 256, 256, preset="apt-sas", steps=2, shortcut_steps=1).model_flops
-    assert records[1]["model_flops"] == expected
+        parts = (r["denoiser_s"], r["vae_s"], r["text_s"])
+        assert all(p > 0 for p in parts) and sum(parts) < r["wall_s"]  # every part timed, each inside the run
+    report = model_cost("apt", "tiny-sd", 256, 256, preset="apt-sas", steps=2, shortcut_steps=1)
+    apt = records[1]
+    assert apt["model_flops"] == report.model_flops
+    rate = report.denoiser_flops / apt["denoiser_s"] / 1e12
+    assert apt["denoiser_mfu"] == pytest.approx(rate / apt["matmul_tflops"])
+    assert apt["vae_tflops"] == pytest.approx(report.vae_flops / apt["vae_s"] / 1e12)
     capsys.readouterr()
     assert bench.main(argv) == 0  # everything recorded: nothing is run again
     assert "256×256" not in capsys.readouterr().out
