@@ -11,6 +11,7 @@ from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
+import numpy as np
 import pytest
 import torch
 
@@ -164,7 +165,8 @@ def test_scale_runs_the_input_at_its_size_times_scale(sd: SimpleNamespace) -> No
         ({"method": "apt", "params": {"method": "apt", "set": {"host": "accdiffusion"}}}, "content_prompts to false"),
         ({"params": {"method": "apt", "set": {}}}, "are apt's but the method is demofusion"),
         ({"positive": [[torch.zeros(2, 7, 32), {}]]}, "batch 1"),
-        ({"positive": [[torch.zeros(1, 7, 32), {"control": object()}]]}, "carries control, which hiresdiff"),
+        ({"positive": [[torch.zeros(1, 7, 32), {"gligen": object()}]]}, "carries gligen, which hiresdiff"),
+        ({"positive": [[torch.zeros(1, 7, 32), {"control": object()}]]}, "applied to one prompt only"),
         ({"steps": 0}, "steps"),
         ({"latent": {"samples": torch.zeros(1, 4, LATENT // 2, LATENT // 2)}}, "smaller than the model's base"),
     ],
@@ -336,6 +338,66 @@ def test_a_controlnet_that_does_not_fit_is_one_line(
     with pytest.raises(HiresError, match=message) as caught:
         run(sdxl, **{**ACC_V2, **changes})
     assert "\n" not in str(caught.value)
+
+
+def _applied(sdxl: SimpleNamespace, strength: float = 1.0, start: float = 0.0, seed: int = 3) -> tuple[Any, Any]:
+    """ComfyUI's Apply ControlNet (advanced) node on the SDXL fixture's prompts, with a picture of the target's size."""
+    import importlib
+
+    comfy()
+    nodes = importlib.import_module("nodes")
+    picture = torch.rand(1, 2 * NATIVE, 2 * NATIVE, 3, generator=torch.Generator().manual_seed(seed))
+    apply = nodes.ControlNetApplyAdvanced().apply_controlnet
+    return apply(sdxl.positive, sdxl.negative, sdxl.controlnet, picture, strength, start, 1.0)
+
+
+def _conds(pair: tuple[Any, Any]) -> dict[str, Any]:
+    return {"positive": pair[0], "negative": pair[1]}
+
+
+def test_apply_controlnet_conditioning_steers_the_run(sdxl: SimpleNamespace) -> None:
+    """A ControlNet from ComfyUI's Apply ControlNet (the conditioning's ``control``) runs with its image and
+    strength: DemoFusion's views carry their crops of it; another strength gives another result."""
+    plain, _ = run(sdxl, steps=2, previews=False)
+    positive, negative = _applied(sdxl)
+    steered, _ = run(sdxl, steps=2, previews=False, positive=positive, negative=negative)
+    weaker, _ = run(sdxl, steps=2, previews=False, **_conds(_applied(sdxl, 0.3)))
+    assert bool(torch.isfinite(steered["samples"]).all())
+    assert (steered["samples"] - plain["samples"]).abs().max() > 1e-4
+    assert (steered["samples"] - weaker["samples"]).abs().max() > 1e-4
+
+
+def test_the_control_image_reaches_the_run_exactly() -> None:
+    from hiresdiff.comfy.nodes import control_picture
+
+    levels = torch.randint(0, 256, (1, 3, 5, 7), generator=torch.Generator().manual_seed(0))
+    picture = control_picture(SimpleNamespace(cond_hint_original=levels.float() / 255))
+    pixels = torch.from_numpy(np.array(picture))
+    assert picture.size == (7, 5) and torch.equal(pixels, levels[0].permute(1, 2, 0).to(torch.uint8))
+
+
+def test_apply_controlnet_that_hiresdiff_cannot_honour_is_one_line(sdxl: SimpleNamespace) -> None:
+    import importlib
+
+    nodes = importlib.import_module("nodes")
+    picture = torch.rand(1, 2 * NATIVE, 2 * NATIVE, 3)
+    (positive_only,) = nodes.ControlNetApply().apply_controlnet(sdxl.positive, sdxl.controlnet, picture, 1.0)
+    positive, negative = _applied(sdxl)
+    chained = nodes.ControlNetApplyAdvanced().apply_controlnet(
+        positive, negative, sdxl.controlnet, picture, 1.0, 0.0, 1.0
+    )
+    cases = [
+        ({"positive": positive_only}, "the ControlNet is applied to one prompt only"),
+        (_conds(_applied(sdxl, start=0.2)), "start/end percent are 0.2/1"),
+        (_conds(chained), "a chain of ControlNets"),
+        ({"positive": positive, "negative": negative, **ACC_V2, "controlnet": sdxl.controlnet},
+         "accdiffusion-v2 makes its own ControlNet conditions"),
+    ]  # fmt: skip
+    for changes, message in cases:
+        with pytest.raises(HiresError, match=message) as caught:
+            run(sdxl, **{"steps": 2, "previews": False, **changes})
+        assert "\n" not in str(caught.value)
+    run(sdxl, steps=2, previews=False, positive=positive_only, cfg=1.0)  # no guidance: the positive alone is enough
 
 
 def test_the_cancel_button_stops_the_run(sd: SimpleNamespace) -> None:

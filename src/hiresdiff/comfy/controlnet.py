@@ -17,13 +17,14 @@ from hiresdiff.models.controlnet import CONTROLNET_CLASS, ControlNetSpec
 COMFY_CONTROLNET = "ComfyUI CONTROL_NET (the node's controlnet input)"
 
 
-def controlnet_spec(net: Any) -> ControlNetSpec:
-    """The :class:`ControlNetSpec` of ComfyUI's ControlNet ``net`` (unnamed: :attr:`ControlNetSpec.named`); one
-    line when ``net`` is not a ControlNet of an SD/SDXL UNet."""
+def controlnet_spec(net: Any, ref: str = COMFY_CONTROLNET) -> ControlNetSpec:
+    """The :class:`ControlNetSpec` of ComfyUI's ControlNet ``net`` (unnamed: :attr:`ControlNetSpec.named`), recorded
+    as ``ref``; one line when ``net`` is not a ControlNet of an SD/SDXL UNet."""
     model = getattr(net, "control_model", None)
+    where = "the controlnet input" if ref == COMFY_CONTROLNET else "the conditioning's ControlNet (Apply ControlNet)"
     require(
         model is not None and hasattr(model, "input_hint_block") and hasattr(net, "get_control"),
-        "the controlnet input is not a ControlNet of an SD or SDXL UNet: load one with ComfyUI's ControlNet Loader",
+        f"{where} is not a ControlNet of an SD or SDXL UNet: load one with ComfyUI's ControlNet Loader",
     )
     keys = (m for name, m in model.named_modules() if name.endswith("attn2.to_k"))
     width = next((int(m.in_features) for m in keys), None)
@@ -31,4 +32,4 @@ def controlnet_spec(net: Any) -> ControlNetSpec:
     config = {"_class_name": CONTROLNET_CLASS, "addition_embed_type": "text_time" if sdxl else None}
     if width is not None:
         config["cross_attention_dim"] = width
-    return ControlNetSpec(COMFY_CONTROLNET, None, config, named=False)
+    return ControlNetSpec(ref, None, config, named=False)

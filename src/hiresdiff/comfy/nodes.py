@@ -28,9 +28,9 @@ from hiresdiff.errors import HiresError, require
 #: what a HIRESDIFF_PARAMS output holds: ``{"method": name, "set": {field: text}}``
 PARAMS_TYPE = "HIRESDIFF_PARAMS"
 CATEGORY = "sampling/hiresdiff"
-#: conditioning entries other nodes add that hiresdiff would otherwise silently leave out (ControlNet, GLiGEN,
-#: area and mask conditioning): refused in one line
-IGNORED_CONDITIONING = frozenset({"control", "gligen", "area", "mask", "hooks"})
+#: conditioning entries other nodes add that hiresdiff would otherwise silently leave out (GLiGEN, area and mask
+#: conditioning, hooks): refused in one line. Apply ControlNet's ``control`` is taken (:func:`applied_controlnet`).
+IGNORED_CONDITIONING = frozenset({"gligen", "area", "mask", "hooks"})
 #: the prompt text hiresdiff records for a run whose prompts ComfyUI encoded (CONDITIONING carries no text)
 PROMPT_LABEL = "(ComfyUI conditioning)"
 #: methods the ComfyUI backend runs (tested against the diffusers backend); the UNet-patch methods reach ComfyUI's UNet
@@ -55,8 +55,10 @@ COMFY_METHODS = (
 #: method → why the ComfyUI backend cannot run it (every method is either offered or named here)
 COMFY_REFUSED: dict[str, str] = {}
 #: the methods that take the node's ``controlnet`` input: they make their own conditions (accdiffusion-v2's edges);
-#: a ControlNet on a picture of the user's is ComfyUI's Apply ControlNet, which hiresdiff does not apply yet
+#: a ControlNet on a picture of the user's comes with the conditioning, from ComfyUI's Apply ControlNet
 CONTROLNET_METHODS = ("accdiffusion-v2",)
+#: how a run records a ControlNet that came with the conditioning
+APPLIED_CONTROLNET = "ComfyUI Apply ControlNet (the conditioning's ControlNet)"
 #: AccDiffusion's content-aware view prompts encode words of the prompt text per view: ComfyUI hands over
 #: CONDITIONING (no text, no text encoder), so without the node's ``clip`` and ``prompt`` inputs they are refused
 #: with this line rather than silently left out
@@ -144,6 +146,51 @@ def embeds_of(positive: Any, negative: Any, cfg: bool, family: str) -> Any:
         length = max(cond.shape[1], uncond.shape[1])
         cond, uncond = (pad_tokens(t, length) for t in (cond, uncond))
     return PromptEmbeds(cond, uncond, pooled, pooled_uncond)
+
+
+def applied_controlnet(positive: Any, negative: Any, cfg: bool) -> Any:
+    """The ControlNet ComfyUI's Apply ControlNet put on the conditioning (``None``: none), with its control image and
+    strength. hiresdiff runs it on every denoiser row — a view's row with the crop of the control image under it —
+    and on both halves of a guidance pair, so with guidance (``cfg``) both prompts carry the same one (Apply
+    ControlNet with positive and negative connected); one ControlNet (no chain), on every step, one image."""
+
+    def control(cond: Any) -> Any:
+        ok = isinstance(cond, list) and len(cond) == 1 and len(cond[0]) == 2 and isinstance(cond[0][1], dict)
+        return cond[0][1].get("control") if ok else None
+
+    pos, neg = control(positive), control(negative) if cfg else None
+    if pos is None and neg is None:
+        return None
+    require(
+        pos is not None and (neg is pos or not cfg),
+        "the ControlNet is applied to one prompt only: hiresdiff runs it on both halves of the guidance; connect "
+        "both the positive and the negative to Apply ControlNet",
+    )
+    require(
+        getattr(pos, "previous_controlnet", None) is None,
+        "the conditioning carries a chain of ControlNets: hiresdiff applies one Apply ControlNet at a time",
+    )
+    span = tuple(getattr(pos, "timestep_percent_range", (0.0, 1.0)))
+    require(
+        span == (0.0, 1.0),
+        f"the ControlNet's start/end percent are {span[0]:g}/{span[1]:g}: hiresdiff applies it on every step; set "
+        "start_percent 0 and end_percent 1",
+    )
+    hint = getattr(pos, "cond_hint_original", None)
+    require(
+        isinstance(hint, torch.Tensor) and hint.ndim == 4 and hint.shape[0] == 1 and hint.shape[1] == 3,
+        "Apply ControlNet's image must be one RGB picture (batch 1)",
+    )
+    return pos
+
+
+def control_picture(net: Any) -> Any:
+    """The control image of an applied ControlNet (``cond_hint_original``: ``(1, 3, H, W)`` in [0, 1]) as a PIL
+    image, which hiresdiff crops per view and resizes per phase like any control image."""
+    from PIL import Image
+
+    hint = net.cond_hint_original[0].float().clamp(0, 1)
+    return Image.fromarray((hint.movedim(0, -1) * 255).round().to(torch.uint8).cpu().numpy())
 
 
 def flux_guidance(positive: Any, cfg: float) -> float:
@@ -350,7 +397,16 @@ class HiresdiffSample:
                 f"the parameters are {params.get('method')}'s but the method is {method}: connect its own node",
             )
         # FLUX.1 takes no negative prompt; its guidance value is the conditioning's (FluxGuidance) or cfg
-        adapter.embeds = embeds_of(positive, negative, cfg > 1.0 and adapter.family != "flux", adapter.family)
+        guided = cfg > 1.0 and adapter.family != "flux"
+        applied = applied_controlnet(positive, negative, guided)
+        if applied is not None:
+            require(adapter.family != "flux", "ControlNets work with SD 1.x/2.x and SDXL models here, not FLUX")
+            require(
+                method not in CONTROLNET_METHODS,
+                f"{method} makes its own ControlNet conditions: connect the ControlNet to the node's controlnet "
+                "input, not through Apply ControlNet",
+            )
+        adapter.embeds = embeds_of(positive, negative, guided, adapter.family)
         guidance = flux_guidance(positive, cfg) if adapter.family == "flux" else cfg
         hp = HiresPipeline(None, "comfyui", adapter=adapter)
         previews = bool(optional.get("previews", True))
@@ -362,6 +418,10 @@ class HiresdiffSample:
         if controlnet is not None:  # the pipeline runs ComfyUI's network for the spec read off it
             kwargs["controlnet"] = controlnet_spec(controlnet)
             hp.provide_controlnet(kwargs["controlnet"].ref, controlnet)
+        elif applied is not None:  # Apply ControlNet's network, image and strength
+            kwargs["controlnet"] = controlnet_spec(applied, APPLIED_CONTROLNET)
+            hp.provide_controlnet(kwargs["controlnet"].ref, applied)
+            kwargs.update(control_image=control_picture(applied), control_scale=float(applied.strength))
         if scale > 0.0:  # the input's size × scale (an IMAGE's or a LATENT's size, known without decoding it)
             height, width = scaled_target(image, latent, scale, adapter.vae_scale_factor, adapter.pixel_grid)
         # everything but the input picture is checked before any model work (decoding an input LATENT included)
