@@ -122,6 +122,8 @@ def test_the_page_chooses_add_ons_by_name(app: WebApp, files: dict[str, Path]):
         ({"control_image": "picture"}, "a control image needs a ControlNet: choose one first"),
         ({"controlnet": "controlnet"}, "--controlnet needs a control image"),
         ({"loras": "detail"}, "loras must be a list of names"),
+        ({"control_scale": 0.5}, "a ControlNet scale of 0.5 needs a ControlNet: choose one first"),
+        ({"lora_scale": 0.7, "loras": ["none"]}, "a LoRA scale of 0.7 needs a LoRA: choose one first"),
     ],
 )
 def test_the_page_refuses_what_is_not_offered_in_one_line(app: WebApp, choice: dict[str, Any], message: str):

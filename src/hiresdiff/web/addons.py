@@ -87,15 +87,18 @@ class AddOns:
                 out["control_scale"] = choice["control_scale"]
         else:
             require(choice.get("control_image") is None, "a control image needs a ControlNet: choose one first")
+            scale = choice.get("control_scale")
+            require(scale in (None, 1.0), f"a ControlNet scale of {scale} needs a ControlNet: choose one first")
         names = choice.get("loras") or []
         require(
             isinstance(names, (list, tuple)) and all(isinstance(n, str) for n in names),
             f"loras must be a list of names, got {names!r}",
         )
         scale = 1.0 if choice.get("lora_scale") is None else choice["lora_scale"]
-        picked = [_pick("LoRA", self.loras, name) for name in dict.fromkeys(names)]
+        picked = [path for name in dict.fromkeys(names) if (path := _pick("LoRA", self.loras, name)) is not None]
+        require(bool(picked) or scale == 1.0, f"a LoRA scale of {scale} needs a LoRA: choose one first")
         if picked:
-            out["loras"] = [(path, scale) for path in picked if path is not None]
+            out["loras"] = [(path, scale) for path in picked]
         upscaler = _pick("upscaler", self.upscalers, choice.get("upscaler"))
         if upscaler is not None:
             out["upscaler"] = upscaler
