@@ -409,15 +409,17 @@ class ComfyAdapter(ComfyBackend):
         """ComfyUI's ControlNet (a ``CONTROL_NET``: :attr:`controlnet`) on σ-space rows at σ ``rows.t``, as ComfyUI's
         samplers call it (``get_control``: it scales the input and maps σ to the timestep itself), with the rows'
         conditions as its hint at strength ``rows.scale`` — on a copy, since a ControlNet keeps the hint it resized
-        (the views' crops change every call). The residuals go to ``apply_model`` as ``control``."""
-        net = self.controlnet.copy().set_cond_hint(rows.cond, rows.scale)  # type: ignore[union-attr]
+        (the views' crops change every call), over the step range Apply ControlNet gave it (start/end percent; a
+        loader's ControlNet: every step). The residuals go to ``apply_model`` as ``control``."""
+        span = getattr(self.controlnet, "timestep_percent_range", (0.0, 1.0))
+        net = self.controlnet.copy().set_cond_hint(rows.cond, rows.scale, span)  # type: ignore[union-attr]
         net.pre_run(self.model, self.sampling.percent_to_sigma)
         sigmas, cond = rows.t.expand(rows.model_in.shape[0]), {"c_crossattn": rows.context, **rows.kwargs}
         try:
             control = net.get_control(rows.model_in, sigmas, cond, 1, self.transformer_options)
         finally:
             net.cleanup()
-        control = control or {}  # None: outside the ControlNet's timestep range (never at the range set here)
+        control = control or {}  # None: σ outside the ControlNet's step range (Apply ControlNet's start/end)
         places = [(key, i) for key, items in control.items() for i, r in enumerate(items) if r is not None]
 
         def pack(residuals: list[torch.Tensor]) -> dict[str, Any]:

@@ -152,7 +152,8 @@ def applied_controlnet(positive: Any, negative: Any, cfg: bool) -> Any:
     """The ControlNet ComfyUI's Apply ControlNet put on the conditioning (``None``: none), with its control image and
     strength. hiresdiff runs it on every denoiser row — a view's row with the crop of the control image under it —
     and on both halves of a guidance pair, so with guidance (``cfg``) both prompts carry the same one (Apply
-    ControlNet with positive and negative connected); one ControlNet (no chain), on every step, one image."""
+    ControlNet with positive and negative connected); one ControlNet (no chain) and one image. Its start/end
+    percent hold as in ComfyUI's samplers: it acts while the step's σ lies in that range of the model's σ."""
 
     def control(cond: Any) -> Any:
         ok = isinstance(cond, list) and len(cond) == 1 and len(cond[0]) == 2 and isinstance(cond[0][1], dict)
@@ -169,12 +170,6 @@ def applied_controlnet(positive: Any, negative: Any, cfg: bool) -> Any:
     require(
         getattr(pos, "previous_controlnet", None) is None,
         "the conditioning carries a chain of ControlNets: hiresdiff applies one Apply ControlNet at a time",
-    )
-    span = tuple(getattr(pos, "timestep_percent_range", (0.0, 1.0)))
-    require(
-        span == (0.0, 1.0),
-        f"the ControlNet's start/end percent are {span[0]:g}/{span[1]:g}: hiresdiff applies it on every step; set "
-        "start_percent 0 and end_percent 1",
     )
     hint = getattr(pos, "cond_hint_original", None)
     require(
