@@ -17,7 +17,6 @@ CPU run without it) and bfloat16 (finite latents only). ::
 from __future__ import annotations
 
 import argparse
-import re
 import sys
 import tempfile
 import time
@@ -29,7 +28,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from hiresdiff.bench.records import device_name, write_json
+from hiresdiff.bench.records import device_slug, write_json
 from hiresdiff.errors import HiresError
 from hiresdiff.methods import METHODS
 from hiresdiff.pipeline import GenerationResult, HiresPipeline
@@ -167,8 +166,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except HiresError as exc:
         print(f"device_parity: error: {exc}", file=sys.stderr)
         return 2
-    name = re.sub(r"[^A-Za-z0-9]+", "-", device_name(args.device)).strip("-").lower()
-    path = write_json(Path(args.out) / f"parity-{name}-{date.today().isoformat()}.json", records)
+    path = write_json(Path(args.out) / f"parity-{device_slug(args.device)}-{date.today().isoformat()}.json", records)
     bad = [r["case"] for r in records if "error" in r or r.get("ok") is False or r.get("finite") is False]
     print(f"{len(records) - len(bad)} of {len(records)} runs agree; diverged or failed: {bad or 'none'}")
     print(path)

@@ -38,6 +38,8 @@ HERE = Path(__file__).resolve().parent
 #: the runs not measured yet come first (the first session measured DemoFusion, direct and APT, uncapped)
 CORE = "scalediff,apldm,accdiffusion,multidiffusion,demofusion,direct,apt:apt"
 LOW_VRAM = "direct,demofusion"
+#: the card every run is planned for and capped at (the README's memory table: a 12 GiB card)
+CARD_GIB = 12
 BASELINES = "hidiffusion,scalecrafter,fouriscale,freescale,upsample-guidance,diffusehigh"
 #: the test files with CUDA-only tests (``-m gpu``)
 GPU_TESTS = ("tests/test_gpu_bench.py", "tests/test_random_init.py")
@@ -64,7 +66,7 @@ def profile(bench: ModuleType, args: argparse.Namespace, out: Path) -> None:
     pipe = next(iter(bench.PIPES.values()))
     side = int(args.size[:-1]) * pipe.native_size
     req = build_request(bench.PROMPT, "demofusion", side, side, seed=0, steps=2, previews=False)
-    budget_for(req, args.model, args.device, getattr(torch, args.dtype), int(12 * GIB) - CARD_CONTEXT)
+    budget_for(req, args.model, args.device, getattr(torch, args.dtype), int(CARD_GIB * GIB) - CARD_CONTEXT)
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if args.device.startswith("cuda") else [])
     with torch.profiler.profile(activities=activities) as prof:
         pipe.run(req, progress=False)
@@ -108,7 +110,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     parity, bench = script("device_parity"), script("gpu_bench")
     common = ["--model", args.model, "--dtype", args.dtype, "--device", args.device, "--sizes", args.size]
-    common += ["--steps", str(args.steps), "--card", "12", "--previews", "--traceback", "--out", str(out)]
+    common += ["--steps", str(args.steps), "--card", str(CARD_GIB), "--previews", "--traceback", "--out", str(out)]
     common += ["--matmul", args.matmul, "--done", args.done]
 
     def tests(limit: float) -> None:

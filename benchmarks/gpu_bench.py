@@ -35,7 +35,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
-import re
 import sys
 import time
 import traceback
@@ -47,7 +46,7 @@ from typing import Any
 import torch
 
 from hiresdiff.bench.plan import accepts, parse_methods, parse_sizes
-from hiresdiff.bench.records import device_name, read_json, versions, write_json
+from hiresdiff.bench.records import device_name, device_slug, read_json, versions, write_json
 from hiresdiff.bench.runner import timed_run
 from hiresdiff.cost import model_cost
 from hiresdiff.errors import HiresError, require
@@ -170,7 +169,7 @@ def bench(argv: list[str] | None) -> int:
     lead = parallel is None or parallel.rank == 0
     ranks = 1 if parallel is None else parallel.world
     cap = allocator_cap(device, card)  # before the model loads: the weights count against the card too
-    name = re.sub(r"[^A-Za-z0-9]+", "-", device_name(device)).strip("-").lower()
+    name = device_slug(device)
     path = Path(args.out) / f"{name}-{date.today().isoformat()}.json"
     records: list[dict[str, Any]] = read_json(path) if path.exists() else []
     earlier = [r for f in sorted(Path(args.done).glob(f"{name}-*.json")) for r in read_json(f)] if args.done else []
@@ -303,9 +302,13 @@ def estimate_fields(plan: Budget, peak: int | None = None) -> dict[str, Any]:
 
 
 def allocator_cap(device: str | torch.device, card: int | None) -> float | None:
-    """On CUDA with a card's free bytes: cap the caching allocator there (GiB), as if the card were all there is."""
+    """On CUDA with a card's free bytes: cap the caching allocator there (GiB), as if the card were all there is;
+    without one, lift an earlier call's cap (a process may run several benchmarks)."""
     dev = torch.device(device)
-    if card is None or dev.type != "cuda":
+    if dev.type != "cuda":
+        return None
+    if card is None:
+        torch.cuda.set_per_process_memory_fraction(1.0, dev)
         return None
     total = torch.cuda.get_device_properties(dev).total_memory
     torch.cuda.set_per_process_memory_fraction(min(1.0, card / total), dev)

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import platform
+import re
 from importlib import metadata
 from pathlib import Path
 from typing import Any
@@ -127,6 +128,11 @@ def device_name(device: Any) -> str:
     if dev.type == "cuda":
         return torch.cuda.get_device_name(dev)
     return _cpu_name() if dev.type == "cpu" else str(dev)
+
+
+def device_slug(device: Any) -> str:
+    """:func:`device_name` as a file-name part: ``nvidia-h200``, ``amd-epyc``."""
+    return re.sub(r"[^A-Za-z0-9]+", "-", device_name(device)).strip("-").lower()
 
 
 def versions() -> dict[str, str | None]:

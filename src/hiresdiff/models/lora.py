@@ -77,6 +77,10 @@ class LoraSpec:
         return {"name": self.name, "path": self.path, "sha256": self.sha256, "scale": self.scale}
 
 
+#: a LoRA's scale when none is given (``FILE`` without ``:SCALE``; the page's and the API's default)
+DEFAULT_LORA_SCALE = 1.0
+
+
 def parse_lora_arg(text: str) -> tuple[str, float]:
     """Split the CLI value ``FILE[:SCALE]`` into path and scale (default 1.0).
 
@@ -86,7 +90,7 @@ def parse_lora_arg(text: str) -> tuple[str, float]:
     Raises:
         HiresError: Empty path, or a suffix after the last ``:`` that looks like a scale but is not a number.
     """
-    path, scale = text, 1.0
+    path, scale = text, DEFAULT_LORA_SCALE
     head, sep, tail = text.rpartition(":")
     if sep:
         try:
@@ -111,7 +115,9 @@ def _looks_like_file(tail: str) -> bool:
     return "/" in tail or "\\" in tail or lower.endswith((SAFETENSORS_SUFFIX, *PICKLE_SUFFIXES))
 
 
-def resolve_lora(path: str | os.PathLike[str], scale: float = 1.0, *, allow_pickle: bool = False) -> LoraSpec:
+def resolve_lora(
+    path: str | os.PathLike[str], scale: float = DEFAULT_LORA_SCALE, *, allow_pickle: bool = False
+) -> LoraSpec:
     """Check a LoRA file cheaply (no weights loaded, nothing unpickled) and hash it.
 
     Args:

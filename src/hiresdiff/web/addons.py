@@ -12,6 +12,8 @@ from pathlib import Path
 from typing import Any
 
 from hiresdiff.errors import require
+from hiresdiff.extras import DEFAULT_CONTROL_SCALE
+from hiresdiff.models.lora import DEFAULT_LORA_SCALE
 
 #: the page's add-on inputs, in the order the generate handler receives them after the form
 #: (:data:`hiresdiff.web.page.FORM`)
@@ -88,15 +90,18 @@ class AddOns:
         else:
             require(choice.get("control_image") is None, "a control image needs a ControlNet: choose one first")
             scale = choice.get("control_scale")
-            require(scale in (None, 1.0), f"a ControlNet scale of {scale} needs a ControlNet: choose one first")
+            require(
+                scale in (None, DEFAULT_CONTROL_SCALE),
+                f"a ControlNet scale of {scale} needs a ControlNet: choose one first",
+            )
         names = choice.get("loras") or []
         require(
             isinstance(names, (list, tuple)) and all(isinstance(n, str) for n in names),
             f"loras must be a list of names, got {names!r}",
         )
-        scale = 1.0 if choice.get("lora_scale") is None else choice["lora_scale"]
+        scale = DEFAULT_LORA_SCALE if choice.get("lora_scale") is None else choice["lora_scale"]
         picked = [path for name in dict.fromkeys(names) if (path := _pick("LoRA", self.loras, name)) is not None]
-        require(bool(picked) or scale == 1.0, f"a LoRA scale of {scale} needs a LoRA: choose one first")
+        require(bool(picked) or scale == DEFAULT_LORA_SCALE, f"a LoRA scale of {scale} needs a LoRA: choose one first")
         if picked:
             out["loras"] = [(path, scale) for path in picked]
         upscaler = _pick("upscaler", self.upscalers, choice.get("upscaler"))

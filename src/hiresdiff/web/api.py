@@ -27,6 +27,7 @@ from typing import Any
 
 from hiresdiff.errors import HiresError, require
 from hiresdiff.methods import METHODS
+from hiresdiff.models.lora import DEFAULT_LORA_SCALE
 from hiresdiff.web.app import MODEL_QUEUE, SETTING_PARAMS, WebApp, command_line
 
 
@@ -167,7 +168,7 @@ def add_api(app: WebApp, gr: Any) -> None:
         controlnet: str = "",
         control_scale: float | None = None,
         loras: list[str] | None = None,
-        lora_scale: float = 1.0,
+        lora_scale: float = DEFAULT_LORA_SCALE,
         upscaler: str = "",
     ) -> tuple[list[FileData], dict[str, Any]]:
         """Generate ``prompt`` with ``method`` (one of the page's methods) at ``width × height`` pixels (empty:

@@ -8,7 +8,9 @@ No ``from __future__ import annotations``: gradio finds the ``gr.Request`` param
 
 from typing import Any
 
+from hiresdiff.extras import DEFAULT_CONTROL_SCALE
 from hiresdiff.methods import METHODS
+from hiresdiff.models.lora import DEFAULT_LORA_SCALE
 from hiresdiff.schedulers import scheduler_names
 from hiresdiff.web.addons import FORM as ADDON_FORM
 from hiresdiff.web.addons import NONE
@@ -155,14 +157,15 @@ def add_ons(gr: Any, app: WebApp, c: dict[str, Any]) -> None:
             c["controlnet"] = gr.Dropdown(
                 [NONE, *offer.controlnets], value=NONE, label="ControlNet", elem_id="controlnet"
             )
-            c["control_scale"] = gr.Number(1.0, minimum=0, label="ControlNet scale", elem_id="control-scale")
+            scale = DEFAULT_CONTROL_SCALE
+            c["control_scale"] = gr.Number(scale, minimum=0, label="ControlNet scale", elem_id="control-scale")
         c["control_image"] = gr.Image(
             type="pil", label="Control image (empty: the input picture)", elem_id="control-image",
             visible=bool(offer.controlnets),
         )  # fmt: skip
         with gr.Row(visible=bool(offer.loras)):
             c["loras"] = gr.Dropdown(list(offer.loras), value=[], multiselect=True, label="LoRAs", elem_id="loras")
-            c["lora_scale"] = gr.Number(1.0, label="LoRA scale", elem_id="lora-scale")
+            c["lora_scale"] = gr.Number(DEFAULT_LORA_SCALE, label="LoRA scale", elem_id="lora-scale")
         c["upscaler"] = gr.Dropdown(
             [NONE, *offer.upscalers], value=NONE, label="Upscaler (SR model of each pixel-space enlargement)",
             elem_id="upscaler", visible=bool(offer.upscalers),
